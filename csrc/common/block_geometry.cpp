@@ -1,0 +1,181 @@
+#include "block_geometry.h"
+
+#include <c10/util/irange.h>
+
+namespace dtp_ext {
+
+Activation parse_activation(const char* op, const std::string& name) {
+  if (name == "none" || name == "identity") return Activation::Identity;
+  if (name == "relu") return Activation::ReLU;
+  if (name == "elu") return Activation::ELU;
+  if (name == "tanh") return Activation::Tanh;
+  TORCH_CHECK(false, op, ": activation must be one of 'none', 'relu', 'elu', 'tanh', got '",
+              name, "'");
+}
+
+const char* activation_name(Activation activation) {
+  switch (activation) {
+    case Activation::ReLU: return "relu";
+    case Activation::ELU: return "elu";
+    case Activation::Tanh: return "tanh";
+    default: return "none";
+  }
+}
+
+static std::vector<int64_t> pair_arg(const char* op, const char* name, at::IntArrayRef v,
+                                     int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries for a conv block, got ",
+              v.size());
+  for (auto e : v) {
+    TORCH_CHECK(e >= minimum, op, ": ", name, " entries must be >= ", minimum, ", got ", v);
+  }
+  return v.vec();
+}
+
+BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             const std::string& activation, int64_t pool) {
+  BlockGeometry g;
+  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4, op,
+              ": weight must be 2-D (linear, out x in) or 4-D (conv, Cout x Cin/groups x kH x kW), got ",
+              weight.dim(), "-D");
+  g.is_conv = weight.dim() == 4;
+  g.activation = parse_activation(op, activation);
+  TORCH_CHECK(pool >= 0, op, ": pool must be 0 (none) or a kernel size >= 1, got ", pool);
+  g.pool = pool <= 1 ? 0 : pool;
+  if (g.is_conv) {
+    g.stride = pair_arg(op, "stride", stride, 1);
+    g.padding = pair_arg(op, "padding", padding, 0);
+    g.dilation = pair_arg(op, "dilation", dilation, 1);
+    TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op,
+                ": groups must be >= 1 and divide the output channels (", weight.size(0),
+                "), got ", groups);
+    g.groups = groups;
+  } else {
+    TORCH_CHECK(g.pool == 0, op, ": pool is only defined for conv blocks, got pool=", pool);
+  }
+  return g;
+}
+
+void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              " like x, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
+              like.scalar_type(), " like x, got ", t.scalar_type());
+}
+
+void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Tensor& weight,
+                           const at::Tensor& feedback_weight, const at::Tensor& x) {
+  check_same_device_dtype(op, "feedback_weight", feedback_weight, x);
+  const auto expected =
+      g.is_conv ? weight.sizes().vec() : std::vector<int64_t>{weight.size(1), weight.size(0)};
+  TORCH_CHECK(feedback_weight.sizes() == expected, op, ": feedback_weight must have shape ",
+              expected, " for this block, got ", feedback_weight.sizes());
+}
+
+void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tensor& x,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  check_same_device_dtype(op, "weight", weight, x);
+  if (bias.has_value() && bias->defined()) {
+    check_same_device_dtype(op, "bias", *bias, x);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+  }
+  if (g.is_conv) {
+    TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W) for a conv block, got ", x.dim(),
+                "-D");
+    TORCH_CHECK(x.size(1) == weight.size(1) * g.groups, op, ": x must have ",
+                weight.size(1) * g.groups, " channels (weight.size(1) * groups), got ", x.size(1));
+  } else {
+    TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (batch, in_features) for a linear block, got ",
+                x.dim(), "-D");
+    TORCH_CHECK(x.size(1) == weight.size(1), op, ": x must have ", weight.size(1),
+                " features (weight.size(1)), got ", x.size(1));
+  }
+  TORCH_CHECK(x.size(0) > 0, op, ": x must hold at least one sample, got an empty batch");
+}
+
+static at::Tensor activate(Activation a, const at::Tensor& z) {
+  switch (a) {
+    case Activation::ReLU: return at::relu(z);
+    case Activation::ELU: return at::elu(z);
+    case Activation::Tanh: return at::tanh(z);
+    default: return z;
+  }
+}
+
+BlockOutput forward_block(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  at::Tensor z = g.is_conv ? at::convolution(x, weight, bias, g.stride, g.padding, g.dilation,
+                                             /*transposed=*/false, {0, 0}, g.groups)
+                           : at::linear(x, weight, bias);
+  at::Tensor h = activate(g.activation, z);
+  BlockOutput out;
+  out.pre_pool_sizes = h.sizes().vec();
+  if (g.pool > 0) {
+    auto pooled = at::max_pool2d_with_indices(h, {g.pool, g.pool}, {g.pool, g.pool});
+    out.output = std::get<0>(pooled);
+    out.indices = std::get<1>(pooled);
+  } else {
+    out.output = h;
+  }
+  return out;
+}
+
+at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
+                          const at::Tensor& feedback_weight, at::IntArrayRef input_sizes) {
+  if (!g.is_conv) return at::mm(u, feedback_weight.t());
+  // The exact adjoint of the conv: a transposed conv whose output padding restores the input
+  // size that the conv's floor division dropped.
+  std::vector<int64_t> output_padding(2);
+  for (const auto d : c10::irange(2)) {
+    const int64_t k = feedback_weight.size(2 + d);
+    const int64_t reached = (u.size(2 + d) - 1) * g.stride[d] - 2 * g.padding[d] +
+                            g.dilation[d] * (k - 1) + 1;
+    output_padding[d] = input_sizes[2 + d] - reached;
+  }
+  return at::convolution(u, feedback_weight, c10::nullopt, g.stride, g.padding, g.dilation,
+                         /*transposed=*/true, output_padding, g.groups);
+}
+
+at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
+                            const at::Tensor& feedback_weight) {
+  if (!g.is_conv) return at::mm(p.t(), q);
+  auto grads = at::convolution_backward(q, p, feedback_weight, c10::nullopt, g.stride, g.padding,
+                                        g.dilation, /*transposed=*/false, {0, 0}, g.groups,
+                                        {false, true, false});
+  return std::get<1>(grads);
+}
+
+int64_t batch_rows(const at::Tensor& x) { return x.size(0); }
+
+}  // namespace dtp_ext
+
+namespace dtp_ext {
+
+std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
+                                    const at::Tensor& weight) {
+  if (!g.is_conv) return {input_sizes[0], weight.size(0)};
+  std::vector<int64_t> sizes{input_sizes[0], weight.size(0), 0, 0};
+  for (const auto d : c10::irange(2)) {
+    const int64_t k = weight.size(2 + d);
+    sizes[2 + d] =
+        (input_sizes[2 + d] + 2 * g.padding[d] - g.dilation[d] * (k - 1) - 1) / g.stride[d] + 1;
+  }
+  return sizes;
+}
+
+std::vector<int64_t> block_output_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
+                                        const at::Tensor& weight) {
+  auto sizes = pre_pool_sizes(g, input_sizes, weight);
+  if (g.pool > 0) {
+    sizes[2] /= g.pool;
+    sizes[3] /= g.pool;
+  }
+  return sizes;
+}
+
+}  // namespace dtp_ext

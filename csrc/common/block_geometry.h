@@ -1,0 +1,73 @@
+// What one DTP block is: its forward op (linear or conv2d), activation and max-pool,
+// plus the ATen-level pieces every kernel needs (forward pass, feedback map, weight pairing).
+// Nothing here is device-specific: the big products go through ATen (MKL/oneDNN on the CPU,
+// cuBLAS/cuDNN on the GPU); the fused elementwise passes live in csrc/ldrl/*_{cpu,cuda}.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace dtp_ext {
+
+enum class Activation { Identity, ReLU, ELU, Tanh };
+
+Activation parse_activation(const char* op, const std::string& name);
+const char* activation_name(Activation activation);
+
+struct BlockGeometry {
+  bool is_conv = false;
+  std::vector<int64_t> stride, padding, dilation;  // conv only (2 entries each)
+  int64_t groups = 1;
+  Activation activation = Activation::Identity;
+  int64_t pool = 0;  // 0: no pool; k: max-pool with kernel = stride = k after the activation
+};
+
+// Validates the geometry arguments against the forward weight (2-D: linear, 4-D: conv).
+BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                             const std::string& activation, int64_t pool);
+
+// Checks that x and the forward weight/bias fit the geometry, share one device and one
+// floating dtype (float32/float64). Messages name the op and the argument.
+void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tensor& x,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// The feedback weight has the conv weight's shape, or W^T's shape for a linear block.
+void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Tensor& weight,
+                           const at::Tensor& feedback_weight, const at::Tensor& x);
+
+void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& like);
+
+// Clean forward pass s = pool(phi(op(x))). `indices` is undefined when there is no pool.
+struct BlockOutput {
+  at::Tensor output;
+  at::Tensor indices;
+  std::vector<int64_t> pre_pool_sizes;  // shape of phi(op(x)): the feedback map's input shape
+};
+BlockOutput forward_block(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias);
+
+// The linear part of the feedback block, A_V u: u @ V^T (linear) or the transposed conv with
+// weight V (no kernel flip), producing a tensor of `input_sizes` (the block input's shape).
+at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
+                          const at::Tensor& feedback_weight, at::IntArrayRef input_sizes);
+
+// d/dV of sum(p * A_V(q)): p^T q (linear) or the conv weight gradient with input p and
+// grad_output q. The gradient pairing used by both terms of the L-DRL loss.
+at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
+                            const at::Tensor& feedback_weight);
+
+// Number of samples the batch mean runs over: rows of a linear input, N of an NCHW input.
+int64_t batch_rows(const at::Tensor& x);
+
+}  // namespace dtp_ext
+
+namespace dtp_ext {
+// Shape of phi(op(x)) for an input of `input_sizes`, and of the block output after pooling.
+std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
+                                    const at::Tensor& weight);
+std::vector<int64_t> block_output_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
+                                        const at::Tensor& weight);
+}  // namespace dtp_ext

@@ -1,0 +1,62 @@
+// Module init and the one TORCH_LIBRARY block that declares every op's schema. Each device
+// registers its kernels in its own file (csrc/ldrl/ldrl_cpu.cpp, csrc/ldrl/ldrl_cuda.cu).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef DTP_WITH_CUDA
+  const bool with_cuda = true;
+  const char* archs = DTP_CUDA_ARCH_LIST;
+#else
+  const bool with_cuda = false;
+  const char* archs = "";
+#endif
+  return Py_BuildValue("{s:O,s:s,s:s,s:i}", "cuda", with_cuda ? Py_True : Py_False,
+                       "cuda_arch_list", archs, "torch_version_built", DTP_TORCH_VERSION,
+                       "openmp",
+#ifdef _OPENMP
+                       1
+#else
+                       0
+#endif
+  );
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this build of dtp_ext._C contains."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+
+// `output` (the block's output) may be omitted only for a block without activation and pool,
+// whose feedback difference does not depend on it.
+// Geometry arguments shared by every op: a linear block passes empty stride/padding/dilation;
+// activation is 'none', 'relu', 'elu' or 'tanh'; pool is 0 or the max-pool kernel (= stride).
+TORCH_LIBRARY(dtp_ext, m) {
+  m.def(
+      "ldrl_loss(Tensor x, Tensor weight, Tensor? bias, Tensor feedback_weight, Tensor noise_x, "
+      "Tensor noise_y, int[] stride, int[] padding, int[] dilation, int groups, str activation, "
+      "int pool) -> (Tensor loss, Tensor grad_feedback_weight, Tensor grad_feedback_bias)");
+  m.def(
+      "ldrl_feedback_loop(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) feedback_weight, "
+      "Tensor(b!) feedback_bias, Tensor(c!) momentum_weight, Tensor(d!) momentum_bias, "
+      "int iterations, float noise_std, float lr, float momentum, float weight_decay, "
+      "int chunk_iterations, Tensor? noise_x, Tensor? noise_y, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation, int pool) -> Tensor losses");
+  m.def(
+      "propagate_target(Tensor? output, Tensor? indices, Tensor delta, Tensor feedback_weight, "
+      "float scale, int[] input_sizes, int[] stride, int[] padding, int[] dilation, int groups, "
+      "str activation, int pool) -> Tensor");
+  m.def(
+      "block_weight_grad(Tensor x, Tensor? output, Tensor? indices, Tensor delta, Tensor weight, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str activation, int pool) -> "
+      "(Tensor grad_weight, Tensor grad_bias)");
+}

@@ -1,0 +1,126 @@
+// CUDA implementations of the fused elementwise passes (see elementwise_kernels.h).
+// Max-pool windows (kernel = stride) are disjoint, so each pooled element owns the
+// full-resolution positions it scatters to: no atomics are needed.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "../common/activation_math.h"
+#include "elementwise_kernels.h"
+
+namespace dtp_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, (n + kThreads - 1) / kThreads); }
+
+template <Activation A, typename T>
+__global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha,
+                                             const int64_t* a_idx, const T* b,
+                                             const int64_t* b_idx, T* out, int64_t n,
+                                             int64_t pooled_plane, int64_t full_plane, T scale) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    T* o = out + (j / pooled_plane) * full_plane;
+    const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
+    o[a_idx[j]] += scale * phi<A>(av);
+    o[b_idx[j]] -= scale * phi<A>(b[j]);
+  }
+}
+
+template <Activation A, typename T>
+__global__ void phi_difference_kernel(const T* a, const T* a_noise, T alpha, const T* b, T* out,
+                                      int64_t n, T scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const T av = a_noise ? a[i] + alpha * a_noise[i] : a[i];
+    out[i] = scale * (phi<A>(av) - phi<A>(b[i]));
+  }
+}
+
+template <Activation A, typename T>
+__global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, const T* d,
+                                                T* out, int64_t n, int64_t pooled_plane,
+                                                int64_t full_plane) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const T g = d[j] * phi_prime_from_output<A>(s[j]);
+    if (idx) {
+      out[(j / pooled_plane) * full_plane + idx[j]] += g;
+    } else {
+      out[j] = g;
+    }
+  }
+}
+
+at::Tensor phi_unpool_difference_cuda(const at::Tensor& a_in, const at::Tensor& a_noise_in,
+                                      double alpha, const at::Tensor& a_indices_in,
+                                      const at::Tensor& b_in, const at::Tensor& b_indices_in,
+                                      at::IntArrayRef out_sizes, Activation activation,
+                                      double scale) {
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const bool pooled = a_indices_in.defined();
+  auto a = a_in.contiguous();
+  auto b = b_in.contiguous();
+  auto a_noise = a_noise_in.defined() ? a_noise_in.contiguous() : at::Tensor();
+  auto out = pooled ? at::zeros(out_sizes, a.options()) : at::empty(out_sizes, a.options());
+  at::Tensor a_idx = pooled ? a_indices_in.contiguous() : at::Tensor();
+  at::Tensor b_idx = pooled ? b_indices_in.contiguous() : at::Tensor();
+  const int64_t n = a.numel();
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "phi_unpool_difference_cuda", [&] {
+    const scalar_t* noise = a_noise.defined() ? a_noise.const_data_ptr<scalar_t>() : nullptr;
+    DTP_DISPATCH_ACTIVATION(activation, [&] {
+      if (pooled) {
+        const int64_t planes = a.size(0) * a.size(1);
+        phi_unpool_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
+            a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
+            b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n, n / planes,
+            out.numel() / planes, static_cast<scalar_t>(scale));
+      } else {
+        phi_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
+            b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
+            static_cast<scalar_t>(scale));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor activation_pool_backward_cuda(const at::Tensor& output_in, const at::Tensor& indices_in,
+                                         const at::Tensor& delta_in, at::IntArrayRef out_sizes,
+                                         Activation activation) {
+  const c10::cuda::CUDAGuard guard(output_in.device());
+  auto output = output_in.contiguous();
+  auto delta = delta_in.contiguous();
+  const bool pooled = indices_in.defined();
+  auto indices = pooled ? indices_in.contiguous() : at::Tensor();
+  auto out = pooled ? at::zeros(out_sizes, output.options())
+                    : at::empty(out_sizes, output.options());
+  const int64_t n = output.numel();
+  if (n == 0) return out;
+  const int64_t planes = pooled ? output.size(0) * output.size(1) : 1;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "activation_pool_backward_cuda", [&] {
+    DTP_DISPATCH_ACTIVATION(activation, [&] {
+      activation_pool_backward_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          output.const_data_ptr<scalar_t>(),
+          pooled ? indices.const_data_ptr<int64_t>() : nullptr, delta.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), n, n / planes, out.numel() / planes);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+const ElementwiseKernels kCudaKernels{&phi_unpool_difference_cuda, &activation_pool_backward_cuda};
+
+}  // namespace dtp_ext

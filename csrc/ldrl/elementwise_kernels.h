@@ -1,0 +1,31 @@
+// The two fused elementwise passes that surround the big products. Each device provides its
+// own implementation (elementwise_cpu.cpp, elementwise_cuda.cu); the L-DRL algorithm in
+// ldrl_ops.cpp receives them through this table, so CPU and CUDA share one algorithm.
+#pragma once
+
+#include "../common/block_geometry.h"
+
+namespace dtp_ext {
+
+struct ElementwiseKernels {
+  // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi(b), b_indices)) as a new
+  // tensor of `out_sizes` (the pre-pool shape). Undefined indices mean "no pool" (elementwise);
+  // an undefined a_noise means zero. Only pooled positions are touched: the rest are zeros.
+  at::Tensor (*phi_unpool_difference)(const at::Tensor& a, const at::Tensor& a_noise,
+                                      double alpha, const at::Tensor& a_indices,
+                                      const at::Tensor& b, const at::Tensor& b_indices,
+                                      at::IntArrayRef out_sizes, Activation activation,
+                                      double scale);
+  // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the
+  // block's own output, as a tensor of `out_sizes`.
+  at::Tensor (*activation_pool_backward)(const at::Tensor& output, const at::Tensor& indices,
+                                         const at::Tensor& delta, at::IntArrayRef out_sizes,
+                                         Activation activation);
+};
+
+extern const ElementwiseKernels kCpuKernels;
+#ifdef DTP_WITH_CUDA
+extern const ElementwiseKernels kCudaKernels;
+#endif
+
+}  // namespace dtp_ext

@@ -1,0 +1,249 @@
+#include "ldrl_ops.h"
+
+#include <c10/util/irange.h>
+
+namespace dtp_ext {
+namespace {
+
+at::Tensor optional_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+// One L-DRL evaluation (SPEC §2.1) given the clean pass and a noisy pass F(x + eps):
+//   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
+//   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
+//   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
+// Neither G(y) nor any bias is evaluated: they cancel in every difference.
+struct LdrlTerms {
+  at::Tensor loss;
+  at::Tensor grad_weight;
+};
+
+LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
+                     const BlockOutput& clean, at::IntArrayRef x_sizes,
+                     const at::Tensor& feedback_weight, const at::Tensor& eps,
+                     const at::Tensor& noisy_output, const at::Tensor& noisy_indices,
+                     const at::Tensor& eta) {
+  const double inv_batch = 1.0 / static_cast<double>(x_sizes[0]);
+  const auto a = kernels.phi_unpool_difference(noisy_output, at::Tensor(), 0.0, noisy_indices,
+                                               clean.output, clean.indices, clean.pre_pool_sizes,
+                                               g.activation, 1.0);
+  const auto noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
+  const auto u = kernels.phi_unpool_difference(clean.output, eta, 1.0, clean.indices,
+                                               clean.output, clean.indices, clean.pre_pool_sizes,
+                                               g.activation, 1.0);
+  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
+  const auto reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
+  LdrlTerms terms;
+  terms.loss = (feedback_u.square().sum() - 2.0 * (feedback_weight * noise_pairing).sum()) *
+               inv_batch;
+  terms.grad_weight = (reconstruction_pairing - noise_pairing).mul_(2.0 * inv_batch);
+  return terms;
+}
+
+void check_noise(const char* op, const char* name, const at::Tensor& noise,
+                 at::IntArrayRef expected, const at::Tensor& x) {
+  check_same_device_dtype(op, name, noise, x);
+  check_shape(op, name, noise, expected);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
+    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
+    const at::Tensor& noise_x, const at::Tensor& noise_y, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.ldrl_loss";
+  const auto g =
+      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+  check_block_tensors(op, g, x, weight, bias);
+  check_feedback_weight(op, g, weight, feedback_weight, x);
+  check_noise(op, "noise_x", noise_x, x.sizes(), x);
+  check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
+
+  const auto clean = forward_block(g, x, weight, bias);
+  const auto noisy = forward_block(g, x + noise_x, weight, bias);
+  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x, noisy.output,
+                          noisy.indices, noise_y);
+  auto grad_bias = at::zeros({x.size(1)}, x.options());
+  return {terms.loss, terms.grad_weight, grad_bias};
+}
+
+at::Tensor ldrl_feedback_loop(
+    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
+    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
+    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
+    const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
+  const auto g =
+      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+  check_block_tensors(op, g, x, weight, bias);
+  check_feedback_weight(op, g, weight, feedback_weight, x);
+  TORCH_CHECK(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
+  TORCH_CHECK(noise_std >= 0 && std::isfinite(noise_std), op,
+              ": noise_std must be finite and >= 0, got ", noise_std);
+  TORCH_CHECK(lr >= 0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK(momentum >= 0 && momentum < 1, op, ": momentum must be in [0, 1), got ", momentum);
+  TORCH_CHECK(weight_decay >= 0 && std::isfinite(weight_decay), op,
+              ": weight_decay must be finite and >= 0, got ", weight_decay);
+  TORCH_CHECK(chunk_iterations >= 1, op, ": chunk_iterations must be >= 1, got ",
+              chunk_iterations);
+  const int64_t in_dim = x.size(1);
+  check_same_device_dtype(op, "feedback_bias", feedback_bias, x);
+  check_shape(op, "feedback_bias", feedback_bias, {in_dim});
+  check_same_device_dtype(op, "momentum_weight", momentum_weight, x);
+  check_shape(op, "momentum_weight", momentum_weight, feedback_weight.sizes());
+  check_same_device_dtype(op, "momentum_bias", momentum_bias, x);
+  check_shape(op, "momentum_bias", momentum_bias, {in_dim});
+  for (const auto* t : {&feedback_weight, &feedback_bias, &momentum_weight, &momentum_bias}) {
+    TORCH_CHECK(t->is_contiguous(), op,
+                ": feedback_weight, feedback_bias and their momentum buffers must be contiguous");
+  }
+
+  const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
+  auto noise_shape = [&](at::IntArrayRef sizes) {
+    std::vector<int64_t> shape{iterations};
+    shape.insert(shape.end(), sizes.begin(), sizes.end());
+    return shape;
+  };
+  if (noise_x.has_value()) check_noise(op, "noise_x", *noise_x, noise_shape(x.sizes()), x);
+  if (noise_y.has_value()) check_noise(op, "noise_y", *noise_y, noise_shape(output_sizes), x);
+  TORCH_CHECK(noise_x.has_value() == noise_y.has_value(), op,
+              ": noise_x and noise_y must be given together or not at all");
+
+  const auto x_contig = x.contiguous();
+  const auto clean = forward_block(g, x_contig, weight, bias);
+  const int64_t batch = x.size(0);
+  std::vector<at::Tensor> losses;
+  losses.reserve(iterations);
+
+  for (int64_t start = 0; start < iterations; start += chunk_iterations) {
+    const int64_t count = std::min(chunk_iterations, iterations - start);
+    // Noise is drawn eps_k then eta_k for each iteration k, so the stream of random numbers
+    // (and so the result) does not depend on chunk_iterations.
+    std::vector<at::Tensor> eps(count), eta(count);
+    for (const auto i : c10::irange(count)) {
+      if (noise_x.has_value()) {
+        eps[i] = (*noise_x)[start + i];
+        eta[i] = (*noise_y)[start + i];
+      } else {
+        eps[i] = at::randn(x.sizes(), x.options()).mul_(noise_std);
+        eta[i] = at::randn(output_sizes, x.options()).mul_(noise_std);
+      }
+    }
+    // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
+    auto noisy_input = at::stack(eps).add_(x_contig.unsqueeze(0)).flatten(0, 1);
+    const auto noisy = forward_block(g, noisy_input, weight, bias);
+    const auto noisy_outputs = noisy.output.split(batch);
+    const auto noisy_indices =
+        noisy.indices.defined() ? noisy.indices.split(batch) : std::vector<at::Tensor>(count);
+
+    for (const auto i : c10::irange(count)) {
+      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps[i],
+                              noisy_outputs[i], noisy_indices[i], eta[i]);
+      losses.push_back(terms.loss);
+      // torch.optim.SGD (momentum, no dampening, no Nesterov); dloss/dc is exactly zero, so
+      // only weight decay moves the feedback bias.
+      auto& grad = terms.grad_weight;
+      if (weight_decay != 0) grad.add_(feedback_weight, weight_decay);
+      momentum_weight.mul_(momentum).add_(grad);
+      feedback_weight.add_(momentum_weight, -lr);
+      momentum_bias.mul_(momentum);
+      if (weight_decay != 0) momentum_bias.add_(feedback_bias, weight_decay);
+      feedback_bias.add_(momentum_bias, -lr);
+    }
+  }
+  if (losses.empty()) return at::empty({0}, x.options());
+  return at::stack(losses);
+}
+
+// A block without activation and pool needs no stored output: its feedback difference is
+// linear in delta. Otherwise the output and (with a pool) the clean indices are required.
+static void check_stored_output(const char* op, const BlockGeometry& g, const at::Tensor& output,
+                                const at::Tensor& indices, const at::Tensor& delta,
+                                at::IntArrayRef expected) {
+  check_shape(op, "delta", delta, expected);
+  TORCH_CHECK(output.defined() || (g.activation == Activation::Identity && g.pool == 0), op,
+              ": output is required for a block with an activation or a pool");
+  if (output.defined()) {
+    check_same_device_dtype(op, "output", output, delta);
+    check_shape(op, "output", output, expected);
+  }
+  TORCH_CHECK(indices.defined() == (g.pool > 0), op,
+              ": indices must be given exactly when pool > 1");
+  if (indices.defined()) {
+    TORCH_CHECK(indices.scalar_type() == at::kLong && indices.device() == delta.device(), op,
+                ": indices must be int64 on ", delta.device(), ", got ", indices.scalar_type(),
+                " on ", indices.device());
+    check_shape(op, "indices", indices, expected);
+  }
+}
+
+at::Tensor propagate_target(const ElementwiseKernels& kernels,
+                            const c10::optional<at::Tensor>& output_opt,
+                            const c10::optional<at::Tensor>& indices, const at::Tensor& delta,
+                            const at::Tensor& feedback_weight, double scale,
+                            at::IntArrayRef input_sizes, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.propagate_target";
+  const auto g =
+      parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool);
+  TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble, op,
+              ": delta must be float32 or float64, got ", delta.scalar_type());
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
+              ": scale (beta * batch) must be finite and > 0, got ", scale);
+  TORCH_CHECK(input_sizes.size() == static_cast<size_t>(g.is_conv ? 4 : 2), op,
+              ": input_sizes must have ", g.is_conv ? 4 : 2, " entries, got ", input_sizes);
+  check_same_device_dtype(op, "feedback_weight", feedback_weight, delta);
+  // The forward weight's shape, which the geometry helpers expect (V is W^T for linear).
+  const auto forward_shaped = g.is_conv ? feedback_weight : feedback_weight.t();
+  const auto output = optional_or_undefined(output_opt);
+  const auto idx = optional_or_undefined(indices);
+  check_stored_output(op, g, output, idx, delta,
+                      block_output_sizes(g, input_sizes, forward_shaped));
+  if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes);
+  // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
+  const auto u = kernels.phi_unpool_difference(
+      output, delta, -scale, idx, output, idx,
+      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale);
+  return apply_feedback(g, u, feedback_weight, input_sizes);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_weight_grad(
+    const ElementwiseKernels& kernels, const at::Tensor& x,
+    const c10::optional<at::Tensor>& output_opt, const c10::optional<at::Tensor>& indices,
+    const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.block_weight_grad";
+  const auto g =
+      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+  check_block_tensors(op, g, x, weight, c10::nullopt);
+  check_same_device_dtype(op, "delta", delta, x);
+  const auto output = optional_or_undefined(output_opt);
+  const auto idx = optional_or_undefined(indices);
+  check_stored_output(op, g, output, idx, delta, block_output_sizes(g, x.sizes(), weight));
+  const auto grad_pre =
+      output.defined() ? kernels.activation_pool_backward(
+                             output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
+                       : delta;
+  if (!g.is_conv) return {at::mm(grad_pre.t(), x), grad_pre.sum(0)};
+  auto grads = at::convolution_backward(grad_pre, x, weight, c10::nullopt, g.stride, g.padding,
+                                        g.dilation, false, {0, 0}, g.groups,
+                                        {false, true, true});
+  return {std::get<1>(grads), std::get<2>(grads)};
+}
+
+}  // namespace dtp_ext

@@ -1,0 +1,20 @@
+"""dtp_ext: difference target propagation with learned backprop targets (L-DRL) for PyTorch.
+
+Fused C++ (and CUDA) kernels behind drop-in layers:
+
+    model = dtp_ext.convert(model, beta=0.7)           # or build it from dtp_ext layers
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=20, noise_std=0.1, lr=1e-3)
+    out = model(x); trainer.step()                      # L-DRL feedback phase on this batch
+    loss = F.cross_entropy(out, y); loss.backward(); opt.step()
+"""
+from . import ops  # noqa: F401  (loads the compiled kernels; fails loudly if missing)
+from . import functional, metrics, reference  # noqa: F401
+from .build import build_info
+from .convert import ConversionReport, convert
+from .nn import Conv2d, DTPBlock, Linear, dtp_blocks
+from .trainer import FeedbackReport, FeedbackTrainer
+
+__version__ = "0.1.0"
+
+__all__ = ["Linear", "Conv2d", "DTPBlock", "convert", "ConversionReport", "FeedbackTrainer",
+           "FeedbackReport", "build_info", "dtp_blocks", "functional", "metrics", "reference"]

@@ -1,0 +1,213 @@
+"""Drop-in DTP layers: dtp_ext.Linear and dtp_ext.Conv2d.
+
+Each is a subclass of its torch.nn twin with the same forward weights and state_dict keys, plus
+two buffers, `feedback_weight` and `feedback_bias` (SPEC §1). They are buffers, not parameters,
+on purpose: autograd never trains them (FeedbackTrainer's fused loop does), so the optimizer
+you build from `model.parameters()` can never touch them, while state_dict, `.to()` and
+checkpoints carry them like any weight.
+
+A block computes s = pool(phi(op(x))). Its backward pass (SPEC §3) returns weight gradients by
+the block's own local vector-Jacobian product, and hands the previous block the difference
+target in gradient units, delta_in = (G(s) - G(s - beta*B*delta)) / (beta*B).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .ops import BlockGeometry
+
+ACTIVATIONS = (None, "relu", "elu", "tanh")
+_ACTIVATION_FNS = {None: lambda z: z, "relu": F.relu, "elu": F.elu, "tanh": torch.tanh}
+
+
+def _check_block_options(cls_name: str, activation, pool, beta):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{cls_name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"{cls_name}: pool must be None or an int >= 1 (max-pool kernel = stride), got {pool!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"{cls_name}: beta must be a finite number > 0, got {beta!r}")
+
+
+class _DTPBlockFunction(torch.autograd.Function):
+    """Forward: the block. Backward: weight gradients + difference target for the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block):
+        output, indices = block._forward_with_indices(x, weight, bias)
+        geometry = block.geometry()
+        needs_output = geometry.activation != "none" or geometry.pool > 0
+        ctx.block = block  # feedback weights are read at backward time: the freshly trained ones
+        ctx.geometry = geometry
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, output if needs_output else None, indices)
+        return output
+
+    @staticmethod
+    def backward(ctx, delta):
+        x, weight, output, indices = ctx.saved_tensors
+        delta = delta.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_bias = ops.block_weight_grad(x, output, indices, delta, weight,
+                                                           ctx.geometry)
+            if not ctx.needs_input_grad[2]:
+                grad_bias = None
+        if ctx.needs_input_grad[0]:
+            block = ctx.block
+            scale = block.beta * x.shape[0]
+            grad_x = ops.propagate_target(output, indices, delta, block.feedback_weight, scale,
+                                          x.shape, ctx.geometry)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class DTPBlock:
+    """Behaviour shared by dtp_ext.Linear and dtp_ext.Conv2d (a mixin over the nn module)."""
+
+    activation: Optional[str]
+    pool: Optional[int]
+    beta: float
+
+    def _init_dtp(self, activation, pool, beta, feedback_shape, feedback_bias_size, factory):
+        _check_block_options(type(self).__name__, activation, pool, beta)
+        self.activation = activation
+        self.pool = pool
+        self.beta = float(beta)
+        self.register_buffer("feedback_weight", torch.empty(feedback_shape, **factory))
+        self.register_buffer("feedback_bias", torch.empty(feedback_bias_size, **factory))
+        self.reset_feedback_parameters()
+        self._recorded_input: Optional[torch.Tensor] = None
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _op(self, x, weight, bias):  # the linear part: F.linear or F.conv2d
+        raise NotImplementedError
+
+    def geometry(self) -> BlockGeometry:
+        raise NotImplementedError
+
+    # -- forward --------------------------------------------------------------------------
+    def _forward_with_indices(self, x, weight, bias):
+        h = _ACTIVATION_FNS[self.activation](self._op(x, weight, bias))
+        if self.pool and self.pool > 1:
+            return F.max_pool2d(h, self.pool, self.pool, return_indices=True)
+        return h, None
+
+    def _dtp_forward(self, x):
+        """x in the kernels' layout: (B, in) for Linear, (N, C, H, W) for Conv2d."""
+        if self.training:
+            # What FeedbackTrainer.step() trains on: the input of the latest training forward.
+            self._recorded_input = x.detach()
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _DTPBlockFunction.apply(x, self.weight, bias, self)
+        return self._forward_with_indices(x, self.weight, bias)[0]
+
+    @property
+    def recorded_input(self) -> Optional[torch.Tensor]:
+        """Input of the latest training-mode forward pass (None before the first one)."""
+        return self._recorded_input
+
+    def clear_recorded_input(self):
+        self._recorded_input = None
+
+    def extra_repr(self):
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        extra += f", pool={self.pool}" if self.pool else ""
+        return super().extra_repr() + extra + f", beta={self.beta}"
+
+
+class Linear(DTPBlock, nn.Linear):
+    """nn.Linear with a learned feedback block G(y) = V phi(y) + c, V of shape (in, out)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 activation=None, beta=0.7):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_dtp(activation, None, beta, (in_features, out_features), in_features,
+                       {"device": device, "dtype": dtype})
+
+    def reset_feedback_parameters(self):
+        # PyTorch's default init of nn.Linear(out_features, in_features), drawn independently.
+        nn.init.kaiming_uniform_(self.feedback_weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.out_features) if self.out_features > 0 else 0
+        nn.init.uniform_(self.feedback_bias, -bound, bound)
+
+    def _op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def geometry(self):
+        return BlockGeometry(activation=self.activation or "none")
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"dtp_ext.Linear: input must have {self.in_features} features in its "
+                             f"last dimension, got shape {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features)  # every row is a sample of the batch mean
+        return self._dtp_forward(rows).reshape(*x.shape[:-1], self.out_features)
+
+
+def _numeric_padding(padding, kernel_size, dilation):
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in totals):
+            raise ValueError("dtp_ext.Conv2d: padding='same' needs an odd effective kernel size "
+                             f"(symmetric padding), got kernel_size={kernel_size}, dilation={dilation}")
+        return tuple(t // 2 for t in totals)
+    return tuple(padding)
+
+
+class Conv2d(DTPBlock, nn.Conv2d):
+    """nn.Conv2d (+ activation, + max-pool) with a learned transposed-conv feedback block.
+
+    The feedback weight has the conv weight's shape (Cout, Cin/groups, kH, kW); with an
+    identical tensor the feedback's linear part is the exact adjoint of the conv (SPEC §1).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 activation=None, pool=None, beta=0.7):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        if padding_mode != "zeros":
+            raise ValueError("dtp_ext.Conv2d: padding_mode must be 'zeros' (the feedback block is "
+                             f"the adjoint of a zero-padded conv), got {padding_mode!r}")
+        self._padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
+        self._init_dtp(activation, pool, beta, self.weight.shape, in_channels,
+                       {"device": device, "dtype": dtype})
+
+    def reset_feedback_parameters(self):
+        # PyTorch's default init of the matching nn.ConvTranspose2d, drawn independently.
+        nn.init.kaiming_uniform_(self.feedback_weight, a=math.sqrt(5))
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.feedback_weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(self.feedback_bias, -bound, bound)
+
+    def _op(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self._padding, self.dilation, self.groups)
+
+    def geometry(self):
+        return BlockGeometry(tuple(self.stride), tuple(self._padding), tuple(self.dilation),
+                             self.groups, self.activation or "none",
+                             self.pool if self.pool and self.pool > 1 else 0)
+
+    def forward(self, x):
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"dtp_ext.Conv2d: input must be (N, {self.in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        return self._dtp_forward(x)
+
+
+def dtp_blocks(model: nn.Module):
+    """(name, block) for every DTP block of `model`, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DTPBlock)]

@@ -1,0 +1,95 @@
+"""Typed wrappers over the compiled ops (torch.ops.dtp_ext.*) and their fake kernels.
+
+This is the only module that touches torch.library. Each op is implemented in C++ for the CPU
+(csrc/ldrl/ldrl_cpu.cpp) and, in CUDA builds, for CUDA (csrc/ldrl/ldrl_cuda.cu); the dispatcher
+picks the kernel from the tensors' device. There is no Python fallback: if the compiled library
+is missing, importing dtp_ext fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+_ops = torch.ops.dtp_ext
+
+OP_NAMES = ("ldrl_loss", "ldrl_feedback_loop", "propagate_target", "block_weight_grad")
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """What the kernels need to know about a block besides its tensors."""
+
+    stride: tuple = ()
+    padding: tuple = ()
+    dilation: tuple = ()
+    groups: int = 1
+    activation: str = "none"
+    pool: int = 0
+
+    def args(self):
+        return (list(self.stride), list(self.padding), list(self.dilation), self.groups,
+                self.activation, self.pool)
+
+
+def ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, geometry: BlockGeometry):
+    """(loss, grad_feedback_weight, grad_feedback_bias) of SPEC §2.1 with explicit noise."""
+    return _ops.ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, *geometry.args())
+
+
+def ldrl_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
+                       momentum_bias, iterations: int, noise_std: float, lr: float,
+                       momentum: float, weight_decay: float, chunk_iterations: int,
+                       geometry: BlockGeometry, noise_x=None, noise_y=None):
+    """Runs the K-iteration L-DRL loop in place on the feedback weights; returns the losses."""
+    return _ops.ldrl_feedback_loop(
+        x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias,
+        int(iterations), float(noise_std), float(lr), float(momentum), float(weight_decay),
+        int(chunk_iterations), noise_x, noise_y, *geometry.args())
+
+
+def propagate_target(output, indices, delta, feedback_weight, scale: float,
+                     input_sizes: Sequence[int], geometry: BlockGeometry):
+    """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (SPEC §3, scale = beta * B)."""
+    return _ops.propagate_target(output, indices, delta, feedback_weight, float(scale),
+                                 list(input_sizes), *geometry.args())
+
+
+def block_weight_grad(x, output, indices, delta, weight, geometry: BlockGeometry):
+    """(grad_weight, grad_bias): the local vector-Jacobian product of delta through the block."""
+    return _ops.block_weight_grad(x, output, indices, delta, weight, *geometry.args())
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether this build registered a kernel for torch.ops.dtp_ext.<op> on that key."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dtp_ext::{op}", dispatch_key)
+
+
+# Fake (meta) kernels: shapes only, for torch.compile, FakeTensor and opcheck.
+@torch.library.register_fake("dtp_ext::ldrl_loss")
+def _ldrl_loss_fake(x, weight, bias, feedback_weight, noise_x, noise_y, stride, padding,
+                    dilation, groups, activation, pool):
+    return x.new_empty(()), feedback_weight.new_empty(feedback_weight.shape), x.new_empty(x.shape[1])
+
+
+@torch.library.register_fake("dtp_ext::ldrl_feedback_loop")
+def _ldrl_feedback_loop_fake(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
+                             momentum_bias, iterations, noise_std, lr, momentum, weight_decay,
+                             chunk_iterations, noise_x, noise_y, stride, padding, dilation,
+                             groups, activation, pool):
+    return x.new_empty((iterations,))
+
+
+@torch.library.register_fake("dtp_ext::propagate_target")
+def _propagate_target_fake(output, indices, delta, feedback_weight, scale, input_sizes, stride,
+                           padding, dilation, groups, activation, pool):
+    return delta.new_empty(input_sizes)
+
+
+@torch.library.register_fake("dtp_ext::block_weight_grad")
+def _block_weight_grad_fake(x, output, indices, delta, weight, stride, padding, dilation,
+                            groups, activation, pool):
+    return weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])

@@ -1,0 +1,168 @@
+"""FeedbackTrainer: the L-DRL feedback phase (SPEC §2.2) for every trained block of a model."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .nn import DTPBlock, dtp_blocks
+
+Number = Union[int, float]
+
+
+@dataclass
+class FeedbackReport:
+    """What one FeedbackTrainer.step() did: per block, the loss of every iteration."""
+
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    kernels: Dict[str, str] = field(default_factory=dict)  # which compiled kernel ran, by block
+
+    def final_losses(self) -> Dict[str, float]:
+        return {name: float(l[-1]) for name, l in self.losses.items() if l.numel()}
+
+
+def _per_block(name: str, value, count: int, *, integer: bool = False) -> List:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"FeedbackTrainer: {name} has {len(values)} entries, but the model has "
+                         f"{count} trained DTP blocks (one entry per block, forward order)")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"FeedbackTrainer: {name} entries must be finite numbers >= 0, got {v!r}")
+        if integer and int(v) != v:
+            raise ValueError(f"FeedbackTrainer: {name} entries must be whole numbers, got {v!r}")
+    return [int(v) for v in values] if integer else [float(v) for v in values]
+
+
+class FeedbackTrainer:
+    """Trains the feedback weights of a model's DTP blocks with L-DRL.
+
+    `iterations`, `noise_std` and `lr` are each a scalar or a list with one entry per trained
+    block, in forward order. By default the trained blocks are every DTP block of the model in
+    registration order except the first, whose input (the data) needs no target; pass `blocks`
+    (modules or their names, forward order) to choose them yourself.
+
+    `step()` runs the fused K-iteration loop (one compiled call per block) on the input each
+    block recorded during the latest training-mode forward pass. Noise comes from torch's
+    default generator, so `torch.manual_seed` makes runs reproducible. `memory_budget_mb`
+    bounds the extra memory used to batch F(x + eps) across iterations.
+    """
+
+    def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
+                 weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
+                 memory_budget_mb: float = 256.0):
+        named = dtp_blocks(model)
+        if not named:
+            raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
+                             "build it from dtp_ext layers or call dtp_ext.convert(model) first")
+        self.blocks = self._select_blocks(named, blocks)
+        count = len(self.blocks)
+        self.iterations = _per_block("iterations", iterations, count, integer=True)
+        self.noise_std = _per_block("noise_std", noise_std, count)
+        self.lr = _per_block("lr", lr, count)
+        if not (0 <= momentum < 1):
+            raise ValueError(f"FeedbackTrainer: momentum must be in [0, 1), got {momentum!r}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}")
+        if not (memory_budget_mb > 0):
+            raise ValueError(f"FeedbackTrainer: memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.memory_budget_mb = float(memory_budget_mb)
+        self._momentum_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.steps = 0
+
+    @staticmethod
+    def _select_blocks(named, blocks):
+        if blocks is None:
+            return named[1:]
+        by_name = dict(named)
+        by_module = {id(m): n for n, m in named}
+        chosen = []
+        for b in blocks:
+            if isinstance(b, str):
+                if b not in by_name:
+                    raise ValueError(f"FeedbackTrainer: blocks names {b!r}, which is not a DTP block "
+                                     f"of the model (those are {list(by_name)})")
+                chosen.append((b, by_name[b]))
+            elif id(b) in by_module:
+                chosen.append((by_module[id(b)], b))
+            else:
+                raise ValueError("FeedbackTrainer: blocks must hold DTP blocks of the model or their names")
+        return chosen
+
+    def _buffers(self, name: str, block: DTPBlock) -> Dict[str, torch.Tensor]:
+        buffers = self._momentum_buffers.get(name)
+        fw = block.feedback_weight
+        if buffers is None:
+            buffers = {"weight": torch.zeros_like(fw), "bias": torch.zeros_like(block.feedback_bias)}
+        elif buffers["weight"].device != fw.device or buffers["weight"].dtype != fw.dtype:
+            buffers = {k: v.to(device=fw.device, dtype=fw.dtype) for k, v in buffers.items()}
+        self._momentum_buffers[name] = buffers
+        return buffers
+
+    def chunk_iterations(self, block: DTPBlock, x: torch.Tensor) -> int:
+        """How many iterations share one batched F(x + eps) under the memory budget."""
+        with torch.no_grad():
+            out, _ = block._forward_with_indices(x[:1], block.weight, block.bias)
+        pool_area = block.pool ** 2 if block.pool else 1
+        # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
+        # input); the pooled output, eta and, with a pool, int64 indices.
+        elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
+        per_iteration = x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
+        return max(1, int(self.memory_budget_mb * 2**20 // per_iteration))
+
+    @torch.no_grad()
+    def step(self, *, noise: Optional[Dict[str, tuple]] = None) -> FeedbackReport:
+        """Run the feedback iterations of every trained block; returns the per-iteration losses.
+
+        `noise` (research and tests) maps a block name to explicit (noise_x, noise_y) tensors of
+        shapes [K, *x.shape] and [K, *output.shape], already scaled.
+        """
+        report = FeedbackReport()
+        for (name, block), k, sigma, lr in zip(self.blocks, self.iterations, self.noise_std, self.lr):
+            x = block.recorded_input
+            if x is None:
+                raise RuntimeError(f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
+                                   "run model(x) in training mode (model.train()) before step()")
+            buffers = self._buffers(name, block)
+            noise_x, noise_y = (noise or {}).get(name, (None, None))
+            report.losses[name] = ops.ldrl_feedback_loop(
+                x, block.weight, block.bias, block.feedback_weight, block.feedback_bias,
+                buffers["weight"], buffers["bias"], k, sigma, lr, self.momentum,
+                self.weight_decay, self.chunk_iterations(block, x), block.geometry(),
+                noise_x, noise_y)
+            report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
+        self.steps += 1
+        return report
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "momentum_buffers": {n: {k: v.clone() for k, v in b.items()}
+                                 for n, b in self._momentum_buffers.items()},
+            "blocks": [n for n, _ in self.blocks],
+        }
+
+    def load_state_dict(self, state: dict):
+        names = [n for n, _ in self.blocks]
+        if not isinstance(state, dict) or "momentum_buffers" not in state:
+            raise ValueError("FeedbackTrainer.load_state_dict: expected a dict from FeedbackTrainer.state_dict()")
+        if state.get("blocks") != names:
+            raise ValueError(f"FeedbackTrainer.load_state_dict: state is for blocks {state.get('blocks')}, "
+                             f"this trainer trains {names}")
+        blocks = dict(self.blocks)
+        for name, buffers in state["momentum_buffers"].items():
+            block = blocks[name]
+            if buffers["weight"].shape != block.feedback_weight.shape:
+                raise ValueError(f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
+                                 f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}")
+            self._momentum_buffers[name] = {
+                k: v.to(device=block.feedback_weight.device, dtype=block.feedback_weight.dtype).clone()
+                for k, v in buffers.items()}
+        self.steps = int(state.get("steps", 0))
