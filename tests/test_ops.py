@@ -1,0 +1,88 @@
+"""The registered ops: dispatcher registration, opcheck, and argument checks in C++."""
+import pytest
+import torch
+
+import dtp_ext
+from dtp_ext import ops
+
+from conftest import make_block, output_shape
+
+
+def test_every_op_has_a_compiled_cpu_kernel_and_build_info_says_so():
+    info = dtp_ext.build_info()
+    assert info["cpu_kernels"] == list(ops.OP_NAMES)
+    for op in ops.OP_NAMES:
+        assert ops.has_kernel(op, "CPU")
+    assert info["torch_version"] == torch.__version__
+    assert info["cuda_built"] == bool(info["cuda_kernels"])
+
+
+def sample_args(name="conv-elu-pool2", k=2):
+    block, x = make_block(name)
+    y_shape = output_shape(block, x)
+    s, idx, _ = dtp_ext.reference.forward_block(block, x)
+    s = s.detach()
+    geo = block.geometry().args()
+    w, b = block.weight.detach(), block.bias.detach()
+    return block, x, y_shape, s, idx, geo, w, b
+
+
+@pytest.mark.parametrize("name", ["conv-elu-pool2", "linear-tanh"])
+def test_opcheck_every_op(name):
+    block, x, y_shape, s, idx, geo, w, b = sample_args(name)
+    x = dtp_ext.reference.block_input(block, x)
+    fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
+    nx, ny = torch.randn_like(x) * 0.1, torch.randn(y_shape, dtype=x.dtype) * 0.1
+    torch.library.opcheck(torch.ops.dtp_ext.ldrl_loss.default, (x, w, b, fw, nx, ny, *geo))
+    torch.library.opcheck(torch.ops.dtp_ext.ldrl_feedback_loop.default,
+                          (x, w, b, fw, fb, torch.zeros_like(fw), torch.zeros_like(fb), 3, 0.1, 0.01,
+                           0.9, 0.0, 2, torch.stack([nx] * 3), torch.stack([ny] * 3), *geo))
+    delta = torch.randn(y_shape, dtype=x.dtype)
+    torch.library.opcheck(torch.ops.dtp_ext.propagate_target.default,
+                          (s, idx, delta, fw, 1.4, list(x.shape), *geo))
+    torch.library.opcheck(torch.ops.dtp_ext.block_weight_grad.default, (x, s, idx, delta, w, *geo))
+
+
+def test_cpp_checks_name_op_argument_and_expectation():
+    block, x, y_shape, s, idx, geo, w, b = sample_args()
+    fw = block.feedback_weight
+    nx, ny = torch.zeros_like(x), torch.zeros(y_shape, dtype=x.dtype)
+    loss = torch.ops.dtp_ext.ldrl_loss
+    with pytest.raises(RuntimeError, match=r"dtp_ext.ldrl_loss: noise_y must have shape \[5, 4, 4, 4\]"):
+        loss(x, w, b, fw, nx, torch.zeros(5, 4, 8, 8, dtype=x.dtype), *geo)
+    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must be float32 or float64, got Int"):
+        loss(x.int(), w, b, fw, nx, ny, *geo)
+    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype Double like x"):
+        loss(x, w, b, fw.float(), nx, ny, *geo)
+    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must have 3 channels"):
+        loss(x[:, :2], w, b, fw, nx[:, :2], ny, *geo)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        loss(x, w, b, fw, nx, ny, *geo[:4], "gelu", 2)
+    with pytest.raises(RuntimeError, match="stride must have 2 entries"):
+        loss(x, w, b, fw, nx, ny, [1], *geo[1:])
+    loop = torch.ops.dtp_ext.ldrl_feedback_loop
+    z = torch.zeros_like(fw), torch.zeros_like(block.feedback_bias)
+    for bad, match in [((-1, 0.1, 0.1, 0.9, 0.0, 1), "iterations must be >= 0"),
+                       ((1, -0.1, 0.1, 0.9, 0.0, 1), "noise_std must be finite and >= 0"),
+                       ((1, 0.1, float("nan"), 0.9, 0.0, 1), "lr must be finite"),
+                       ((1, 0.1, 0.1, 1.5, 0.0, 1), r"momentum must be in \[0, 1\)"),
+                       ((1, 0.1, 0.1, 0.9, 0.0, 0), "chunk_iterations must be >= 1")]:
+        with pytest.raises(RuntimeError, match="dtp_ext.ldrl_feedback_loop: " + match):
+            loop(x, w, b, fw.clone(), block.feedback_bias.clone(), *z, *bad, None, None, *geo)
+    with pytest.raises(RuntimeError, match=r"noise_x must have shape \[2, 5, 3, 8, 8\]"):
+        loop(x, w, b, fw.clone(), block.feedback_bias.clone(), *z, 2, 0.1, 0.1, 0.9, 0.0, 1,
+             torch.zeros(1, *x.shape, dtype=x.dtype), torch.zeros(2, *y_shape, dtype=x.dtype), *geo)
+    target = torch.ops.dtp_ext.propagate_target
+    with pytest.raises(RuntimeError, match="dtp_ext.propagate_target: output is required"):
+        target(None, idx, torch.zeros(y_shape, dtype=x.dtype), fw, 1.0, list(x.shape), *geo)
+    with pytest.raises(RuntimeError, match="indices must be given exactly when pool > 1"):
+        target(s, None, torch.zeros(y_shape, dtype=x.dtype), fw, 1.0, list(x.shape), *geo)
+    with pytest.raises(RuntimeError, match=r"scale \(beta \* batch\) must be finite and > 0"):
+        target(s, idx, torch.zeros(y_shape, dtype=x.dtype), fw, 0.0, list(x.shape), *geo)
+
+
+def test_the_compiled_kernel_is_what_runs():
+    """No Python fallback: the op resolves to the C++ kernel registered for CPU."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dtp_ext::ldrl_feedback_loop", "CPU")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "dtp_ext::ldrl_feedback_loop", "CompositeImplicitAutograd")
