@@ -4,6 +4,9 @@
 
 namespace dtp_ext {
 
+// Output maps with at most this many positions take the im2col + GEMM weight-gradient path.
+constexpr int64_t kSmallMapPositions = 4;
+
 Activation parse_activation(const char* op, const std::string& name) {
   if (name == "none" || name == "identity") return Activation::Identity;
   if (name == "relu") return Activation::ReLU;
@@ -107,12 +110,16 @@ static at::Tensor activate(Activation a, const at::Tensor& z) {
   }
 }
 
+at::Tensor preactivation(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias) {
+  return g.is_conv ? at::convolution(x, weight, bias, g.stride, g.padding, g.dilation,
+                                     /*transposed=*/false, {0, 0}, g.groups)
+                   : at::linear(x, weight, bias);
+}
+
 BlockOutput forward_block(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias) {
-  at::Tensor z = g.is_conv ? at::convolution(x, weight, bias, g.stride, g.padding, g.dilation,
-                                             /*transposed=*/false, {0, 0}, g.groups)
-                           : at::linear(x, weight, bias);
-  at::Tensor h = activate(g.activation, z);
+  at::Tensor h = activate(g.activation, preactivation(g, x, weight, bias));
   BlockOutput out;
   out.pre_pool_sizes = h.sizes().vec();
   if (g.pool > 0) {
@@ -144,6 +151,14 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                             const at::Tensor& feedback_weight) {
   if (!g.is_conv) return at::mm(p.t(), q);
+  if (g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions) {
+    // Tiny output maps (deep blocks): an explicit im2col and one GEMM beat the library's
+    // weight-gradient kernel, whose per-call cost dominates at a few positions.
+    const auto cols = at::im2col(p, {feedback_weight.size(2), feedback_weight.size(3)},
+                                 g.dilation, g.padding, g.stride);  // (B, Cin*kH*kW, L)
+    const auto q_flat = q.reshape({q.size(0), q.size(1), -1});      // (B, Cout, L)
+    return at::tensordot(q_flat, cols, {0, 2}, {0, 2}).view(feedback_weight.sizes());
+  }
   auto grads = at::convolution_backward(q, p, feedback_weight, c10::nullopt, g.stride, g.padding,
                                         g.dilation, /*transposed=*/false, {0, 0}, g.groups,
                                         {false, true, false});

@@ -113,8 +113,96 @@ at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::T
   return out;
 }
 
+// One pass over z: for each window, the first maximum in row-major order (max_pool2d's rule)
+// receives phi(phi(max)); the clean pooled position receives -phi(s). Rows and columns that
+// the floor-mode pool drops stay zero.
+template <Activation A, typename T>
+void noisy_difference_pooled_kernel(const T* z, const T* s, const int64_t* idx, T* out,
+                                    int64_t planes, int64_t height, int64_t width, int64_t k) {
+  const int64_t out_h = height / k, out_w = width / k;
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* zp = z + p * height * width;
+      T* o = out + p * height * width;
+      std::fill(o, o + height * width, T(0));
+      const int64_t* ip = idx + p * out_h * out_w;
+      const T* sp = s + p * out_h * out_w;
+      for (int64_t oh = 0; oh < out_h; ++oh) {
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          int64_t best_at = oh * k * width + ow * k;
+          T best = zp[best_at];
+          for (int64_t kh = 0; kh < k; ++kh) {
+            for (int64_t kw = 0; kw < k; ++kw) {
+              const int64_t at = (oh * k + kh) * width + ow * k + kw;
+              if (zp[at] > best || std::isnan(zp[at])) {
+                best = zp[at];
+                best_at = at;
+              }
+            }
+          }
+          const int64_t j = oh * out_w + ow;
+          o[best_at] += phi<A>(phi<A>(best));
+          o[ip[j]] -= phi<A>(sp[j]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor noisy_difference_cpu(const at::Tensor& z_in, const at::Tensor& s_in,
+                                const at::Tensor& idx_in, Activation activation, int64_t pool) {
+  auto z = z_in.contiguous();
+  auto s = s_in.contiguous();
+  auto out = at::empty(z.sizes(), z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cpu", [&] {
+    DTP_DISPATCH_ACTIVATION(activation, [&] {
+      if (pool > 0) {
+        auto idx = idx_in.contiguous();
+        noisy_difference_pooled_kernel<kAct, scalar_t>(
+            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+            idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
+            z.size(0) * z.size(1), z.size(2), z.size(3), pool);
+      } else {
+        const scalar_t* zp = z.const_data_ptr<scalar_t>();
+        const scalar_t* sp = s.const_data_ptr<scalar_t>();
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, z.numel(), 2048, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) o[i] = phi<kAct>(phi<kAct>(zp[i])) - phi<kAct>(sp[i]);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
+                         const at::Tensor& reconstruction_pairing,
+                         const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
+                         double momentum, double lr) {
+  const auto h = reconstruction_pairing.contiguous();
+  const auto e = noise_pairing.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
+    scalar_t* v = weight.mutable_data_ptr<scalar_t>();
+    scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* ep = e.const_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(grad_scale);
+    const auto wd = static_cast<scalar_t>(weight_decay);
+    const auto mu = static_cast<scalar_t>(momentum);
+    const auto step = static_cast<scalar_t>(lr);
+    at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t g = scale * (hp[i] - ep[i]) + wd * v[i];
+        buf[i] = mu * buf[i] + g;
+        v[i] -= step * buf[i];
+      }
+    });
+  });
+}
+
 }  // namespace
 
-const ElementwiseKernels kCpuKernels{&phi_unpool_difference_cpu, &activation_pool_backward_cpu};
+const ElementwiseKernels kCpuKernels{&phi_unpool_difference_cpu, &noisy_difference_cpu,
+                                     &sgd_ldrl_update_cpu, &activation_pool_backward_cpu};
 
 }  // namespace dtp_ext

@@ -55,6 +55,99 @@ __global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, 
   }
 }
 
+template <Activation A, typename T>
+__global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int64_t* idx, T* out,
+                                               int64_t n, int64_t height, int64_t width,
+                                               int64_t k) {
+  const int64_t out_h = height / k, out_w = width / k;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t plane = j / (out_h * out_w), oh = (j / out_w) % out_h, ow = j % out_w;
+    const T* zp = z + plane * height * width;
+    T* o = out + plane * height * width;
+    int64_t best_at = oh * k * width + ow * k;
+    T best = zp[best_at];
+    for (int64_t kh = 0; kh < k; ++kh) {
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const int64_t at = (oh * k + kh) * width + ow * k + kw;
+        if (zp[at] > best || isnan(zp[at])) {
+          best = zp[at];
+          best_at = at;
+        }
+      }
+    }
+    o[best_at] += phi<A>(phi<A>(best));
+    o[idx[j]] -= phi<A>(s[j]);
+  }
+}
+
+template <Activation A, typename T>
+__global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = phi<A>(phi<A>(z[i])) - phi<A>(s[i]);
+  }
+}
+
+at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
+                                 const at::Tensor& idx_in, Activation activation, int64_t pool) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  auto z = z_in.contiguous();
+  auto s = s_in.contiguous();
+  auto out = pool > 0 ? at::zeros(z.sizes(), z.options()) : at::empty(z.sizes(), z.options());
+  const int64_t n = s.numel();
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cuda", [&] {
+    DTP_DISPATCH_ACTIVATION(activation, [&] {
+      if (pool > 0) {
+        auto idx = idx_in.contiguous();
+        noisy_difference_pooled_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+            idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n, z.size(2),
+            z.size(3), pool);
+      } else {
+        noisy_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>(), n);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+template <typename T>
+__global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, int64_t n, T scale,
+                                       T wd, T mu, T step) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const T g = scale * (h[i] - e[i]) + wd * v[i];
+    buf[i] = mu * buf[i] + g;
+    v[i] -= step * buf[i];
+  }
+}
+
+void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
+                          const at::Tensor& reconstruction_pairing,
+                          const at::Tensor& noise_pairing, double grad_scale,
+                          double weight_decay, double momentum, double lr) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const auto h = reconstruction_pairing.contiguous();
+  const auto e = noise_pairing.contiguous();
+  const int64_t n = weight.numel();
+  if (n == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cuda", [&] {
+    sgd_ldrl_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        weight.mutable_data_ptr<scalar_t>(), momentum_buffer.mutable_data_ptr<scalar_t>(),
+        h.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(), n,
+        static_cast<scalar_t>(grad_scale), static_cast<scalar_t>(weight_decay),
+        static_cast<scalar_t>(momentum), static_cast<scalar_t>(lr));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor phi_unpool_difference_cuda(const at::Tensor& a_in, const at::Tensor& a_noise_in,
                                       double alpha, const at::Tensor& a_indices_in,
                                       const at::Tensor& b_in, const at::Tensor& b_indices_in,
@@ -121,6 +214,7 @@ at::Tensor activation_pool_backward_cuda(const at::Tensor& output_in, const at::
 
 }  // namespace
 
-const ElementwiseKernels kCudaKernels{&phi_unpool_difference_cuda, &activation_pool_backward_cuda};
+const ElementwiseKernels kCudaKernels{&phi_unpool_difference_cuda, &noisy_difference_cuda,
+                                      &sgd_ldrl_update_cuda, &activation_pool_backward_cuda};
 
 }  // namespace dtp_ext

@@ -16,6 +16,19 @@ struct ElementwiseKernels {
                                       const at::Tensor& b, const at::Tensor& b_indices,
                                       at::IntArrayRef out_sizes, Activation activation,
                                       double scale);
+  // The noisy-input difference a = unpool(phi(s_noisy), idx_noisy) - unpool(phi(s), indices)
+  // straight from the noisy pre-activation z_noisy = op(x + eps): max-pool and phi are fused in
+  // (phi is monotone, so the window's max of phi(z) sits at the max of z). Shape of z_noisy.
+  at::Tensor (*noisy_difference)(const at::Tensor& z_noisy, const at::Tensor& clean_output,
+                                 const at::Tensor& clean_indices, Activation activation,
+                                 int64_t pool);
+  // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
+  // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
+  // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). All four contiguous.
+  void (*sgd_ldrl_update)(at::Tensor& weight, at::Tensor& momentum_buffer,
+                          const at::Tensor& reconstruction_pairing,
+                          const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
+                          double momentum, double lr);
   // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the
   // block's own output, as a tensor of `out_sizes`.
   at::Tensor (*activation_pool_backward)(const at::Tensor& output, const at::Tensor& indices,

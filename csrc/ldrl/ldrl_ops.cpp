@@ -15,35 +15,36 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
               t.sizes());
 }
 
-// One L-DRL evaluation (SPEC §2.1) given the clean pass and a noisy pass F(x + eps):
+// One L-DRL evaluation (SPEC §2.1) given the clean pass and the noisy pre-activation
+// op(x + eps) + bias:
 //   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
 //   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
 //   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
 // Neither G(y) nor any bias is evaluated: they cancel in every difference.
 struct LdrlTerms {
   at::Tensor loss;
-  at::Tensor grad_weight;
+  at::Tensor reconstruction_pairing;  // H
+  at::Tensor noise_pairing;           // E
 };
 
 LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const BlockOutput& clean, at::IntArrayRef x_sizes,
                      const at::Tensor& feedback_weight, const at::Tensor& eps,
-                     const at::Tensor& noisy_output, const at::Tensor& noisy_indices,
-                     const at::Tensor& eta) {
+                     const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
   const double inv_batch = 1.0 / static_cast<double>(x_sizes[0]);
-  const auto a = kernels.phi_unpool_difference(noisy_output, at::Tensor(), 0.0, noisy_indices,
-                                               clean.output, clean.indices, clean.pre_pool_sizes,
-                                               g.activation, 1.0);
-  const auto noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
+  const auto a = kernels.noisy_difference(noisy_preactivation, clean.output, clean.indices,
+                                          g.activation, g.pool);
+  LdrlTerms terms;
+  terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = kernels.phi_unpool_difference(clean.output, eta, 1.0, clean.indices,
                                                clean.output, clean.indices, clean.pre_pool_sizes,
                                                g.activation, 1.0);
-  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
-  const auto reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  LdrlTerms terms;
-  terms.loss = (feedback_u.square().sum() - 2.0 * (feedback_weight * noise_pairing).sum()) *
+  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes).contiguous();
+  terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
+  const auto flat_fu = feedback_u.view(-1);
+  terms.loss = (at::dot(flat_fu, flat_fu) -
+                2.0 * at::dot(feedback_weight.reshape(-1), terms.noise_pairing.reshape(-1))) *
                inv_batch;
-  terms.grad_weight = (reconstruction_pairing - noise_pairing).mul_(2.0 * inv_batch);
   return terms;
 }
 
@@ -70,11 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
 
   const auto clean = forward_block(g, x, weight, bias);
-  const auto noisy = forward_block(g, x + noise_x, weight, bias);
-  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x, noisy.output,
-                          noisy.indices, noise_y);
+  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x,
+                          preactivation(g, x + noise_x, weight, bias), noise_y);
+  auto grad_weight = (terms.reconstruction_pairing - terms.noise_pairing)
+                         .mul_(2.0 / static_cast<double>(x.size(0)));
   auto grad_bias = at::zeros({x.size(1)}, x.options());
-  return {terms.loss, terms.grad_weight, grad_bias};
+  return {terms.loss, grad_weight, grad_bias};
 }
 
 at::Tensor ldrl_feedback_loop(
@@ -144,21 +146,17 @@ at::Tensor ldrl_feedback_loop(
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
     auto noisy_input = at::stack(eps).add_(x_contig.unsqueeze(0)).flatten(0, 1);
-    const auto noisy = forward_block(g, noisy_input, weight, bias);
-    const auto noisy_outputs = noisy.output.split(batch);
-    const auto noisy_indices =
-        noisy.indices.defined() ? noisy.indices.split(batch) : std::vector<at::Tensor>(count);
+    const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
 
     for (const auto i : c10::irange(count)) {
       auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps[i],
-                              noisy_outputs[i], noisy_indices[i], eta[i]);
+                              noisy_preactivations[i], eta[i]);
       losses.push_back(terms.loss);
       // torch.optim.SGD (momentum, no dampening, no Nesterov); dloss/dc is exactly zero, so
       // only weight decay moves the feedback bias.
-      auto& grad = terms.grad_weight;
-      if (weight_decay != 0) grad.add_(feedback_weight, weight_decay);
-      momentum_weight.mul_(momentum).add_(grad);
-      feedback_weight.add_(momentum_weight, -lr);
+      kernels.sgd_ldrl_update(feedback_weight, momentum_weight, terms.reconstruction_pairing,
+                              terms.noise_pairing, 2.0 / static_cast<double>(batch),
+                              weight_decay, momentum, lr);
       momentum_bias.mul_(momentum);
       if (weight_decay != 0) momentum_bias.add_(feedback_bias, weight_decay);
       feedback_bias.add_(momentum_bias, -lr);

@@ -1,0 +1,81 @@
+"""The networks `dtp-ext train` knows, built from dtp_ext layers as chains of blocks.
+
+Every algorithm trains the same module (BP simply ignores the feedback buffers), so weights,
+checkpoints and metrics have the same names whatever the algorithm. Each model also carries the
+feedback hyper-parameters known to work for it (per trained block, forward order).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+from torch import nn
+
+import dtp_ext
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[..., nn.Sequential]     # (channels, size, classes, beta) -> model
+    feedback_iterations: List[int]
+    feedback_noise: List[float]
+    feedback_lr: List[float]
+    min_size: int                           # smallest square input it accepts
+    about: str
+
+
+def mnist_convnet(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
+    """conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear: the SPEC §4 "Stability" network."""
+    side = ((size - 4) // 2 - 4) // 2
+    return nn.Sequential(OrderedDict([
+        ("conv1", dtp_ext.Conv2d(channels, 16, 5, activation="elu", pool=2, beta=beta)),
+        ("conv2", dtp_ext.Conv2d(16, 32, 5, activation="elu", pool=2, beta=beta)),
+        ("flatten", nn.Flatten()),
+        ("fc", dtp_ext.Linear(32 * side * side, classes, beta=beta)),
+    ]))
+
+
+def simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
+    """SPEC §1: five conv3x3 + ELU + maxpool2 blocks (128, 128, 256, 256, 512), Linear."""
+    widths = [channels, 128, 128, 256, 256, 512]
+    layers = OrderedDict(
+        (f"conv{i + 1}", dtp_ext.Conv2d(widths[i], widths[i + 1], 3, padding=1, activation="elu",
+                                        pool=2, beta=beta)) for i in range(5))
+    side = size // 32
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = dtp_ext.Linear(512 * side * side, classes, beta=beta)
+    return nn.Sequential(layers)
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "mnist-convnet": ModelSpec(mnist_convnet, [20, 20], [0.2, 0.08], [1e-3, 0.18], 16,
+                               "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
+    "simplevgg": ModelSpec(simplevgg, [20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08],
+                           [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], 32,
+                           "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
+}
+
+DEFAULT_MODEL = {"mnist": "mnist-convnet", "fashion-mnist": "mnist-convnet",
+                 "cifar10": "simplevgg", "imagenet32": "simplevgg"}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name]
+
+
+def build_model(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
+    spec = model_spec(name)
+    if size < spec.min_size:
+        raise ConfigError(f"model {name!r} needs inputs of at least {spec.min_size}x{spec.min_size}, "
+                          f"the dataset has {size}x{size}")
+    return spec.build(channels, size, classes, beta)
+
+
+def trained_block_count(name: str) -> int:
+    """Feedback blocks that get trained: every DTP block but the first (SPEC §1)."""
+    return len(model_spec(name).feedback_iterations)
