@@ -157,6 +157,7 @@ class FeedbackTrainer:
             raise ValueError(f"FeedbackTrainer.load_state_dict: state is for blocks {state.get('blocks')}, "
                              f"this trainer trains {names}")
         blocks = dict(self.blocks)
+        self._momentum_buffers = {}
         for name, buffers in state["momentum_buffers"].items():
             block = blocks[name]
             if buffers["weight"].shape != block.feedback_weight.shape:

@@ -1,0 +1,169 @@
+"""The `dtp-ext` command line: `dtp-ext train ...` (and `python -m dtp_ext.train ...`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+DEFAULT_RUN = """\
+With no options: L-DRL on the MNIST shipped with dtp_ext (60,000 training images, one epoch,
+batch 64), the small conv net mnist-convnet (conv5x5 16 ELU pool2, conv5x5 32 ELU pool2,
+linear), forward SGD lr 0.01 momentum 0.9, feedback K=20, noise 0.2/0.08, feedback lr
+1e-3/0.18, on the CPU: about 3-4 minutes on 2 cores; it prints the test accuracy and the
+per-layer alignment angles. Add --max-steps 50 for a smoke run of a few seconds.
+
+Learning rates are in this library's gradient units: for ldrl/dtp/tp/drl, lr = beta x the
+paper's lr (0.7 x 0.05 = 0.035 on CIFAR-10) and weight_decay = paper's / beta; bp uses the
+paper's values. Per-layer options take one value or a comma list with one entry per trained
+feedback block (every DTP block after the first, forward order).
+
+Presets (--config NAME): {presets}.
+A --config FILE is YAML or JSON whose keys are these options (with _ or -), e.g.
+  dataset: cifar10
+  feedback_iterations: [20, 30, 35, 55, 20]
+Options given on the command line override the preset or file.
+
+Outputs in --out: metrics.jsonl (one line per epoch), summary.json, accuracy.png,
+alignment.png and checkpoint.pt (every epoch, and when --max-steps stops a run mid-epoch);
+--resume --out DIR continues it, bitwise identically on the CPU.
+"""
+
+# Options that may differ when resuming: they do not change the computation already done.
+RESUMABLE = {"epochs", "max_steps", "progress", "threads"}
+
+
+def _numbers(text: str):
+    """'20' -> 20.0; '20,30,35' -> [20.0, 30.0, 35.0] (per-layer options)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
+    values = [int(v) if v.is_integer() else v for v in values]
+    return values[0] if len(values) == 1 else values
+
+
+def _add_train_parser(sub):
+    from .train.config import ALGORITHMS, DATASETS, SCHEDULERS
+    from .train.models import MODELS
+    from .train.presets import PRESETS
+
+    p = sub.add_parser("train", help="train a network with L-DRL or a baseline",
+                       description="Train a network with L-DRL (or bp, dtp, tp, drl) and log how its "
+                                   "feedback weights and updates align with backprop.",
+                       epilog=DEFAULT_RUN.format(presets=", ".join(sorted(PRESETS))),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
+    a = p.add_argument
+    a("--config", metavar="NAME|FILE", help="a preset name (see below) or a YAML/JSON file of options")
+    a("--algorithm", choices=ALGORITHMS, help="training rule (default ldrl)")
+    a("--dataset", choices=DATASETS, help="default mnist (shipped with dtp_ext)")
+    a("--data-dir", metavar="DIR", help="folder holding the dataset files (required except for mnist)")
+    a("--model", choices=sorted(MODELS), help="default: mnist-convnet for (fashion-)mnist, simplevgg otherwise")
+    a("--epochs", type=int, help="default 1")
+    a("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke runs); "
+                                                 "a checkpoint is written, --resume continues")
+    a("--batch-size", type=int, help="default 64")
+    a("--train-subset", type=int, metavar="N", help="use the first N training images")
+    a("--test-subset", type=int, metavar="N", help="use the first N test images")
+    a("--seed", type=int, help="default 0")
+    a("--device", help="cpu (default), cuda or cuda:N")
+    a("--threads", type=int, help="torch CPU threads (default: torch's)")
+    a("--out", metavar="DIR", help="output folder (default runs/<dataset>-<algorithm>-<time>)")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--overwrite", action="store_true", help="start again in an --out that already holds a run")
+    g = p.add_argument_group("forward optimizer (SGD)")
+    g.add_argument("--lr", type=float, help="default 0.05 for bp, 0.01 for the target algorithms")
+    g.add_argument("--momentum", type=float, help="default 0.9")
+    g.add_argument("--weight-decay", type=float, help="default 0")
+    g.add_argument("--scheduler", choices=SCHEDULERS, help="per epoch (default cosine)")
+    g.add_argument("--t-max", type=int, help="cosine length in epochs (default: --epochs); held at eta-min after")
+    g.add_argument("--eta-min", type=float, help="default 0")
+    g.add_argument("--step-size", type=int, help="StepLR period in epochs (default 30)")
+    g.add_argument("--gamma", type=float, help="StepLR factor (default 0.1)")
+    g = p.add_argument_group("target propagation and feedback training")
+    g.add_argument("--beta", type=float, help="target step size (default 0.7)")
+    g.add_argument("--feedback-iterations", type=_numbers, metavar="K[,K...]",
+                   help="feedback iterations per batch, per trained block (default: the model's)")
+    g.add_argument("--feedback-noise", type=_numbers, metavar="S[,S...]", help="noise std per block")
+    g.add_argument("--feedback-lr", type=_numbers, metavar="LR[,LR...]", help="feedback SGD lr per block")
+    g.add_argument("--feedback-momentum", type=float, help="default 0.9")
+    g.add_argument("--feedback-warmup-steps", type=int, help="first N steps train the feedback longer")
+    g.add_argument("--feedback-warmup-factor", type=int, help="iteration multiplier during warm-up")
+    g = p.add_argument_group("data and logging")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random crop (pad 4, edge) + flip; default on for cifar10/imagenet32")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--probe-batch-size", type=int, help="fixed batch for the update-vs-BP angles (default 128)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    return p
+
+
+def _config_layer(name: str) -> dict:
+    from .train.config import ConfigError, load_config_file
+    from .train.presets import PRESETS
+
+    if name in PRESETS:
+        return dict(PRESETS[name])
+    path = Path(name)
+    if path.is_file():
+        return load_config_file(path)
+    raise ConfigError(f"--config {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                      "nor an existing YAML/JSON file")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import checkpoint as ckpt
+    from .train.config import ConfigError, TrainConfig, merge
+    from .train.datasets import DatasetNotFound
+    from .train.resolve import resolve
+    from .train.runner import Run, TrainingDiverged
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
+    try:
+        if getattr(args, "resume", False):
+            if "out" not in options:
+                raise ConfigError("--resume needs --out DIR (the run to continue)")
+            state = ckpt.load(Path(options["out"]))
+            if state is None:
+                raise ConfigError(f"--resume: no {ckpt.CHECKPOINT_NAME} in {options['out']}")
+            saved = TrainConfig(**state["config"])
+            changed = sorted(k for k, v in options.items()
+                             if k not in RESUMABLE | {"out"} and getattr(saved, k) != v)
+            if "config" in args or changed:
+                raise ConfigError("--resume continues the saved configuration; only "
+                                  f"{sorted(RESUMABLE)} may change (got {changed or ['--config']})")
+            cfg = resolve(dataclasses.replace(saved, **{k: v for k, v in options.items() if k in RESUMABLE}))
+            run = Run(cfg)
+            run.restore(state)
+        else:
+            layers = [_config_layer(args.config)] if "config" in args else []
+            cfg = resolve(merge(*layers, options, source=f"--config {getattr(args, 'config', '')}".strip()))
+            if (Path(cfg.out) / ckpt.CHECKPOINT_NAME).exists() and not getattr(args, "overwrite", False):
+                raise ConfigError(f"{cfg.out} already holds a run; pass --resume to continue it "
+                                  "or --overwrite to start again")
+            run = Run(cfg)
+        run.train()
+    except (ConfigError, DatasetNotFound) as exc:
+        print(f"dtp-ext train: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"dtp-ext train: diverged: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dtp-ext", description="dtp_ext: difference target "
+                                     "propagation with learned backprop targets (L-DRL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _run_train(args)
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What every training algorithm provides to the training loop.
+
+`train_step` fills the forward parameters' .grad (the loop owns the optimizer and steps it) and
+does the algorithm's feedback training for the batch, in the order the algorithm prescribes.
+`update_directions` returns, without side effects, the weight update direction each block would
+get on a batch: compared with backprop's gradient, it gives the per-layer GMP angle (SPEC §6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtp_ext.nn import dtp_blocks
+
+
+@dataclass
+class FeedbackSettings:
+    """Per trained block (every DTP block but the first, forward order)."""
+
+    iterations: List[int]
+    noise: List[float]
+    lr: List[float]
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    warmup_factor: int = 1
+
+    def iterations_at(self, step: int) -> List[int]:
+        factor = self.warmup_factor if step < self.warmup_steps else 1
+        return [k * factor for k in self.iterations]
+
+
+class Algorithm:
+    name = "?"
+    has_feedback_weights = True   # whether the blocks' V are meant to align with W (SPEC §6)
+
+    def __init__(self, model: nn.Module, feedback: FeedbackSettings, input_shape, classes: int):
+        self.model = model
+        self.feedback = feedback
+        self.blocks = dtp_blocks(model)
+        self.trained = self.blocks[1:]
+        self.last_feedback_losses: Dict[str, float] = {}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (batch-mean cross-entropy, logits), both detached."""
+        raise NotImplementedError
+
+    def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
+    """Weight gradients through the DTP blocks' own backward (difference targets, SPEC §3).
+    Eval mode, so the inputs recorded for the feedback phase are left alone."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss = F.cross_entropy(model(x), y)
+        return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
+    finally:
+        model.train(was_training)

@@ -1,0 +1,81 @@
+"""DRL / DDTP-linear, "p" variant (Meulemans et al. 2020; SPEC §5).
+
+Direct linear feedback Q_k from the output to each hidden block output h_k (k < N):
+target t_k = h_k + Q_k (t_N - h_N). Q_k is trained with
+(1/sigma^2) mean_b |Q_k (y~ - h_N) - sigma eps|^2, where y~ is h_k + sigma eps propagated
+through the rest of the network (non-local). Per batch: forward gradients with the old Q,
+then Q's iterations, then the loop's optimizer step. The gradient of this quadratic loss in
+Q is written out (2/(B sigma^2) (Q d - sigma eps)^T d), so no autograd is needed.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from ..chain import first_target, forward_from, forward_records, layer_loss_gradients
+from .base import Algorithm
+from .feedback_sgd import MomentumSGD
+
+
+class DRL(Algorithm):
+    name = "drl"
+    has_feedback_weights = False  # Q maps output -> layer k; there is no W to compare it with
+
+    def __init__(self, model, feedback, input_shape, classes):
+        super().__init__(model, feedback, input_shape, classes)
+        device = self.blocks[0][1].weight.device
+        with torch.no_grad():
+            _, records = forward_records(model, torch.zeros((1, *input_shape), device=device))
+        bound = 1 / math.sqrt(classes)  # nn.Linear(classes, features)'s default init range
+        self.Q = [torch.empty(r.output[0].numel(), classes, device=device).uniform_(-bound, bound)
+                  for r in records[:-1]]
+        self.sgd = MomentumSGD(feedback.momentum)
+
+    def _targets(self, logits, y, records) -> List[torch.Tensor]:
+        t_last = first_target(logits, y, records[-1].block.beta)
+        diff = t_last - logits.detach()
+        targets = [(r.output.detach().flatten(1) + diff @ Q.t()).reshape(r.output.shape)
+                   for r, Q in zip(records[:-1], self.Q)]
+        return targets + [t_last]
+
+    @torch.no_grad()
+    def _train_q(self, records, logits, step):
+        h_last = logits.detach()
+        iterations = self.feedback.iterations_at(step)
+        for k, (record, Q) in enumerate(zip(records[:-1], self.Q)):
+            sigma, lr = self.feedback.noise[k], self.feedback.lr[k]
+            h = record.output.detach()
+            loss = float("nan")
+            for _ in range(iterations[k]):
+                noise = torch.randn_like(h) * sigma
+                d = (forward_from(self.model, record.position, h + noise) - h_last).flatten(1)
+                residual = d @ Q.t() - noise.flatten(1)
+                grad = residual.t() @ d * (2 / (h.shape[0] * sigma ** 2))
+                self.sgd.step(f"Q{k}", Q, grad, lr)
+                loss = float(residual.pow(2).sum(1).mean() / sigma ** 2)
+            self.last_feedback_losses[self.trained[k][0]] = loss
+
+    def train_step(self, x, y, step):
+        logits, records = forward_records(self.model, x)
+        layer_loss_gradients(records, self._targets(logits, y, records), records[-1].block.beta,
+                             accumulate=True)
+        self._train_q(records, logits, step)
+        return F.cross_entropy(logits.detach(), y), logits.detach()
+
+    def update_directions(self, x, y):
+        logits, records = forward_records(self.model, x)
+        grads = layer_loss_gradients(records, self._targets(logits, y, records),
+                                     records[-1].block.beta, accumulate=False)
+        return [g for g, _ in grads]
+
+    def state_dict(self):
+        return {"Q": [q.clone() for q in self.Q], "sgd": self.sgd.state_dict()}
+
+    def load_state_dict(self, state):
+        device = self.Q[0].device
+        for q, saved in zip(self.Q, state["Q"]):
+            q.copy_(saved.to(device))
+        self.sgd.load_state_dict(state["sgd"], device)

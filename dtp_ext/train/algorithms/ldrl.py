@@ -1,0 +1,37 @@
+"""L-DRL (SPEC §2-§3): fused feedback training, then the DTP blocks' fused backward."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+import dtp_ext
+
+from .base import Algorithm, fused_update_directions
+
+
+class LDRL(Algorithm):
+    name = "ldrl"
+
+    def __init__(self, model, feedback, input_shape, classes):
+        super().__init__(model, feedback, input_shape, classes)
+        self.trainer = dtp_ext.FeedbackTrainer(model, feedback.iterations, feedback.noise,
+                                               feedback.lr, momentum=feedback.momentum)
+
+    def train_step(self, x, y, step):
+        self.model.train()
+        logits = self.model(x)  # each block records its input for the feedback phase
+        self.trainer.iterations = self.feedback.iterations_at(step)
+        report = self.trainer.step()
+        self.last_feedback_losses = report.final_losses()
+        # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss.detach(), logits.detach()
+
+    def update_directions(self, x, y):
+        return fused_update_directions(self.model, self.blocks, x, y)
+
+    def state_dict(self):
+        return {"trainer": self.trainer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.trainer.load_state_dict(state["trainer"])

@@ -1,0 +1,38 @@
+"""Per-layer alignment metrics (SPEC §6) for the epoch log.
+
+- weight angle / distance between each block's forward weight and its feedback weight;
+- update angle: between the algorithm's weight update direction and backprop's gradient on a
+  fixed probe batch (the Gradient Matching Property, layer by layer).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from dtp_ext.metrics import angle_degrees, weight_alignment
+
+from .algorithms import Algorithm
+from .chain import forward_bp
+
+
+def backprop_gradients(model, blocks, x, y):
+    loss = F.cross_entropy(forward_bp(model, x), y)
+    return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
+
+
+def layer_metrics(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    blocks = algorithm.blocks
+    metrics: Dict[str, Dict[str, float]] = {"update_angle": {}}
+    if algorithm.has_feedback_weights:
+        metrics["weight_angle"], metrics["weight_distance"] = {}, {}
+        for name, block in algorithm.trained:
+            alignment = weight_alignment(block)
+            metrics["weight_angle"][name] = alignment["angle"]
+            metrics["weight_distance"][name] = alignment["distance"]
+    bp = backprop_gradients(algorithm.model, blocks, x, y)
+    ours = algorithm.update_directions(x, y)
+    for (name, _), g_bp, g in zip(blocks, bp, ours):
+        metrics["update_angle"][name] = angle_degrees(g, g_bp)
+    return metrics

@@ -1,0 +1,43 @@
+"""Turns a merged TrainConfig into a complete one: fills the options left as None from the
+dataset, model and algorithm, and checks everything that depends on them (list lengths)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
+from .datasets import INFO
+from .models import DEFAULT_MODEL, model_spec, trained_block_count
+
+DEFAULT_LR = {"bp": 0.05}  # the target algorithms: 0.01 in gradient units (SPEC §4 "Stability")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    validate(cfg)
+    model = cfg.model or DEFAULT_MODEL[cfg.dataset]
+    spec = model_spec(model)
+    info = INFO[cfg.dataset]
+    if info.size < spec.min_size:
+        raise ConfigError(f"model {model!r} needs inputs of at least {spec.min_size}x{spec.min_size}; "
+                          f"{cfg.dataset} images are {info.size}x{info.size}")
+    count = trained_block_count(model)
+    lists = {}
+    for key, default, integer in (("feedback_iterations", spec.feedback_iterations, True),
+                                  ("feedback_noise", spec.feedback_noise, False),
+                                  ("feedback_lr", spec.feedback_lr, False)):
+        value = getattr(cfg, key)
+        lists[key] = per_layer(key, default if value is None else value, count, integer=integer)
+    if cfg.algorithm in ("dtp", "tp", "drl") and any(s == 0 for s in lists["feedback_noise"]):
+        raise ConfigError(f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
+                          "or needs a perturbation to reconstruct)")
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.algorithm, 0.01)
+    out = cfg.out or f"runs/{cfg.dataset}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return dataclasses.replace(
+        cfg, model=model, lr=lr, out=out, t_max=cfg.t_max or cfg.epochs,
+        augment=info.augment if cfg.augment is None else cfg.augment, **lists)
+
+
+def lr_units_note(cfg: TrainConfig) -> str:
+    if cfg.algorithm in TARGET_ALGORITHMS:
+        return (f"lr {cfg.lr:g} in gradient units = paper lr {cfg.lr / cfg.beta:g} x beta {cfg.beta:g}")
+    return f"lr {cfg.lr:g} (backprop)"

@@ -1,0 +1,106 @@
+"""CUDA kernels against the CPU kernels and the reference, float64, same explicit noise.
+
+Skips where no GPU or no CUDA kernels are present. On a GPU machine, DTP_EXT_REQUIRE_CUDA=1
+turns "CUDA kernels missing" into a failure (benchmarks/gpu_check.sh sets it).
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtp_ext
+from dtp_ext import functional, ops, reference
+
+from conftest import BLOCKS, make_block, output_shape
+
+HAS_GPU = torch.cuda.is_available()
+HAS_CUDA_KERNELS = ops.has_kernel("ldrl_feedback_loop", "CUDA")
+
+
+def test_cuda_kernels_present_when_required():
+    if os.environ.get("DTP_EXT_REQUIRE_CUDA") == "1" and HAS_GPU:
+        assert HAS_CUDA_KERNELS, "a GPU is present but dtp_ext was built without CUDA kernels"
+        assert dtp_ext.build_info()["cuda_kernels"] == list(ops.OP_NAMES)
+    elif not HAS_GPU:
+        pytest.skip("no GPU")
+
+
+needs_cuda = pytest.mark.skipif(not (HAS_GPU and HAS_CUDA_KERNELS), reason="needs a GPU and the CUDA kernels")
+pytestmark = [pytest.mark.cuda]
+
+
+def on_cuda(block, *tensors):
+    return (copy.deepcopy(block).cuda(),) + tuple(t.cuda() if t is not None else None for t in tensors)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_cuda_loss_equals_cpu_and_reference(name):
+    block, x = make_block(name)
+    noise_x = torch.randn(reference.block_input(block, x).shape, dtype=x.dtype) * 0.3
+    noise_y = torch.randn(output_shape(block, x), dtype=x.dtype) * 0.3
+    cpu = functional.ldrl_loss(block, x, noise_x, noise_y)
+    ref = reference.ldrl_loss_and_grads(block, x, noise_x, noise_y)
+    gpu = functional.ldrl_loss(*on_cuda(block, x, noise_x, noise_y))
+    for g, c, r in zip(gpu, cpu, ref):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-9, atol=1e-11)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_cuda_feedback_loop_targets_and_weight_grads_equal_cpu(name):
+    block, x = make_block(name)
+    xin = reference.block_input(block, x)
+    k = 4
+    nx = torch.randn(k, *xin.shape, dtype=x.dtype) * 0.2
+    ny = torch.randn(k, *output_shape(block, x), dtype=x.dtype) * 0.2
+    gblock, gx, gnx, gny = on_cuda(block, xin, nx, ny)
+    results = []
+    for b, xi, n1, n2 in ((block, xin, nx, ny), (gblock, gx, gnx, gny)):
+        buffers = (torch.zeros_like(b.feedback_weight), torch.zeros_like(b.feedback_bias))
+        losses = ops.ldrl_feedback_loop(xi, b.weight.detach(), None if b.bias is None else b.bias.detach(),
+                                        b.feedback_weight, b.feedback_bias, *buffers, k, 0.2, 0.05, 0.9,
+                                        1e-3, 2, b.geometry(), n1, n2)
+        s, idx, _ = reference.forward_block(b, xi)
+        s = s.detach()
+        delta = torch.linspace(-1, 1, s.numel(), dtype=x.dtype, device=s.device).reshape(s.shape)
+        keep = s if b.activation or b.pool else None
+        target = ops.propagate_target(keep, idx, delta, b.feedback_weight, 0.7 * xi.shape[0], xi.shape, b.geometry())
+        grads = ops.block_weight_grad(xi, keep, idx, delta, b.weight.detach(), b.geometry())
+        results.append([losses, b.feedback_weight, b.feedback_bias, target, *grads])
+    for c, g in zip(*results):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-10)
+
+
+@needs_cuda
+def test_cuda_simplevgg_training_step_agrees_with_cpu():
+    from dtp_ext.models import simple_vgg
+    torch.manual_seed(0)
+    model = simple_vgg(channels=(8, 8, 16, 16, 32)).double()
+    gmodel = copy.deepcopy(model).cuda()
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+    its = [3, 3, 4, 5, 3]
+    noise = {}
+    with torch.no_grad():
+        model(x)
+    for name, b in dtp_ext.dtp_blocks(model)[1:]:
+        xi = b.recorded_input
+        ys = reference.forward_block(b, reference.block_input(b, xi))[0].shape
+        k = its[len(noise)]
+        noise[name] = (torch.randn(k, *reference.block_input(b, xi).shape, dtype=x.dtype) * 0.1,
+                       torch.randn(k, *ys, dtype=x.dtype) * 0.1)
+    states = []
+    for m, dev in ((model, "cpu"), (gmodel, "cuda")):
+        trainer = dtp_ext.FeedbackTrainer(m, iterations=its, noise_std=0.1, lr=[1e-3, 1e-3, 1e-2, 1e-2, 0.1])
+        opt = torch.optim.SGD(m.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4)
+        out = m(x.to(dev))
+        report = trainer.step(noise={n: (a.to(dev), b.to(dev)) for n, (a, b) in noise.items()})
+        F.cross_entropy(out, y.to(dev)).backward()
+        opt.step()
+        states.append({k: v.cpu() for k, v in m.state_dict().items()})
+        assert set(report.kernels.values()) == {f"dtp_ext::ldrl_feedback_loop[{dev}]"}
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-8, atol=1e-10, msg=k)
