@@ -32,4 +32,22 @@ echo "==================== dtp_ext GPU check ===================="
 cat "$OUT/gpu.txt"
 grep -A8 "dtp_ext ratios" "$OUT/bench.log" || tail -30 "$OUT/bench.log"
 grep -E "passed|failed" "$OUT/tests.log" | tail -1
+# Issue 3's targets, from the same run: step >= 5x faster than the reference, within 10x of
+# backprop, peak memory <= 2x the reference's.
+python - "$OUT/latest-cuda.json" <<'PY' || status=1
+import json, sys
+rows = {(r["phase"], r["batch"]): r for r in json.load(open(sys.argv[1]))["rows"]}
+ok = True
+for (phase, batch), r in sorted(rows.items()):
+    if phase != "training-step":
+        continue
+    mem_f, mem_r = r["fused"]["peak_mem_mb"], r["reference"]["peak_mem_mb"]
+    checks = [("vs reference >= 5x", r["reference_over_fused"] >= 5, f"{r['reference_over_fused']:.2f}x"),
+              ("vs backprop <= 10x", r["fused_over_backprop"] <= 10, f"{r['fused_over_backprop']:.2f}x"),
+              ("peak mem <= 2x ref", mem_f <= 2 * mem_r, f"{mem_f:.0f} / {mem_r:.0f} MB")]
+    for name, passed, value in checks:
+        ok &= passed
+        print(f"target batch {batch}: {name:<20} {value:>16}  {'PASS' if passed else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
 exit $status
