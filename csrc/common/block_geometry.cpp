@@ -101,7 +101,7 @@ void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tenso
   TORCH_CHECK(x.size(0) > 0, op, ": x must hold at least one sample, got an empty batch");
 }
 
-static at::Tensor activate(Activation a, const at::Tensor& z) {
+at::Tensor activate(Activation a, const at::Tensor& z) {
   switch (a) {
     case Activation::ReLU: return at::relu(z);
     case Activation::ELU: return at::elu(z);

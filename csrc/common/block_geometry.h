@@ -40,6 +40,8 @@ void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Ten
 void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
                              const at::Tensor& like);
 
+at::Tensor activate(Activation activation, const at::Tensor& z);
+
 // op(x) + bias: the block's pre-activation.
 at::Tensor preactivation(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias);

@@ -1,6 +1,14 @@
 // CPU implementations of the fused elementwise passes (see elementwise_kernels.h).
+//
+// On the CPU the activations' transcendental functions (expm1, tanh) run through ATen's
+// vectorised kernels on the pooled grid (a quarter of the full-resolution size for 2x2 pools),
+// and one scalar pass scatters the pooled values into the zero-filled full-resolution tensor.
+// Max-pooling the noisy pre-activation z directly (instead of phi(z)) is exact because phi is
+// monotone: for a strictly increasing phi the window maximum sits at the same place, and for
+// ReLU a window whose maximum is <= 0 contributes phi(phi(.)) = 0 wherever it sits.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include "../common/activation_math.h"
 #include "elementwise_kernels.h"
@@ -8,77 +16,160 @@
 namespace dtp_ext {
 namespace {
 
-// Planes (N*C) are independent: each thread zero-fills its planes and scatters the pooled
-// values into them, so the full-resolution tensor is written exactly once.
-template <Activation A, typename T>
-void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha, const int64_t* a_idx,
-                                  const T* b, const int64_t* b_idx, T* out, int64_t planes,
-                                  int64_t pooled_plane, int64_t full_plane, T scale) {
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+// out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere. Planes (N*C) are
+// independent: each thread zero-fills its planes and scatters into them.
+template <typename T>
+void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, const int64_t* b_idx,
+                               T* out, int64_t planes, int64_t pooled_plane, int64_t full_plane,
+                               T scale) {
+  at::parallel_for(0, planes, 1, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       T* o = out + p * full_plane;
       std::fill(o, o + full_plane, T(0));
-      const int64_t base = p * pooled_plane;
-      for (int64_t j = base; j < base + pooled_plane; ++j) {
-        const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
-        o[a_idx[j]] += scale * phi<A>(av);
-        o[b_idx[j]] -= scale * phi<A>(b[j]);
+      for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
+        o[a_idx[j]] += scale * a[j];
+        o[b_idx[j]] -= scale * b[j];
       }
     }
   });
 }
 
-template <Activation A, typename T>
-void phi_difference_kernel(const T* a, const T* a_noise, T alpha, const T* b, T* out,
-                           int64_t n, T scale) {
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T av = a_noise ? a[i] + alpha * a_noise[i] : a[i];
-      out[i] = scale * (phi<A>(av) - phi<A>(b[i]));
-    }
+at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in,
+                              const at::Tensor& b_in, const at::Tensor& b_idx_in,
+                              at::IntArrayRef out_sizes, double scale) {
+  RECORD_FUNCTION("dtp_ext::scatter_difference", std::vector<c10::IValue>());
+  const auto a = a_in.contiguous(), b = b_in.contiguous();
+  const auto a_idx = a_idx_in.contiguous(), b_idx = b_idx_in.contiguous();
+  auto out = at::empty(out_sizes, a.options());
+  const int64_t planes = a.size(0) * a.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
+    scatter_difference_kernel<scalar_t>(
+        a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
+        b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), planes,
+        a.numel() / planes, out.numel() / planes, static_cast<scalar_t>(scale));
   });
+  return out;
 }
 
-at::Tensor phi_unpool_difference_cpu(const at::Tensor& a_in, const at::Tensor& a_noise_in,
-                                     double alpha, const at::Tensor& a_indices_in,
-                                     const at::Tensor& b_in, const at::Tensor& b_indices_in,
-                                     at::IntArrayRef out_sizes, Activation activation,
-                                     double scale) {
-  const bool pooled = a_indices_in.defined();
-  auto a = a_in.contiguous();
-  auto b = b_in.contiguous();
-  auto a_noise = a_noise_in.defined() ? a_noise_in.contiguous() : at::Tensor();
-  auto out = at::empty(out_sizes, a.options());
-  at::Tensor a_idx, b_idx;
-  if (pooled) {
-    a_idx = a_indices_in.contiguous();
-    b_idx = b_indices_in.contiguous();
+// Max-pool with kernel = stride = k and its indices: the first maximum in row-major window
+// order wins, as in max_pool2d_with_indices. (A NaN is not ranked; non-finite values are caught
+// by the loss itself, which turns NaN.) Where the maximum sits is data, not a pattern, so the
+// 2x2 case is written branch-free; branches here mispredict on every other window.
+template <typename T>
+void window_max_2x2(const T* zp, T* op, int64_t* ip, int64_t height, int64_t width) {
+  const int64_t out_h = height / 2, out_w = width / 2;
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    const T* r0 = zp + 2 * oh * width;
+    const T* r1 = r0 + width;
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      const T v0 = r0[2 * ow], v1 = r0[2 * ow + 1], v2 = r1[2 * ow], v3 = r1[2 * ow + 1];
+      const int64_t c1 = v1 > v0, c3 = v3 > v2;
+      const T m01 = v1 > v0 ? v1 : v0, m23 = v3 > v2 ? v3 : v2;
+      const int64_t c = m23 > m01;
+      op[oh * out_w + ow] = m23 > m01 ? m23 : m01;
+      ip[oh * out_w + ow] = 2 * oh * width + 2 * ow + c1 + c * (width + c3 - c1);
+    }
   }
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "phi_unpool_difference_cpu", [&] {
-    const scalar_t* noise = a_noise.defined() ? a_noise.const_data_ptr<scalar_t>() : nullptr;
-    DTP_DISPATCH_ACTIVATION(activation, [&] {
-      if (pooled) {
-        const int64_t planes = a.size(0) * a.size(1);
-        phi_unpool_difference_kernel<kAct, scalar_t>(
-            a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
-            a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
-            b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), planes,
-            a.numel() / planes, out.numel() / planes, static_cast<scalar_t>(scale));
-      } else {
-        phi_difference_kernel<kAct, scalar_t>(a.const_data_ptr<scalar_t>(), noise,
-                                              static_cast<scalar_t>(alpha),
-                                              b.const_data_ptr<scalar_t>(),
-                                              out.mutable_data_ptr<scalar_t>(), a.numel(),
-                                              static_cast<scalar_t>(scale));
+}
+
+template <typename T>
+void window_max_generic(const T* zp, T* op, int64_t* ip, int64_t height, int64_t width,
+                        int64_t k) {
+  const int64_t out_h = height / k, out_w = width / k;
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      int64_t best_at = oh * k * width + ow * k;
+      T best = zp[best_at];
+      for (int64_t kh = 0; kh < k; ++kh) {
+        for (int64_t kw = 0; kw < k; ++kw) {
+          const int64_t at = (oh * k + kh) * width + ow * k + kw;
+          if (zp[at] > best) {
+            best = zp[at];
+            best_at = at;
+          }
+        }
+      }
+      op[oh * out_w + ow] = best;
+      ip[oh * out_w + ow] = best_at;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k) {
+  RECORD_FUNCTION("dtp_ext::window_max", std::vector<c10::IValue>());
+  const auto z = z_in.contiguous();
+  auto out = at::empty({z.size(0), z.size(1), z.size(2) / k, z.size(3) / k}, z.options());
+  auto idx = at::empty(out.sizes(), z.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    const int64_t height = z.size(2), width = z.size(3);
+    const int64_t full = height * width, pooled = (height / k) * (width / k);
+    at::parallel_for(0, z.size(0) * z.size(1), 1, [=](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        if (k == 2) {
+          window_max_2x2(zp + p * full, op + p * pooled, ip + p * pooled, height, width);
+        } else {
+          window_max_generic(zp + p * full, op + p * pooled, ip + p * pooled, height, width, k);
+        }
       }
     });
   });
-  return out;
+  return {out, idx};
+}
+
+at::Tensor phi_unpool_difference_cpu(const at::Tensor& a, const at::Tensor& a_noise, double alpha,
+                                     const at::Tensor& a_indices, const at::Tensor& phi_b,
+                                     const at::Tensor& b_indices, at::IntArrayRef out_sizes,
+                                     Activation activation, double scale) {
+  RECORD_FUNCTION("dtp_ext::phi_unpool_difference", std::vector<c10::IValue>());
+  const auto phi_a = activate(activation, a_noise.defined() ? a.add(a_noise, alpha) : a);
+  if (!a_indices.defined()) return (phi_a - phi_b).mul_(scale).view(out_sizes);
+  return scatter_difference(phi_a, a_indices, phi_b, b_indices, out_sizes, scale);
+}
+
+at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi_output,
+                                const at::Tensor& clean_indices, Activation activation,
+                                int64_t pool) {
+  RECORD_FUNCTION("dtp_ext::noisy_difference", std::vector<c10::IValue>());
+  if (pool == 0) return activate(activation, activate(activation, z)).sub_(clean_phi_output);
+  const auto pooled = window_max(z, pool);
+  const auto phi_noisy = activate(activation, activate(activation, std::get<0>(pooled)));
+  return scatter_difference(phi_noisy, std::get<1>(pooled), clean_phi_output, clean_indices,
+                            z.sizes(), 1.0);
+}
+
+void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
+                         const at::Tensor& reconstruction_pairing,
+                         const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
+                         double momentum, double lr) {
+  RECORD_FUNCTION("dtp_ext::sgd_ldrl_update", std::vector<c10::IValue>());
+  const auto h = reconstruction_pairing.contiguous();
+  const auto e = noise_pairing.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
+    scalar_t* v = weight.mutable_data_ptr<scalar_t>();
+    scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* ep = e.const_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(grad_scale);
+    const auto wd = static_cast<scalar_t>(weight_decay);
+    const auto mu = static_cast<scalar_t>(momentum);
+    const auto step = static_cast<scalar_t>(lr);
+    at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t g = scale * (hp[i] - ep[i]) + wd * v[i];
+        buf[i] = mu * buf[i] + g;
+        v[i] -= step * buf[i];
+      }
+    });
+  });
 }
 
 at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::Tensor& indices_in,
                                         const at::Tensor& delta_in, at::IntArrayRef out_sizes,
                                         Activation activation) {
+  RECORD_FUNCTION("dtp_ext::activation_pool_backward", std::vector<c10::IValue>());
   auto output = output_in.contiguous();
   auto delta = delta_in.contiguous();
   const bool pooled = indices_in.defined();
@@ -111,93 +202,6 @@ at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::T
     });
   });
   return out;
-}
-
-// One pass over z: for each window, the first maximum in row-major order (max_pool2d's rule)
-// receives phi(phi(max)); the clean pooled position receives -phi(s). Rows and columns that
-// the floor-mode pool drops stay zero.
-template <Activation A, typename T>
-void noisy_difference_pooled_kernel(const T* z, const T* s, const int64_t* idx, T* out,
-                                    int64_t planes, int64_t height, int64_t width, int64_t k) {
-  const int64_t out_h = height / k, out_w = width / k;
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const T* zp = z + p * height * width;
-      T* o = out + p * height * width;
-      std::fill(o, o + height * width, T(0));
-      const int64_t* ip = idx + p * out_h * out_w;
-      const T* sp = s + p * out_h * out_w;
-      for (int64_t oh = 0; oh < out_h; ++oh) {
-        for (int64_t ow = 0; ow < out_w; ++ow) {
-          int64_t best_at = oh * k * width + ow * k;
-          T best = zp[best_at];
-          for (int64_t kh = 0; kh < k; ++kh) {
-            for (int64_t kw = 0; kw < k; ++kw) {
-              const int64_t at = (oh * k + kh) * width + ow * k + kw;
-              if (zp[at] > best || std::isnan(zp[at])) {
-                best = zp[at];
-                best_at = at;
-              }
-            }
-          }
-          const int64_t j = oh * out_w + ow;
-          o[best_at] += phi<A>(phi<A>(best));
-          o[ip[j]] -= phi<A>(sp[j]);
-        }
-      }
-    }
-  });
-}
-
-at::Tensor noisy_difference_cpu(const at::Tensor& z_in, const at::Tensor& s_in,
-                                const at::Tensor& idx_in, Activation activation, int64_t pool) {
-  auto z = z_in.contiguous();
-  auto s = s_in.contiguous();
-  auto out = at::empty(z.sizes(), z.options());
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cpu", [&] {
-    DTP_DISPATCH_ACTIVATION(activation, [&] {
-      if (pool > 0) {
-        auto idx = idx_in.contiguous();
-        noisy_difference_pooled_kernel<kAct, scalar_t>(
-            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-            idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(),
-            z.size(0) * z.size(1), z.size(2), z.size(3), pool);
-      } else {
-        const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        const scalar_t* sp = s.const_data_ptr<scalar_t>();
-        scalar_t* o = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, z.numel(), 2048, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) o[i] = phi<kAct>(phi<kAct>(zp[i])) - phi<kAct>(sp[i]);
-        });
-      }
-    });
-  });
-  return out;
-}
-
-void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
-                         const at::Tensor& reconstruction_pairing,
-                         const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
-                         double momentum, double lr) {
-  const auto h = reconstruction_pairing.contiguous();
-  const auto e = noise_pairing.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
-    scalar_t* v = weight.mutable_data_ptr<scalar_t>();
-    scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* ep = e.const_data_ptr<scalar_t>();
-    const auto scale = static_cast<scalar_t>(grad_scale);
-    const auto wd = static_cast<scalar_t>(weight_decay);
-    const auto mu = static_cast<scalar_t>(momentum);
-    const auto step = static_cast<scalar_t>(lr);
-    at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t g = scale * (hp[i] - ep[i]) + wd * v[i];
-        buf[i] = mu * buf[i] + g;
-        v[i] -= step * buf[i];
-      }
-    });
-  });
 }
 
 }  // namespace

@@ -26,7 +26,7 @@ __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alp
     T* o = out + (j / pooled_plane) * full_plane;
     const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
     o[a_idx[j]] += scale * phi<A>(av);
-    o[b_idx[j]] -= scale * phi<A>(b[j]);
+    o[b_idx[j]] -= scale * b[j];
   }
 }
 
@@ -36,7 +36,7 @@ __global__ void phi_difference_kernel(const T* a, const T* a_noise, T alpha, con
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const T av = a_noise ? a[i] + alpha * a_noise[i] : a[i];
-    out[i] = scale * (phi<A>(av) - phi<A>(b[i]));
+    out[i] = scale * (phi<A>(av) - b[i]);
   }
 }
 
@@ -77,7 +77,7 @@ __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int
       }
     }
     o[best_at] += phi<A>(phi<A>(best));
-    o[idx[j]] -= phi<A>(s[j]);
+    o[idx[j]] -= s[j];
   }
 }
 
@@ -85,7 +85,7 @@ template <Activation A, typename T>
 __global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = phi<A>(phi<A>(z[i])) - phi<A>(s[i]);
+    out[i] = phi<A>(phi<A>(z[i])) - s[i];
   }
 }
 

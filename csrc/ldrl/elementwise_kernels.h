@@ -8,18 +8,20 @@
 namespace dtp_ext {
 
 struct ElementwiseKernels {
-  // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi(b), b_indices)) as a new
-  // tensor of `out_sizes` (the pre-pool shape). Undefined indices mean "no pool" (elementwise);
-  // an undefined a_noise means zero. Only pooled positions are touched: the rest are zeros.
+  // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi_b, b_indices)) as a new
+  // tensor of `out_sizes` (the pre-pool shape); phi_b is already activated (callers compute the
+  // clean phi(s) once per batch). Undefined indices mean "no pool" (elementwise); an undefined
+  // a_noise means zero. Only pooled positions are touched: the rest are zeros.
   at::Tensor (*phi_unpool_difference)(const at::Tensor& a, const at::Tensor& a_noise,
                                       double alpha, const at::Tensor& a_indices,
-                                      const at::Tensor& b, const at::Tensor& b_indices,
+                                      const at::Tensor& phi_b, const at::Tensor& b_indices,
                                       at::IntArrayRef out_sizes, Activation activation,
                                       double scale);
   // The noisy-input difference a = unpool(phi(s_noisy), idx_noisy) - unpool(phi(s), indices)
   // straight from the noisy pre-activation z_noisy = op(x + eps): max-pool and phi are fused in
   // (phi is monotone, so the window's max of phi(z) sits at the max of z). Shape of z_noisy.
-  at::Tensor (*noisy_difference)(const at::Tensor& z_noisy, const at::Tensor& clean_output,
+  // clean_phi_output is phi(s), the activated clean block output.
+  at::Tensor (*noisy_difference)(const at::Tensor& z_noisy, const at::Tensor& clean_phi_output,
                                  const at::Tensor& clean_indices, Activation activation,
                                  int64_t pool);
   // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:

@@ -27,18 +27,31 @@ struct LdrlTerms {
   at::Tensor noise_pairing;           // E
 };
 
+// The clean pass and phi(s), computed once per batch and shared by every iteration.
+struct CleanPass {
+  BlockOutput block;
+  at::Tensor phi_output;
+};
+
+CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias) {
+  CleanPass clean{forward_block(g, x, weight, bias), at::Tensor()};
+  clean.phi_output = activate(g.activation, clean.block.output).contiguous();
+  return clean;
+}
+
 LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
-                     const BlockOutput& clean, at::IntArrayRef x_sizes,
+                     const CleanPass& clean, at::IntArrayRef x_sizes,
                      const at::Tensor& feedback_weight, const at::Tensor& eps,
                      const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
   const double inv_batch = 1.0 / static_cast<double>(x_sizes[0]);
-  const auto a = kernels.noisy_difference(noisy_preactivation, clean.output, clean.indices,
-                                          g.activation, g.pool);
+  const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
+                                          clean.block.indices, g.activation, g.pool);
   LdrlTerms terms;
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
-  const auto u = kernels.phi_unpool_difference(clean.output, eta, 1.0, clean.indices,
-                                               clean.output, clean.indices, clean.pre_pool_sizes,
-                                               g.activation, 1.0);
+  const auto u = kernels.phi_unpool_difference(
+      clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
+      clean.block.pre_pool_sizes, g.activation, 1.0);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes).contiguous();
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
   const auto flat_fu = feedback_u.view(-1);
@@ -70,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   check_noise(op, "noise_x", noise_x, x.sizes(), x);
   check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
 
-  const auto clean = forward_block(g, x, weight, bias);
+  const auto clean = clean_pass(g, x, weight, bias);
   auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
   auto grad_weight = (terms.reconstruction_pairing - terms.noise_pairing)
@@ -125,7 +138,7 @@ at::Tensor ldrl_feedback_loop(
               ": noise_x and noise_y must be given together or not at all");
 
   const auto x_contig = x.contiguous();
-  const auto clean = forward_block(g, x_contig, weight, bias);
+  const auto clean = clean_pass(g, x_contig, weight, bias);
   const int64_t batch = x.size(0);
   std::vector<at::Tensor> losses;
   losses.reserve(iterations);
@@ -134,22 +147,27 @@ at::Tensor ldrl_feedback_loop(
     const int64_t count = std::min(chunk_iterations, iterations - start);
     // Noise is drawn eps_k then eta_k for each iteration k, so the stream of random numbers
     // (and so the result) does not depend on chunk_iterations.
-    std::vector<at::Tensor> eps(count), eta(count);
-    for (const auto i : c10::irange(count)) {
-      if (noise_x.has_value()) {
-        eps[i] = (*noise_x)[start + i];
-        eta[i] = (*noise_y)[start + i];
-      } else {
-        eps[i] = at::randn(x.sizes(), x.options()).mul_(noise_std);
+    at::Tensor eps_chunk;
+    std::vector<at::Tensor> eta(count);
+    if (noise_x.has_value()) {
+      eps_chunk = noise_x->narrow(0, start, count);
+      for (const auto i : c10::irange(count)) eta[i] = (*noise_y)[start + i];
+    } else {
+      // at::randn is empty + normal_(0, 1): drawing into slices keeps the same stream.
+      auto chunk_shape = noise_shape(x.sizes());
+      chunk_shape[0] = count;
+      eps_chunk = at::empty(chunk_shape, x.options());
+      for (const auto i : c10::irange(count)) {
+        eps_chunk[i].normal_(0.0, 1.0).mul_(noise_std);
         eta[i] = at::randn(output_sizes, x.options()).mul_(noise_std);
       }
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
-    auto noisy_input = at::stack(eps).add_(x_contig.unsqueeze(0)).flatten(0, 1);
+    const auto noisy_input = (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1);
     const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
 
     for (const auto i : c10::irange(count)) {
-      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps[i],
+      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps_chunk[i],
                               noisy_preactivations[i], eta[i]);
       losses.push_back(terms.loss);
       // torch.optim.SGD (momentum, no dampening, no Nesterov); dloss/dc is exactly zero, so
@@ -214,7 +232,7 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes);
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = kernels.phi_unpool_difference(
-      output, delta, -scale, idx, output, idx,
+      output, delta, -scale, idx, activate(g.activation, output), idx,
       pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale);
   return apply_feedback(g, u, feedback_weight, input_sizes);
 }
