@@ -132,14 +132,36 @@ class FeedbackTrainer:
                                    "run model(x) in training mode (model.train()) before step()")
             buffers = self._buffers(name, block)
             noise_x, noise_y = (noise or {}).get(name, (None, None))
-            report.losses[name] = ops.ldrl_feedback_loop(
+            saved = (block.feedback_weight.clone(), block.feedback_bias.clone(),
+                     buffers["weight"].clone(), buffers["bias"].clone())
+            losses = ops.ldrl_feedback_loop(
                 x, block.weight, block.bias, block.feedback_weight, block.feedback_bias,
                 buffers["weight"], buffers["bias"], k, sigma, lr, self.momentum,
                 self.weight_decay, self.chunk_iterations(block, x), block.geometry(),
                 noise_x, noise_y)
+            self._refuse_non_finite(name, block, buffers, losses, saved)
+            report.losses[name] = losses
             report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
         self.steps += 1
         return report
+
+    @staticmethod
+    def _refuse_non_finite(name, block, buffers, losses, saved):
+        """Divergence guard: a loop that produced a non-finite loss or weight is undone (the
+        previous feedback weights and momentum are restored) and reported, never kept."""
+        if torch.isfinite(losses).all() and torch.isfinite(block.feedback_weight).all() \
+                and torch.isfinite(block.feedback_bias).all():
+            return
+        bad = (~torch.isfinite(losses)).nonzero()
+        where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
+        for target, value in zip((block.feedback_weight, block.feedback_bias,
+                                  buffers["weight"], buffers["bias"]), saved):
+            target.copy_(value)
+        hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
+                else "lower its feedback lr or noise_std")
+        raise FloatingPointError(
+            f"FeedbackTrainer.step: block {name!r} diverged (non-finite loss or weights at {where}); "
+            f"its feedback weights and momentum were restored to their values before this step ({hint})")
 
     def state_dict(self) -> dict:
         return {

@@ -146,3 +146,29 @@ def test_choose_blocks_explicitly():
     assert [n for n, _ in trainer.blocks] == ["2", "6"]
     with pytest.raises(ValueError, match="not a DTP block"):
         dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=0.01, blocks=["5"])
+
+
+def test_divergence_is_refused_and_weights_restored():
+    torch.manual_seed(0)
+    model = simple_vgg_small()
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=[2, 3, 3, 200, 2], noise_std=0.1,
+                                      lr=[1e-3, 1e-3, 1e-3, 1e6, 1e-3])
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    before = {n: b.feedback_weight.clone() for n, b in trainer.blocks}
+    with pytest.raises(FloatingPointError, match=r"block '4' diverged .* iteration \d+"):
+        trainer.step()
+    blocks = dict(trainer.blocks)
+    assert torch.equal(blocks["4"].feedback_weight, before["4"])
+    assert all(torch.isfinite(b.feedback_weight).all() for _, b in trainer.blocks)
+    assert torch.isfinite(trainer.state_dict()["momentum_buffers"]["4"]["weight"]).all()
+
+
+def test_non_finite_recorded_input_is_named():
+    model = simple_vgg_small()
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=1e-3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(FloatingPointError, match="recorded input is not finite"):
+        trainer.step()
