@@ -1,6 +1,7 @@
 """FeedbackTrainer: the L-DRL feedback phase (SPEC §2.2) for every trained block of a model."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from numbers import Real
@@ -50,12 +51,13 @@ class FeedbackTrainer:
     `step()` runs the fused K-iteration loop (one compiled call per block) on the input each
     block recorded during the latest training-mode forward pass. Noise comes from torch's
     default generator, so `torch.manual_seed` makes runs reproducible. `memory_budget_mb`
-    bounds the extra memory used to batch F(x + eps) across iterations.
+    bounds the extra memory used to batch F(x + eps) across iterations. On a GPU the blocks'
+    loops run concurrently on their own CUDA streams (`concurrent_blocks=False` to serialise).
     """
 
     def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
-                 memory_budget_mb: float = 256.0):
+                 memory_budget_mb: float = 256.0, concurrent_blocks: bool = True):
         named = dtp_blocks(model)
         if not named:
             raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
@@ -74,6 +76,8 @@ class FeedbackTrainer:
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.memory_budget_mb = float(memory_budget_mb)
+        self.concurrent_blocks = bool(concurrent_blocks)
+        self._streams: Dict[torch.device, list] = {}
         self._momentum_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
         self.steps = 0
 
@@ -125,6 +129,7 @@ class FeedbackTrainer:
         shapes [K, *x.shape] and [K, *output.shape], already scaled.
         """
         report = FeedbackReport()
+        runs = []
         for (name, block), k, sigma, lr in zip(self.blocks, self.iterations, self.noise_std, self.lr):
             x = block.recorded_input
             if x is None:
@@ -134,34 +139,63 @@ class FeedbackTrainer:
             noise_x, noise_y = (noise or {}).get(name, (None, None))
             saved = (block.feedback_weight.clone(), block.feedback_bias.clone(),
                      buffers["weight"].clone(), buffers["bias"].clone())
-            losses = ops.ldrl_feedback_loop(
-                x, block.weight, block.bias, block.feedback_weight, block.feedback_bias,
-                buffers["weight"], buffers["bias"], k, sigma, lr, self.momentum,
-                self.weight_decay, self.chunk_iterations(block, x), block.geometry(),
-                noise_x, noise_y)
-            self._refuse_non_finite(name, block, buffers, losses, saved)
+            # Blocks share no state during the feedback phase: on a GPU each runs on its own
+            # stream, so small blocks fill the device while large ones run.
+            with self._block_stream(x.device, len(runs)):
+                losses = ops.ldrl_feedback_loop(
+                    x, block.weight, block.bias, block.feedback_weight, block.feedback_bias,
+                    buffers["weight"], buffers["bias"], k, sigma, lr, self.momentum,
+                    self.weight_decay, self.chunk_iterations(block, x), block.geometry(),
+                    noise_x, noise_y)
+            runs.append((name, block, buffers, losses, saved))
             report.losses[name] = losses
             report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
+        self._join_streams(runs)
+        self._refuse_non_finite(runs)
         self.steps += 1
         return report
 
+    def _block_stream(self, device: torch.device, index: int):
+        if device.type != "cuda" or not self.concurrent_blocks:
+            return contextlib.nullcontext()
+        streams = self._streams.setdefault(device, [])
+        while len(streams) <= index:
+            streams.append(torch.cuda.Stream(device))
+        streams[index].wait_stream(torch.cuda.current_stream(device))
+        return torch.cuda.stream(streams[index])
+
+    def _join_streams(self, runs):
+        for device, streams in self._streams.items():
+            main = torch.cuda.current_stream(device)
+            for stream in streams:
+                main.wait_stream(stream)
+            for _, _, _, losses, _ in runs:
+                if losses.device == device:
+                    losses.record_stream(main)
+
     @staticmethod
-    def _refuse_non_finite(name, block, buffers, losses, saved):
-        """Divergence guard: a loop that produced a non-finite loss or weight is undone (the
-        previous feedback weights and momentum are restored) and reported, never kept."""
-        if torch.isfinite(losses).all() and torch.isfinite(block.feedback_weight).all() \
-                and torch.isfinite(block.feedback_bias).all():
+    def _refuse_non_finite(runs):
+        """Divergence guard: a step in which any block produced a non-finite loss or weight is
+        undone (every block's previous feedback weights and momentum are restored) and reported
+        with the block and iteration, never kept. One device synchronisation per step."""
+        finite = [bool(torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
+                       & torch.isfinite(block.feedback_bias).all())
+                  for _, block, _, losses, _ in runs]
+        if all(finite):
             return
+        name, block, _, losses, _ = runs[finite.index(False)]
         bad = (~torch.isfinite(losses)).nonzero()
         where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
-        for target, value in zip((block.feedback_weight, block.feedback_bias,
-                                  buffers["weight"], buffers["bias"]), saved):
-            target.copy_(value)
+        for _, b, buffers, _, saved in runs:
+            for target, value in zip((b.feedback_weight, b.feedback_bias,
+                                      buffers["weight"], buffers["bias"]), saved):
+                target.copy_(value)
         hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
                 else "lower its feedback lr or noise_std")
         raise FloatingPointError(
             f"FeedbackTrainer.step: block {name!r} diverged (non-finite loss or weights at {where}); "
-            f"its feedback weights and momentum were restored to their values before this step ({hint})")
+            f"every block's feedback weights and momentum were restored to their values before "
+            f"this step ({hint})")
 
     def state_dict(self) -> dict:
         return {
