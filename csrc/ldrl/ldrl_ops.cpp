@@ -15,18 +15,6 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
               t.sizes());
 }
 
-// One L-DRL evaluation (SPEC §2.1) given the clean pass and the noisy pre-activation
-// op(x + eps) + bias:
-//   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
-//   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
-//   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
-// Neither G(y) nor any bias is evaluated: they cancel in every difference.
-struct LdrlTerms {
-  at::Tensor loss;
-  at::Tensor reconstruction_pairing;  // H
-  at::Tensor noise_pairing;           // E
-};
-
 // The clean pass and phi(s), computed once per batch and shared by every iteration.
 struct CleanPass {
   BlockOutput block;
@@ -39,6 +27,18 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
   clean.phi_output = activate(g.activation, clean.block.output).contiguous();
   return clean;
 }
+
+// One L-DRL evaluation (SPEC §2.1) given the clean pass and the noisy pre-activation
+// op(x + eps) + bias:
+//   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
+//   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
+//   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
+// Neither G(y) nor any bias is evaluated: they cancel in every difference.
+struct LdrlTerms {
+  at::Tensor loss;
+  at::Tensor reconstruction_pairing;  // H
+  at::Tensor noise_pairing;           // E
+};
 
 LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const CleanPass& clean, at::IntArrayRef x_sizes,
