@@ -9,7 +9,6 @@ import os
 import platform
 from pathlib import Path
 
-import pytest
 import torch
 
 import dtp_ext

@@ -8,7 +8,7 @@ is missing, importing dtp_ext fails.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

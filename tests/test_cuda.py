@@ -79,7 +79,7 @@ def test_cuda_feedback_loop_targets_and_weight_grads_equal_cpu(name):
 def test_cuda_simplevgg_training_step_agrees_with_cpu():
     from dtp_ext.models import simple_vgg
     torch.manual_seed(0)
-    model = simple_vgg(channels=(8, 8, 16, 16, 32)).double()
+    model = simple_vgg(widths=(8, 8, 16, 16, 32)).double()
     gmodel = copy.deepcopy(model).cuda()
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
     its = [3, 3, 4, 5, 3]

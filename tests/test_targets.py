@@ -7,7 +7,7 @@ from torch import nn
 import dtp_ext
 from dtp_ext import metrics, ops, reference
 
-from conftest import make_block, output_shape
+from conftest import make_block
 
 
 @pytest.mark.parametrize("beta", [0.7, 2.0])

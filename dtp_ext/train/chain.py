@@ -3,7 +3,7 @@
 The baselines that do not use the fused DTP backward (BP through the same weights, TP, DRL) and
 the probe metrics need the network as explicit blocks: each block's detached input, its output
 with a graph to its own weights only, and its pool indices. Everything here uses
-dtp_ext.reference's pure-PyTorch ops, so it never overwrites the inputs the DTP blocks recorded
+dtp_ext.block_math's pure-PyTorch ops, so it never overwrites the inputs the DTP blocks recorded
 for FeedbackTrainer.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dtp_ext.nn import DTPBlock
-from dtp_ext.reference import block_input, feedback_block, forward_block
+from dtp_ext.block_math import block_input, feedback_block, forward_block
 
 _RESHAPES = (nn.Flatten, nn.Identity)
 

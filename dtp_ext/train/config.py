@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -46,7 +46,7 @@ class TrainConfig:
     threads: Optional[int] = None        # torch.set_num_threads; None leaves torch's default
     out: Optional[str] = None            # None: runs/<dataset>-<algorithm>-<time>
     # forward optimizer (SGD) and schedule
-    lr: Optional[float] = None           # None: 0.05 for bp, 0.01 for the target algorithms
+    lr: Optional[float] = None           # None: see resolve.DEFAULT_LR
     momentum: float = 0.9
     weight_decay: float = 0.0
     scheduler: str = "cosine"            # per epoch; cosine holds eta_min after t_max (SPEC §9)

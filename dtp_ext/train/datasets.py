@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import pickle
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -171,8 +172,16 @@ def read_imagenet32(root: Path, split: str) -> ImageSet:
     return ImageSet(torch.cat(images), labels)
 
 
+@lru_cache(maxsize=2)
+def _packaged_mnist(split: str) -> ImageSet:
+    # The shipped files never change: read them once per process (tests run many tiny runs).
+    return read_mnist_like("mnist", PACKAGED_MNIST, split)
+
+
 def load_split(name: str, data_dir: Optional[str], split: str) -> ImageSet:
     """`split` is "train" or "test" (ImageNet32's val_data serves as its test set)."""
+    if name == "mnist" and data_dir is None:
+        return _packaged_mnist(split)
     if name not in INFO:
         raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(INFO)}")
     if data_dir is None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 from torch import nn
 
 import dtp_ext
+from dtp_ext.models import simple_vgg
 
 from .config import ConfigError
 
@@ -20,11 +21,15 @@ from .config import ConfigError
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Sequential]     # (channels, size, classes, beta) -> model
-    feedback_iterations: List[int]
-    feedback_noise: List[float]
-    feedback_lr: List[float]
+    # Default (iterations, noise, lr) per trained block, by feedback loss: "ldrl", the
+    # reconstruction loss of "dtp"/"tp", and "drl"'s direct output->layer feedback.
+    feedback: Dict[str, Tuple[List[int], List[float], List[float]]]
     min_size: int                           # smallest square input it accepts
     about: str
+
+    def feedback_defaults(self, algorithm: str):
+        family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
+        return self.feedback.get(family, self.feedback["ldrl"])
 
 
 def mnist_convnet(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
@@ -40,22 +45,24 @@ def mnist_convnet(channels: int, size: int, classes: int, beta: float) -> nn.Seq
 
 def simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
     """SPEC §1: five conv3x3 + ELU + maxpool2 blocks (128, 128, 256, 256, 512), Linear."""
-    widths = [channels, 128, 128, 256, 256, 512]
-    layers = OrderedDict(
-        (f"conv{i + 1}", dtp_ext.Conv2d(widths[i], widths[i + 1], 3, padding=1, activation="elu",
-                                        pool=2, beta=beta)) for i in range(5))
-    side = size // 32
-    layers["flatten"] = nn.Flatten()
-    layers["fc"] = dtp_ext.Linear(512 * side * side, classes, beta=beta)
-    return nn.Sequential(layers)
+    return simple_vgg(classes, channels, beta=beta, input_size=size)
 
 
 MODELS: Dict[str, ModelSpec] = {
-    "mnist-convnet": ModelSpec(mnist_convnet, [20, 20], [0.2, 0.08], [1e-3, 0.18], 16,
-                               "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
-    "simplevgg": ModelSpec(simplevgg, [20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08],
-                           [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], 32,
-                           "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
+    # L-DRL values: SPEC §4. The baselines' values were only checked to train stably on MNIST
+    # for a few hundred steps (the reconstruction loss and DRL's Q diverge at L-DRL's lrs).
+    "mnist-convnet": ModelSpec(
+        mnist_convnet,
+        {"ldrl": ([20, 20], [0.2, 0.08], [1e-3, 0.18]),
+         "reconstruction": ([20, 20], [0.2, 0.08], [1e-4, 1e-3]),
+         "drl": ([20, 20], [0.1, 0.1], [1e-4, 1e-4])},
+        16, "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
+    "simplevgg": ModelSpec(
+        simplevgg,
+        {"ldrl": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18]),
+         "reconstruction": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-5, 3.5e-5, 8e-4, 8e-4, 1e-3]),
+         "drl": ([20, 30, 35, 55, 20], [0.1] * 5, [1e-5] * 5)},
+        32, "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
 }
 
 DEFAULT_MODEL = {"mnist": "mnist-convnet", "fashion-mnist": "mnist-convnet",
@@ -78,4 +85,4 @@ def build_model(name: str, channels: int, size: int, classes: int, beta: float) 
 
 def trained_block_count(name: str) -> int:
     """Feedback blocks that get trained: every DTP block but the first (SPEC §1)."""
-    return len(model_spec(name).feedback_iterations)
+    return len(model_spec(name).feedback["ldrl"][0])

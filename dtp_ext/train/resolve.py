@@ -9,7 +9,12 @@ from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, vali
 from .datasets import INFO
 from .models import DEFAULT_MODEL, model_spec, trained_block_count
 
-DEFAULT_LR = {"bp": 0.05}  # the target algorithms: 0.01 in gradient units (SPEC §4 "Stability")
+# Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
+# bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
+# was unstable on the MNIST conv net: 83% after one epoch). tp and drl move hidden layers by
+# G(t) or Q(t - h), much larger than backprop's step with untrained feedback, and diverge at
+# 0.01 on MNIST. The paper presets set their own lrs.
+DEFAULT_LR = {"bp": 0.01, "ldrl": 0.01, "dtp": 0.01, "tp": 0.001, "drl": 0.001}
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -22,15 +27,16 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.dataset} images are {info.size}x{info.size}")
     count = trained_block_count(model)
     lists = {}
-    for key, default, integer in (("feedback_iterations", spec.feedback_iterations, True),
-                                  ("feedback_noise", spec.feedback_noise, False),
-                                  ("feedback_lr", spec.feedback_lr, False)):
+    defaults = spec.feedback_defaults(cfg.algorithm)
+    for key, default, integer in (("feedback_iterations", defaults[0], True),
+                                  ("feedback_noise", defaults[1], False),
+                                  ("feedback_lr", defaults[2], False)):
         value = getattr(cfg, key)
         lists[key] = per_layer(key, default if value is None else value, count, integer=integer)
     if cfg.algorithm in ("dtp", "tp", "drl") and any(s == 0 for s in lists["feedback_noise"]):
         raise ConfigError(f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
                           "or needs a perturbation to reconstruct)")
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.algorithm, 0.01)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.algorithm]
     out = cfg.out or f"runs/{cfg.dataset}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     return dataclasses.replace(
         cfg, model=model, lr=lr, out=out, t_max=cfg.t_max or cfg.epochs,

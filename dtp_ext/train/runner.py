@@ -165,11 +165,16 @@ class Run:
     # -- training -------------------------------------------------------------------------
     def _train_step(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
-        loss, logits = self.algorithm.train_step(x, y, self.global_step)
-        value = float(loss)
+        try:
+            loss, logits = self.algorithm.train_step(x, y, self.global_step)
+            value = float(loss)
+        except FloatingPointError as exc:  # FeedbackTrainer refuses non-finite feedback steps
+            value, cause = float("nan"), f" ({exc})"
+        else:
+            cause = ""
         if not math.isfinite(value):
             raise TrainingDiverged(
-                f"the training loss became {value} at step {self.global_step} (epoch {self.epoch + 1}); "
+                f"the training loss became {value}{cause} at step {self.global_step} (epoch {self.epoch + 1}); "
                 f"lower the forward lr (now {self.optimizer.param_groups[0]['lr']:g}) or train the feedback "
                 "weights longer first (feedback_warmup_steps / feedback_warmup_factor)")
         self.optimizer.step()

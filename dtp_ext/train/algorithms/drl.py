@@ -26,26 +26,30 @@ class DRL(Algorithm):
 
     def __init__(self, model, feedback, input_shape, classes):
         super().__init__(model, feedback, input_shape, classes)
-        device = self.blocks[0][1].weight.device
+        weight = self.blocks[0][1].weight
+        device, dtype = weight.device, weight.dtype
         with torch.no_grad():
-            _, records = forward_records(model, torch.zeros((1, *input_shape), device=device))
+            _, records = forward_records(model, torch.zeros((1, *input_shape), device=device, dtype=dtype))
         bound = 1 / math.sqrt(classes)  # nn.Linear(classes, features)'s default init range
-        self.Q = [torch.empty(r.output[0].numel(), classes, device=device).uniform_(-bound, bound)
+        self.Q = [torch.empty(r.output[0].numel(), classes, device=device, dtype=dtype).uniform_(-bound, bound)
                   for r in records[:-1]]
         self.sgd = MomentumSGD(feedback.momentum)
 
     def _targets(self, logits, y, records) -> List[torch.Tensor]:
         t_last = first_target(logits, y, records[-1].block.beta)
         diff = t_last - logits.detach()
-        targets = [(r.output.detach().flatten(1) + diff @ Q.t()).reshape(r.output.shape)
-                   for r, Q in zip(records[:-1], self.Q)]
+        with torch.no_grad():  # targets are constants of the layer losses
+            targets = [(r.output.flatten(1) + diff @ Q.t()).reshape(r.output.shape)
+                       for r, Q in zip(records[:-1], self.Q)]
         return targets + [t_last]
 
     @torch.no_grad()
-    def _train_q(self, records, logits, step):
+    def train_feedback(self, records, logits, step, layers=None):
+        """Q's iterations for the hidden layers `layers` (indices; default all)."""
         h_last = logits.detach()
         iterations = self.feedback.iterations_at(step)
-        for k, (record, Q) in enumerate(zip(records[:-1], self.Q)):
+        for k in range(len(self.Q)) if layers is None else layers:
+            record, Q = records[k], self.Q[k]
             sigma, lr = self.feedback.noise[k], self.feedback.lr[k]
             h = record.output.detach()
             loss = float("nan")
@@ -62,7 +66,7 @@ class DRL(Algorithm):
         logits, records = forward_records(self.model, x)
         layer_loss_gradients(records, self._targets(logits, y, records), records[-1].block.beta,
                              accumulate=True)
-        self._train_q(records, logits, step)
+        self.train_feedback(records, logits, step)
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def update_directions(self, x, y):

@@ -12,7 +12,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from dtp_ext.reference import feedback_block, forward_block
+from dtp_ext.block_math import feedback_block, forward_block
 
 from ..chain import feedback, first_target, forward_records, layer_loss_gradients
 from .base import Algorithm, fused_update_directions

@@ -1,0 +1,164 @@
+"""Each training algorithm's step on tiny networks against hand-derived expectations."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtp_ext
+from dtp_ext.metrics import angle_degrees
+from dtp_ext.train.algorithms import FeedbackSettings, make_algorithm
+from dtp_ext.train.algorithms.feedback_sgd import MomentumSGD
+from dtp_ext.train.algorithms.reconstruction import train_reconstruction
+from dtp_ext.train.chain import forward_bp
+from dtp_ext.train.probe import backprop_gradients
+
+BETA = 0.7
+
+
+def linear_chain(widths=(4, 6, 6, 3), activation=None, seed=0):
+    torch.manual_seed(seed)
+    layers = [dtp_ext.Linear(widths[i], widths[i + 1], activation=activation if i < len(widths) - 2 else None,
+                             beta=BETA) for i in range(len(widths) - 1)]
+    return nn.Sequential(*layers).double()
+
+
+def settings(count, k=0, sigma=0.1, lr=0.0):
+    return FeedbackSettings([k] * count, [sigma] * count, [lr] * count)
+
+
+def batch(n=8, features=4, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_bp_step_is_plain_backprop():
+    model = linear_chain(activation="elu")
+    x, y = batch()
+    algo = make_algorithm("bp", model, settings(2), (4,), 3)
+    algo.train_step(x, y, 0)
+    h = x
+    for i, layer in enumerate(model):  # the same network written with torch.nn.functional
+        h = F.linear(h, layer.weight, layer.bias)
+        h = F.elu(h) if i < 2 else h
+    expected = torch.autograd.grad(F.cross_entropy(h, y), [l.weight for l in model])
+    for layer, g in zip(model, expected):
+        torch.testing.assert_close(layer.weight.grad, g)
+
+
+@pytest.mark.parametrize("name", ["ldrl", "dtp", "tp", "drl"])
+def test_output_block_update_is_backprop(name):
+    """SPEC §3: the last block's target is s_N - beta*grad, so its update is BP's for any feedback."""
+    model = linear_chain(activation="tanh")
+    x, y = batch()
+    algo = make_algorithm(name, model, settings(2), (4,), 3)
+    ours = algo.update_directions(x, y)
+    bp = backprop_gradients(model, algo.blocks, x, y)
+    torch.testing.assert_close(ours[-1], bp[-1])
+    assert angle_degrees(ours[0], bp[0]) > 1  # random feedback: the hidden layers differ
+
+
+def test_ldrl_with_transposed_feedback_matches_backprop_in_linear_nets():
+    model = linear_chain()
+    for layer in model:
+        layer.feedback_weight.copy_(layer.weight.t())
+    x, y = batch()
+    algo = make_algorithm("ldrl", model, settings(2), (4,), 3)
+    for g, g_bp in zip(algo.update_directions(x, y), backprop_gradients(model, algo.blocks, x, y)):
+        torch.testing.assert_close(g, g_bp)
+
+
+def test_tp_with_exact_inverse_feedback_equals_difference_targets():
+    """With G = F^-1 (square linear blocks), G(t) = s + G(t) - G(s): TP's targets are DTP's."""
+    model = linear_chain(widths=(5, 5, 5, 5))
+    with torch.no_grad():
+        for layer in list(model)[1:]:
+            w = torch.eye(5, dtype=torch.float64) + 0.3 * torch.randn(5, 5, dtype=torch.float64)
+            layer.weight.copy_(w)
+            layer.feedback_weight.copy_(torch.linalg.inv(w))
+            layer.feedback_bias.copy_(-torch.linalg.inv(w) @ layer.bias)
+    x, y = batch(features=5, classes=5)
+    tp = make_algorithm("tp", model, settings(2), (5,), 5).update_directions(x, y)
+    ref = dtp_ext.reference.dtp_weight_gradients(list(model), x, y, BETA)  # paper-form DTP
+    for g, (g_ref, _) in zip(tp, ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_drl_with_transposed_direct_feedback_is_backprop_for_a_linear_net():
+    """Two linear blocks: t_1 = h_1 + Q (t_2 - h_2); with Q = W_2^T the update is BP's."""
+    model = linear_chain(widths=(4, 6, 3))
+    x, y = batch()
+    algo = make_algorithm("drl", model, settings(1), (4,), 3)
+    with torch.no_grad():
+        algo.Q[0].copy_(model[1].weight.t())
+    for g, g_bp in zip(algo.update_directions(x, y), backprop_gradients(model, algo.blocks, x, y)):
+        torch.testing.assert_close(g, g_bp)
+
+
+def test_drl_q_gradient_matches_autograd():
+    model = linear_chain(widths=(4, 6, 3), activation="tanh")
+    x, y = batch()
+    algo = make_algorithm("drl", model, settings(1, k=1, sigma=0.3, lr=0.1), (4,), 3)
+    algo.feedback.momentum = 0.0
+    q0 = algo.Q[0].clone()
+    from dtp_ext.train.chain import forward_records
+    logits, records = forward_records(model, x)
+    torch.manual_seed(5)
+    algo.train_feedback(records, logits, step=0)
+    torch.manual_seed(5)
+    h = records[0].output.detach()
+    noise = torch.randn_like(h) * 0.3
+    with torch.no_grad():
+        d = model[1](h + noise) - logits.detach()
+    q = q0.clone().requires_grad_(True)
+    loss = ((d @ q.t() - noise) ** 2).sum(1).mean() / 0.3 ** 2
+    (grad,) = torch.autograd.grad(loss, q)
+    torch.testing.assert_close(algo.Q[0], q0 - 0.1 * grad)
+
+
+def test_vanilla_dtp_feedback_converges_to_the_inverse():
+    """SPEC §8.7: the reconstruction loss's fixed point for a square invertible W is W^-1."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(3, 3).double()
+    with torch.no_grad():
+        block.weight.copy_(torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(3, 3, dtype=torch.float64))
+    x = torch.randn(64, 3, dtype=torch.float64)
+    train_reconstruction("b", block, x, 1500, 0.5, 0.02, MomentumSGD(0.9))
+    inverse = torch.linalg.inv(block.weight.detach())
+    torch.testing.assert_close(block.feedback_weight, inverse, atol=2e-3, rtol=0)
+    assert angle_degrees(block.feedback_weight, block.weight.t()) > 5  # not the transpose
+
+
+def test_momentum_sgd_matches_torch_optim():
+    p1 = torch.randn(4, requires_grad=True)
+    p2 = p1.detach().clone()
+    opt = torch.optim.SGD([p1], lr=0.1, momentum=0.9)
+    ours = MomentumSGD(0.9)
+    for i in range(3):
+        g = torch.randn(4)
+        p1.grad = g.clone()
+        opt.step()
+        ours.step("p", p2, g, 0.1)
+    torch.testing.assert_close(p1.detach(), p2)
+
+
+def test_bp_forward_equals_the_dtp_models_forward():
+    model = linear_chain(activation="elu")
+    x, _ = batch()
+    torch.testing.assert_close(forward_bp(model, x), model(x))
+
+
+def test_figure_commands_small(tmp_path, capsys):
+    """JMC/GMP on a few iterations: files written, L-DRL's output block ahead of DRL's."""
+    import json
+
+    from dtp_ext.cli import main
+    assert main(["figure", "jmc", "--iterations", "300", "--batch-size", "64", "--out", str(tmp_path)]) == 0
+    jmc = json.loads((tmp_path / "jmc.json").read_text())
+    assert jmc["ldrl_angle"][0] > 80 and jmc["ldrl_angle"][-1] < jmc["ldrl_angle"][0]
+    assert (tmp_path / "jmc.png").stat().st_size > 0
+    assert main(["figure", "gmp", "--iterations", "20", "--batch-size", "32", "--out", str(tmp_path)]) == 0
+    gmp = json.loads((tmp_path / "gmp.json").read_text())
+    assert set(gmp["angles"]) == {"ldrl", "ldrl-random", "drl"}
+    assert gmp["angles"]["ldrl"]["fc"] < 1e-3
+    assert main(["figure", "gmp", "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
+    assert "--data-dir" in capsys.readouterr().err

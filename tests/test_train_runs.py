@@ -1,0 +1,105 @@
+"""End-to-end runs of `dtp-ext train` on tiny subsets: outputs, resume identity, divergence."""
+import json
+import math
+
+import pytest
+import torch
+
+from dtp_ext.cli import main
+
+TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
+        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+
+
+def train(*argv):
+    return main(["train", *argv])
+
+
+def test_default_command_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train("--max-steps", "5", "--out", str(out), "--no-progress", "--threads", "1",
+                 "--test-subset", "500") == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "weight angle" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 5 and not summary["finished"]
+    assert 0 <= summary["test_accuracy"] <= 100
+    assert summary["config"]["algorithm"] == "ldrl" and summary["config"]["model"] == "mnist-convnet"
+    assert summary["build_info"]["dtp_ext_version"] and summary["versions"]["torch"]
+    assert set(summary["alignment"]["weight_angle"]) == {"conv2", "fc"}
+    assert summary["alignment"]["update_angle"]["fc"] < 1e-3  # output block: exactly backprop
+    assert (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["bp", "ldrl", "dtp", "tp", "drl"])
+def test_each_algorithm_writes_epoch_logs(tmp_path, algorithm):
+    out = tmp_path / algorithm
+    assert train("--algorithm", algorithm, "--epochs", "2", "--out", str(out), *TINY) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "test_loss", "train_top1", "test_top1", "test_top5", "lr", "time_s"):
+        assert math.isfinite(records[-1][key])
+    assert set(records[-1]["update_angle"]) == {"conv1", "conv2", "fc"}
+    if algorithm in ("ldrl", "dtp", "tp"):
+        assert set(records[-1]["weight_angle"]) == {"conv2", "fc"}
+    assert records[1]["lr"] < records[0]["lr"]  # cosine over the 2 epochs
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+
+
+def _final_state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("algorithm", ["ldrl", "dtp", "drl"])
+def test_resume_is_bitwise_identical(tmp_path, algorithm):
+    common = ["--algorithm", algorithm, "--epochs", "2", *TINY]  # 3 steps per epoch
+    assert train(*common, "--out", str(tmp_path / "a")) == 0
+    assert train(*common, "--out", str(tmp_path / "b"), "--max-steps", "2") == 0
+    assert train("--resume", "--out", str(tmp_path / "b"), "--max-steps", "4", "--no-progress") == 0
+    assert train("--resume", "--out", str(tmp_path / "b"), "--no-progress") == 0
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert a["global_step"] == b["global_step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "time" not in k}  # noqa: E731
+    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
+
+
+def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train("--max-steps", "1", "--out", out, *TINY) == 0
+    capsys.readouterr()
+    assert train("--max-steps", "1", "--out", out, *TINY) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train("--resume", "--out", out, "--lr", "0.5") == 2
+    assert "only" in capsys.readouterr().err
+    assert train("--max-steps", "1", "--out", out, "--overwrite", *TINY) == 0
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path, capsys):
+    assert train("--lr", "100", "--epochs", "10", "--out", str(tmp_path / "r"), *TINY) == 1
+    assert "lower the forward lr" in capsys.readouterr().err
+
+
+def test_python_m_entry_point():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "dtp_ext.train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--feedback-iterations" in done.stdout
+
+
+def test_feedback_warmup_multiplies_iterations():
+    from dtp_ext.train.algorithms import FeedbackSettings
+    s = FeedbackSettings([2, 3], [0.1, 0.1], [0.1, 0.1], warmup_steps=5, warmup_factor=4)
+    assert s.iterations_at(4) == [8, 12] and s.iterations_at(5) == [2, 3]
+
+
+@pytest.mark.slow
+def test_default_command_reaches_97_percent(tmp_path):
+    """The documented default run (one epoch of L-DRL on MNIST, ~3 minutes on 2 cores)."""
+    out = tmp_path / "default"
+    assert train("--out", str(out), "--no-progress") == 0
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] >= 97.0
