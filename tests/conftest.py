@@ -15,6 +15,8 @@ BLOCKS = {
     "conv-groups-dilation": (lambda: dtp_ext.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, activation="elu"), (3, 4, 6, 6)),
     "conv-pool3-nobias": (lambda: dtp_ext.Conv2d(2, 3, 5, padding=2, bias=False, activation="elu", pool=3), (2, 2, 9, 9)),
     "conv-linear": (lambda: dtp_ext.Conv2d(3, 4, 1), (3, 3, 5, 5)),
+    # >= 128 output positions: the channels-last convolution path
+    "conv-elu-pool2-large": (lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2), (3, 3, 16, 16)),
     # <= 4 output positions: the im2col + GEMM weight-gradient path
     "conv-small-map": (lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2), (5, 3, 2, 2)),
 }

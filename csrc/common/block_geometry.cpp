@@ -6,6 +6,19 @@ namespace dtp_ext {
 
 // Output maps with at most this many positions take the im2col + GEMM weight-gradient path.
 constexpr int64_t kSmallMapPositions = 4;
+// Output maps with at least this many positions run their convolutions channels-last (CPU).
+constexpr int64_t kChannelsLastMinPositions = 128;
+
+void use_channels_last(BlockGeometry& g, at::IntArrayRef input_sizes, const at::Device& device) {
+  if (!g.is_conv || !device.is_cpu() || input_sizes.size() != 4) return;
+  const int64_t positions = (input_sizes[2] + 2 * g.padding[0]) / g.stride[0] *
+                            ((input_sizes[3] + 2 * g.padding[1]) / g.stride[1]);
+  g.channels_last = positions >= kChannelsLastMinPositions;
+}
+
+at::Tensor conv_layout(const BlockGeometry& g, const at::Tensor& t) {
+  return g.channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
+}
 
 Activation parse_activation(const char* op, const std::string& name) {
   if (name == "none" || name == "identity") return Activation::Identity;
@@ -112,8 +125,8 @@ at::Tensor activate(Activation a, const at::Tensor& z) {
 
 at::Tensor preactivation(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias) {
-  return g.is_conv ? at::convolution(x, weight, bias, g.stride, g.padding, g.dilation,
-                                     /*transposed=*/false, {0, 0}, g.groups)
+  return g.is_conv ? at::convolution(conv_layout(g, x), conv_layout(g, weight), bias, g.stride,
+                                     g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups)
                    : at::linear(x, weight, bias);
 }
 
@@ -144,8 +157,9 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
                             g.dilation[d] * (k - 1) + 1;
     output_padding[d] = input_sizes[2 + d] - reached;
   }
-  return at::convolution(u, feedback_weight, c10::nullopt, g.stride, g.padding, g.dilation,
-                         /*transposed=*/true, output_padding, g.groups);
+  return at::convolution(conv_layout(g, u), conv_layout(g, feedback_weight), c10::nullopt,
+                         g.stride, g.padding, g.dilation, /*transposed=*/true, output_padding,
+                         g.groups);
 }
 
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
@@ -159,10 +173,11 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     const auto q_flat = q.reshape({q.size(0), q.size(1), -1});      // (B, Cout, L)
     return at::tensordot(q_flat, cols, {0, 2}, {0, 2}).view(feedback_weight.sizes());
   }
-  auto grads = at::convolution_backward(q, p, feedback_weight, c10::nullopt, g.stride, g.padding,
-                                        g.dilation, /*transposed=*/false, {0, 0}, g.groups,
-                                        {false, true, false});
-  return std::get<1>(grads);
+  auto grads = at::convolution_backward(conv_layout(g, q), conv_layout(g, p),
+                                        conv_layout(g, feedback_weight), c10::nullopt, g.stride,
+                                        g.padding, g.dilation, /*transposed=*/false, {0, 0},
+                                        g.groups, {false, true, false});
+  return std::get<1>(grads).contiguous();
 }
 
 int64_t batch_rows(const at::Tensor& x) { return x.size(0); }

@@ -16,19 +16,37 @@
 namespace dtp_ext {
 namespace {
 
-// out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere. Planes (N*C) are
-// independent: each thread zero-fills its planes and scatters into them.
+// Where plane p = n*C + c of an (N, C, H, W) tensor starts, and the distance between its
+// neighbouring elements, in NCHW (contiguous) or NHWC (channels-last) memory.
+struct PlaneLayout {
+  int64_t channels, plane_size;
+  bool channels_last;
+  int64_t base(int64_t p) const {
+    return channels_last ? (p / channels) * channels * plane_size + p % channels : p * plane_size;
+  }
+  int64_t step() const { return channels_last ? channels : 1; }
+};
+
+PlaneLayout layout_of(const at::Tensor& t) {
+  const bool cl = t.dim() == 4 && !t.is_contiguous() &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return {t.size(1), t.size(2) * t.size(3), cl};
+}
+
+// out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere; a, b and the indices on
+// the pooled grid (NCHW), out in `format`. Planes are disjoint, so threads scatter freely.
 template <typename T>
 void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, const int64_t* b_idx,
-                               T* out, int64_t planes, int64_t pooled_plane, int64_t full_plane,
+                               T* out, int64_t planes, int64_t pooled_plane, PlaneLayout layout,
                                T scale) {
   at::parallel_for(0, planes, 1, [=](int64_t begin, int64_t end) {
+    const int64_t step = layout.step();
     for (int64_t p = begin; p < end; ++p) {
-      T* o = out + p * full_plane;
-      std::fill(o, o + full_plane, T(0));
+      T* o = out + layout.base(p);
+      if (!layout.channels_last) std::fill(o, o + layout.plane_size, T(0));
       for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-        o[a_idx[j]] += scale * a[j];
-        o[b_idx[j]] -= scale * b[j];
+        o[a_idx[j] * step] += scale * a[j];
+        o[b_idx[j] * step] -= scale * b[j];
       }
     }
   });
@@ -36,17 +54,23 @@ void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, con
 
 at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in,
                               const at::Tensor& b_in, const at::Tensor& b_idx_in,
-                              at::IntArrayRef out_sizes, double scale) {
+                              at::IntArrayRef out_sizes, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::scatter_difference", std::vector<c10::IValue>());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
   const auto a_idx = a_idx_in.contiguous(), b_idx = b_idx_in.contiguous();
-  auto out = at::empty(out_sizes, a.options());
+  // Channels-last planes interleave, so the whole tensor is zeroed up front (at::zeros would
+  // ignore the memory format).
+  auto out = channels_last
+                 ? at::empty(out_sizes, a.options().memory_format(at::MemoryFormat::ChannelsLast))
+                       .zero_()
+                 : at::empty(out_sizes, a.options());
   const int64_t planes = a.size(0) * a.size(1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
     scatter_difference_kernel<scalar_t>(
         a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
         b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), planes,
-        a.numel() / planes, out.numel() / planes, static_cast<scalar_t>(scale));
+        a.numel() / planes, PlaneLayout{out.size(1), out.size(2) * out.size(3), channels_last},
+        static_cast<scalar_t>(scale));
   });
   return out;
 }
@@ -54,15 +78,17 @@ at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in
 // Max-pool with kernel = stride = k and its indices: the first maximum in row-major window
 // order wins, as in max_pool2d_with_indices. (A NaN is not ranked; non-finite values are caught
 // by the loss itself, which turns NaN.) Where the maximum sits is data, not a pattern, so the
-// 2x2 case is written branch-free; branches here mispredict on every other window.
+// 2x2 case is written branch-free; branches here mispredict on every other window. `es` is
+// the distance between horizontal neighbours (1 in NCHW, C in channels-last memory).
 template <typename T>
-void window_max_2x2(const T* zp, T* op, int64_t* ip, int64_t height, int64_t width) {
+void window_max_2x2(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height, int64_t width) {
   const int64_t out_h = height / 2, out_w = width / 2;
   for (int64_t oh = 0; oh < out_h; ++oh) {
-    const T* r0 = zp + 2 * oh * width;
-    const T* r1 = r0 + width;
+    const T* r0 = zp + 2 * oh * width * es;
+    const T* r1 = r0 + width * es;
     for (int64_t ow = 0; ow < out_w; ++ow) {
-      const T v0 = r0[2 * ow], v1 = r0[2 * ow + 1], v2 = r1[2 * ow], v3 = r1[2 * ow + 1];
+      const int64_t at = 2 * ow * es;
+      const T v0 = r0[at], v1 = r0[at + es], v2 = r1[at], v3 = r1[at + es];
       const int64_t c1 = v1 > v0, c3 = v3 > v2;
       const T m01 = v1 > v0 ? v1 : v0, m23 = v3 > v2 ? v3 : v2;
       const int64_t c = m23 > m01;
@@ -73,18 +99,18 @@ void window_max_2x2(const T* zp, T* op, int64_t* ip, int64_t height, int64_t wid
 }
 
 template <typename T>
-void window_max_generic(const T* zp, T* op, int64_t* ip, int64_t height, int64_t width,
-                        int64_t k) {
+void window_max_generic(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height,
+                        int64_t width, int64_t k) {
   const int64_t out_h = height / k, out_w = width / k;
   for (int64_t oh = 0; oh < out_h; ++oh) {
     for (int64_t ow = 0; ow < out_w; ++ow) {
       int64_t best_at = oh * k * width + ow * k;
-      T best = zp[best_at];
+      T best = zp[best_at * es];
       for (int64_t kh = 0; kh < k; ++kh) {
         for (int64_t kw = 0; kw < k; ++kw) {
           const int64_t at = (oh * k + kh) * width + ow * k + kw;
-          if (zp[at] > best) {
-            best = zp[at];
+          if (zp[at * es] > best) {
+            best = zp[at * es];
             best_at = at;
           }
         }
@@ -95,9 +121,11 @@ void window_max_generic(const T* zp, T* op, int64_t* ip, int64_t height, int64_t
   }
 }
 
+// Reads z in its own layout (NCHW or channels-last); pooled values and indices come out NCHW.
 std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k) {
   RECORD_FUNCTION("dtp_ext::window_max", std::vector<c10::IValue>());
-  const auto z = z_in.contiguous();
+  const auto layout = layout_of(z_in);
+  const auto z = layout.channels_last ? z_in : z_in.contiguous();
   auto out = at::empty({z.size(0), z.size(1), z.size(2) / k, z.size(3) / k}, z.options());
   auto idx = at::empty(out.sizes(), z.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu", [&] {
@@ -105,13 +133,15 @@ std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k)
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
     const int64_t height = z.size(2), width = z.size(3);
-    const int64_t full = height * width, pooled = (height / k) * (width / k);
+    const int64_t pooled = (height / k) * (width / k);
     at::parallel_for(0, z.size(0) * z.size(1), 1, [=](int64_t begin, int64_t end) {
+      const int64_t es = layout.step();
       for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* plane = zp + layout.base(p);
         if (k == 2) {
-          window_max_2x2(zp + p * full, op + p * pooled, ip + p * pooled, height, width);
+          window_max_2x2(plane, es, op + p * pooled, ip + p * pooled, height, width);
         } else {
-          window_max_generic(zp + p * full, op + p * pooled, ip + p * pooled, height, width, k);
+          window_max_generic(plane, es, op + p * pooled, ip + p * pooled, height, width, k);
         }
       }
     });
@@ -122,22 +152,22 @@ std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k)
 at::Tensor phi_unpool_difference_cpu(const at::Tensor& a, const at::Tensor& a_noise, double alpha,
                                      const at::Tensor& a_indices, const at::Tensor& phi_b,
                                      const at::Tensor& b_indices, at::IntArrayRef out_sizes,
-                                     Activation activation, double scale) {
+                                     Activation activation, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::phi_unpool_difference", std::vector<c10::IValue>());
   const auto phi_a = activate(activation, a_noise.defined() ? a.add(a_noise, alpha) : a);
   if (!a_indices.defined()) return (phi_a - phi_b).mul_(scale).view(out_sizes);
-  return scatter_difference(phi_a, a_indices, phi_b, b_indices, out_sizes, scale);
+  return scatter_difference(phi_a, a_indices, phi_b, b_indices, out_sizes, scale, channels_last);
 }
 
 at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi_output,
                                 const at::Tensor& clean_indices, Activation activation,
-                                int64_t pool) {
+                                int64_t pool, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::noisy_difference", std::vector<c10::IValue>());
   if (pool == 0) return activate(activation, activate(activation, z)).sub_(clean_phi_output);
   const auto pooled = window_max(z, pool);
   const auto phi_noisy = activate(activation, activate(activation, std::get<0>(pooled)));
   return scatter_difference(phi_noisy, std::get<1>(pooled), clean_phi_output, clean_indices,
-                            z.sizes(), 1.0);
+                            z.sizes(), 1.0, channels_last);
 }
 
 void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,

@@ -90,7 +90,9 @@ __global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t 
 }
 
 at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
-                                 const at::Tensor& idx_in, Activation activation, int64_t pool) {
+                                 const at::Tensor& idx_in, Activation activation, int64_t pool,
+                                 bool channels_last) {
+  TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous();
   auto s = s_in.contiguous();
@@ -152,7 +154,8 @@ at::Tensor phi_unpool_difference_cuda(const at::Tensor& a_in, const at::Tensor& 
                                       double alpha, const at::Tensor& a_indices_in,
                                       const at::Tensor& b_in, const at::Tensor& b_indices_in,
                                       at::IntArrayRef out_sizes, Activation activation,
-                                      double scale) {
+                                      double scale, bool channels_last) {
+  TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(a_in.device());
   const bool pooled = a_indices_in.defined();
   auto a = a_in.contiguous();

@@ -11,19 +11,21 @@ struct ElementwiseKernels {
   // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi_b, b_indices)) as a new
   // tensor of `out_sizes` (the pre-pool shape); phi_b is already activated (callers compute the
   // clean phi(s) once per batch). Undefined indices mean "no pool" (elementwise); an undefined
-  // a_noise means zero. Only pooled positions are touched: the rest are zeros.
+  // a_noise means zero. Only pooled positions are touched: the rest are zeros. `channels_last`
+  // asks for the output in channels-last memory (the CPU's layout for large maps; see
+  // use_channels_last); devices that never choose it may reject it.
   at::Tensor (*phi_unpool_difference)(const at::Tensor& a, const at::Tensor& a_noise,
                                       double alpha, const at::Tensor& a_indices,
                                       const at::Tensor& phi_b, const at::Tensor& b_indices,
                                       at::IntArrayRef out_sizes, Activation activation,
-                                      double scale);
+                                      double scale, bool channels_last);
   // The noisy-input difference a = unpool(phi(s_noisy), idx_noisy) - unpool(phi(s), indices)
   // straight from the noisy pre-activation z_noisy = op(x + eps): max-pool and phi are fused in
   // (phi is monotone, so the window's max of phi(z) sits at the max of z). Shape of z_noisy.
   // clean_phi_output is phi(s), the activated clean block output.
   at::Tensor (*noisy_difference)(const at::Tensor& z_noisy, const at::Tensor& clean_phi_output,
                                  const at::Tensor& clean_indices, Activation activation,
-                                 int64_t pool);
+                                 int64_t pool, bool channels_last);
   // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
   // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
   // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). All four contiguous.

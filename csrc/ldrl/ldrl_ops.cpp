@@ -46,16 +46,16 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
   const double inv_batch = 1.0 / static_cast<double>(x_sizes[0]);
   const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
-                                          clean.block.indices, g.activation, g.pool);
+                                          clean.block.indices, g.activation, g.pool,
+                                          g.channels_last);
   LdrlTerms terms;
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = kernels.phi_unpool_difference(
       clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
-      clean.block.pre_pool_sizes, g.activation, 1.0);
-  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes).contiguous();
+      clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
+  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  const auto flat_fu = feedback_u.view(-1);
-  terms.loss = (at::dot(flat_fu, flat_fu) -
+  terms.loss = (feedback_u.square().sum() -
                 2.0 * at::dot(feedback_weight.reshape(-1), terms.noise_pairing.reshape(-1))) *
                inv_batch;
   return terms;
@@ -76,10 +76,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::string& activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.ldrl_loss";
-  const auto g =
+  auto g =
       parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
   check_block_tensors(op, g, x, weight, bias);
   check_feedback_weight(op, g, weight, feedback_weight, x);
+  use_channels_last(g, x.sizes(), x.device());
   check_noise(op, "noise_x", noise_x, x.sizes(), x);
   check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
 
@@ -101,7 +102,7 @@ at::Tensor ldrl_feedback_loop(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::string& activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
-  const auto g =
+  auto g =
       parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
   check_block_tensors(op, g, x, weight, bias);
   check_feedback_weight(op, g, weight, feedback_weight, x);
@@ -114,6 +115,7 @@ at::Tensor ldrl_feedback_loop(
               ": weight_decay must be finite and >= 0, got ", weight_decay);
   TORCH_CHECK(chunk_iterations >= 1, op, ": chunk_iterations must be >= 1, got ",
               chunk_iterations);
+  use_channels_last(g, x.sizes(), x.device());
   const int64_t in_dim = x.size(1);
   check_same_device_dtype(op, "feedback_bias", feedback_bias, x);
   check_shape(op, "feedback_bias", feedback_bias, {in_dim});
@@ -163,11 +165,13 @@ at::Tensor ldrl_feedback_loop(
       }
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
-    const auto noisy_input = (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1);
+    const auto noisy_input = conv_layout(g, (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1));
+    // The noise, in the layout of the weight-gradient product that pairs it (once per chunk).
+    const auto eps_conv = conv_layout(g, eps_chunk.flatten(0, 1)).split(batch);
     const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
 
     for (const auto i : c10::irange(count)) {
-      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps_chunk[i],
+      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps_conv[i],
                               noisy_preactivations[i], eta[i]);
       losses.push_back(terms.loss);
       // torch.optim.SGD (momentum, no dampening, no Nesterov); dloss/dc is exactly zero, so
@@ -214,7 +218,7 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             const std::string& activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.propagate_target";
-  const auto g =
+  auto g =
       parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool);
   TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble, op,
               ": delta must be float32 or float64, got ", delta.scalar_type());
@@ -229,11 +233,13 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   const auto idx = optional_or_undefined(indices);
   check_stored_output(op, g, output, idx, delta,
                       block_output_sizes(g, input_sizes, forward_shaped));
+  use_channels_last(g, input_sizes, delta.device());
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes);
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = kernels.phi_unpool_difference(
       output, delta, -scale, idx, activate(g.activation, output), idx,
-      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale);
+      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
+      g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes);
 }
 
@@ -244,13 +250,14 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::string& activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.block_weight_grad";
-  const auto g =
+  auto g =
       parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
   check_block_tensors(op, g, x, weight, c10::nullopt);
   check_same_device_dtype(op, "delta", delta, x);
   const auto output = optional_or_undefined(output_opt);
   const auto idx = optional_or_undefined(indices);
   check_stored_output(op, g, output, idx, delta, block_output_sizes(g, x.sizes(), weight));
+  use_channels_last(g, x.sizes(), x.device());
   const auto grad_pre =
       output.defined() ? kernels.activation_pool_backward(
                              output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
