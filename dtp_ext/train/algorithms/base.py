@@ -16,6 +16,8 @@ from torch import nn
 
 from dtp_ext.nn import dtp_blocks
 
+from ..chain import forward_records, layer_loss_gradients
+
 
 @dataclass
 class FeedbackSettings:
@@ -68,3 +70,12 @@ def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor
         return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
     finally:
         model.train(was_training)
+
+
+def target_update_directions(algorithm, x, y) -> List[torch.Tensor]:
+    """Update directions of an algorithm that builds explicit targets (`_targets`) on the
+    block records: the gradients of its layer-local losses, without side effects."""
+    logits, records = forward_records(algorithm.model, x)
+    grads = layer_loss_gradients(records, algorithm._targets(logits, y, records),
+                                 records[-1].block.beta, accumulate=False)
+    return [g for g, _ in grads]

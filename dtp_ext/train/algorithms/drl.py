@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chain import first_target, forward_from, forward_records, layer_loss_gradients
-from .base import Algorithm
+from .base import Algorithm, target_update_directions
 from .feedback_sgd import MomentumSGD
 
 
@@ -70,10 +70,7 @@ class DRL(Algorithm):
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def update_directions(self, x, y):
-        logits, records = forward_records(self.model, x)
-        grads = layer_loss_gradients(records, self._targets(logits, y, records),
-                                     records[-1].block.beta, accumulate=False)
-        return [g for g, _ in grads]
+        return target_update_directions(self, x, y)
 
     def state_dict(self):
         return {"Q": [q.clone() for q in self.Q], "sgd": self.sgd.state_dict()}

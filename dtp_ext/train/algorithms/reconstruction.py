@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dtp_ext.block_math import feedback_block, forward_block
 
 from ..chain import feedback, first_target, forward_records, layer_loss_gradients
-from .base import Algorithm, fused_update_directions
+from .base import Algorithm, fused_update_directions, target_update_directions
 from .feedback_sgd import MomentumSGD
 
 
@@ -96,7 +96,4 @@ class TargetProp(_ReconstructionFeedback):
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def update_directions(self, x, y):
-        logits, records = forward_records(self.model, x)
-        grads = layer_loss_gradients(records, self._targets(logits, y, records),
-                                     records[-1].block.beta, accumulate=False)
-        return [g for g, _ in grads]
+        return target_update_directions(self, x, y)
