@@ -84,11 +84,18 @@ def test_divergence_stops_with_a_clear_message(tmp_path, capsys):
     assert "lower the forward lr" in capsys.readouterr().err
 
 
-def test_python_m_entry_point():
+def test_python_m_entry_point(tmp_path):
+    import os
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, "-m", "dtp_ext.train", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "--feedback-iterations" in done.stdout
+    from pathlib import Path
+
+    import dtp_ext
+    # The package this test imported (installed, or an in-place build), not a source tree in cwd.
+    env = dict(os.environ, PYTHONPATH=str(Path(dtp_ext.__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, "-m", "dtp_ext.train", "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "--feedback-iterations" in done.stdout, done.stderr
 
 
 def test_feedback_warmup_multiplies_iterations():
