@@ -52,6 +52,12 @@ TORCH_LIBRARY(dtp_ext, m) {
       "int chunk_iterations, Tensor? noise_x, Tensor? noise_y, int[] stride, int[] padding, "
       "int[] dilation, int groups, str activation, int pool) -> Tensor losses");
   m.def(
+      "reconstruction_feedback_loop(Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor(a!) feedback_weight, Tensor(b!) feedback_bias, Tensor(c!) momentum_weight, "
+      "Tensor(d!) momentum_bias, int iterations, float noise_std, float lr, float momentum, "
+      "float weight_decay, int chunk_iterations, Tensor? noise_x, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation, int pool) -> Tensor losses");
+  m.def(
       "propagate_target(Tensor? output, Tensor? indices, Tensor delta, Tensor feedback_weight, "
       "float scale, int[] input_sizes, int[] stride, int[] padding, int[] dilation, int groups, "
       "str activation, int pool) -> Tensor");

@@ -16,7 +16,8 @@ from . import _C  # noqa: F401  (loading the library registers the ops)
 
 _ops = torch.ops.dtp_ext
 
-OP_NAMES = ("ldrl_loss", "ldrl_feedback_loop", "propagate_target", "block_weight_grad")
+OP_NAMES = ("ldrl_loss", "ldrl_feedback_loop", "reconstruction_feedback_loop", "propagate_target",
+            "block_weight_grad")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ def ldrl_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum
         int(chunk_iterations), noise_x, noise_y, *geometry.args())
 
 
+def reconstruction_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
+                                 momentum_bias, iterations: int, noise_std: float, lr: float,
+                                 momentum: float, weight_decay: float, chunk_iterations: int,
+                                 geometry: BlockGeometry, noise_x=None):
+    """Vanilla DTP's feedback training (reconstruction loss), in place; returns the losses."""
+    return _ops.reconstruction_feedback_loop(
+        x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias,
+        int(iterations), float(noise_std), float(lr), float(momentum), float(weight_decay),
+        int(chunk_iterations), noise_x, *geometry.args())
+
+
 def propagate_target(output, indices, delta, feedback_weight, scale: float,
                      input_sizes: Sequence[int], geometry: BlockGeometry):
     """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (SPEC §3, scale = beta * B)."""
@@ -80,6 +92,14 @@ def _ldrl_feedback_loop_fake(x, weight, bias, feedback_weight, feedback_bias, mo
                              momentum_bias, iterations, noise_std, lr, momentum, weight_decay,
                              chunk_iterations, noise_x, noise_y, stride, padding, dilation,
                              groups, activation, pool):
+    return x.new_empty((iterations,))
+
+
+@torch.library.register_fake("dtp_ext::reconstruction_feedback_loop")
+def _reconstruction_feedback_loop_fake(x, weight, bias, feedback_weight, feedback_bias,
+                                       momentum_weight, momentum_bias, iterations, noise_std, lr,
+                                       momentum, weight_decay, chunk_iterations, noise_x, stride,
+                                       padding, dilation, groups, activation, pool):
     return x.new_empty((iterations,))
 
 

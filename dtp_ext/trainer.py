@@ -27,6 +27,19 @@ class FeedbackReport:
         return {name: float(l[-1]) for name, l in self.losses.items() if l.numel()}
 
 
+@torch.no_grad()
+def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) -> int:
+    """How many feedback iterations of `block` on input `x` may share one batched F(x + eps)
+    within `memory_budget_mb` of extra memory."""
+    out, _ = block._forward_with_indices(x[:1], block.weight, block.bias)
+    pool_area = block.pool ** 2 if block.pool else 1
+    # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
+    # input); the pooled output, eta and, with a pool, int64 indices.
+    elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
+    per_iteration = x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
+    return max(1, int(memory_budget_mb * 2**20 // per_iteration))
+
+
 def _per_block(name: str, value, count: int, *, integer: bool = False) -> List:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
@@ -112,14 +125,7 @@ class FeedbackTrainer:
 
     def chunk_iterations(self, block: DTPBlock, x: torch.Tensor) -> int:
         """How many iterations share one batched F(x + eps) under the memory budget."""
-        with torch.no_grad():
-            out, _ = block._forward_with_indices(x[:1], block.weight, block.bias)
-        pool_area = block.pool ** 2 if block.pool else 1
-        # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
-        # input); the pooled output, eta and, with a pool, int64 indices.
-        elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
-        per_iteration = x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
-        return max(1, int(self.memory_budget_mb * 2**20 // per_iteration))
+        return chunk_iterations(block, x, self.memory_budget_mb)
 
     @torch.no_grad()
     def step(self, *, noise: Optional[Dict[str, tuple]] = None) -> FeedbackReport:

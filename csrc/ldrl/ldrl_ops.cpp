@@ -93,28 +93,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   return {terms.loss, grad_weight, grad_bias};
 }
 
-at::Tensor ldrl_feedback_loop(
-    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
-    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
-    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
-    const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::string& activation, int64_t pool) {
-  constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
-  auto g =
-      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+namespace {
+
+// What both feedback losses' loops share: argument checks, the clean pass, noise drawn per
+// iteration (eps_k, then eta_k where the loss uses it) from torch's generator or taken from
+// explicit tensors, and F(x + eps) batched over chunks of iterations. `iteration` receives
+// (eps, x + eps, op(x + eps) + bias, eta) in the convolutions' layout and returns the loss.
+struct FeedbackLoopArgs {
+  const char* op;
+  BlockGeometry g;
+  int64_t iterations, chunk_iterations;
+  double noise_std;
+  bool draws_eta;
+};
+
+template <typename Iteration>
+at::Tensor run_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias,
+                             const at::Tensor& feedback_weight, const at::Tensor& feedback_bias,
+                             const at::Tensor& momentum_weight, const at::Tensor& momentum_bias,
+                             double lr, double momentum, double weight_decay,
+                             const c10::optional<at::Tensor>& noise_x,
+                             const c10::optional<at::Tensor>& noise_y, Iteration iteration) {
+  const char* op = a.op;
+  auto& g = a.g;
   check_block_tensors(op, g, x, weight, bias);
   check_feedback_weight(op, g, weight, feedback_weight, x);
-  TORCH_CHECK(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
-  TORCH_CHECK(noise_std >= 0 && std::isfinite(noise_std), op,
-              ": noise_std must be finite and >= 0, got ", noise_std);
+  TORCH_CHECK(a.iterations >= 0, op, ": iterations must be >= 0, got ", a.iterations);
+  TORCH_CHECK(a.noise_std >= 0 && std::isfinite(a.noise_std), op,
+              ": noise_std must be finite and >= 0, got ", a.noise_std);
   TORCH_CHECK(lr >= 0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
   TORCH_CHECK(momentum >= 0 && momentum < 1, op, ": momentum must be in [0, 1), got ", momentum);
   TORCH_CHECK(weight_decay >= 0 && std::isfinite(weight_decay), op,
               ": weight_decay must be finite and >= 0, got ", weight_decay);
-  TORCH_CHECK(chunk_iterations >= 1, op, ": chunk_iterations must be >= 1, got ",
-              chunk_iterations);
+  TORCH_CHECK(a.chunk_iterations >= 1, op, ": chunk_iterations must be >= 1, got ",
+              a.chunk_iterations);
   use_channels_last(g, x.sizes(), x.device());
   const int64_t in_dim = x.size(1);
   check_same_device_dtype(op, "feedback_bias", feedback_bias, x);
@@ -129,63 +142,139 @@ at::Tensor ldrl_feedback_loop(
   }
 
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
-  auto noise_shape = [&](at::IntArrayRef sizes) {
-    std::vector<int64_t> shape{iterations};
+  auto noise_shape = [&](at::IntArrayRef sizes, int64_t count) {
+    std::vector<int64_t> shape{count};
     shape.insert(shape.end(), sizes.begin(), sizes.end());
     return shape;
   };
-  if (noise_x.has_value()) check_noise(op, "noise_x", *noise_x, noise_shape(x.sizes()), x);
-  if (noise_y.has_value()) check_noise(op, "noise_y", *noise_y, noise_shape(output_sizes), x);
-  TORCH_CHECK(noise_x.has_value() == noise_y.has_value(), op,
+  if (noise_x.has_value()) {
+    check_noise(op, "noise_x", *noise_x, noise_shape(x.sizes(), a.iterations), x);
+  }
+  if (noise_y.has_value()) {
+    check_noise(op, "noise_y", *noise_y, noise_shape(output_sizes, a.iterations), x);
+  }
+  TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
 
   const auto x_contig = x.contiguous();
-  const auto clean = clean_pass(g, x_contig, weight, bias);
   const int64_t batch = x.size(0);
   std::vector<at::Tensor> losses;
-  losses.reserve(iterations);
-
-  for (int64_t start = 0; start < iterations; start += chunk_iterations) {
-    const int64_t count = std::min(chunk_iterations, iterations - start);
-    // Noise is drawn eps_k then eta_k for each iteration k, so the stream of random numbers
+  losses.reserve(a.iterations);
+  for (int64_t start = 0; start < a.iterations; start += a.chunk_iterations) {
+    const int64_t count = std::min(a.chunk_iterations, a.iterations - start);
+    // Noise is drawn eps_k (then eta_k) for each iteration k, so the stream of random numbers
     // (and so the result) does not depend on chunk_iterations.
     at::Tensor eps_chunk;
     std::vector<at::Tensor> eta(count);
     if (noise_x.has_value()) {
       eps_chunk = noise_x->narrow(0, start, count);
-      for (const auto i : c10::irange(count)) eta[i] = (*noise_y)[start + i];
+      if (a.draws_eta) {
+        for (const auto i : c10::irange(count)) eta[i] = (*noise_y)[start + i];
+      }
     } else {
       // at::randn is empty + normal_(0, 1): drawing into slices keeps the same stream.
-      auto chunk_shape = noise_shape(x.sizes());
-      chunk_shape[0] = count;
-      eps_chunk = at::empty(chunk_shape, x.options());
+      eps_chunk = at::empty(noise_shape(x.sizes(), count), x.options());
       for (const auto i : c10::irange(count)) {
-        eps_chunk[i].normal_(0.0, 1.0).mul_(noise_std);
-        eta[i] = at::randn(output_sizes, x.options()).mul_(noise_std);
+        eps_chunk[i].normal_(0.0, 1.0).mul_(a.noise_std);
+        if (a.draws_eta) eta[i] = at::randn(output_sizes, x.options()).mul_(a.noise_std);
       }
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
     const auto noisy_input = conv_layout(g, (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1));
     // The noise, in the layout of the weight-gradient product that pairs it (once per chunk).
     const auto eps_conv = conv_layout(g, eps_chunk.flatten(0, 1)).split(batch);
+    const auto noisy_inputs = noisy_input.split(batch);
     const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
-
     for (const auto i : c10::irange(count)) {
-      auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, eps_conv[i],
-                              noisy_preactivations[i], eta[i]);
-      losses.push_back(terms.loss);
-      // torch.optim.SGD (momentum, no dampening, no Nesterov); dloss/dc is exactly zero, so
-      // only weight decay moves the feedback bias.
-      kernels.sgd_ldrl_update(feedback_weight, momentum_weight, terms.reconstruction_pairing,
-                              terms.noise_pairing, 2.0 / static_cast<double>(batch),
-                              weight_decay, momentum, lr);
-      momentum_bias.mul_(momentum);
-      if (weight_decay != 0) momentum_bias.add_(feedback_bias, weight_decay);
-      feedback_bias.add_(momentum_bias, -lr);
+      losses.push_back(iteration(eps_conv[i], noisy_inputs[i], noisy_preactivations[i], eta[i]));
     }
   }
   if (losses.empty()) return at::empty({0}, x.options());
   return at::stack(losses);
+}
+
+// torch.optim.SGD's step (momentum, no dampening, no Nesterov) for the feedback bias.
+void sgd_bias_update(at::Tensor& bias, at::Tensor& buffer, const at::Tensor& grad, double lr,
+                     double momentum, double weight_decay) {
+  buffer.mul_(momentum);
+  if (grad.defined()) buffer.add_(grad);
+  if (weight_decay != 0) buffer.add_(bias, weight_decay);
+  bias.add_(buffer, -lr);
+}
+
+}  // namespace
+
+at::Tensor ldrl_feedback_loop(
+    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
+    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
+    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
+    const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
+  FeedbackLoopArgs args{
+      op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
+      iterations, chunk_iterations, noise_std, /*draws_eta=*/true};
+  CleanPass clean;
+  const double grad_scale = 2.0 / static_cast<double>(x.size(0));
+  return run_feedback_loop(
+      args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias, lr,
+      momentum, weight_decay, noise_x, noise_y,
+      [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
+          const at::Tensor& eta) {
+        if (!clean.block.output.defined()) clean = clean_pass(args.g, x.contiguous(), weight, bias);
+        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), feedback_weight, eps, z_noisy,
+                                eta);
+        kernels.sgd_ldrl_update(feedback_weight, momentum_weight, terms.reconstruction_pairing,
+                                terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
+        // dloss/dc is exactly zero: only weight decay moves the feedback bias.
+        sgd_bias_update(feedback_bias, momentum_bias, at::Tensor(), lr, momentum, weight_decay);
+        return terms.loss;
+      });
+}
+
+at::Tensor reconstruction_feedback_loop(
+    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
+    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
+    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
+    const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::string& activation, int64_t pool) {
+  constexpr const char* op = "dtp_ext.reconstruction_feedback_loop";
+  FeedbackLoopArgs args{
+      op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
+      iterations, chunk_iterations, noise_std, /*draws_eta=*/false};
+  CleanPass clean;
+  at::Tensor no_clean_term;
+  const double grad_scale = 2.0 / static_cast<double>(x.size(0));
+  return run_feedback_loop(
+      args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias, lr,
+      momentum, weight_decay, noise_x, c10::nullopt,
+      [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
+          const at::Tensor&) {
+        const auto& g = args.g;
+        if (!clean.block.output.defined()) {
+          clean = clean_pass(g, x.contiguous(), weight, bias);
+          no_clean_term = at::zeros_like(clean.phi_output);
+        }
+        // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
+        const auto q = kernels.noisy_difference(z_noisy, no_clean_term, clean.block.indices,
+                                                g.activation, g.pool, g.channels_last);
+        const auto fq = apply_feedback(g, q, feedback_weight, x.sizes());
+        const auto residual = g.is_conv ? fq + feedback_bias.view({1, -1, 1, 1}) - x_noisy
+                                        : fq + feedback_bias - x_noisy;
+        // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
+        const auto loss = residual.square().sum() * (1.0 / static_cast<double>(x.size(0)));
+        auto grad_weight = feedback_pairing(g, residual, q, feedback_weight).mul_(grad_scale);
+        if (weight_decay != 0) grad_weight.add_(feedback_weight, weight_decay);
+        momentum_weight.mul_(momentum).add_(grad_weight);
+        feedback_weight.add_(momentum_weight, -lr);
+        const auto grad_bias =
+            (g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0)).mul_(grad_scale);
+        sgd_bias_update(feedback_bias, momentum_bias, grad_bias, lr, momentum, weight_decay);
+        return loss;
+      });
 }
 
 // A block without activation and pool needs no stored output: its feedback difference is

@@ -28,6 +28,17 @@ at::Tensor ldrl_feedback_loop(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::string& activation, int64_t pool);
 
+// Vanilla DTP's feedback training (SPEC §5, Lee et al.): `iterations` SGD-momentum steps on
+// mean_b sum ((x + eps) - G(F(x + eps)))^2, G unpooling with the noisy pass's indices. Noise
+// eps_k from torch's default generator, or noise_x ([iterations, *x.shape]) when given.
+at::Tensor reconstruction_feedback_loop(
+    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
+    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
+    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
+    const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::string& activation, int64_t pool);
+
 // SPEC §3: delta_in = (G(s) - G(s - scale * delta)) / scale with scale = beta * B.
 at::Tensor propagate_target(const ElementwiseKernels& kernels,
                             const c10::optional<at::Tensor>& output,

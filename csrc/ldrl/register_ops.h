@@ -32,6 +32,19 @@ struct BoundOps {
                               padding, dilation, groups, std::string(activation), pool);
   }
 
+  static at::Tensor reconstruction_loop(
+      const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+      at::Tensor& feedback_weight, at::Tensor& feedback_bias, at::Tensor& momentum_weight,
+      at::Tensor& momentum_bias, int64_t iterations, double noise_std, double lr,
+      double momentum, double weight_decay, int64_t chunk_iterations,
+      const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
+      at::IntArrayRef dilation, int64_t groups, c10::string_view activation, int64_t pool) {
+    return reconstruction_feedback_loop(*K, x, weight, bias, feedback_weight, feedback_bias,
+                                        momentum_weight, momentum_bias, iterations, noise_std, lr,
+                                        momentum, weight_decay, chunk_iterations, noise_x, stride,
+                                        padding, dilation, groups, std::string(activation), pool);
+  }
+
   static at::Tensor target(const c10::optional<at::Tensor>& output,
                            const c10::optional<at::Tensor>& indices,
                            const at::Tensor& delta, const at::Tensor& feedback_weight,
@@ -55,6 +68,7 @@ struct BoundOps {
   static void register_all(torch::Library& m) {
     m.impl("ldrl_loss", &loss);
     m.impl("ldrl_feedback_loop", &feedback_loop);
+    m.impl("reconstruction_feedback_loop", &reconstruction_loop);
     m.impl("propagate_target", &target);
     m.impl("block_weight_grad", &weight_grad);
   }

@@ -1,8 +1,9 @@
 """Vanilla DTP (Lee et al. 2015) and TP (SPEC §5): feedback trained to invert the block,
 mean_b sum ((x + eps) - G(F(x + eps)))^2 with the noisy pass's pool indices.
 
-The feedback loss runs through autograd on dtp_ext.reference's ops (not a fused kernel yet).
-Vanilla DTP then uses the DTP blocks' fused backward (difference targets, as L-DRL); TP uses
+Training runs through the fused kernel `dtp_ext.ops.reconstruction_feedback_loop` (the whole
+K-iteration loop in one call); `train_reconstruction` is the same loop by autograd on
+dtp_ext.block_math ops, kept as the reference the tests compare the kernel with. Vanilla DTP then uses the DTP blocks' fused backward (difference targets, as L-DRL); TP uses
 plain targets t_{n-1} = G_n(t_n) and layer-local losses.
 """
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from dtp_ext.block_math import feedback_block, forward_block
+from dtp_ext import ops
+from dtp_ext.block_math import block_input, feedback_block, forward_block
+from dtp_ext.trainer import chunk_iterations
 
 from ..chain import feedback, first_target, forward_records, layer_loss_gradients
 from .base import Algorithm, fused_update_directions, target_update_directions
@@ -48,11 +51,20 @@ class _ReconstructionFeedback(Algorithm):
         super().__init__(model, feedback, input_shape, classes)
         self.sgd = MomentumSGD(feedback.momentum)
 
+    @torch.no_grad()
     def train_feedback(self, inputs, step):
         iterations = self.feedback.iterations_at(step)
         for (name, block), x, k, sigma, lr in zip(self.trained, inputs, iterations,
                                                   self.feedback.noise, self.feedback.lr):
-            self.last_feedback_losses[name] = train_reconstruction(name, block, x, k, sigma, lr, self.sgd)
+            x = block_input(block, x.detach())
+            # Zero buffers behave as torch.optim.SGD's first step (buf = grad).
+            buf_w = self.sgd.buffers.setdefault(f"{name}.weight", torch.zeros_like(block.feedback_weight))
+            buf_b = self.sgd.buffers.setdefault(f"{name}.bias", torch.zeros_like(block.feedback_bias))
+            losses = ops.reconstruction_feedback_loop(
+                x, block.weight, block.bias, block.feedback_weight, block.feedback_bias, buf_w,
+                buf_b, k, sigma, lr, self.sgd.momentum, 0.0, chunk_iterations(block, x, 256.0),
+                block.geometry())
+            self.last_feedback_losses[name] = float(losses[-1]) if k else float("nan")
 
     def state_dict(self):
         return {"sgd": self.sgd.state_dict()}
