@@ -76,6 +76,24 @@ def test_cuda_feedback_loop_targets_and_weight_grads_equal_cpu(name):
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_cuda_reconstruction_loop_equals_cpu(name):
+    block, x = make_block(name)
+    xin = reference.block_input(block, x)
+    noise = torch.randn(3, *xin.shape, dtype=x.dtype) * 0.2
+    gblock, gx, gnoise = on_cuda(block, xin, noise)
+    results = []
+    for b, xi, n in ((block, xin, noise), (gblock, gx, gnoise)):
+        buffers = (torch.zeros_like(b.feedback_weight), torch.zeros_like(b.feedback_bias))
+        losses = ops.reconstruction_feedback_loop(
+            xi, b.weight.detach(), None if b.bias is None else b.bias.detach(), b.feedback_weight,
+            b.feedback_bias, *buffers, 3, 0.2, 0.01, 0.9, 1e-3, 2, b.geometry(), n)
+        results.append([losses, b.feedback_weight, b.feedback_bias, *buffers])
+    for c, g in zip(*results):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-10)
+
+
+@needs_cuda
 def test_cuda_simplevgg_training_step_agrees_with_cpu():
     from dtp_ext.models import simple_vgg
     torch.manual_seed(0)
