@@ -27,6 +27,13 @@ class FeedbackReport:
         return {name: float(l[-1]) for name, l in self.losses.items() if l.numel()}
 
 
+def _average_across_ranks(tensors, world: int):
+    import torch.distributed as dist
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(world)
+
+
 @torch.no_grad()
 def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) -> int:
     """How many feedback iterations of `block` on input `x` may share one batched F(x + eps)
@@ -38,6 +45,16 @@ def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) 
     elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
     per_iteration = x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
     return max(1, int(memory_budget_mb * 2**20 // per_iteration))
+
+
+SYNC_MODES = (None, "gradients", "weights", "none")
+
+
+def _process_group_size() -> int:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def _per_block(name: str, value, count: int, *, integer: bool = False) -> List:
@@ -66,11 +83,19 @@ class FeedbackTrainer:
     default generator, so `torch.manual_seed` makes runs reproducible. `memory_budget_mb`
     bounds the extra memory used to batch F(x + eps) across iterations. On a GPU the blocks'
     loops run concurrently on their own CUDA streams (`concurrent_blocks=False` to serialise).
+
+    Under torch.distributed (e.g. a DistributedDataParallel model), `sync` keeps the feedback
+    weights identical on every rank: "gradients" (the default when a process group of more than
+    one rank is initialised) averages the feedback gradients at every iteration, the same maths
+    as one big batch (one all-reduce of the feedback weights and momentum per iteration);
+    "weights" trains locally and averages the feedback weights and momentum once per step
+    (one all-reduce per block and step); "none" leaves each rank alone.
     """
 
     def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
-                 memory_budget_mb: float = 256.0, concurrent_blocks: bool = True):
+                 memory_budget_mb: float = 256.0, concurrent_blocks: bool = True,
+                 sync: Optional[str] = None):
         named = dtp_blocks(model)
         if not named:
             raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
@@ -89,6 +114,9 @@ class FeedbackTrainer:
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.memory_budget_mb = float(memory_budget_mb)
+        if sync not in SYNC_MODES:
+            raise ValueError(f"FeedbackTrainer: sync must be one of {SYNC_MODES}, got {sync!r}")
+        self.sync = sync
         self.concurrent_blocks = bool(concurrent_blocks)
         self._streams: Dict[torch.device, list] = {}
         self._momentum_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -136,6 +164,8 @@ class FeedbackTrainer:
         """
         report = FeedbackReport()
         runs = []
+        world = _process_group_size()
+        sync = (self.sync or "gradients") if world > 1 else "none"
         for (name, block), k, sigma, lr in zip(self.blocks, self.iterations, self.noise_std, self.lr):
             x = block.recorded_input
             if x is None:
@@ -147,12 +177,9 @@ class FeedbackTrainer:
                      buffers["weight"].clone(), buffers["bias"].clone())
             # Blocks share no state during the feedback phase: on a GPU each runs on its own
             # stream, so small blocks fill the device while large ones run.
-            with self._block_stream(x.device, len(runs)):
-                losses = ops.ldrl_feedback_loop(
-                    x, block.weight, block.bias, block.feedback_weight, block.feedback_bias,
-                    buffers["weight"], buffers["bias"], k, sigma, lr, self.momentum,
-                    self.weight_decay, self.chunk_iterations(block, x), block.geometry(),
-                    noise_x, noise_y)
+            with self._block_stream(x.device, len(runs)) if sync == "none" else contextlib.nullcontext():
+                losses = self._train_block(block, x, buffers, k, sigma, lr, noise_x, noise_y,
+                                           sync, world)
             runs.append((name, block, buffers, losses, saved))
             report.losses[name] = losses
             report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
@@ -160,6 +187,29 @@ class FeedbackTrainer:
         self._refuse_non_finite(runs)
         self.steps += 1
         return report
+
+    def _train_block(self, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
+        state = (block.feedback_weight, block.feedback_bias, buffers["weight"], buffers["bias"])
+
+        def loop(iterations, nx, ny, chunk):
+            return ops.ldrl_feedback_loop(x, block.weight, block.bias, *state, iterations, sigma,
+                                          lr, self.momentum, self.weight_decay, chunk,
+                                          block.geometry(), nx, ny)
+
+        if sync == "gradients":
+            # The SGD-momentum update is affine in the gradient, so averaging weights and
+            # momentum after every single step from identical states equals stepping with the
+            # averaged gradient.
+            losses = []
+            for i in range(k):
+                losses.append(loop(1, None if noise_x is None else noise_x[i:i + 1],
+                                   None if noise_y is None else noise_y[i:i + 1], 1))
+                _average_across_ranks(state + (losses[-1],), world)
+            return torch.cat(losses) if losses else x.new_empty(0)
+        losses = loop(k, noise_x, noise_y, self.chunk_iterations(block, x))
+        if sync == "weights":
+            _average_across_ranks(state + (losses,), world)
+        return losses
 
     def _block_stream(self, device: torch.device, index: int):
         if device.type != "cuda" or not self.concurrent_blocks:
