@@ -6,6 +6,7 @@
 #   4. prints a short table last (card, versions, ratios, peak memory).
 # Usage (repo root): bash benchmarks/gpu_check.sh    Output files go to ${OUT:-/tmp/gpu_check}.
 set -uo pipefail
+PY=${PYTHON:-python3}  # the device image's python3 holds PyTorch
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -13,19 +14,19 @@ export MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DTP_E
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 start=$(date +%s)
-python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+"$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 grep -m1 "dtp_ext: building" "$OUT/build.log"
 
-DTP_EXT_REQUIRE_CUDA=1 python -m pytest tests/test_cuda.py tests/test_build.py -q -p no:cacheprovider \
+DTP_EXT_REQUIRE_CUDA=1 "$PY" -m pytest tests/test_cuda.py tests/test_build.py -q -p no:cacheprovider \
     > "$OUT/tests.log" 2>&1 || status=1
 tail -3 "$OUT/tests.log"
 
 DTP_BENCH_DEVICE=cuda DTP_BENCH_BATCHES=${DTP_BENCH_BATCHES:-128} DTP_BENCH_ROUNDS=${DTP_BENCH_ROUNDS:-5} \
-    python -m pytest benchmarks/ -q -p no:cacheprovider > "$OUT/bench.log" 2>&1 || status=1
+    "$PY" -m pytest benchmarks/ -q -p no:cacheprovider > "$OUT/bench.log" 2>&1 || status=1
 cp benchmarks/results/latest-cuda.json "$OUT/" 2>/dev/null
 
 echo "==================== dtp_ext GPU check ===================="
@@ -34,7 +35,7 @@ grep -A8 "dtp_ext ratios" "$OUT/bench.log" || tail -30 "$OUT/bench.log"
 grep -E "passed|failed" "$OUT/tests.log" | tail -1
 # Issue 3's targets, from the same run: step >= 5x faster than the reference, within 10x of
 # backprop, peak memory <= 2x the reference's.
-python - "$OUT/latest-cuda.json" <<'PY' || status=1
+"$PY" - "$OUT/latest-cuda.json" <<'PY' || status=1
 import json, sys
 rows = {(r["phase"], r["batch"]): r for r in json.load(open(sys.argv[1]))["rows"]}
 ok = True
