@@ -46,7 +46,7 @@ void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, con
       if (!layout.channels_last) std::fill(o, o + layout.plane_size, T(0));
       for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
         o[a_idx[j] * step] += scale * a[j];
-        o[b_idx[j] * step] -= scale * b[j];
+        if (b) o[b_idx[j] * step] -= scale * b[j];
       }
     }
   });
@@ -56,8 +56,10 @@ at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in
                               const at::Tensor& b_in, const at::Tensor& b_idx_in,
                               at::IntArrayRef out_sizes, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::scatter_difference", std::vector<c10::IValue>());
-  const auto a = a_in.contiguous(), b = b_in.contiguous();
-  const auto a_idx = a_idx_in.contiguous(), b_idx = b_idx_in.contiguous();
+  const auto a = a_in.contiguous(), a_idx = a_idx_in.contiguous();
+  const bool has_b = b_in.defined();  // an undefined b means no second term
+  const auto b = has_b ? b_in.contiguous() : at::Tensor();
+  const auto b_idx = has_b ? b_idx_in.contiguous() : at::Tensor();
   // Channels-last planes interleave, so the whole tensor is zeroed up front (at::zeros would
   // ignore the memory format).
   auto out = channels_last
@@ -67,8 +69,9 @@ at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in
   const int64_t planes = a.size(0) * a.size(1);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
     scatter_difference_kernel<scalar_t>(
-        a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
-        b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), planes,
+        a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(),
+        has_b ? b.const_data_ptr<scalar_t>() : nullptr,
+        has_b ? b_idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), planes,
         a.numel() / planes, PlaneLayout{out.size(1), out.size(2) * out.size(3), channels_last},
         static_cast<scalar_t>(scale));
   });
@@ -163,7 +166,10 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
                                 const at::Tensor& clean_indices, Activation activation,
                                 int64_t pool, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::noisy_difference", std::vector<c10::IValue>());
-  if (pool == 0) return activate(activation, activate(activation, z)).sub_(clean_phi_output);
+  if (pool == 0) {
+    auto a = activate(activation, activate(activation, z));
+    return clean_phi_output.defined() ? a.sub_(clean_phi_output) : a;
+  }
   const auto pooled = window_max(z, pool);
   const auto phi_noisy = activate(activation, activate(activation, std::get<0>(pooled)));
   return scatter_difference(phi_noisy, std::get<1>(pooled), clean_phi_output, clean_indices,

@@ -77,7 +77,7 @@ __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int
       }
     }
     o[best_at] += phi<A>(phi<A>(best));
-    o[idx[j]] -= s[j];
+    if (s) o[idx[j]] -= s[j];
   }
 }
 
@@ -85,7 +85,7 @@ template <Activation A, typename T>
 __global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = phi<A>(phi<A>(z[i])) - s[i];
+    out[i] = phi<A>(phi<A>(z[i])) - (s ? s[i] : T(0));
   }
 }
 
@@ -95,22 +95,23 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
   TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous();
-  auto s = s_in.contiguous();
+  const auto s = s_in.defined() ? s_in.contiguous() : at::Tensor();
   auto out = pool > 0 ? at::zeros(z.sizes(), z.options()) : at::empty(z.sizes(), z.options());
-  const int64_t n = s.numel();
+  const int64_t n = pool > 0 ? z.size(0) * z.size(1) * (z.size(2) / pool) * (z.size(3) / pool)
+                             : z.numel();
   if (n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cuda", [&] {
     DTP_DISPATCH_ACTIVATION(activation, [&] {
       if (pool > 0) {
-        auto idx = idx_in.contiguous();
+        const auto idx = s.defined() ? idx_in.contiguous() : at::Tensor();
         noisy_difference_pooled_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
-            idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n, z.size(2),
-            z.size(3), pool);
+            z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
+            s.defined() ? idx.const_data_ptr<int64_t>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(), n, z.size(2), z.size(3), pool);
       } else {
         noisy_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+            z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
             out.mutable_data_ptr<scalar_t>(), n);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();

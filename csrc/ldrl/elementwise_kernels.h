@@ -22,7 +22,8 @@ struct ElementwiseKernels {
   // The noisy-input difference a = unpool(phi(s_noisy), idx_noisy) - unpool(phi(s), indices)
   // straight from the noisy pre-activation z_noisy = op(x + eps): max-pool and phi are fused in
   // (phi is monotone, so the window's max of phi(z) sits at the max of z). Shape of z_noisy.
-  // clean_phi_output is phi(s), the activated clean block output.
+  // clean_phi_output is phi(s), the activated clean block output; undefined, the clean term
+  // is left out (q = unpool(phi(s_noisy), idx_noisy), what vanilla DTP's loss needs).
   at::Tensor (*noisy_difference)(const at::Tensor& z_noisy, const at::Tensor& clean_phi_output,
                                  const at::Tensor& clean_indices, Activation activation,
                                  int64_t pool, bool channels_last);

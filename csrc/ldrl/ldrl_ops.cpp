@@ -95,10 +95,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
 
 namespace {
 
-// What both feedback losses' loops share: argument checks, the clean pass, noise drawn per
-// iteration (eps_k, then eta_k where the loss uses it) from torch's generator or taken from
-// explicit tensors, and F(x + eps) batched over chunks of iterations. `iteration` receives
-// (eps, x + eps, op(x + eps) + bias, eta) in the convolutions' layout and returns the loss.
+// What both feedback losses' loops share: argument checks (check_feedback_loop), then noise
+// drawn per iteration (eps_k, then eta_k where the loss uses it) from torch's generator or
+// taken from explicit tensors, and F(x + eps) batched over chunks of iterations
+// (run_feedback_loop). `iteration` receives (eps, x + eps, op(x + eps) + bias, eta) in the
+// convolutions' layout and returns the loss.
 struct FeedbackLoopArgs {
   const char* op;
   BlockGeometry g;
@@ -107,14 +108,19 @@ struct FeedbackLoopArgs {
   bool draws_eta;
 };
 
-template <typename Iteration>
-at::Tensor run_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Tensor& weight,
-                             const c10::optional<at::Tensor>& bias,
-                             const at::Tensor& feedback_weight, const at::Tensor& feedback_bias,
-                             const at::Tensor& momentum_weight, const at::Tensor& momentum_bias,
-                             double lr, double momentum, double weight_decay,
-                             const c10::optional<at::Tensor>& noise_x,
-                             const c10::optional<at::Tensor>& noise_y, Iteration iteration) {
+std::vector<int64_t> noise_shape(at::IntArrayRef sizes, int64_t count) {
+  std::vector<int64_t> shape{count};
+  shape.insert(shape.end(), sizes.begin(), sizes.end());
+  return shape;
+}
+
+// Validates every argument of a feedback loop and picks the convolutions' layout.
+void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
+                         const at::Tensor& feedback_bias, const at::Tensor& momentum_weight,
+                         const at::Tensor& momentum_bias, double lr, double momentum,
+                         double weight_decay, const c10::optional<at::Tensor>& noise_x,
+                         const c10::optional<at::Tensor>& noise_y) {
   const char* op = a.op;
   auto& g = a.g;
   check_block_tensors(op, g, x, weight, bias);
@@ -142,11 +148,6 @@ at::Tensor run_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at:
   }
 
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
-  auto noise_shape = [&](at::IntArrayRef sizes, int64_t count) {
-    std::vector<int64_t> shape{count};
-    shape.insert(shape.end(), sizes.begin(), sizes.end());
-    return shape;
-  };
   if (noise_x.has_value()) {
     check_noise(op, "noise_x", *noise_x, noise_shape(x.sizes(), a.iterations), x);
   }
@@ -155,7 +156,16 @@ at::Tensor run_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at:
   }
   TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
+}
 
+// The loop itself, on arguments check_feedback_loop accepted.
+template <typename Iteration>
+at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& noise_x,
+                             const c10::optional<at::Tensor>& noise_y, Iteration iteration) {
+  const auto& g = a.g;
+  const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   const auto x_contig = x.contiguous();
   const int64_t batch = x.size(0);
   std::vector<at::Tensor> losses;
@@ -193,13 +203,13 @@ at::Tensor run_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at:
   return at::stack(losses);
 }
 
-// torch.optim.SGD's step (momentum, no dampening, no Nesterov) for the feedback bias.
-void sgd_bias_update(at::Tensor& bias, at::Tensor& buffer, const at::Tensor& grad, double lr,
-                     double momentum, double weight_decay) {
+// torch.optim.SGD's step (momentum, no dampening, no Nesterov); an undefined grad is zero.
+void sgd_momentum_step(at::Tensor& param, at::Tensor& buffer, const at::Tensor& grad, double lr,
+                       double momentum, double weight_decay) {
   buffer.mul_(momentum);
   if (grad.defined()) buffer.add_(grad);
-  if (weight_decay != 0) buffer.add_(bias, weight_decay);
-  bias.add_(buffer, -lr);
+  if (weight_decay != 0) buffer.add_(param, weight_decay);
+  param.add_(buffer, -lr);
 }
 
 }  // namespace
@@ -216,20 +226,20 @@ at::Tensor ldrl_feedback_loop(
   FeedbackLoopArgs args{
       op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/true};
-  CleanPass clean;
+  check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
+                      momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
+  const auto clean = clean_pass(args.g, x.contiguous(), weight, bias);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   return run_feedback_loop(
-      args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias, lr,
-      momentum, weight_decay, noise_x, noise_y,
+      args, x, weight, bias, noise_x, noise_y,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
-        if (!clean.block.output.defined()) clean = clean_pass(args.g, x.contiguous(), weight, bias);
         auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), feedback_weight, eps, z_noisy,
                                 eta);
         kernels.sgd_ldrl_update(feedback_weight, momentum_weight, terms.reconstruction_pairing,
                                 terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
         // dloss/dc is exactly zero: only weight decay moves the feedback bias.
-        sgd_bias_update(feedback_bias, momentum_bias, at::Tensor(), lr, momentum, weight_decay);
+        sgd_momentum_step(feedback_bias, momentum_bias, at::Tensor(), lr, momentum, weight_decay);
         return terms.loss;
       });
 }
@@ -245,34 +255,28 @@ at::Tensor reconstruction_feedback_loop(
   FeedbackLoopArgs args{
       op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/false};
-  CleanPass clean;
-  at::Tensor no_clean_term;
+  check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
+                      momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   return run_feedback_loop(
-      args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias, lr,
-      momentum, weight_decay, noise_x, c10::nullopt,
+      args, x, weight, bias, noise_x, c10::nullopt,
       [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
           const at::Tensor&) {
         const auto& g = args.g;
-        if (!clean.block.output.defined()) {
-          clean = clean_pass(g, x.contiguous(), weight, bias);
-          no_clean_term = at::zeros_like(clean.phi_output);
-        }
         // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
-        const auto q = kernels.noisy_difference(z_noisy, no_clean_term, clean.block.indices,
+        const auto q = kernels.noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
                                                 g.activation, g.pool, g.channels_last);
         const auto fq = apply_feedback(g, q, feedback_weight, x.sizes());
         const auto residual = g.is_conv ? fq + feedback_bias.view({1, -1, 1, 1}) - x_noisy
                                         : fq + feedback_bias - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         const auto loss = residual.square().sum() * (1.0 / static_cast<double>(x.size(0)));
-        auto grad_weight = feedback_pairing(g, residual, q, feedback_weight).mul_(grad_scale);
-        if (weight_decay != 0) grad_weight.add_(feedback_weight, weight_decay);
-        momentum_weight.mul_(momentum).add_(grad_weight);
-        feedback_weight.add_(momentum_weight, -lr);
+        const auto grad_weight = feedback_pairing(g, residual, q, feedback_weight).mul_(grad_scale);
+        sgd_momentum_step(feedback_weight, momentum_weight, grad_weight, lr, momentum,
+                          weight_decay);
         const auto grad_bias =
             (g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0)).mul_(grad_scale);
-        sgd_bias_update(feedback_bias, momentum_bias, grad_bias, lr, momentum, weight_decay);
+        sgd_momentum_step(feedback_bias, momentum_bias, grad_bias, lr, momentum, weight_decay);
         return loss;
       });
 }
