@@ -234,9 +234,11 @@ class FeedbackTrainer:
         """Divergence guard: a step in which any block produced a non-finite loss or weight is
         undone (every block's previous feedback weights and momentum are restored) and reported
         with the block and iteration, never kept. One device synchronisation per step."""
-        finite = [bool(torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
-                       & torch.isfinite(block.feedback_bias).all())
-                  for _, block, _, losses, _ in runs]
+        if not runs:
+            return
+        finite = torch.stack([torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
+                              & torch.isfinite(block.feedback_bias).all()
+                              for _, block, _, losses, _ in runs]).tolist()  # the one sync
         if all(finite):
             return
         name, block, _, losses, _ = runs[finite.index(False)]
