@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "common/finite_check.h"
+
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -26,8 +28,22 @@ PyObject* build_info(PyObject*, PyObject*) {
   );
 }
 
+PyObject* set_finite_checks(PyObject*, PyObject* enabled) {
+  const int value = PyObject_IsTrue(enabled);
+  if (value < 0) return nullptr;
+  return PyBool_FromLong(dtp_ext::set_finite_checks(value != 0));
+}
+
+PyObject* finite_checks(PyObject*, PyObject*) {
+  return PyBool_FromLong(dtp_ext::finite_checks_enabled());
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "What this build of dtp_ext._C contains."},
+    {"set_finite_checks", set_finite_checks, METH_O,
+     "Turns the fused ops' non-finite input checks on or off; returns the previous setting."},
+    {"finite_checks", finite_checks, METH_NOARGS,
+     "Whether the fused ops reject non-finite inputs."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

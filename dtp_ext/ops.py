@@ -7,8 +7,9 @@ is missing, importing dtp_ext fails.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -73,6 +74,28 @@ def propagate_target(output, indices, delta, feedback_weight, scale: float,
 def block_weight_grad(x, output, indices, delta, weight, geometry: BlockGeometry):
     """(grad_weight, grad_bias): the local vector-Jacobian product of delta through the block."""
     return _ops.block_weight_grad(x, output, indices, delta, weight, *geometry.args())
+
+
+def set_finite_checks(enabled: bool) -> bool:
+    """Every fused op rejects NaN/Inf inputs with a ValueError naming the argument (on by
+    default). The check costs one reduction per input and, on a GPU, one host synchronisation
+    per op call; turn it off only where that matters (e.g. CUDA graph capture). Process-wide;
+    returns the previous setting."""
+    return _C.set_finite_checks(bool(enabled))
+
+
+def finite_checks_enabled() -> bool:
+    return _C.finite_checks()
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """`with dtp_ext.ops.finite_checks(False): ...` runs a block with the checks set so."""
+    previous = set_finite_checks(enabled)
+    try:
+        yield
+    finally:
+        set_finite_checks(previous)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

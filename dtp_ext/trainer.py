@@ -177,9 +177,19 @@ class FeedbackTrainer:
                      buffers["weight"].clone(), buffers["bias"].clone())
             # Blocks share no state during the feedback phase: on a GPU each runs on its own
             # stream, so small blocks fill the device while large ones run.
-            with self._block_stream(x.device, len(runs)) if sync == "none" else contextlib.nullcontext():
-                losses = self._train_block(block, x, buffers, k, sigma, lr, noise_x, noise_y,
-                                           sync, world)
+            try:
+                with self._block_stream(x.device, len(runs)) if sync == "none" else contextlib.nullcontext():
+                    losses = self._train_block(block, x, buffers, k, sigma, lr, noise_x, noise_y,
+                                               sync, world)
+            except ValueError as exc:  # the op refused a non-finite input before touching V
+                if "non-finite" not in str(exc):
+                    raise
+                self._join_streams(runs)
+                self._restore(runs)
+                raise FloatingPointError(
+                    f"FeedbackTrainer.step: block {name!r} was not trained: {exc} (its recorded "
+                    "input is not finite when the forward pass diverged); every block's feedback "
+                    "weights and momentum were restored to their values before this step") from exc
             runs.append((name, block, buffers, losses, saved))
             report.losses[name] = losses
             report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
@@ -230,6 +240,13 @@ class FeedbackTrainer:
                     losses.record_stream(main)
 
     @staticmethod
+    def _restore(runs):
+        for _, b, buffers, _, saved in runs:
+            for target, value in zip((b.feedback_weight, b.feedback_bias,
+                                      buffers["weight"], buffers["bias"]), saved):
+                target.copy_(value)
+
+    @staticmethod
     def _refuse_non_finite(runs):
         """Divergence guard: a step in which any block produced a non-finite loss or weight is
         undone (every block's previous feedback weights and momentum are restored) and reported
@@ -244,10 +261,7 @@ class FeedbackTrainer:
         name, block, _, losses, _ = runs[finite.index(False)]
         bad = (~torch.isfinite(losses)).nonzero()
         where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
-        for _, b, buffers, _, saved in runs:
-            for target, value in zip((b.feedback_weight, b.feedback_bias,
-                                      buffers["weight"], buffers["bias"]), saved):
-                target.copy_(value)
+        FeedbackTrainer._restore(runs)
         hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
                 else "lower its feedback lr or noise_std")
         raise FloatingPointError(

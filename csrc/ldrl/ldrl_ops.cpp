@@ -2,11 +2,17 @@
 
 #include <c10/util/irange.h>
 
+#include "../common/finite_check.h"
+
 namespace dtp_ext {
 namespace {
 
 at::Tensor optional_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
+}
+
+const at::Tensor* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
 }
 
 void check_shape(const char* op, const char* name, const at::Tensor& t,
@@ -83,6 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   use_channels_last(g, x.sizes(), x.device());
   check_noise(op, "noise_x", noise_x, x.sizes(), x);
   check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
+  check_finite(op, {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
+                    {"feedback_weight", &feedback_weight}, {"noise_x", &noise_x},
+                    {"noise_y", &noise_y}});
 
   const auto clean = clean_pass(g, x, weight, bias);
   auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x,
@@ -156,6 +165,10 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
   }
   TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
+  check_finite(op, {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
+                    {"feedback_weight", &feedback_weight}, {"feedback_bias", &feedback_bias},
+                    {"momentum_weight", &momentum_weight}, {"momentum_bias", &momentum_bias},
+                    {"noise_x", optional_ptr(noise_x)}, {"noise_y", optional_ptr(noise_y)}});
 }
 
 // The loop itself, on arguments check_feedback_loop accepted.
@@ -326,6 +339,7 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   const auto idx = optional_or_undefined(indices);
   check_stored_output(op, g, output, idx, delta,
                       block_output_sizes(g, input_sizes, forward_shaped));
+  check_finite(op, {{"output", &output}, {"delta", &delta}, {"feedback_weight", &feedback_weight}});
   use_channels_last(g, input_sizes, delta.device());
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes);
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
@@ -350,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   const auto output = optional_or_undefined(output_opt);
   const auto idx = optional_or_undefined(indices);
   check_stored_output(op, g, output, idx, delta, block_output_sizes(g, x.sizes(), weight));
+  check_finite(op, {{"x", &x}, {"output", &output}, {"delta", &delta}, {"weight", &weight}});
   use_channels_last(g, x.sizes(), x.device());
   const auto grad_pre =
       output.defined() ? kernels.activation_pool_backward(
