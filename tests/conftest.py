@@ -1,5 +1,14 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests (test_property.py): the same examples on every run unless a profile is chosen
+# with --hypothesis-profile=thorough (500 random examples per property).
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 import dtp_ext
 
