@@ -35,16 +35,21 @@ def _average_across_ranks(tensors, world: int):
 
 
 @torch.no_grad()
-def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) -> int:
-    """How many feedback iterations of `block` on input `x` may share one batched F(x + eps)
-    within `memory_budget_mb` of extra memory."""
+def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
+    """Bytes one feedback iteration of `block` on input `x` holds while it is batched with
+    others: what `memory_budget_mb` is divided by (docs/memory.md)."""
     out, _ = block._forward_with_indices(x[:1], block.weight, block.bias)
     pool_area = block.pool ** 2 if block.pool else 1
     # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
     # input); the pooled output, eta and, with a pool, int64 indices.
     elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
-    per_iteration = x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
-    return max(1, int(memory_budget_mb * 2**20 // per_iteration))
+    return x.shape[0] * (elements * x.element_size() + (8 * out.numel() if block.pool else 0))
+
+
+def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) -> int:
+    """How many feedback iterations of `block` on input `x` may share one batched F(x + eps)
+    within `memory_budget_mb` of extra memory (at least one)."""
+    return max(1, int(memory_budget_mb * 2**20 // feedback_bytes_per_iteration(block, x)))
 
 
 SYNC_MODES = (None, "gradients", "weights", "none")
