@@ -122,3 +122,19 @@ def test_cuda_simplevgg_training_step_agrees_with_cpu():
         assert set(report.kernels.values()) == {f"dtp_ext::ldrl_feedback_loop[{dev}]"}
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-8, atol=1e-10, msg=k)
+
+
+@needs_cuda
+def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
+    from test_finite_checks import op_calls
+    for op, args, call in op_calls("cuda"):
+        call({n: t.clone() for n, t in args.items()})  # valid inputs pass
+        for name in args:
+            bad = {n: t.clone() for n, t in args.items()}
+            bad[name].view(-1)[0] = float("nan")
+            with pytest.raises(ValueError, match=f"dtp_ext.{op}: {name} contains non-finite values"):
+                call(bad)
+            if name not in ("x", "delta"):  # a CPU tensor among CUDA ones is named too
+                mixed = dict(args, **{name: args[name].cpu()})
+                with pytest.raises(RuntimeError, match=f"dtp_ext.{op}: {name} must be on cuda"):
+                    call(mixed)

@@ -9,13 +9,14 @@ from dtp_ext import ops
 from test_ops import sample_args
 
 
-def op_calls():
+def op_calls(device="cpu"):
     """(op name, {argument name: tensor}, call(args) -> result) for each op, valid inputs."""
     block, x, y_shape, s, idx, geo, w, b = sample_args("conv-elu-pool2")
     x = dtp_ext.reference.block_input(block, x)
     fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(y_shape, dtype=x.dtype) * 0.1
     delta = torch.randn(y_shape, dtype=x.dtype)
+    x, w, b, fw, fb, nx, ny, delta, s, idx = (t.to(device) for t in (x, w, b, fw, fb, nx, ny, delta, s, idx))
     d = torch.ops.dtp_ext
     k = 2
     loop_args = dict(x=x, weight=w, bias=b, feedback_weight=fw, feedback_bias=fb,
