@@ -172,3 +172,22 @@ def test_non_finite_recorded_input_is_named():
         model(x)
     with pytest.raises(FloatingPointError, match="recorded input is not finite"):
         trainer.step()
+
+
+def test_mismatched_state_dicts_are_refused_with_the_reason():
+    model = simple_vgg_small()
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    trainer = dtp_ext.FeedbackTrainer(model, **PAPER)
+    trainer.step()
+    state = trainer.state_dict()
+    wider = simple_vgg_small(channels=(4, 4, 6, 6, 9))
+    with pytest.raises(ValueError, match=r"momentum buffer of '\d+' has shape .* expected"):
+        dtp_ext.FeedbackTrainer(wider, **PAPER).load_state_dict(state)
+    with pytest.raises(ValueError, match="expected a dict from FeedbackTrainer.state_dict"):
+        trainer.load_state_dict(model.state_dict())
+    # A model's state_dict of another shape: torch's own message names the feedback buffer too.
+    with pytest.raises(RuntimeError, match="size mismatch for 6.feedback_weight"):
+        wider.load_state_dict(model.state_dict())
+    # A plain torch.nn checkpoint lacks the feedback weights: strict loading says so.
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"0.feedback_weight\""):
+        model.load_state_dict({k: v for k, v in model.state_dict().items() if "feedback" not in k})
