@@ -29,10 +29,13 @@ Options given on the command line override the preset or file.
 Outputs in --out: metrics.jsonl (one line per epoch), summary.json, accuracy.png,
 alignment.png and checkpoint.pt (every epoch, and when --max-steps stops a run mid-epoch);
 --resume --out DIR continues it, bitwise identically on the CPU.
-"""
 
-# Options that may differ when resuming: they do not change the computation already done.
-RESUMABLE = {"epochs", "max_steps", "progress", "threads"}
+Several processes or GPUs: torchrun --nproc_per_node N -m dtp_ext.train [options] (gloo on
+the CPU; with --device cuda, nccl and cuda:LOCAL_RANK per process). --batch-size stays the
+global batch: each process trains on its 1/N of it, so steps per epoch and lr mean what they
+mean in one process. Forward gradients are averaged over all processes every step, feedback
+weights stay identical (--feedback-sync); rank 0 writes the outputs; --resume works the same way.
+"""
 
 
 def _numbers(text: str):
@@ -46,7 +49,7 @@ def _numbers(text: str):
 
 
 def _add_train_parser(sub):
-    from .train.config import ALGORITHMS, DATASETS, SCHEDULERS
+    from .train.config import ALGORITHMS, DATASETS, FEEDBACK_SYNCS, SCHEDULERS
     from .train.models import MODELS
     from .train.presets import PRESETS
 
@@ -65,11 +68,13 @@ def _add_train_parser(sub):
     a("--epochs", type=int, help="default 1")
     a("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke runs); "
                                                  "a checkpoint is written, --resume continues")
-    a("--batch-size", type=int, help="default 64")
+    a("--batch-size", type=int, help="the global batch (default 64); under torchrun each of the N "
+                                      "processes trains on 1/N of it")
     a("--train-subset", type=int, metavar="N", help="use the first N training images")
     a("--test-subset", type=int, metavar="N", help="use the first N test images")
     a("--seed", type=int, help="default 0")
-    a("--device", help="cpu (default), cuda or cuda:N")
+    a("--device", help="cpu (default), cuda or cuda:N (under torchrun: cuda, each process on "
+                       "cuda:LOCAL_RANK)")
     a("--threads", type=int, help="torch CPU threads (default: torch's)")
     a("--out", metavar="DIR", help="output folder (default runs/<dataset>-<algorithm>-<time>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -92,6 +97,11 @@ def _add_train_parser(sub):
     g.add_argument("--feedback-momentum", type=float, help="default 0.9")
     g.add_argument("--feedback-warmup-steps", type=int, help="first N steps train the feedback longer")
     g.add_argument("--feedback-warmup-factor", type=int, help="iteration multiplier during warm-up")
+    g.add_argument("--feedback-sync", choices=FEEDBACK_SYNCS,
+                   help="ldrl under torchrun: 'gradients' (default) averages the feedback gradient of "
+                        "every iteration across processes (one big batch; an all-reduce per iteration), "
+                        "'weights' averages feedback weights and momentum once per step. dtp, tp and "
+                        "drl always average theirs after their feedback phase")
     g = p.add_argument_group("data and logging")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (pad 4, edge) + flip; default on for cifar10/imagenet32")
@@ -114,46 +124,67 @@ def _config_layer(name: str) -> dict:
                       "nor an existing YAML/JSON file")
 
 
+def _resumed_config(args: argparse.Namespace, options: dict):
+    """(configuration, checkpoint state, checkpoint path) of --resume --out DIR."""
+    from .train import checkpoint as ckpt
+    from .train.config import RESUMABLE, ConfigError
+    from .train.resolve import resolve
+
+    if "out" not in options:
+        raise ConfigError("--resume needs --out DIR (the run to continue)")
+    path = Path(options["out"]) / ckpt.CHECKPOINT_NAME
+    state = ckpt.load(Path(options["out"]))
+    if state is None:
+        raise ConfigError(f"--resume: no {ckpt.CHECKPOINT_NAME} in {options['out']}")
+    saved = ckpt.saved_config(state, path)
+    changed = [f"--{k.replace('_', '-')} (saved {getattr(saved, k)!r}, given {v!r})"
+               for k, v in sorted(options.items()) if k not in RESUMABLE | {"out"} and getattr(saved, k) != v]
+    if "config" in args or changed:
+        raise ConfigError(f"--resume continues the configuration saved in {path} ({saved.algorithm} on "
+                          f"{saved.dataset}, model {saved.model}); only {sorted(RESUMABLE)} may change, "
+                          f"got {', '.join(changed) or '--config'}")
+    # --max-steps stops one invocation; a resume without it runs to the last epoch. The run
+    # continues in --out even if the folder was moved since (the saved config names the old one).
+    keep = {"max_steps": None, "out": options["out"], **{k: v for k, v in options.items() if k in RESUMABLE}}
+    return resolve(dataclasses.replace(saved, **keep)), state, path
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .train import checkpoint as ckpt
-    from .train.config import ConfigError, TrainConfig, merge
+    from .train import distributed
+    from .train.config import ConfigError, merge
     from .train.datasets import DatasetNotFound
     from .train.resolve import resolve
     from .train.runner import Run, TrainingDiverged
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
+    created = False
     try:
-        if getattr(args, "resume", False):
-            if "out" not in options:
-                raise ConfigError("--resume needs --out DIR (the run to continue)")
-            state = ckpt.load(Path(options["out"]))
-            if state is None:
-                raise ConfigError(f"--resume: no {ckpt.CHECKPOINT_NAME} in {options['out']}")
-            saved = TrainConfig(**state["config"])
-            changed = sorted(k for k, v in options.items()
-                             if k not in RESUMABLE | {"out"} and getattr(saved, k) != v)
-            if "config" in args or changed:
-                raise ConfigError("--resume continues the saved configuration; only "
-                                  f"{sorted(RESUMABLE)} may change (got {changed or ['--config']})")
-            # --max-steps stops one invocation; a resume without it runs to the last epoch.
-            keep = {"max_steps": None, **{k: v for k, v in options.items() if k in RESUMABLE}}
-            cfg = resolve(dataclasses.replace(saved, **keep))
-            run = Run(cfg)
-            run.restore(state)
+        if getattr(args, "resume", False):  # every rank reads the same (rank 0's) checkpoint
+            cfg, state, path = _resumed_config(args, options)
         else:
             layers = [_config_layer(args.config)] if "config" in args else []
             cfg = resolve(merge(*layers, options, source=f"--config {getattr(args, 'config', '')}".strip()))
             if (Path(cfg.out) / ckpt.CHECKPOINT_NAME).exists() and not getattr(args, "overwrite", False):
                 raise ConfigError(f"{cfg.out} already holds a run; pass --resume to continue it "
                                   "or --overwrite to start again")
-            run = Run(cfg)
+            state = None
+        created = distributed.init_from_env(cfg.device)
+        run = Run(cfg)
+        if state is not None:
+            run.restore(state, source=path)
         run.train()
-    except (ConfigError, DatasetNotFound) as exc:
-        print(f"dtp-ext train: error: {exc}", file=sys.stderr)
+    except (ConfigError, DatasetNotFound, ckpt.CheckpointError) as exc:
+        rank, world = distributed.rank_and_world()
+        print(f"dtp-ext train{f' [rank {rank}/{world}]' if world > 1 else ''}: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
-        print(f"dtp-ext train: diverged: {exc}", file=sys.stderr)
+    except TrainingDiverged as exc:  # every rank agrees on it: rank 0 says it
+        if distributed.rank_and_world()[0] == 0:
+            print(f"dtp-ext train: diverged: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if created:
+            distributed.shutdown()
     return 0
 
 

@@ -3,6 +3,7 @@
     from dtp_ext.train import TrainConfig, train
     summary = train(TrainConfig(algorithm="ldrl", dataset="mnist", max_steps=100))
 """
+from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .datasets import DatasetNotFound
 from .presets import PRESETS
@@ -15,5 +16,5 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return Run(resolve(cfg), log=log).train()
 
 
-__all__ = ["TrainConfig", "ConfigError", "DatasetNotFound", "TrainingDiverged", "PRESETS",
-           "Run", "resolve", "train"]
+__all__ = ["TrainConfig", "ConfigError", "CheckpointError", "DatasetNotFound", "TrainingDiverged",
+           "PRESETS", "Run", "resolve", "train"]

@@ -1,20 +1,36 @@
-"""Checkpoints: everything a run needs to continue bitwise identically (on CPU).
+"""Checkpoints: everything a run needs to continue bitwise identically (on the CPU).
 
 Written atomically (a temporary file in the same folder, then os.replace), so a run killed
-while saving leaves the previous checkpoint intact.
+while saving leaves the previous checkpoint intact. Read back with `read`, which never hands
+a damaged or foreign file to the training loop: an empty, truncated or non-torch file, a
+member whose CRC-32 does not match, a pickle holding anything but tensors and plain values
+(loaded with weights_only=True, so it cannot run code), or a dict without the keys a run
+saves all give a CheckpointError naming the file and what is wrong with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
+from .config import RESUMABLE, TrainConfig
+
 CHECKPOINT_NAME = "checkpoint.pt"
+REQUIRED_KEYS = ("config", "model", "optimizer", "scheduler", "algorithm", "rng", "epoch",
+                 "step_in_epoch", "global_step", "counter", "elapsed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and the problem."""
 
 
 def rng_states() -> Dict[str, Any]:
@@ -48,9 +64,106 @@ def save_atomic(state: Dict[str, Any], path: Path):
         raise
 
 
+def _numpy_globals():
+    """The numpy objects np.random.get_state() pickles: safe to allow in a weights_only load."""
+    core = getattr(np, "_core", None) or np.core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct,
+            *(type(np.dtype(t)) for t in (np.uint32, np.float64))]
+
+
+def _first_bad_member(path: Path) -> Optional[str]:
+    """The first member of the zip whose CRC-32 does not match its bytes (members written
+    without a CRC, stored as 0, are skipped)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as member:
+                        while member.read(1 << 24):
+                            pass
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+                    return info.filename
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"? ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _check_archive(path: Path):
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a checkpoint; "
+                              "a run killed while copying it? Start again with --overwrite")
+    if zipfile.is_zipfile(path):
+        bad = _first_bad_member(path)
+        if bad is not None:
+            raise CheckpointError(f"{path}: the file is damaged: member {bad} fails its CRC check "
+                                  "(corrupted on disk or in a copy); the run cannot continue from it")
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: the file is truncated ({size} bytes, its zip directory is "
+                              "missing): a copy cut short or a full disk; the run cannot continue from it")
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (a checkpoint.pt is a zip archive written "
+                          f"by torch.save; this file is {size} bytes starting with {head!r})")
+
+
+def read(path: Path) -> Dict[str, Any]:
+    """The checkpoint at `path`, checked to be a complete `dtp-ext train` checkpoint."""
+    path = Path(path)
+    _check_archive(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please|\n\n|$)", str(exc), re.S)
+        why = " ".join((found.group(1) if found else str(exc)).split())[:300]
+        raise CheckpointError(f"{path}: not a dtp-ext checkpoint: it holds objects a checkpoint never "
+                              f"contains, so it was not unpickled (torch.load weights_only: {why})") from None
+    except Exception as exc:  # damaged zip members, CRC errors, missing records ...
+        raise CheckpointError(f"{path}: the archive is damaged and cannot be read "
+                              f"({type(exc).__name__}: {str(exc).strip()[:300]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a dtp-ext train checkpoint (it holds a "
+                              f"{type(state).__name__}, a checkpoint holds a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a dtp-ext train checkpoint: it lacks {missing} "
+                              f"(it has {sorted(map(str, state))[:12]})")
+    saved_config(state, path)
+    return state
+
+
 def load(out_dir: Path) -> Optional[Dict[str, Any]]:
-    path = out_dir / CHECKPOINT_NAME
+    """OUT/checkpoint.pt, checked (see `read`), or None when there is none."""
+    path = Path(out_dir) / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    # Our own file (RNG states are numpy/python objects), hence weights_only=False.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read(path)
+
+
+def saved_config(state: Dict[str, Any], source) -> TrainConfig:
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its 'config' is a {type(config).__name__}, not a dict of options")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(map(str, config)) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: its configuration has options this version of dtp_ext does "
+                              f"not know: {unknown} (written by another version, or not a dtp-ext checkpoint)")
+    return TrainConfig(**config)
+
+
+def check_compatible(state: Dict[str, Any], cfg: TrainConfig, source) -> None:
+    """The checkpoint must come from a run of the same configuration: only the options in
+    config.RESUMABLE (and the output folder) may differ."""
+    saved = saved_config(state, source)
+    differ = [f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(cfg, k)!r}"
+              for k in sorted(cfg.to_dict()) if k not in RESUMABLE | {"out"}
+              and getattr(saved, k) != getattr(cfg, k)]
+    if differ:
+        raise CheckpointError(f"{source}: written by a run with another configuration "
+                              f"({saved.algorithm} on {saved.dataset}, model {saved.model}); it differs in "
+                              + "; ".join(differ))

@@ -21,9 +21,13 @@ from typing import Any, Dict, List, Optional, Union
 ALGORITHMS = ("bp", "ldrl", "dtp", "tp", "drl")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
+FEEDBACK_SYNCS = ("gradients", "weights")
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
 PerLayer = Union[float, List[float], None]
+
+# Options that may differ when resuming: they do not change the computation already done.
+RESUMABLE = {"epochs", "max_steps", "progress", "threads"}
 
 
 class ConfigError(ValueError):
@@ -38,7 +42,7 @@ class TrainConfig:
     model: Optional[str] = None          # None: mnist-convnet for (fashion-)mnist, simplevgg otherwise
     epochs: int = 1
     max_steps: Optional[int] = None      # stop after this many optimizer steps in total
-    batch_size: int = 64
+    batch_size: int = 64                 # the global batch, split across processes under torchrun
     train_subset: Optional[int] = None   # first N training images (None: all)
     test_subset: Optional[int] = None
     seed: int = 0
@@ -62,6 +66,7 @@ class TrainConfig:
     feedback_momentum: float = 0.9
     feedback_warmup_steps: int = 0        # first steps train feedback weights longer ...
     feedback_warmup_factor: int = 1       # ... with this many times the iterations
+    feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
     # data pipeline and logging
     augment: Optional[bool] = None        # None: the paper's crop+flip for cifar10/imagenet32
     eval_batch_size: int = 1000
@@ -136,6 +141,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}")
+    if cfg.feedback_sync not in FEEDBACK_SYNCS:
+        raise ConfigError(f"feedback_sync must be one of {FEEDBACK_SYNCS}, got {cfg.feedback_sync!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
                  "feedback_warmup_factor"):
         _number(name, getattr(cfg, name), integer=True, minimum=1)

@@ -2,31 +2,36 @@
 
 Determinism: the global RNG is seeded once, then used only by model init and the feedback
 noise; batch order and augmentation come from their own (seed, epoch, step) generators
-(batches.py). A checkpoint holds the global RNG state, so stopping after any step and resuming
-replays exactly the computation an uninterrupted run does.
+(batches.py). A checkpoint holds the global RNG state (of every rank, under several
+processes), so stopping after any step and resuming replays exactly the computation an
+uninterrupted run does.
+
+Under torchrun (distributed.py) each rank trains on its shard of every global batch, the
+forward gradients and the feedback weights are kept identical on every rank, and rank 0 alone
+writes files, prints and shows the progress bar.
 """
 from __future__ import annotations
 
 import json
 import math
 import platform
-import random
 import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import dtp_ext
 
 from . import checkpoint as ckpt
+from . import distributed
 from .algorithms import FeedbackSettings, make_algorithm
-from .batches import eval_batches, normalise, steps_per_epoch, train_batches
-from .config import TrainConfig
+from .batches import batch_count, normalise, shard, steps_per_epoch, train_batches
+from .config import ConfigError, TrainConfig
 from .datasets import INFO, load_split
+from .evaluation import Counter, batch_totals, evaluate
 from .models import build_model
 from .plots import write_plots
 from .probe import layer_metrics
@@ -55,39 +60,6 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Counter:
-    """Running train loss and top-1/top-5 over an epoch (plain floats: saved in checkpoints)."""
-
-    def __init__(self, state: Optional[dict] = None):
-        self.state = dict(state or {"loss": 0.0, "top1": 0, "top5": 0, "seen": 0})
-
-    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor):
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == labels[:, None]
-        n = labels.shape[0]
-        self.state["loss"] += loss * n
-        self.state["top1"] += int(hit[:, 0].sum())
-        self.state["top5"] += int(hit.any(1).sum())
-        self.state["seen"] += n
-
-    def means(self, prefix: str) -> Dict[str, float]:
-        n = max(self.state["seen"], 1)
-        return {f"{prefix}_loss": self.state["loss"] / n, f"{prefix}_top1": 100 * self.state["top1"] / n,
-                f"{prefix}_top5": 100 * self.state["top5"] / n}
-
-
-@torch.no_grad()
-def evaluate(model, data, cfg: TrainConfig, info) -> Dict[str, float]:
-    was_training = model.training
-    model.eval()
-    counter = Counter()
-    for x, y in eval_batches(data, cfg.eval_batch_size, info.mean, info.std, cfg.device):
-        logits = model(x)
-        counter.add(float(F.cross_entropy(logits, y)), logits, y)
-    model.train(was_training)
-    return counter.means("test")
-
-
 def versions() -> Dict[str, str]:
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "numpy": np.__version__, "dtp_ext": dtp_ext.__version__}
@@ -100,58 +72,102 @@ def versions() -> Dict[str, str]:
 
 
 class Run:
+    """One training run. Under an initialised process group of several ranks (torchrun, see
+    distributed.py) every rank builds its own Run; --batch-size is the global batch."""
+
     def __init__(self, cfg: TrainConfig, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
+        self.ctx = ctx = distributed.context(cfg.device)
+        self.device = ctx.device
+        self.log = log if ctx.main else (lambda *args, **kwargs: None)
         self.out = Path(cfg.out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        if cfg.batch_size < ctx.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch, split across "
+                              f"{ctx.world} processes: it must be at least {ctx.world}")
+        distributed.seed_all(cfg.seed)
         self.info = INFO[cfg.dataset]
         self.train_set = load_split(cfg.dataset, cfg.data_dir, "train").subset(cfg.train_subset)
         self.test_set = load_split(cfg.dataset, cfg.data_dir, "test").subset(cfg.test_subset)
         info = self.info
-        self.model = build_model(cfg.model, info.channels, info.size, info.classes, cfg.beta).to(cfg.device)
+        self.model = build_model(cfg.model, info.channels, info.size, info.classes, cfg.beta).to(self.device)
         feedback = FeedbackSettings(cfg.feedback_iterations, cfg.feedback_noise, cfg.feedback_lr,
                                     cfg.feedback_momentum, cfg.feedback_warmup_steps,
-                                    cfg.feedback_warmup_factor)
+                                    cfg.feedback_warmup_factor, sync=cfg.feedback_sync)
         self.algorithm = make_algorithm(cfg.algorithm, self.model, feedback,
                                         (info.channels, info.size, info.size), info.classes)
+        distributed.synchronise_algorithm(self.algorithm, ctx)
+        if ctx.rank > 0:  # independent feedback noise per rank; rank 0 keeps the 1-process stream
+            distributed.seed_all(distributed.rank_seed(cfg.seed, ctx.rank))
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         probe = self.train_set.subset(cfg.probe_batch_size)
-        self.probe = (normalise(probe.images.to(cfg.device), info.mean, info.std), probe.labels.to(cfg.device))
+        self.probe = (normalise(probe.images.to(self.device), info.mean, info.std), probe.labels.to(self.device))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.counter = Counter()
         self.elapsed = 0.0
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, ctx.world)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(self.train_set)} training images cannot give each of the "
+                              f"{ctx.world} processes one")
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
+        """This rank's state; `save` adds every rank's RNG states under several processes."""
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "algorithm": self.algorithm.state_dict(), "rng": ckpt.rng_states(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "counter": self.counter.state,
-                "elapsed": self.elapsed}
+                "elapsed": self.elapsed, "world_size": self.ctx.world}
 
     def save(self):
-        ckpt.save_atomic(self.state(), self.out / ckpt.CHECKPOINT_NAME)
+        """Collective under several processes: checks that the ranks agree, then rank 0 writes
+        its state plus every rank's RNG states ("rank_rng")."""
+        state = self.state()
+        rngs = self.ctx.gather(state["rng"])
+        self.ctx.check_identical([state[k] for k in ("model", "optimizer", "algorithm", "counter")],
+                                 "weights, optimizer or feedback state")
+        if self.ctx.main:
+            if self.ctx.world > 1:
+                state["rank_rng"] = rngs
+            ckpt.save_atomic(state, self.out / ckpt.CHECKPOINT_NAME)
 
-    def restore(self, state: dict):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step, self.elapsed = state["global_step"], state["elapsed"]
-        self.counter = Counter(state["counter"])
-        ckpt.set_rng_states(state["rng"])
-        # Epoch records past the checkpoint (a crash between the log and the save) are dropped.
-        self.records = [r for r in self._read_records() if r["epoch"] <= self.epoch]
-        self._write_records()
+    def restore(self, state: dict, source="the checkpoint"):
+        """Continue from `state` (every rank loads the same rank-0 checkpoint). Raises
+        CheckpointError, naming `source`, if it does not fit this run's configuration."""
+        ckpt.check_compatible(state, self.cfg, source)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.algorithm.load_state_dict(state["algorithm"])
+            self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+            self.global_step, self.elapsed = int(state["global_step"]), float(state["elapsed"])
+            self.counter = Counter(state["counter"])
+            self._restore_rng(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise ckpt.CheckpointError(
+                f"{source}: its saved state does not fit a {self.cfg.algorithm} run of "
+                f"{self.cfg.model} ({type(exc).__name__}: {str(exc).strip()[:400]})") from None
+        if self.ctx.main:
+            # Epoch records past the checkpoint (a crash between the log and the save) are dropped.
+            self.records = [r for r in self._read_records() if r["epoch"] <= self.epoch]
+            self._write_records()
+
+    def _restore_rng(self, state: dict):
+        per_rank = state.get("rank_rng") or [state["rng"]]
+        if self.ctx.rank < len(per_rank):
+            ckpt.set_rng_states(per_rank[self.ctx.rank])
+        else:  # more processes than the run that wrote the checkpoint: fresh, reproducible streams
+            distributed.seed_all(distributed.rank_seed(self.cfg.seed, self.ctx.rank, self.global_step))
+        if len(per_rank) != self.ctx.world:
+            self.log(f"note: the checkpoint was written by {len(per_rank)} process(es), this run has "
+                     f"{self.ctx.world}: the data is the same global batches, but the feedback noise "
+                     "(and the float summation order) differ from an uninterrupted run")
 
     def _read_records(self):
         path = self.out / "metrics.jsonl"
@@ -163,60 +179,82 @@ class Run:
                 f.write(json.dumps(r) + "\n")
 
     # -- training -------------------------------------------------------------------------
-    def _train_step(self, x, y):
+    def _train_step(self, x, y, global_count: Optional[int] = None):
+        """One optimizer step on this rank's shard (x, y) of a global batch of `global_count`
+        images. Refused, with the forward weights and optimizer state untouched, if the loss or
+        any forward gradient is not finite on any rank (all ranks agree, none hangs)."""
         self.optimizer.zero_grad(set_to_none=True)
+        cause = ""
         try:
             loss, logits = self.algorithm.train_step(x, y, self.global_step)
-            value = float(loss)
         except FloatingPointError as exc:  # FeedbackTrainer refuses non-finite feedback steps
-            value, cause = float("nan"), f" ({exc})"
-        else:
-            cause = ""
-        if not math.isfinite(value):
+            loss, logits, cause = None, None, f" ({exc})"
+        params = [p for _, p in self.named_params]
+        totals = self.ctx.step_totals(params, batch_totals(loss, logits, y),
+                                      y.shape[0] / (global_count or y.shape[0]))
+        value = totals.loss_sum / max(totals.seen, 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        where = f"at step {self.global_step} (epoch {self.epoch + 1})"
+        if totals.bad_loss:
             raise TrainingDiverged(
-                f"the training loss became {value}{cause} at step {self.global_step} (epoch {self.epoch + 1}); "
-                f"lower the forward lr (now {self.optimizer.param_groups[0]['lr']:g}) or train the feedback "
-                "weights longer first (feedback_warmup_steps / feedback_warmup_factor)")
+                f"the training loss became {value}{cause} {where}; lower the forward lr (now {lr:g}) "
+                "or train the feedback weights longer first (feedback_warmup_steps / feedback_warmup_factor)")
+        if totals.bad_grad:  # the gradients are the reduced ones: every rank names the same
+            bad = [n for n, p in self.named_params
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise TrainingDiverged(
+                f"a forward gradient became non-finite ({', '.join(bad) or 'on another rank'}) {where} "
+                f"while the loss was {value:g}; the step was refused (forward weights and optimizer "
+                f"state unchanged); lower the forward lr (now {lr:g}) or the feedback lr")
         self.optimizer.step()
-        self.counter.add(value, logits, y)
+        self.counter.add_totals(totals.loss_sum, totals.top1, totals.top5, totals.seen)
         self.global_step += 1
         return value
 
     def _end_epoch(self, lr: float, epoch_time: float):
         record = {"epoch": self.epoch + 1, "step": self.global_step, **self.counter.means("train"),
-                  **evaluate(self.model, self.test_set, self.cfg, self.info),
-                  "lr": lr, "feedback_lr": self.cfg.feedback_lr,
-                  **layer_metrics(self.algorithm, *self.probe),
-                  "feedback_loss": dict(self.algorithm.last_feedback_losses),
-                  "epoch_time_s": epoch_time, "time_s": self.elapsed}
-        self.records.append(record)
-        self._write_records()
+                  **evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)}
+        if self.ctx.main:
+            record.update({"lr": lr, "feedback_lr": self.cfg.feedback_lr,
+                           **layer_metrics(self.algorithm, *self.probe),
+                           "feedback_loss": dict(self.algorithm.last_feedback_losses),
+                           "epoch_time_s": epoch_time, "time_s": self.elapsed})
+            self.records.append(record)
+            self._write_records()
         self.scheduler.step()
         self.epoch, self.step_in_epoch, self.counter = self.epoch + 1, 0, Counter()
         self.save()
-        write_plots(self.records, self.out, f"{self.cfg.dataset} {self.cfg.model} {self.cfg.algorithm}")
+        if self.ctx.main:
+            write_plots(self.records, self.out, f"{self.cfg.dataset} {self.cfg.model} {self.cfg.algorithm}")
         return record
 
     def train(self) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self, "records"):
-            self.records = []
-            self._write_records()
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not hasattr(self, "records"):
+                self.records = []
+                self._write_records()
+        batch = f"batch {cfg.batch_size}"
+        if ctx.world > 1:
+            p = self._processes()
+            batch += (f" (global: {'/'.join(map(str, p['per_process_batch_size']))} per process, "
+                      f"{ctx.world} processes, {ctx.backend}, feedback sync {p['feedback_sync']})")
         self.log(f"dtp-ext train: {cfg.algorithm} on {cfg.dataset} ({len(self.train_set)} train / "
                  f"{len(self.test_set)} test images), model {cfg.model}, {cfg.epochs} epoch(s) of "
-                 f"{self.steps_per_epoch} steps, batch {cfg.batch_size}, {lr_units_note(cfg)}, "
-                 f"device {cfg.device}, out {self.out}")
+                 f"{self.steps_per_epoch} steps, {batch}, {lr_units_note(cfg)}, "
+                 f"device {self.device}, out {self.out}")
         stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stopped:
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
-            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not cfg.progress,
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                       disable=not (cfg.progress and ctx.main),
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
             for step, x, y in train_batches(self.train_set, cfg.batch_size, cfg.seed, self.epoch,
                                             self.step_in_epoch, self.info.mean, self.info.std,
-                                            cfg.augment, cfg.device):
-                loss = self._train_step(x, y)
+                                            cfg.augment, self.device, ctx.rank, ctx.world):
+                loss = self._train_step(x, y, batch_count(len(self.train_set), cfg.batch_size, step))
                 self.step_in_epoch = step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.counter.means('train')['train_top1']:.1f}%",
@@ -238,24 +276,40 @@ class Run:
                 stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         return self.finish()
 
+    def _processes(self) -> dict:
+        """How the run is split across processes (summary.json "processes")."""
+        sizes = [hi - lo for lo, hi in (shard(self.cfg.batch_size, r, self.ctx.world)
+                                        for r in range(self.ctx.world))]
+        sync = {"bp": None, "ldrl": self.cfg.feedback_sync}.get(self.cfg.algorithm, "weights")
+        return {"world_size": self.ctx.world, "backend": self.ctx.backend,
+                "global_batch_size": self.cfg.batch_size, "per_process_batch_size": sizes,
+                "feedback_sync": sync if self.ctx.world > 1 else None}
+
     def finish(self) -> dict:
-        final = evaluate(self.model, self.test_set, self.cfg, self.info)
-        alignment = layer_metrics(self.algorithm, *self.probe)
+        """Final evaluation and summary.json (rank 0 writes it; every rank returns it, the
+        alignment only on rank 0)."""
+        final = evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)
+        alignment = layer_metrics(self.algorithm, *self.probe) if self.ctx.main else None
         summary = {"test_accuracy": final["test_top1"], "test_top5": final["test_top5"],
                    "test_loss": final["test_loss"], "epochs_completed": self.epoch,
                    "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                    "finished": self.epoch >= self.cfg.epochs, "train_time_s": self.elapsed,
                    "alignment": alignment, "config": self.cfg.to_dict(), "seed": self.cfg.seed,
+                   "processes": self._processes(),
                    "versions": versions(), "device": self._device_name(),
                    "build_info": dtp_ext.build_info()}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        self._report(summary)
+        if self.ctx.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            self._report(summary)
+        self.ctx.barrier()  # every rank returns once the files are written
         return summary
 
     def _device_name(self) -> str:
-        if self.cfg.device.startswith("cuda"):
-            return f"{self.cfg.device} ({torch.cuda.get_device_name(torch.device(self.cfg.device))})"
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        if self.device.startswith("cuda"):
+            name = f"{self.device} ({torch.cuda.get_device_name(torch.device(self.device))})"
+        else:
+            name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return name if self.ctx.world == 1 else f"{name}, rank 0 of {self.ctx.world} processes"
 
     def _report(self, s: dict):
         self.log(f"test accuracy {s['test_accuracy']:.2f}% (top-5 {s['test_top5']:.2f}%) after "

@@ -8,7 +8,7 @@ get on a batch: compared with backprop's gradient, it gives the per-layer GMP an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ class FeedbackSettings:
     momentum: float = 0.9
     warmup_steps: int = 0
     warmup_factor: int = 1
+    sync: Optional[str] = None  # FeedbackTrainer's sync under several processes (ldrl)
 
     def iterations_at(self, step: int) -> List[int]:
         factor = self.warmup_factor if step < self.warmup_steps else 1
@@ -52,6 +53,18 @@ class Algorithm:
 
     def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> List[torch.Tensor]:
         raise NotImplementedError
+
+    def feedback_state(self) -> List[torch.Tensor]:
+        """Every tensor the feedback phase trains, in a fixed order: the trained blocks' feedback
+        weights and biases, then the momentum buffers of the algorithm's own feedback SGD
+        (`self.sgd`, if any). Under several processes the training loop averages them across
+        ranks after each feedback phase (distributed.py); L-DRL's FeedbackTrainer, which holds
+        its own momentum, synchronises inside its step instead."""
+        tensors = [t for _, b in self.trained for t in (b.feedback_weight, b.feedback_bias)]
+        sgd = getattr(self, "sgd", None)
+        if sgd is not None:
+            tensors += [sgd.buffers[k] for k in sorted(sgd.buffers)]
+        return tensors
 
     def state_dict(self) -> dict:
         return {}

@@ -18,6 +18,9 @@ class Backprop(Algorithm):
         loss.backward()
         return loss.detach(), logits.detach()
 
+    def feedback_state(self):
+        return []  # no feedback training
+
     def update_directions(self, x, y):
         loss = F.cross_entropy(forward_bp(self.model, x), y)
         return list(torch.autograd.grad(loss, [b.weight for _, b in self.blocks]))

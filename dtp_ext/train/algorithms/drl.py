@@ -72,6 +72,9 @@ class DRL(Algorithm):
     def update_directions(self, x, y):
         return target_update_directions(self, x, y)
 
+    def feedback_state(self):
+        return list(self.Q) + [self.sgd.buffers[k] for k in sorted(self.sgd.buffers)]
+
     def state_dict(self):
         return {"Q": [q.clone() for q in self.Q], "sgd": self.sgd.state_dict()}
 

@@ -13,8 +13,11 @@ class LDRL(Algorithm):
 
     def __init__(self, model, feedback, input_shape, classes):
         super().__init__(model, feedback, input_shape, classes)
+        # Under several processes the trainer keeps the feedback weights identical on every
+        # rank itself (feedback.sync: "gradients" by default, or "weights").
         self.trainer = dtp_ext.FeedbackTrainer(model, feedback.iterations, feedback.noise,
-                                               feedback.lr, momentum=feedback.momentum)
+                                               feedback.lr, momentum=feedback.momentum,
+                                               sync=feedback.sync)
 
     def train_step(self, x, y, step):
         self.model.train()

@@ -1,0 +1,146 @@
+"""`dtp-ext train --resume` with a checkpoint that is damaged, foreign, or from another run: a
+clear error naming the file (exit code 2), never a pickle or zip traceback, and no code run."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtp_ext.cli import main
+from dtp_ext.train import CheckpointError, TrainConfig, resolve
+from dtp_ext.train import checkpoint as ckpt
+from dtp_ext.train.runner import Run
+
+TINY = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--probe-batch-size", "16",
+        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert main(["train", "--max-steps", "1", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def _copy(good_run, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(good_run, out)
+    return out
+
+
+def _resume(out, capsys, *extra):
+    code = main(["train", "--resume", "--out", str(out), "--no-progress", *extra])
+    return code, capsys.readouterr().err
+
+
+def _expect_error(out, capsys, *words):
+    code, err = _resume(out, capsys)
+    assert code == 2, err
+    assert str(out / "checkpoint.pt") in err and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_good_checkpoint_resumes(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    code, err = _resume(out, capsys, "--max-steps", "2")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.parametrize("cut, words", [(0.5, ["truncated"]), (0.999, ["truncated"]), (0.0, ["empty"])])
+def test_truncated_checkpoint(good_run, tmp_path, capsys, cut, words):
+    out = _copy(good_run, tmp_path)
+    path = out / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * cut)])
+    _expect_error(out, capsys, *words)
+
+
+def test_corrupted_bytes_inside_the_archive(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    path = out / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # inside a tensor's bytes: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    _expect_error(out, capsys, "damaged", "CRC")
+
+
+def test_non_torch_file(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    (out / "checkpoint.pt").write_text("epoch: 3\nthis is not a checkpoint\n")
+    _expect_error(out, capsys, "not a PyTorch checkpoint")
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, ["not a dtp-ext train checkpoint", "lacks", "'config'"]),
+    ([torch.zeros(2)], ["holds a list"]),
+])
+def test_foreign_torch_file(good_run, tmp_path, capsys, content, words):
+    out = _copy(good_run, tmp_path)
+    torch.save(content, out / "checkpoint.pt")
+    _expect_error(out, capsys, *words)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_with_code_is_refused_without_running_it(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["extra"] = _Payload(marker)
+    torch.save(state, out / "checkpoint.pt")
+    _expect_error(out, capsys, "not unpickled")
+    assert not marker.exists()
+
+
+def test_options_of_another_version(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["config"]["layer_norm"] = True
+    torch.save(state, out / "checkpoint.pt")
+    _expect_error(out, capsys, "options this version of dtp_ext does not know", "layer_norm")
+
+
+def test_state_of_another_algorithm(good_run, tmp_path, capsys):
+    """An ldrl checkpoint whose config was edited to drl: the saved state does not fit."""
+    out = _copy(good_run, tmp_path)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["config"]["algorithm"] = "drl"
+    torch.save(state, out / "checkpoint.pt")
+    _expect_error(out, capsys, "does not fit a drl run", "mnist-convnet")
+
+
+def test_weights_of_another_model(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["model"]["conv2.weight"] = torch.zeros(8, 16, 3, 3)
+    torch.save(state, out / "checkpoint.pt")
+    _expect_error(out, capsys, "does not fit", "conv2.weight")
+
+
+def test_resume_with_another_algorithm_on_the_command_line(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    code, err = _resume(out, capsys, "--algorithm", "bp")
+    assert code == 2 and str(out / "checkpoint.pt") in err
+    assert "--algorithm (saved 'ldrl', given 'bp')" in err, err
+
+
+def test_run_restore_checks_the_configuration(good_run):
+    """The library path: Run.restore refuses a checkpoint of another configuration."""
+    state = ckpt.read(good_run / "checkpoint.pt")
+    cfg = resolve(TrainConfig(algorithm="bp", train_subset=64, test_subset=32, batch_size=32,
+                              progress=False, out=str(good_run)))
+    with pytest.raises(CheckpointError, match=r"algorithm: checkpoint 'ldrl', this run 'bp'") as info:
+        Run(cfg, log=lambda *a: None).restore(state, source=good_run / "checkpoint.pt")
+    assert str(good_run / "checkpoint.pt") in str(info.value)
+    assert isinstance(info.value, ValueError)
