@@ -98,6 +98,11 @@ def finite_checks(enabled: bool) -> Iterator[None]:
         set_finite_checks(previous)
 
 
+def is_non_finite_input_error(exc: BaseException) -> bool:
+    """Whether `exc` is a fused op refusing a NaN/Inf input (the C++ check raises ValueError)."""
+    return isinstance(exc, ValueError) and "contains non-finite values" in str(exc)
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether this build registered a kernel for torch.ops.dtp_ext.<op> on that key."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dtp_ext::{op}", dispatch_key)

@@ -187,7 +187,7 @@ class FeedbackTrainer:
                     losses = self._train_block(block, x, buffers, k, sigma, lr, noise_x, noise_y,
                                                sync, world)
             except ValueError as exc:  # the op refused a non-finite input before touching V
-                if "non-finite" not in str(exc):
+                if not ops.is_non_finite_input_error(exc):
                     raise
                 self._join_streams(runs)
                 self._restore(runs)

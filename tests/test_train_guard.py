@@ -63,3 +63,29 @@ def test_cli_stops_with_exit_code_1_and_no_checkpoint(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "diverged: a forward gradient became non-finite (conv1.weight) at step 1" in err, err
     assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("poison", ["input", "logits"])
+def test_ldrl_non_finite_forward_is_refused_by_the_fused_ops(tmp_path, poison):
+    """A NaN reaching the fused ops (a recorded input in the feedback phase, or the loss in the
+    DTP backward) stops the step as divergence, never writing a non-finite weight."""
+    run = _run(tmp_path, "ldrl")
+    x, y = _batch(run)
+    run._train_step(x, y)
+    state = {n: t.clone() for n, t in run.model.state_dict().items()}
+    if poison == "input":
+        x = x.clone()
+        x[0, 0, 5, 5] = float("nan")
+        match = r"training loss became nan .*block 'conv2' was not trained: .*x contains non-finite"
+    else:
+        run.model.fc.register_forward_hook(lambda m, i, out: out * float("nan"))
+        match = r"training loss became nan .*delta contains non-finite values"
+    with pytest.raises(TrainingDiverged, match=match):
+        run._train_step(x, y)
+    for n, t in run.model.state_dict().items():
+        # With finite inputs the feedback phase ran before the backward refused the step: its
+        # feedback weights are finite; forward weights are untouched in both cases.
+        if poison == "input" or "feedback" not in n:
+            assert torch.equal(t, state[n]), n
+        assert torch.isfinite(t).all(), n
+    assert run.global_step == 1

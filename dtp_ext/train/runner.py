@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import dtp_ext
+from dtp_ext import ops
 
 from . import checkpoint as ckpt
 from . import distributed
@@ -187,7 +188,11 @@ class Run:
         cause = ""
         try:
             loss, logits = self.algorithm.train_step(x, y, self.global_step)
-        except FloatingPointError as exc:  # FeedbackTrainer refuses non-finite feedback steps
+        except (FloatingPointError, ValueError) as exc:
+            # FeedbackTrainer refuses non-finite feedback steps; a fused op refuses a non-finite
+            # input (e.g. the DTP backward of a NaN loss) before any gradient is written.
+            if isinstance(exc, ValueError) and not ops.is_non_finite_input_error(exc):
+                raise
             loss, logits, cause = None, None, f" ({exc})"
         params = [p for _, p in self.named_params]
         totals = self.ctx.step_totals(params, batch_totals(loss, logits, y),
