@@ -68,7 +68,8 @@ def test_ldrl_with_transposed_feedback_matches_backprop_in_linear_nets():
 
 
 def test_tp_with_exact_inverse_feedback_equals_difference_targets():
-    """With G = F^-1 (square linear blocks), G(t) = s + G(t) - G(s): TP's targets are DTP's."""
+    """With G = F^-1 (square linear blocks), G(t) = s + G(t) - G(s): TP's targets are DTP's
+    (SPEC's form, every target through a feedback block)."""
     model = linear_chain(widths=(5, 5, 5, 5))
     with torch.no_grad():
         for layer in list(model)[1:]:
@@ -77,10 +78,106 @@ def test_tp_with_exact_inverse_feedback_equals_difference_targets():
             layer.feedback_weight.copy_(torch.linalg.inv(w))
             layer.feedback_bias.copy_(-torch.linalg.inv(w) @ layer.bias)
     x, y = batch(features=5, classes=5)
-    tp = make_algorithm("tp", model, settings(2), (5,), 5).update_directions(x, y)
+    algo = make_algorithm("tp", model, settings(2), (5,), 5)
+    algo.penultimate_target = "feedback"
+    tp = algo.update_directions(x, y)
     ref = dtp_ext.reference.dtp_weight_gradients(list(model), x, y, BETA)  # paper-form DTP
     for g, (g_ref, _) in zip(tp, ref):
         torch.testing.assert_close(g, g_ref)
+
+
+def _random_feedback_chain():
+    """Three tanh/linear blocks 4-6-5-3 whose feedback weights are random, not W^T or W^-1."""
+    model = linear_chain(widths=(4, 6, 5, 3), activation="tanh")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model:
+            layer.feedback_weight.copy_(torch.randn(layer.feedback_weight.shape, generator=g, dtype=torch.float64))
+            layer.feedback_bias.copy_(0.3 * torch.randn(layer.feedback_bias.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def _hand_targets(model, x, y, *, difference, penultimate):
+    """SPEC §3/§5 written out for the 3-block chain: s_n, then the targets t_3, t_2, t_1."""
+    l1, l2, l3 = model
+    s1 = torch.tanh(F.linear(x, l1.weight, l1.bias))
+    s2 = torch.tanh(F.linear(s1, l2.weight, l2.bias))
+    s3 = F.linear(s2, l3.weight, l3.bias)
+    e = torch.softmax(s3, 1) - F.one_hot(y, 3).double()   # grad of the sum-reduced CE at s3
+    t3 = s3 - BETA * e
+    G3 = lambda v: F.linear(v, l3.feedback_weight, l3.feedback_bias)            # no activation
+    G2 = lambda v: F.linear(torch.tanh(v), l2.feedback_weight, l2.feedback_bias)  # block 2's tanh
+    if penultimate == "gradient":
+        t2 = s2 - BETA * e @ l3.weight            # Lee et al. 2015: s2 - beta W3^T e
+    else:
+        t2 = s2 + G3(t3) - G3(s3) if difference else G3(t3)
+    t1 = s1 + G2(t2) - G2(s2) if difference else G2(t2)
+    return [s1, s2, s3], [t1.detach(), t2.detach(), t3.detach()]
+
+
+def _hand_updates(model, x, y, **kw):
+    """Gradients of sum_n 1/2 mean_b |s_n - t_n|^2 in the blocks' weights, over beta."""
+    with torch.enable_grad():
+        s, t = _hand_targets(model, x, y, **kw)
+        # each block's input detached: a block's loss trains only its own weights
+        h, outs = x, []
+        for i, layer in enumerate(model):
+            z = F.linear(h.detach(), layer.weight, layer.bias)
+            outs.append(torch.tanh(z) if i < 2 else z)
+            h = s[i]
+        loss = sum(0.5 * ((o - ti) ** 2).sum(1).mean() for o, ti in zip(outs, t))
+        return [g / BETA for g in torch.autograd.grad(loss, [l.weight for l in model])]
+
+
+@pytest.mark.parametrize("name, difference", [("tp", False), ("dtp", True)])
+@pytest.mark.parametrize("penultimate", ["gradient", "feedback"])
+def test_reconstruction_algorithms_targets_by_hand(name, difference, penultimate):
+    """TP: t_{n-1} = G_n(t_n); DTP: s_{n-1} + G_n(t_n) - G_n(s_n); the last hidden block's target
+    is s - beta * dL/ds ("gradient", the default) or goes through the output block's G ("feedback",
+    SPEC's form). Checked on the update directions and on the .grad a training step leaves."""
+    model = _random_feedback_chain()
+    x, y = batch()
+    algo = make_algorithm(name, model, settings(3), (4,), 3)
+    assert algo.penultimate_target == "gradient"  # the default of both
+    algo.penultimate_target = penultimate
+    expected = _hand_updates(model, x, y, difference=difference, penultimate=penultimate)
+    for g, g_hand in zip(algo.update_directions(x, y), expected):
+        torch.testing.assert_close(g, g_hand)
+    algo.train_step(x, y, 0)  # K = 0: the feedback weights stay as they are
+    for layer, g_hand in zip(model, expected):
+        torch.testing.assert_close(layer.weight.grad, g_hand)
+    bp = backprop_gradients(model, algo.blocks, x, y)
+    if penultimate == "gradient":  # the last two blocks take backprop's step exactly
+        torch.testing.assert_close(expected[1], bp[1])
+    else:
+        assert angle_degrees(expected[1], bp[1]) > 1
+    assert angle_degrees(expected[0], bp[0]) > 1
+
+
+def test_tp_targets_differ_between_the_two_penultimate_choices():
+    """Guards the hand-derived test against the two choices coinciding on its network."""
+    model = _random_feedback_chain()
+    x, y = batch()
+    a = _hand_updates(model, x, y, difference=False, penultimate="gradient")
+    b = _hand_updates(model, x, y, difference=False, penultimate="feedback")
+    assert angle_degrees(a[0], b[0]) > 5 and angle_degrees(a[1], b[1]) > 5
+
+
+def test_dtp_explicit_targets_equal_the_fused_backward():
+    """SPEC's vanilla DTP by the DTP blocks' fused backward = the explicit paper-form targets."""
+    from dtp_ext.train.algorithms.base import target_update_directions
+    model = _random_feedback_chain()
+    x, y = batch()
+    algo = make_algorithm("dtp", model, settings(3), (4,), 3)
+    algo.penultimate_target = "feedback"
+    for g_fused, g_explicit in zip(algo.update_directions(x, y), target_update_directions(algo, x, y)):
+        torch.testing.assert_close(g_fused, g_explicit)
+
+
+def test_unknown_penultimate_target_is_refused():
+    from dtp_ext.train.algorithms.reconstruction import TargetProp
+    with pytest.raises(ValueError, match="penultimate"):
+        TargetProp(linear_chain(), settings(2), (4,), 3, penultimate_target="inverse")
 
 
 def test_drl_with_transposed_direct_feedback_is_backprop_for_a_linear_net():

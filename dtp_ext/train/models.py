@@ -54,6 +54,9 @@ MODELS: Dict[str, ModelSpec] = {
     "mnist-convnet": ModelSpec(
         mnist_convnet,
         {"ldrl": ([20, 20], [0.2, 0.08], [1e-3, 0.18]),
+         # reconstruction: conv2's G reaches its reconstruction floor within ~20 batches at lr
+         # 1e-4 already; at 1e-3 a one-epoch TP run diverged after ~400 steps (its SGD becomes
+         # unstable as conv1's activity grows), at 3e-3 even the feedback-only loop did.
          "reconstruction": ([20, 20], [0.2, 0.08], [1e-4, 1e-3]),
          "drl": ([20, 20], [0.1, 0.1], [1e-4, 1e-4])},
         16, "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
