@@ -49,7 +49,7 @@ def _numbers(text: str):
 
 
 def _add_train_parser(sub):
-    from .train.config import ALGORITHMS, DATASETS, FEEDBACK_SYNCS, SCHEDULERS
+    from .train.config import ALGORITHMS, DATASETS, FEEDBACK_SYNCS, PENULTIMATE_TARGETS, SCHEDULERS
     from .train.models import MODELS
     from .train.presets import PRESETS
 
@@ -102,6 +102,10 @@ def _add_train_parser(sub):
                         "every iteration across processes (one big batch; an all-reduce per iteration), "
                         "'weights' averages feedback weights and momentum once per step. dtp, tp and "
                         "drl always average theirs after their feedback phase")
+    g.add_argument("--penultimate-target", choices=PENULTIMATE_TARGETS,
+                   help="dtp and tp: the last hidden block's target through the output block's "
+                        "feedback, 'feedback' (default, SPEC §5), or by a gradient step through the "
+                        "output block, 'gradient' (Lee et al. 2015)")
     g = p.add_argument_group("data and logging")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (pad 4, edge) + flip; default on for cifar10/imagenet32")

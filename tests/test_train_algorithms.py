@@ -133,13 +133,13 @@ def _hand_updates(model, x, y, **kw):
 @pytest.mark.parametrize("penultimate", ["gradient", "feedback"])
 def test_reconstruction_algorithms_targets_by_hand(name, difference, penultimate):
     """TP: t_{n-1} = G_n(t_n); DTP: s_{n-1} + G_n(t_n) - G_n(s_n); the last hidden block's target
-    is s - beta * dL/ds ("gradient", the default) or goes through the output block's G ("feedback",
-    SPEC's form). Checked on the update directions and on the .grad a training step leaves."""
+    is s - beta * dL/ds ("gradient", Lee et al.) or goes through the output block's G ("feedback",
+    SPEC's form, the default). Checked on the update directions and on the .grad a training step
+    leaves."""
     model = _random_feedback_chain()
     x, y = batch()
-    algo = make_algorithm(name, model, settings(3), (4,), 3)
-    assert algo.penultimate_target == "gradient"  # the default of both
-    algo.penultimate_target = penultimate
+    assert make_algorithm(name, model, settings(3), (4,), 3).penultimate_target == "feedback"
+    algo = make_algorithm(name, model, settings(3), (4,), 3, penultimate)
     expected = _hand_updates(model, x, y, difference=difference, penultimate=penultimate)
     for g, g_hand in zip(algo.update_directions(x, y), expected):
         torch.testing.assert_close(g, g_hand)

@@ -22,6 +22,7 @@ ALGORITHMS = ("bp", "ldrl", "dtp", "tp", "drl")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
+PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp: algorithms/reconstruction.py
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
 PerLayer = Union[float, List[float], None]
@@ -67,6 +68,7 @@ class TrainConfig:
     feedback_warmup_steps: int = 0        # first steps train feedback weights longer ...
     feedback_warmup_factor: int = 1       # ... with this many times the iterations
     feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
+    penultimate_target: Optional[str] = None  # dtp/tp: None = "feedback" (SPEC), or "gradient"
     # data pipeline and logging
     augment: Optional[bool] = None        # None: the paper's crop+flip for cifar10/imagenet32
     eval_batch_size: int = 1000
@@ -143,6 +145,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}")
     if cfg.feedback_sync not in FEEDBACK_SYNCS:
         raise ConfigError(f"feedback_sync must be one of {FEEDBACK_SYNCS}, got {cfg.feedback_sync!r}")
+    if cfg.penultimate_target is not None:
+        if cfg.penultimate_target not in PENULTIMATE_TARGETS:
+            raise ConfigError(f"penultimate_target must be one of {PENULTIMATE_TARGETS}, "
+                              f"got {cfg.penultimate_target!r}")
+        if cfg.algorithm not in ("dtp", "tp"):
+            raise ConfigError(f"penultimate_target applies to dtp and tp only, not {cfg.algorithm!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
                  "feedback_warmup_factor"):
         _number(name, getattr(cfg, name), integer=True, minimum=1)

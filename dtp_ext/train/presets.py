@@ -25,35 +25,33 @@ def _ldrl_paper(dataset: str, lr_paper: float, batch: int, iterations) -> Dict[s
                 eta_min=round(BETA * 1e-5, 12), augment=True, feedback_iterations=iterations)
 
 
-def _mnist(dataset: str, algorithm: str) -> Dict[str, Any]:
+def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[str, Any]:
     """Full MNIST / Fashion-MNIST, 5 epochs of the small conv net. lr 0.01 (gradient units) is
     the value SPEC §4 found stable for L-DRL; BP and vanilla DTP share it (the same step size in
-    gradient units); DRL diverges there and uses 0.001. TP: see the comment below."""
+    gradient units); DRL and SPEC's TP diverge there and use 0.001.
+
+    `penultimate` "gradient" (presets `<dataset>-dtp-lee`, `<dataset>-tp-lee`): the last hidden
+    block's target by a gradient step through the output block, as Lee et al. 2015 (see
+    algorithms/reconstruction.py); the plain `-dtp` / `-tp` presets are SPEC §5's form."""
     cfg = {"algorithm": algorithm, "dataset": dataset, "model": "mnist-convnet", "epochs": 5,
            "batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
-           "lr": {"drl": 0.001}.get(algorithm, 0.01)}
+           "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01)}
     # Feedback settings: the model's defaults for the algorithm (models.py).
-    # dtp and tp compute the last hidden block's target with the gradient (Lee et al. 2015,
-    # `penultimate_target = "gradient"` in algorithms/reconstruction.py), so the targets go
-    # through a learned inverse only from conv2 down to conv1 (conv2 and fc take backprop's
-    # step). mnist-dtp, 1 epoch, seed 0, --threads 1: 98.46 %, against 83.59 % in SPEC's form
-    # (every target through G, the fc inverse included).
-    if algorithm == "tp":
+    if penultimate == "gradient":
+        cfg["penultimate_target"] = "gradient"
+    if algorithm == "tp" and penultimate == "gradient":
         # TP's conv1 target G(t) carries the conv2 inverse's reconstruction error, about half of
         # conv1's per-image variation even for a converged G (conv2 + pool maps 2304 values to
         # 512), while only the part G(t) - G(s) grows with beta; in gradient units the error
         # enters conv1's step divided by beta. At beta 0.7 conv1's first steps are ~10^3 times
         # backprop's and conv1 collapses (ELU units saturated at -1): with the gradient target
         # above, after 300 steps, chance at lr 0.001 and divergence or chance at lr 0.005-0.01 in
-        # four tries out of five (the fifth, at lr 0.01 with feedback warm-up, reached 81 % on a
-        # conv1 with 83 % of its units saturated, and the same settings diverged at step 4 with
-        # another noise draw). Hence: beta 10 (conv2's and fc's steps are backprop's whatever beta
-        # is, so lr 0.01 is still BP's step there), one step of 100x feedback iterations before
-        # the first forward step (targets from a trained G), feedback lr kept at the defaults
-        # (1e-3 on conv2 diverged after ~400 steps). Measured (1 epoch, seed 0, --threads 1):
-        # 90.26 % test, against chance for SPEC's TP at the former preset (beta 0.7, lr 0.001);
-        # conv1's update stays ~86° from backprop's.
-        cfg.update(beta=10.0, feedback_warmup_steps=1, feedback_warmup_factor=100)
+        # four tries out of five. Hence: beta 10 (conv2's and fc's steps are backprop's whatever
+        # beta is, so lr 0.01 is still BP's step there), one step of 100x feedback iterations
+        # before the first forward step (targets from a trained G), feedback lr kept at the
+        # defaults (1e-3 on conv2 diverged after ~400 steps). conv1's update stays ~86° from
+        # backprop's.
+        cfg.update(lr=0.01, beta=10.0, feedback_warmup_steps=1, feedback_warmup_factor=100)
     return cfg
 
 
@@ -72,3 +70,5 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 for _dataset in ("mnist", "fashion-mnist"):
     for _algorithm in ("bp", "ldrl", "dtp", "tp", "drl"):
         PRESETS[f"{_dataset}-{_algorithm}"] = _mnist(_dataset, _algorithm)
+    for _algorithm in ("dtp", "tp"):
+        PRESETS[f"{_dataset}-{_algorithm}-lee"] = _mnist(_dataset, _algorithm, "gradient")

@@ -97,7 +97,8 @@ class Run:
                                     cfg.feedback_momentum, cfg.feedback_warmup_steps,
                                     cfg.feedback_warmup_factor, sync=cfg.feedback_sync)
         self.algorithm = make_algorithm(cfg.algorithm, self.model, feedback,
-                                        (info.channels, info.size, info.size), info.classes)
+                                        (info.channels, info.size, info.size), info.classes,
+                                        cfg.penultimate_target)
         distributed.synchronise_algorithm(self.algorithm, ctx)
         if ctx.rank > 0:  # independent feedback noise per rank; rank 0 keeps the 1-process stream
             distributed.seed_all(distributed.rank_seed(cfg.seed, ctx.rank))

@@ -8,8 +8,13 @@ from .reconstruction import TargetProp, VanillaDTP
 ALGORITHM_CLASSES = {cls.name: cls for cls in (Backprop, LDRL, VanillaDTP, TargetProp, DRL)}
 
 
-def make_algorithm(name, model, feedback: FeedbackSettings, input_shape, classes) -> Algorithm:
-    return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes)
+def make_algorithm(name, model, feedback: FeedbackSettings, input_shape, classes,
+                   penultimate_target=None) -> Algorithm:
+    """`penultimate_target` (dtp and tp only; None: SPEC's form), see reconstruction.py."""
+    if penultimate_target is None:
+        return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes)
+    return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes,
+                                   penultimate_target=penultimate_target)
 
 
 __all__ = ["Algorithm", "FeedbackSettings", "ALGORITHM_CLASSES", "make_algorithm"]

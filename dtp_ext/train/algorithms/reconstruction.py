@@ -10,19 +10,19 @@ blocks below, vanilla DTP's t_{n-1} = s_{n-1} + G_n(t_n) - G_n(s_n) and TP's t_{
 layer-local losses 1/2 mean_b |s_n - t_n|^2, their gradients divided by beta (this library's
 units).
 
-The last hidden block's target: `penultimate_target`, a class attribute and constructor option
-(there is no CLI flag; set it on the algorithm object to get SPEC's form):
+The last hidden block's target: `penultimate_target` (`--penultimate-target` in the training
+command, a constructor option here):
 
-- "gradient" (default for both): t_{N-1} = s_{N-1} - beta * d(sum_b CE)/d s_{N-1}, i.e. one
+- "feedback" (default: SPEC §5's form): t_{N-1} through the output block's G as every other
+  target (vanilla DTP by the DTP blocks' fused backward, as L-DRL).
+- "gradient" (Lee et al. 2015): t_{N-1} = s_{N-1} - beta * d(sum_b CE)/d s_{N-1}, i.e. one
   gradient step through the output block, as in Lee et al. 2015 (their Algorithm 1 makes the
   first target at the last hidden layer by a gradient step on the global loss; only the layers
   below use the learned inverses). The output block and the last hidden block then take
   backprop's step exactly, and only the targets of the blocks below go through learned
   feedback. The output block's G is still trained, but shapes no target.
-- "feedback": SPEC §5's form, t_{N-1} through the output block's G as every other target
-  (vanilla DTP by the DTP blocks' fused backward, as L-DRL).
 
-This choice departs from SPEC §5, for this reason, measured on mnist-convnet (conv1 -> conv2 ->
+Why the second choice exists, measured on mnist-convnet (conv1 -> conv2 ->
 fc 512 -> 10, MNIST, seed 0, one thread). The output block cannot be inverted: its G sees 10
 numbers, and even trained to convergence its reconstruction G(F(s)) misses ~80 % of the 512-dim
 conv2 output's per-image variation (conv2's G misses ~54 % of conv1's). SPEC's TP target
@@ -55,7 +55,7 @@ from .base import Algorithm, fused_update_directions, target_update_directions
 from .feedback_sgd import MomentumSGD
 
 # How the target of the last hidden block (the output block's input) is computed; see above.
-PENULTIMATE_TARGETS = ("gradient", "feedback")
+PENULTIMATE_TARGETS = ("feedback", "gradient")
 
 
 def reconstruction_loss(block, x, eps, V, c):
@@ -120,7 +120,7 @@ def reconstruction_targets(logits: torch.Tensor, labels: torch.Tensor, records: 
 
 
 class _ReconstructionFeedback(Algorithm):
-    penultimate_target = "gradient"
+    penultimate_target = "feedback"
     difference = True
 
     def __init__(self, model, feedback, input_shape, classes, *,
