@@ -102,6 +102,10 @@ def _add_train_parser(sub):
                         "every iteration across processes (one big batch; an all-reduce per iteration), "
                         "'weights' averages feedback weights and momentum once per step. dtp, tp and "
                         "drl always average theirs after their feedback phase")
+    g.add_argument("--feedback-memory-mb", type=float, metavar="MB",
+                   help="ldrl, dtp, tp: extra memory one block's feedback loop may use to batch its "
+                        "noisy forward passes across iterations (default 256; smaller is slower, "
+                        "never different; docs/memory.md)")
     g.add_argument("--penultimate-target", choices=PENULTIMATE_TARGETS,
                    help="dtp and tp: the last hidden block's target through the output block's "
                         "feedback, 'feedback' (default, SPEC §5), or by a gradient step through the "

@@ -41,6 +41,7 @@ def test_unknown_dataset_is_an_argparse_error(capsys):
     (["--dataset", "mnist", "--model", "simplevgg"], "needs inputs of at least 32x32"),
     (["--config", "no-such-preset"], "neither a preset"),
     (["--resume"], "--resume needs --out"),
+    (["--feedback-memory-mb", "0"], "feedback_memory_mb must be > 0"),
     (["--penultimate-target", "gradient"], "penultimate_target applies to dtp and tp only, not 'ldrl'"),
 ])
 def test_bad_values_stop_before_training(capsys, tmp_path, argv, message):

@@ -110,3 +110,27 @@ def test_default_command_reaches_97_percent(tmp_path):
     out = tmp_path / "default"
     assert train("--out", str(out), "--no-progress") == 0
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] >= 97.0
+
+
+@pytest.mark.parametrize("algorithm", ["ldrl", "dtp"])
+def test_feedback_memory_cap_changes_batching_not_results(tmp_path, algorithm, monkeypatch):
+    """--feedback-memory-mb reaches the fused loops (one iteration per chunk at 0.01 MB, all of
+    them by default) and, the noise being drawn in the same order, leaves the run bitwise equal."""
+    from dtp_ext import trainer as trainer_module
+    chunks = []
+    original = trainer_module.chunk_iterations
+    monkeypatch.setattr(trainer_module, "chunk_iterations",
+                        lambda *a: chunks.append(original(*a)) or chunks[-1])
+    import dtp_ext.train.algorithms.reconstruction as reconstruction
+    monkeypatch.setattr(reconstruction, "chunk_iterations", trainer_module.chunk_iterations)
+    states = {}
+    for cap in ("0.01", None):
+        out = tmp_path / f"cap-{cap}"
+        chunks.clear()
+        argv = ["--algorithm", algorithm, "--max-steps", "2", "--feedback-iterations", "3",
+                "--out", str(out), *TINY] + (["--feedback-memory-mb", cap] if cap else [])
+        assert train(*argv) == 0
+        assert chunks and (set(chunks) == {1} if cap else min(chunks) >= 3), chunks
+        states[cap] = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in states[None].items():
+        assert torch.equal(value, states["0.01"][name]), name

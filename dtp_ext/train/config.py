@@ -68,6 +68,7 @@ class TrainConfig:
     feedback_warmup_steps: int = 0        # first steps train feedback weights longer ...
     feedback_warmup_factor: int = 1       # ... with this many times the iterations
     feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
+    feedback_memory_mb: float = 256.0     # per block: caps batching across iterations
     penultimate_target: Optional[str] = None  # dtp/tp: None = "feedback" (SPEC), or "gradient"
     # data pipeline and logging
     augment: Optional[bool] = None        # None: the paper's crop+flip for cifar10/imagenet32
@@ -158,6 +159,7 @@ def validate(cfg: TrainConfig) -> None:
         _number(name, getattr(cfg, name), integer=True, minimum=1, allow_none=True)
     _number("seed", cfg.seed, integer=True, minimum=0)
     _number("feedback_warmup_steps", cfg.feedback_warmup_steps, integer=True, minimum=0)
+    _number("feedback_memory_mb", cfg.feedback_memory_mb, positive=True)
     _number("lr", cfg.lr, minimum=0, allow_none=True)
     for name in ("weight_decay", "eta_min", "gamma"):
         _number(name, getattr(cfg, name), minimum=0)

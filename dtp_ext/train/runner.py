@@ -95,7 +95,8 @@ class Run:
         self.model = build_model(cfg.model, info.channels, info.size, info.classes, cfg.beta).to(self.device)
         feedback = FeedbackSettings(cfg.feedback_iterations, cfg.feedback_noise, cfg.feedback_lr,
                                     cfg.feedback_momentum, cfg.feedback_warmup_steps,
-                                    cfg.feedback_warmup_factor, sync=cfg.feedback_sync)
+                                    cfg.feedback_warmup_factor, sync=cfg.feedback_sync,
+                                    memory_budget_mb=cfg.feedback_memory_mb)
         self.algorithm = make_algorithm(cfg.algorithm, self.model, feedback,
                                         (info.channels, info.size, info.size), info.classes,
                                         cfg.penultimate_target)

@@ -30,6 +30,7 @@ class FeedbackSettings:
     warmup_steps: int = 0
     warmup_factor: int = 1
     sync: Optional[str] = None  # FeedbackTrainer's sync under several processes (ldrl)
+    memory_budget_mb: float = 256.0  # caps batching F(x + eps) across iterations (docs/memory.md)
 
     def iterations_at(self, step: int) -> List[int]:
         factor = self.warmup_factor if step < self.warmup_steps else 1

@@ -17,7 +17,8 @@ class LDRL(Algorithm):
         # rank itself (feedback.sync: "gradients" by default, or "weights").
         self.trainer = dtp_ext.FeedbackTrainer(model, feedback.iterations, feedback.noise,
                                                feedback.lr, momentum=feedback.momentum,
-                                               sync=feedback.sync)
+                                               sync=feedback.sync,
+                                               memory_budget_mb=feedback.memory_budget_mb)
 
     def train_step(self, x, y, step):
         self.model.train()

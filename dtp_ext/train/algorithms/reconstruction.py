@@ -147,7 +147,7 @@ class _ReconstructionFeedback(Algorithm):
             buf_b = self.sgd.buffers.setdefault(f"{name}.bias", torch.zeros_like(block.feedback_bias))
             losses = ops.reconstruction_feedback_loop(
                 x, block.weight, block.bias, block.feedback_weight, block.feedback_bias, buf_w,
-                buf_b, k, sigma, lr, self.sgd.momentum, 0.0, chunk_iterations(block, x, 256.0),
+                buf_b, k, sigma, lr, self.sgd.momentum, 0.0, chunk_iterations(block, x, self.feedback.memory_budget_mb),
                 block.geometry())
             self.last_feedback_losses[name] = float(losses[-1]) if k else float("nan")
 
