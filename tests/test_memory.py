@@ -41,17 +41,19 @@ print(json.dumps({"extra_mb": peak_mb() - before,
 """
 
 
-def measure(budget_mb: float) -> dict:
+def measure(budget_mb: float, workdir) -> dict:
+    # The dtp_ext this test imported (an installed one, or the source tree built in place); run
+    # from an empty folder so that the current directory cannot shadow it.
     root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ext.__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(budget_mb)], env=env, check=True,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=workdir)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
-def test_memory_budget_bounds_the_feedback_phase():
-    small, large = measure(32), measure(4096)
+def test_memory_budget_bounds_the_feedback_phase(tmp_path):
+    small, large = measure(32, tmp_path), measure(4096, tmp_path)
     per_iteration = small["per_iteration_mb"]
     assert small["chunk"] == 2 and large["chunk"] >= 16  # 16 MB per iteration here
     # docs/memory.md: extra <= max(budget, one iteration) + two iterations' working set;
