@@ -3,7 +3,8 @@
 #   1. builds the extension with all cores for sm_90 (CUDA kernels required),
 #   2. runs the CUDA tests with "CUDA kernels missing" turned into a failure,
 #   3. runs the SimpleVGG GPU benchmarks (batch 128, paper iterations),
-#   4. prints a short table last (card, versions, ratios, peak memory).
+#   4. runs `dtp-ext train --device cuda` for 200 steps,
+#   5. prints a short table last (card, versions, ratios, peak memory, the run's accuracy).
 # Usage (repo root): bash benchmarks/gpu_check.sh    Output files go to ${OUT:-/tmp/gpu_check}.
 set -uo pipefail
 PY=${PYTHON:-python3}  # the device image's python3 holds PyTorch
@@ -29,10 +30,15 @@ DTP_BENCH_DEVICE=cuda DTP_BENCH_BATCHES=${DTP_BENCH_BATCHES:-128} DTP_BENCH_ROUN
     "$PY" -m pytest benchmarks/ -q -p no:cacheprovider > "$OUT/bench.log" 2>&1 || status=1
 cp benchmarks/results/latest-cuda.json "$OUT/" 2>/dev/null
 
+# The training command on the GPU (a short L-DRL run on the shipped MNIST).
+"$PY" -m dtp_ext.train --device cuda --max-steps 200 --no-progress --out "$OUT/train" \
+    > "$OUT/train.log" 2>&1 || status=1
+
 echo "==================== dtp_ext GPU check ===================="
 cat "$OUT/gpu.txt"
 grep -A8 "dtp_ext ratios" "$OUT/bench.log" || tail -30 "$OUT/bench.log"
 grep -E "passed|failed" "$OUT/tests.log" | tail -1
+grep -m1 "test accuracy" "$OUT/train.log" || tail -5 "$OUT/train.log"
 # Issue 3's targets, from the same run: step >= 5x faster than the reference, within 10x of
 # backprop, peak memory <= 2x the reference's.
 "$PY" - "$OUT/latest-cuda.json" <<'PY' || status=1
