@@ -49,7 +49,8 @@ def _numbers(text: str):
 
 
 def _add_train_parser(sub):
-    from .train.config import ALGORITHMS, DATASETS, FEEDBACK_SYNCS, PENULTIMATE_TARGETS, SCHEDULERS
+    from .train.config import (ALGORITHMS, DATASETS, DRL_VARIANTS, FEEDBACK_SYNCS,
+                               PENULTIMATE_TARGETS, SCHEDULERS)
     from .train.models import MODELS
     from .train.presets import PRESETS
 
@@ -110,6 +111,10 @@ def _add_train_parser(sub):
                    help="dtp and tp: the last hidden block's target through the output block's "
                         "feedback, 'feedback' (default, SPEC §5), or by a gradient step through the "
                         "output block, 'gradient' (Lee et al. 2015)")
+    g.add_argument("--drl-variant", choices=DRL_VARIANTS,
+                   help="drl: 'p' (default) trains Q on every batch after the forward gradients; 's' "
+                        "alternates whole epochs, Q only (even epochs: 1st, 3rd, ...) then the forward "
+                        "weights only, so --epochs counts both kinds")
     g = p.add_argument_group("data and logging")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (pad 4, edge) + flip; default on for cifar10/imagenet32")

@@ -139,7 +139,7 @@ def test_reconstruction_algorithms_targets_by_hand(name, difference, penultimate
     model = _random_feedback_chain()
     x, y = batch()
     assert make_algorithm(name, model, settings(3), (4,), 3).penultimate_target == "feedback"
-    algo = make_algorithm(name, model, settings(3), (4,), 3, penultimate)
+    algo = make_algorithm(name, model, settings(3), (4,), 3, penultimate_target=penultimate)
     expected = _hand_updates(model, x, y, difference=difference, penultimate=penultimate)
     for g, g_hand in zip(algo.update_directions(x, y), expected):
         torch.testing.assert_close(g, g_hand)
@@ -259,3 +259,26 @@ def test_figure_commands_small(tmp_path, capsys):
     assert gmp["angles"]["ldrl"]["fc"] < 1e-3
     assert main(["figure", "gmp", "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_drl_s_variant_alternates_feedback_and_forward_epochs():
+    """"s": epochs 1, 3, ... train Q only (no forward gradient); epochs 2, 4, ... take the
+    forward step with the frozen Q, the same gradients as "p" with that Q."""
+    model = linear_chain(widths=(4, 6, 6, 3), activation="tanh")
+    x, y = batch()
+    s = make_algorithm("drl", model, settings(2, k=2, sigma=0.1, lr=0.05), (4,), 3, variant="s")
+    assert make_algorithm("drl", model, settings(2), (4,), 3).variant == "p"
+    q0 = [q.clone() for q in s.Q]
+    s.epoch = 0
+    s.train_step(x, y, 0)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not torch.equal(q, q_old) for q, q_old in zip(s.Q, q0))  # Q trained
+    s.epoch = 1
+    q1 = [q.clone() for q in s.Q]
+    s.train_step(x, y, 1)
+    assert all(torch.equal(q, q_old) for q, q_old in zip(s.Q, q1))  # Q frozen
+    expected = s.update_directions(x, y)  # the targets from the current Q, by hand-checked code
+    for layer, g in zip(model, expected):
+        torch.testing.assert_close(layer.weight.grad, g)
+    with pytest.raises(ValueError, match="variant must be 'p' or 's'"):
+        make_algorithm("drl", model, settings(2), (4,), 3, variant="q")

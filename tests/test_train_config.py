@@ -42,6 +42,7 @@ def test_unknown_dataset_is_an_argparse_error(capsys):
     (["--config", "no-such-preset"], "neither a preset"),
     (["--resume"], "--resume needs --out"),
     (["--feedback-memory-mb", "0"], "feedback_memory_mb must be > 0"),
+    (["--drl-variant", "s"], "drl_variant applies to drl only, not 'ldrl'"),
     (["--penultimate-target", "gradient"], "penultimate_target applies to dtp and tp only, not 'ldrl'"),
 ])
 def test_bad_values_stop_before_training(capsys, tmp_path, argv, message):

@@ -134,3 +134,25 @@ def test_feedback_memory_cap_changes_batching_not_results(tmp_path, algorithm, m
         states[cap] = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     for name, value in states[None].items():
         assert torch.equal(value, states["0.01"][name]), name
+
+
+def test_drl_s_variant_end_to_end(tmp_path):
+    """Two epochs of DRL "s": the first trains Q only (the forward weights keep their initial
+    values), the second the forward weights only."""
+    out = tmp_path / "s"
+    assert train("--algorithm", "drl", "--drl-variant", "s", "--epochs", "1", "--out", str(out),
+                 "--feedback-iterations", "2", "--scheduler", "none", *TINY) == 0
+    after_q_epoch = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert train("--resume", "--out", str(out), "--epochs", "2", "--no-progress", "--threads", "1") == 0
+    after_forward_epoch = torch.load(out / "checkpoint.pt", weights_only=False)
+    fresh = tmp_path / "fresh"
+    assert train("--algorithm", "drl", "--drl-variant", "s", "--max-steps", "1", "--out", str(fresh),
+                 "--feedback-iterations", "0", "--scheduler", "none", *TINY) == 0
+    init = torch.load(fresh / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in after_q_epoch["model"].items():
+        assert torch.equal(value, init[name]), name  # epoch 1: forward weights untouched
+    q_after_1 = after_q_epoch["algorithm"]["Q"]
+    assert all(torch.equal(a, b) for a, b in zip(q_after_1, after_forward_epoch["algorithm"]["Q"]))
+    assert not torch.equal(after_forward_epoch["model"]["fc.weight"], init["fc.weight"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]

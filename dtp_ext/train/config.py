@@ -23,6 +23,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
 PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp: algorithms/reconstruction.py
+DRL_VARIANTS = ("p", "s")  # algorithms/drl.py
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
 PerLayer = Union[float, List[float], None]
@@ -69,7 +70,8 @@ class TrainConfig:
     feedback_warmup_factor: int = 1       # ... with this many times the iterations
     feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
     feedback_memory_mb: float = 256.0     # per block: caps batching across iterations
-    penultimate_target: Optional[str] = None  # dtp/tp: None = "feedback" (SPEC), or "gradient"
+    penultimate_target: Optional[str] = None
+    drl_variant: Optional[str] = None     # drl: None = "p" (per batch) or "s" (alternate epochs)  # dtp/tp: None = "feedback" (SPEC), or "gradient"
     # data pipeline and logging
     augment: Optional[bool] = None        # None: the paper's crop+flip for cifar10/imagenet32
     eval_batch_size: int = 1000
@@ -152,6 +154,11 @@ def validate(cfg: TrainConfig) -> None:
                               f"got {cfg.penultimate_target!r}")
         if cfg.algorithm not in ("dtp", "tp"):
             raise ConfigError(f"penultimate_target applies to dtp and tp only, not {cfg.algorithm!r}")
+    if cfg.drl_variant is not None:
+        if cfg.drl_variant not in DRL_VARIANTS:
+            raise ConfigError(f"drl_variant must be one of {DRL_VARIANTS}, got {cfg.drl_variant!r}")
+        if cfg.algorithm != "drl":
+            raise ConfigError(f"drl_variant applies to drl only, not {cfg.algorithm!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
                  "feedback_warmup_factor"):
         _number(name, getattr(cfg, name), integer=True, minimum=1)

@@ -99,7 +99,8 @@ class Run:
                                     memory_budget_mb=cfg.feedback_memory_mb)
         self.algorithm = make_algorithm(cfg.algorithm, self.model, feedback,
                                         (info.channels, info.size, info.size), info.classes,
-                                        cfg.penultimate_target)
+                                        penultimate_target=cfg.penultimate_target,
+                                        variant=cfg.drl_variant)
         distributed.synchronise_algorithm(self.algorithm, ctx)
         if ctx.rank > 0:  # independent feedback noise per rank; rank 0 keeps the 1-process stream
             distributed.seed_all(distributed.rank_seed(cfg.seed, ctx.rank))
@@ -253,6 +254,7 @@ class Run:
                  f"device {self.device}, out {self.out}")
         stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stopped:
+            self.algorithm.epoch = self.epoch  # DRL's "s" variant alternates epochs
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,

@@ -9,12 +9,11 @@ ALGORITHM_CLASSES = {cls.name: cls for cls in (Backprop, LDRL, VanillaDTP, Targe
 
 
 def make_algorithm(name, model, feedback: FeedbackSettings, input_shape, classes,
-                   penultimate_target=None) -> Algorithm:
-    """`penultimate_target` (dtp and tp only; None: SPEC's form), see reconstruction.py."""
-    if penultimate_target is None:
-        return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes)
-    return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes,
-                                   penultimate_target=penultimate_target)
+                   **options) -> Algorithm:
+    """`options` left at None take the algorithm's default: `penultimate_target` (dtp, tp;
+    reconstruction.py), `variant` (drl: "p" or "s"; drl.py)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    return ALGORITHM_CLASSES[name](model, feedback, input_shape, classes, **options)
 
 
 __all__ = ["Algorithm", "FeedbackSettings", "ALGORITHM_CLASSES", "make_algorithm"]

@@ -40,6 +40,7 @@ class FeedbackSettings:
 class Algorithm:
     name = "?"
     has_feedback_weights = True   # whether the blocks' V are meant to align with W (SPEC §6)
+    epoch = 0                     # set by the training loop at the start of every epoch
 
     def __init__(self, model: nn.Module, feedback: FeedbackSettings, input_shape, classes: int):
         self.model = model

@@ -1,11 +1,14 @@
-"""DRL / DDTP-linear, "p" variant (Meulemans et al. 2020; SPEC §5).
+"""DRL / DDTP-linear, "p" and "s" variants (Meulemans et al. 2020; SPEC §5).
 
 Direct linear feedback Q_k from the output to each hidden block output h_k (k < N):
 target t_k = h_k + Q_k (t_N - h_N). Q_k is trained with
 (1/sigma^2) mean_b |Q_k (y~ - h_N) - sigma eps|^2, where y~ is h_k + sigma eps propagated
 through the rest of the network (non-local). Per batch: forward gradients with the old Q,
-then Q's iterations, then the loop's optimizer step. The gradient of this quadratic loss in
-Q is written out (2/(B sigma^2) (Q d - sigma eps)^T d), so no autograd is needed.
+then Q's iterations, then the loop's optimizer step. "s" (`variant="s"`, `--drl-variant s`):
+whole epochs alternate, starting with Q's (epochs 1, 3, ...: Q trained on every batch, no forward
+gradient) then the forward weights' (epochs 2, 4, ...: targets from the frozen Q). The gradient
+of this quadratic loss in Q is written out (2/(B sigma^2) (Q d - sigma eps)^T d), so no autograd
+is needed.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ class DRL(Algorithm):
     name = "drl"
     has_feedback_weights = False  # Q maps output -> layer k; there is no W to compare it with
 
-    def __init__(self, model, feedback, input_shape, classes):
+    def __init__(self, model, feedback, input_shape, classes, *, variant: str = "p"):
         super().__init__(model, feedback, input_shape, classes)
+        if variant not in ("p", "s"):
+            raise ValueError(f"DRL variant must be 'p' or 's', got {variant!r}")
+        self.variant = variant
         weight = self.blocks[0][1].weight
         device, dtype = weight.device, weight.dtype
         with torch.no_grad():
@@ -62,11 +68,17 @@ class DRL(Algorithm):
                 loss = float(residual.pow(2).sum(1).mean() / sigma ** 2)
             self.last_feedback_losses[self.trained[k][0]] = loss
 
+    def feedback_epoch(self) -> bool:
+        """Whether this epoch trains Q only ("s" variant, odd-numbered epochs counting from 1)."""
+        return self.variant == "s" and self.epoch % 2 == 0
+
     def train_step(self, x, y, step):
         logits, records = forward_records(self.model, x)
-        layer_loss_gradients(records, self._targets(logits, y, records), records[-1].block.beta,
-                             accumulate=True)
-        self.train_feedback(records, logits, step)
+        if self.variant == "p" or not self.feedback_epoch():
+            layer_loss_gradients(records, self._targets(logits, y, records),
+                                 records[-1].block.beta, accumulate=True)
+        if self.variant == "p" or self.feedback_epoch():
+            self.train_feedback(records, logits, step)
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def update_directions(self, x, y):
