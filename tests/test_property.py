@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 import dtp_ext
 from dtp_ext import functional, ops, reference
 
+from test_reconstruction_loop import reference_sgd
+
 ACTIVATIONS = [None, "relu", "elu", "tanh"]
 
 
@@ -96,29 +98,18 @@ def test_ldrl_feedback_loop_equals_reference_sgd(block_x, k, chunk, sigma, lr, m
        st.floats(0.0, 0.05), st.floats(0.0, 0.95), st.sampled_from([0.0, 1e-3, 0.1]))
 def test_reconstruction_feedback_loop_equals_reference_sgd(block_x, k, chunk, sigma, lr, momentum, wd):
     """Vanilla DTP's loop (SPEC §5) against torch.optim.SGD on the autograd reconstruction loss."""
-    from dtp_ext.train.algorithms.reconstruction import reconstruction_loss
     block, x = block_x
     xin = reference.block_input(block, x)
     nx = torch.randn(k, *xin.shape, dtype=x.dtype) * sigma
-    V = block.feedback_weight.detach().clone().requires_grad_(True)
-    c = block.feedback_bias.detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([V, c], lr=lr, momentum=momentum, weight_decay=wd)
-    ref_losses = []
-    for eps in nx:
-        opt.zero_grad()
-        loss = reconstruction_loss(block, xin, eps, V, c)
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.detach())
+    V, c, ref_losses = reference_sgd(block, xin, nx, lr, momentum, wd)
     fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
     losses = ops.reconstruction_feedback_loop(
         xin, block.weight.detach(), None if block.bias is None else block.bias.detach(), fw, fb,
         torch.zeros_like(fw), torch.zeros_like(fb), k, sigma, lr, momentum, wd, chunk,
         block.geometry(), nx)
-    torch.testing.assert_close(losses, torch.stack(ref_losses) if ref_losses else losses.new_empty(0),
-                               rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(fw, V.detach(), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(fb, c.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(fw, V, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(fb, c, rtol=1e-9, atol=1e-10)
 
 
 @given(blocks(), st.floats(0.05, 5.0), st.booleans())

@@ -5,7 +5,7 @@ import torch
 
 from dtp_ext import ops, reference
 from dtp_ext.train.algorithms.feedback_sgd import MomentumSGD
-from dtp_ext.train.algorithms.reconstruction import train_reconstruction
+from dtp_ext.train.algorithms.reconstruction import reconstruction_loss, train_reconstruction
 
 from conftest import make_block
 
@@ -31,23 +31,32 @@ def test_fused_reconstruction_loop_equals_autograd(block_name):
     torch.testing.assert_close(buffers[0], sgd.buffers["b.weight"], rtol=1e-9, atol=1e-10)
 
 
+def reference_sgd(block, x, noise, lr, momentum, weight_decay):
+    """torch.optim.SGD on the autograd reconstruction loss, one step per noise draw:
+    (V, c, per-iteration losses)."""
+    V = block.feedback_weight.detach().clone().requires_grad_(True)
+    c = block.feedback_bias.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([V, c], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    losses = []
+    for eps in noise:
+        opt.zero_grad()
+        loss = reconstruction_loss(block, x, eps, V, c)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return V.detach(), c.detach(), torch.stack(losses) if losses else x.new_empty(0)
+
+
 def test_weight_decay_and_explicit_noise():
     block, x = make_block("conv-elu-pool2")
     noise = torch.randn(3, *x.shape, dtype=x.dtype) * 0.1
-    V = block.feedback_weight.detach().clone().requires_grad_(True)
-    c = block.feedback_bias.detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([V, c], lr=0.01, momentum=0.9, weight_decay=0.05)
-    from dtp_ext.train.algorithms.reconstruction import reconstruction_loss
-    for eps in noise:
-        opt.zero_grad()
-        reconstruction_loss(block, x, eps, V, c).backward()
-        opt.step()
+    V, c, _ = reference_sgd(block, x, noise, lr=0.01, momentum=0.9, weight_decay=0.05)
     buffers = (torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias))
     ops.reconstruction_feedback_loop(x, block.weight.detach(), block.bias.detach(),
                                      block.feedback_weight, block.feedback_bias, *buffers, 3, 0.1,
                                      0.01, 0.9, 0.05, 2, block.geometry(), noise)
-    torch.testing.assert_close(block.feedback_weight, V.detach(), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(block.feedback_bias, c.detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(block.feedback_weight, V, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(block.feedback_bias, c, rtol=1e-9, atol=1e-10)
 
 
 def test_opcheck_reconstruction_loop():

@@ -22,7 +22,7 @@ ALGORITHMS = ("bp", "ldrl", "dtp", "tp", "drl")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
-PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp: algorithms/reconstruction.py
+PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp; the first is the default (reconstruction.py)
 DRL_VARIANTS = ("p", "s")  # algorithms/drl.py
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
@@ -113,6 +113,11 @@ def merge(*layers: Dict[str, Any], source: str = "configuration") -> TrainConfig
     return TrainConfig(**values)
 
 
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _number(name, v, *, integer=False, minimum=None, positive=False, allow_none=False):
     if v is None and allow_none:
         return
@@ -140,25 +145,18 @@ def per_layer(name: str, value, count: int, *, integer=False) -> List:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need neither the data nor the model (those come in `resolve`)."""
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {cfg.algorithm!r}")
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {cfg.scheduler!r}")
-    if cfg.feedback_sync not in FEEDBACK_SYNCS:
-        raise ConfigError(f"feedback_sync must be one of {FEEDBACK_SYNCS}, got {cfg.feedback_sync!r}")
-    if cfg.penultimate_target is not None:
-        if cfg.penultimate_target not in PENULTIMATE_TARGETS:
-            raise ConfigError(f"penultimate_target must be one of {PENULTIMATE_TARGETS}, "
-                              f"got {cfg.penultimate_target!r}")
-        if cfg.algorithm not in ("dtp", "tp"):
-            raise ConfigError(f"penultimate_target applies to dtp and tp only, not {cfg.algorithm!r}")
-    if cfg.drl_variant is not None:
-        if cfg.drl_variant not in DRL_VARIANTS:
-            raise ConfigError(f"drl_variant must be one of {DRL_VARIANTS}, got {cfg.drl_variant!r}")
-        if cfg.algorithm != "drl":
-            raise ConfigError(f"drl_variant applies to drl only, not {cfg.algorithm!r}")
+    for name, choices in (("algorithm", ALGORITHMS), ("dataset", DATASETS),
+                          ("scheduler", SCHEDULERS), ("feedback_sync", FEEDBACK_SYNCS)):
+        _choice(name, getattr(cfg, name), choices)
+    # Options of one family of algorithms: None means that algorithm's default.
+    for name, choices, algorithms in (("penultimate_target", PENULTIMATE_TARGETS, ("dtp", "tp")),
+                                      ("drl_variant", DRL_VARIANTS, ("drl",))):
+        value = getattr(cfg, name)
+        if value is not None:
+            _choice(name, value, choices)
+            if cfg.algorithm not in algorithms:
+                raise ConfigError(f"{name} applies to {' and '.join(algorithms)} only, "
+                                  f"not {cfg.algorithm!r}")
     for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
                  "feedback_warmup_factor"):
         _number(name, getattr(cfg, name), integer=True, minimum=1)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chain import first_target, forward_from, forward_records, layer_loss_gradients
+from ..config import DRL_VARIANTS
 from .base import Algorithm, target_update_directions
 from .feedback_sgd import MomentumSGD
 
@@ -29,7 +30,7 @@ class DRL(Algorithm):
 
     def __init__(self, model, feedback, input_shape, classes, *, variant: str = "p"):
         super().__init__(model, feedback, input_shape, classes)
-        if variant not in ("p", "s"):
+        if variant not in DRL_VARIANTS:
             raise ValueError(f"DRL variant must be 'p' or 's', got {variant!r}")
         self.variant = variant
         weight = self.blocks[0][1].weight
@@ -74,7 +75,7 @@ class DRL(Algorithm):
 
     def train_step(self, x, y, step):
         logits, records = forward_records(self.model, x)
-        if self.variant == "p" or not self.feedback_epoch():
+        if not self.feedback_epoch():
             layer_loss_gradients(records, self._targets(logits, y, records),
                                  records[-1].block.beta, accumulate=True)
         if self.variant == "p" or self.feedback_epoch():

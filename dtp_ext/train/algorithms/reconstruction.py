@@ -51,11 +51,9 @@ from dtp_ext.block_math import block_input, feedback_block, forward_block
 from dtp_ext.trainer import chunk_iterations
 
 from ..chain import BlockRecord, feedback, first_target, forward_records, layer_loss_gradients
+from ..config import PENULTIMATE_TARGETS  # how the last hidden block's target is made; see above
 from .base import Algorithm, fused_update_directions, target_update_directions
 from .feedback_sgd import MomentumSGD
-
-# How the target of the last hidden block (the output block's input) is computed; see above.
-PENULTIMATE_TARGETS = ("feedback", "gradient")
 
 
 def reconstruction_loss(block, x, eps, V, c):
