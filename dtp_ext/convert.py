@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -14,8 +15,18 @@ _FOLDABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.ELU: "elu"}
 
 @dataclass
 class ConversionReport:
+    """What `convert` did: the blocks it made (with what it folded into them) and every leaf
+    module it left as a plain torch module, each with the reason. Difference targets pass
+    through plain modules as a gradient would (SPEC §3); functional calls inside a module's
+    forward() (torch.flatten, F.relu, residual `+`) are not modules and are not listed."""
+
     converted: List[Tuple[str, str, List[str]]] = field(default_factory=list)  # name, type, folded
     left: List[Tuple[str, str, str]] = field(default_factory=list)  # name, type, why
+
+    def left_counts(self) -> Dict[str, int]:
+        """How many modules of each type stayed plain, most frequent first."""
+        counts = Counter(kind for _, kind, _ in self.left)
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
     def __str__(self):
         lines = [f"dtp_ext.convert: {len(self.converted)} block(s) converted"]
@@ -23,7 +34,9 @@ class ConversionReport:
             extra = f" (+ {', '.join(folded)} folded in)" if folded else ""
             lines.append(f"  {name}: {kind} -> dtp_ext.{kind}{extra}")
         if self.left:
-            lines.append(f"  left as plain modules: {len(self.left)}")
+            counts = ", ".join(f"{kind} {n}" for kind, n in self.left_counts().items())
+            lines.append(f"  left as plain modules: {len(self.left)} ({counts}); difference "
+                         "targets pass through them as a gradient")
             for name, kind, why in self.left:
                 lines.append(f"  {name}: {kind} ({why})")
         return "\n".join(lines)
@@ -76,9 +89,64 @@ def _convert_leaf(module, beta):
     return block, None
 
 
-def _convert_children(parent, prefix, beta, fold, report):
+def _describe_pool(module) -> str:
+    """MaxPool2d's settings, the ones that prevent folding included."""
+    parts = [f"kernel_size={module.kernel_size}", f"stride={module.stride}"]
+    for key, default in (("padding", 0), ("dilation", 1), ("ceil_mode", False), ("return_indices", False)):
+        if getattr(module, key) not in (default, (default, default)):
+            parts.append(f"{key}={getattr(module, key)}")
+    return ", ".join(parts)
+
+
+_FOLD_RULE = "only a ReLU/ELU(alpha=1)/Tanh directly after a converted Linear/Conv2d in an nn.Sequential is folded"
+
+
+def _plain_reason(module, parent, previous: Optional[Tuple[nn.Module, bool]], fold: bool = True) -> str:
+    """Why a leaf module with no conversion of its own stays a plain module. `previous`: the
+    sibling before it in an nn.Sequential (its original module, and whether it was folded into
+    or made a DTP block), None when it is the first or its parent is not an nn.Sequential."""
+    sequential = isinstance(parent, nn.Sequential)
+    where = (f"its parent {type(parent).__name__} is not an nn.Sequential, so convert cannot "
+             "see what it is applied to (forward() decides)") if not sequential else (
+        f"it follows {type(previous[0]).__name__}" if previous is not None
+        else "it is the first module of its nn.Sequential")
+    if parent is None:
+        where = "it is the whole model"
+    if not fold:
+        where = "convert(fold=False)"
+    if _activation_name(module) is not None:
+        return f"not folded: {where}; {_FOLD_RULE}"
+    if isinstance(module, nn.ELU):
+        return f"ELU alpha={module.alpha}: the kernels implement alpha=1 only"
+    if type(module) is nn.MaxPool2d:
+        if _pool_size(module) is None:
+            return (f"not folded: {_describe_pool(module)}; only kernel = stride without padding, "
+                    "dilation, ceil_mode or return_indices has a MaxUnpool feedback")
+        return (f"not folded: {where}; a max-pool is folded only after a converted Conv2d and its "
+                "folded activation in an nn.Sequential")
+    if isinstance(module, (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Hardswish,
+                           nn.Hardsigmoid, nn.Sigmoid, nn.Softplus, nn.Mish, nn.SELU, nn.CELU,
+                           nn.Hardtanh)):
+        return "activation without a DTP counterpart (the blocks fold ReLU, ELU(alpha=1), Tanh)"
+    if isinstance(module, (nn.Flatten, nn.Unflatten)):
+        return "reshape"
+    if isinstance(module, nn.modules.pooling._MaxPoolNd) or isinstance(
+            module, (nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                     nn.modules.pooling._AdaptiveAvgPoolNd)):
+        return "pooling without a DTP counterpart (only MaxPool2d with kernel = stride folds)"
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return "no DTP counterpart (parameter-free)"
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"a subclass ({type(module).__qualname__}), not torch.nn.{type(module).__name__} itself"
+    if any(True for _ in module.parameters(recurse=False)):
+        return "no DTP counterpart"
+    return "no DTP counterpart (parameter-free)"
+
+
+def _convert_children(parent, prefix, beta, fold, report, placeholders):
     names = list(parent._modules)
     sequential = isinstance(parent, nn.Sequential)
+    previous = None  # (original module, whether it became or joined a DTP block), in a Sequential
     i = 0
     while i < len(names):
         name = names[i]
@@ -88,33 +156,50 @@ def _convert_children(parent, prefix, beta, fold, report):
         if block is None:
             if why:
                 report.left.append((full, type(child).__name__, why))
-            elif child is not None and not isinstance(child, DTPBlock):
+            elif child is not None and not isinstance(child, DTPBlock) and id(child) not in placeholders:
                 if list(child.children()):
-                    _convert_children(child, full + ".", beta, fold, report)
-                elif any(True for _ in child.parameters(recurse=False)):
-                    report.left.append((full, type(child).__name__, "no DTP counterpart"))
+                    if any(True for _ in child.parameters(recurse=False)):
+                        report.left.append((full, type(child).__name__, "its own parameters (not "
+                                            "those of its children) have no DTP counterpart"))
+                    _convert_children(child, full + ".", beta, fold, report, placeholders)
+                else:
+                    report.left.append((full, type(child).__name__,
+                                        _plain_reason(child, parent, previous if sequential else None,
+                                                      fold)))
+            if child is not None:
+                previous = (child, isinstance(child, DTPBlock))
             i += 1
             continue
         parent._modules[name] = block
         folded = []
+        previous = (child, True)
         # Inside a Sequential, a directly following activation (and, after a conv, a max-pool
         # with kernel = stride) become part of the block, so its feedback path includes them.
         if fold and sequential and i + 1 < len(names):
             act = _activation_name(parent._modules[names[i + 1]])
             if act is not None:
                 block.activation = act
-                folded.append(type(parent._modules[names[i + 1]]).__name__)
-                parent._modules[names[i + 1]] = nn.Identity()
+                previous = (parent._modules[names[i + 1]], True)
+                folded.append(type(previous[0]).__name__)
+                parent._modules[names[i + 1]] = _placeholder(placeholders)
                 i += 1
                 if isinstance(block, Conv2d) and i + 1 < len(names):
                     k = _pool_size(parent._modules[names[i + 1]])
                     if k is not None:
                         block.pool = k
                         folded.append(f"MaxPool2d({k})")
-                        parent._modules[names[i + 1]] = nn.Identity()
+                        previous = (parent._modules[names[i + 1]], True)
+                        parent._modules[names[i + 1]] = _placeholder(placeholders)
                         i += 1
         report.converted.append((full, type(child).__name__, folded))
         i += 1
+
+
+def _placeholder(placeholders: set) -> nn.Identity:
+    """The nn.Identity a folded module leaves behind (not reported as a plain module)."""
+    identity = nn.Identity()
+    placeholders.add(id(identity))
+    return identity
 
 
 def convert(model: nn.Module, *, beta: float = 0.7, fold: bool = True, inplace: bool = False,
@@ -125,8 +210,11 @@ def convert(model: nn.Module, *, beta: float = 0.7, fold: bool = True, inplace: 
     drawn fresh with PyTorch's default init. Inside nn.Sequential containers a directly
     following ReLU/ELU(alpha=1)/Tanh and, after a conv, a MaxPool2d with kernel = stride are
     folded into the block (replaced by nn.Identity) so that its feedback block includes them,
-    as in the paper. Modules with parameters and no DTP counterpart (e.g. BatchNorm) stay as
-    they are: gradients pass through them as through any module (SPEC §3).
+    as in the paper. Every other leaf module stays as it is and is listed in the report with
+    the reason: modules with no DTP counterpart (BatchNorm, dropout, average pools, ReLU6, ...)
+    and activations or max-pools that could not be folded (after a BatchNorm, outside an
+    nn.Sequential, a pool with kernel != stride). Difference targets pass through them as a
+    gradient passes through any module (SPEC §3).
 
     With `inplace=False` (default) the model is deep-copied first. `verbose` prints the
     conversion report; `return_report=True` returns (model, ConversionReport).
@@ -140,8 +228,12 @@ def convert(model: nn.Module, *, beta: float = 0.7, fold: bool = True, inplace: 
     if block is not None:
         model = block
         report.converted.append(("", type(model).__name__, []))
-    else:
-        _convert_children(model, "", beta, fold, report)
+    elif why:
+        report.left.append(("", type(model).__name__, why))
+    elif list(model.children()):
+        _convert_children(model, "", beta, fold, report, set())
+    elif not isinstance(model, DTPBlock):
+        report.left.append(("", type(model).__name__, _plain_reason(model, None, None, fold)))
     if verbose:
         print(report)
     return (model, report) if return_report else model
