@@ -101,14 +101,14 @@ def _describe_pool(module) -> str:
 _FOLD_RULE = "only a ReLU/ELU(alpha=1)/Tanh directly after a converted Linear/Conv2d in an nn.Sequential is folded"
 
 
-def _plain_reason(module, parent, previous: Optional[Tuple[nn.Module, bool]], fold: bool = True) -> str:
+def _plain_reason(module, parent, previous: Optional[nn.Module], fold: bool = True) -> str:
     """Why a leaf module with no conversion of its own stays a plain module. `previous`: the
-    sibling before it in an nn.Sequential (its original module, and whether it was folded into
-    or made a DTP block), None when it is the first or its parent is not an nn.Sequential."""
+    sibling before it in an nn.Sequential as it was before conversion, None when it is the
+    first or its parent is not an nn.Sequential."""
     sequential = isinstance(parent, nn.Sequential)
     where = (f"its parent {type(parent).__name__} is not an nn.Sequential, so convert cannot "
              "see what it is applied to (forward() decides)") if not sequential else (
-        f"it follows {type(previous[0]).__name__}" if previous is not None
+        f"it follows {type(previous).__name__}" if previous is not None
         else "it is the first module of its nn.Sequential")
     if parent is None:
         where = "it is the whole model"
@@ -146,7 +146,7 @@ def _plain_reason(module, parent, previous: Optional[Tuple[nn.Module, bool]], fo
 def _convert_children(parent, prefix, beta, fold, report, placeholders):
     names = list(parent._modules)
     sequential = isinstance(parent, nn.Sequential)
-    previous = None  # (original module, whether it became or joined a DTP block), in a Sequential
+    previous = None  # the sibling before, as it was before conversion (in a Sequential)
     i = 0
     while i < len(names):
         name = names[i]
@@ -166,21 +166,20 @@ def _convert_children(parent, prefix, beta, fold, report, placeholders):
                     report.left.append((full, type(child).__name__,
                                         _plain_reason(child, parent, previous if sequential else None,
                                                       fold)))
-            if child is not None:
-                previous = (child, isinstance(child, DTPBlock))
+            previous = child
             i += 1
             continue
         parent._modules[name] = block
         folded = []
-        previous = (child, True)
+        previous = child
         # Inside a Sequential, a directly following activation (and, after a conv, a max-pool
         # with kernel = stride) become part of the block, so its feedback path includes them.
         if fold and sequential and i + 1 < len(names):
             act = _activation_name(parent._modules[names[i + 1]])
             if act is not None:
                 block.activation = act
-                previous = (parent._modules[names[i + 1]], True)
-                folded.append(type(previous[0]).__name__)
+                previous = parent._modules[names[i + 1]]
+                folded.append(type(previous).__name__)
                 parent._modules[names[i + 1]] = _placeholder(placeholders)
                 i += 1
                 if isinstance(block, Conv2d) and i + 1 < len(names):
@@ -188,7 +187,7 @@ def _convert_children(parent, prefix, beta, fold, report, placeholders):
                     if k is not None:
                         block.pool = k
                         folded.append(f"MaxPool2d({k})")
-                        previous = (parent._modules[names[i + 1]], True)
+                        previous = parent._modules[names[i + 1]]
                         parent._modules[names[i + 1]] = _placeholder(placeholders)
                         i += 1
         report.converted.append((full, type(child).__name__, folded))
