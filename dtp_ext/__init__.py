@@ -11,10 +11,11 @@ from . import ops  # noqa: F401  (loads the compiled kernels; fails loudly if mi
 from . import functional, metrics, reference  # noqa: F401
 from .build import build_info
 from .convert import ConversionReport, convert
+from .loss_scaling import current_loss_scale, loss_scale
 from .nn import Conv2d, DTPBlock, Linear, dtp_blocks
 from .trainer import FeedbackReport, FeedbackTrainer
 
 __version__ = "0.1.0"
 
 __all__ = ["Linear", "Conv2d", "DTPBlock", "convert", "ConversionReport", "FeedbackTrainer",
-           "FeedbackReport", "build_info", "dtp_blocks", "functional", "metrics", "reference"]
+           "FeedbackReport", "build_info", "loss_scale", "current_loss_scale", "dtp_blocks", "functional", "metrics", "reference"]

@@ -26,9 +26,12 @@ A --config FILE is YAML or JSON whose keys are these options (with _ or -), e.g.
   feedback_iterations: [20, 30, 35, 55, 20]
 Options given on the command line override the preset or file.
 
-Outputs in --out: metrics.jsonl (one line per epoch), summary.json, accuracy.png,
-alignment.png and checkpoint.pt (every epoch, and when --max-steps stops a run mid-epoch);
---resume --out DIR continues it, bitwise identically on the CPU.
+Outputs in --out: metrics.jsonl (one line per epoch), steps.jsonl (a line every --log-every
+steps), summary.json, accuracy.png, alignment.png and checkpoint.pt (every epoch, every
+--checkpoint-every steps, and when --max-steps or a signal stops a run mid-epoch); --resume
+--out DIR continues it, bitwise identically on the CPU with the same --threads. Ctrl-C
+(SIGINT) or SIGTERM stops at the end of the current step, saves the checkpoint and exits with
+130 / 143. One run at a time may write a folder (OUT/.lock).
 
 Several processes or GPUs: torchrun --nproc_per_node N -m dtp_ext.train [options] (gloo on
 the CPU; with --device cuda, nccl and cuda:LOCAL_RANK per process). --batch-size stays the
@@ -67,8 +70,9 @@ def _add_train_parser(sub):
     a("--data-dir", metavar="DIR", help="folder holding the dataset files (required except for mnist)")
     a("--model", choices=sorted(MODELS), help="default: mnist-convnet for (fashion-)mnist, simplevgg otherwise")
     a("--epochs", type=int, help="default 1")
-    a("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total (smoke runs); "
-                                                 "a checkpoint is written, --resume continues")
+    a("--max-steps", type=int, metavar="N", help="stop once the run has N optimizer steps in total, counted "
+                                                 "from its start (also with --resume); a checkpoint is "
+                                                 "written, --resume continues")
     a("--batch-size", type=int, help="the global batch (default 64); under torchrun each of the N "
                                       "processes trains on 1/N of it")
     a("--train-subset", type=int, metavar="N", help="use the first N training images")
@@ -80,6 +84,10 @@ def _add_train_parser(sub):
     a("--out", metavar="DIR", help="output folder (default runs/<dataset>-<algorithm>-<time>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="start again in an --out that already holds a run")
+    a("--checkpoint-every", type=int, metavar="N", help="also write the checkpoint every N optimizer steps "
+                                                        "(default: at every epoch's end and when a run stops)")
+    a("--log-every", type=int, metavar="N", help="a steps.jsonl line every N optimizer steps (default: "
+                                                 "about 20 per run, at most every 50 steps)")
     g = p.add_argument_group("forward optimizer (SGD)")
     g.add_argument("--lr", type=float, help="default 0.01 for bp, ldrl and dtp, 0.001 for tp and drl")
     g.add_argument("--momentum", type=float, help="default 0.9")
@@ -164,38 +172,56 @@ def _resumed_config(args: argparse.Namespace, options: dict):
 
 def _run_train(args: argparse.Namespace) -> int:
     from .train import checkpoint as ckpt
-    from .train import distributed
+    from .train import distributed, interrupt, outdir
     from .train.config import ConfigError, merge
     from .train.datasets import DatasetNotFound
     from .train.resolve import resolve
     from .train.runner import Run, TrainingDiverged
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
-    created = False
+    created, lock = False, None
+    main_rank = distributed.rank_and_world()[0] == 0  # rank 0 alone writes --out, so it alone locks it
     try:
         if getattr(args, "resume", False):  # every rank reads the same (rank 0's) checkpoint
+            if "out" in options:
+                outdir.check(options["out"])
+                if main_rank and (Path(options["out"]) / ckpt.CHECKPOINT_NAME).is_file():
+                    lock = outdir.RunLock(options["out"]).acquire()  # before reading the checkpoint
             cfg, state, path = _resumed_config(args, options)
         else:
             layers = [_config_layer(args.config)] if "config" in args else []
             cfg = resolve(merge(*layers, options, source=f"--config {getattr(args, 'config', '')}".strip()))
+            outdir.check(cfg.out)
+            if main_rank:
+                lock = outdir.RunLock(cfg.out).acquire()
             if (Path(cfg.out) / ckpt.CHECKPOINT_NAME).exists() and not getattr(args, "overwrite", False):
                 raise ConfigError(f"{cfg.out} already holds a run; pass --resume to continue it "
                                   "or --overwrite to start again")
             state = None
         created = distributed.init_from_env(cfg.device)
-        run = Run(cfg)
-        if state is not None:
-            run.restore(state, source=path)
-        run.train()
+        with interrupt.stop_signals(announce=main_rank):
+            run = Run(cfg)
+            if state is not None:
+                run.restore(state, source=path)
+            run.train()
     except (ConfigError, DatasetNotFound, ckpt.CheckpointError) as exc:
         rank, world = distributed.rank_and_world()
         print(f"dtp-ext train{f' [rank {rank}/{world}]' if world > 1 else ''}: error: {exc}", file=sys.stderr)
         return 2
+    except interrupt.Interrupted as exc:  # every rank stopped after the same step: rank 0 says it
+        if distributed.rank_and_world()[0] == 0:
+            print(f"dtp-ext train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the training loop could take it over
+        print("dtp-ext train: interrupted (SIGINT) before training started; nothing was saved", file=sys.stderr)
+        return 130
     except TrainingDiverged as exc:  # every rank agrees on it: rank 0 says it
         if distributed.rank_and_world()[0] == 0:
             print(f"dtp-ext train: diverged: {exc}", file=sys.stderr)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             distributed.shutdown()
     return 0
@@ -217,27 +243,49 @@ def _add_figure_parser(sub):
     p.add_argument("--batch-size", type=int, default=128, help="the fixed batch (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="figures", metavar="DIR", help="default ./figures")
+    p.add_argument("--out", default="runs/figures", metavar="DIR", help="default runs/figures")
+
+
+def _figure_options(args: argparse.Namespace) -> dict:
+    """The figure's options, checked (ConfigError names the argument and what was expected)."""
+    from .train.config import ConfigError
+    from .train.figures import JMC_EVERY
+    from .train import outdir
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 (images in the fixed batch), got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    options = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size,
+               "seed": args.seed}
+    if args.iterations is not None:
+        if args.kind == "jmc" and (args.iterations < JMC_EVERY or args.iterations % JMC_EVERY):
+            raise ConfigError(f"--iterations for jmc must be a positive multiple of {JMC_EVERY} (the figure "
+                              f"measures the alignment every {JMC_EVERY} iterations), got {args.iterations}")
+        if args.iterations < 1:
+            raise ConfigError(f"--iterations must be >= 1, got {args.iterations}")
+        options["iterations"] = args.iterations
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir}: not an existing folder")
+    outdir.check(args.out)
+    return options
 
 
 def _run_figure(args: argparse.Namespace) -> int:
+    from .train.config import ConfigError
     from .train.datasets import DatasetNotFound
     from .train.figures import write_figure
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    options = {"dataset": args.dataset, "data_dir": args.data_dir, "batch_size": args.batch_size,
-               "seed": args.seed}
-    if args.iterations is not None:
-        if args.iterations < 1:
-            print("dtp-ext figure: error: --iterations must be >= 1", file=sys.stderr)
-            return 2
-        options["iterations"] = args.iterations
     try:
+        options = _figure_options(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         data = write_figure(args.kind, Path(args.out), **options)
-    except DatasetNotFound as exc:
+    except (ConfigError, DatasetNotFound) as exc:
         print(f"dtp-ext figure: error: {exc}", file=sys.stderr)
         return 2
     if args.kind == "jmc":
@@ -250,17 +298,37 @@ def _run_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_presets(args: argparse.Namespace) -> int:
+    from .train.presets import PRESETS, describe
+
+    width = max(map(len, PRESETS))
+    print("presets of dtp-ext train --config NAME (options on the command line override them):")
+    for name in sorted(PRESETS):
+        print(f"  {name:<{width}}  {describe(name)}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import torch
+
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="dtp-ext", description="dtp_ext: difference target "
                                      "propagation with learned backprop targets (L-DRL)")
+    parser.add_argument("--version", action="version",
+                        version=f"dtp-ext {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     _add_figure_parser(sub)
+    sub.add_parser("presets", help="list the presets of dtp-ext train --config, one line each",
+                   description="List the presets of `dtp-ext train --config NAME`, one line each.")
     args = parser.parse_args(argv)
     if args.command == "train":
         return _run_train(args)
     if args.command == "figure":
         return _run_figure(args)
+    if args.command == "presets":
+        return _run_presets(args)
     parser.error(f"unknown command {args.command!r}")
 
 

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import loss_scaling, ops
 from .ops import BlockGeometry
 
 ACTIVATIONS = (None, "relu", "elu", "tanh")
+# Counts training-mode block forwards. A tensor, not an int: torch.compile traces its increment
+# into the graph, where a Python int would be specialised on and recompiled at every call.
+_FORWARD_CLOCK = torch.zeros((), dtype=torch.int64)
 _ACTIVATION_FNS = {None: lambda z: z, "relu": F.relu, "elu": F.elu, "tanh": torch.tanh}
 
 
@@ -40,13 +43,16 @@ class _DTPBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, block):
-        output, indices = block._forward_with_indices(x, weight, bias)
+        output, indices = block.forward_with_indices(x, weight, bias)
         geometry = block.geometry()
         needs_output = geometry.activation != "none" or geometry.pool > 0
-        ctx.block = block  # feedback weights are read at backward time: the freshly trained ones
+        # The feedback weight is read at backward time, on purpose: the freshly trained one.
+        ctx.block = block
         ctx.geometry = geometry
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, output if needs_output else None, indices)
+        ctx.beta = block.beta
+        # A copy of the output: the caller may modify the returned tensor in place (as
+        # torch.nn's max-pool allows), and the backward needs the values the forward produced.
+        ctx.save_for_backward(x, weight, output.clone() if needs_output else None, indices)
         return output
 
     @staticmethod
@@ -60,11 +66,22 @@ class _DTPBlockFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[2]:
                 grad_bias = None
         if ctx.needs_input_grad[0]:
-            block = ctx.block
-            scale = block.beta * x.shape[0]
-            grad_x = ops.propagate_target(output, indices, delta, block.feedback_weight, scale,
-                                          x.shape, ctx.geometry)
+            grad_x = _propagate_target(output, indices, delta, ctx.block.feedback_weight,
+                                       ctx.beta * x.shape[0], x.shape, ctx.geometry)
         return grad_x, grad_weight, grad_bias, None
+
+
+def _propagate_target(output, indices, delta, feedback_weight, step, input_shape, geometry):
+    """SPEC §3's target step beta*B*delta for a loss scaled by dtp_ext.loss_scale(k): the true
+    step is beta*B*delta/k, and the returned delta_in is k times the unscaled one."""
+    if torch.compiler.is_compiling():
+        # A compiled backward reads the scale from a tensor at run time (a Python float would
+        # be frozen into the graph when it is traced).
+        k = loss_scaling.scale_tensor()
+        return ops.propagate_target(output, indices, delta / k, feedback_weight, step,
+                                    input_shape, geometry) * k
+    return ops.propagate_target(output, indices, delta, feedback_weight,
+                                step / loss_scaling.current_loss_scale(), input_shape, geometry)
 
 
 class DTPBlock:
@@ -83,6 +100,11 @@ class DTPBlock:
         self.register_buffer("feedback_bias", torch.empty(feedback_bias_size, **factory))
         self.reset_feedback_parameters()
         self._recorded_input: Optional[torch.Tensor] = None
+        # Data flow of the latest training-mode forward: whether the input required grad (it
+        # then needs a target, so FeedbackTrainer trains this block; None: not seen with
+        # autograd on) and when the block ran (FeedbackTrainer orders blocks by it).
+        self._input_needs_target: Optional[bool] = None
+        self._forward_stamp: Optional[torch.Tensor] = None
 
     # -- subclass hooks -------------------------------------------------------------------
     def _op(self, x, weight, bias):  # the linear part: F.linear or F.conv2d
@@ -92,7 +114,11 @@ class DTPBlock:
         raise NotImplementedError
 
     # -- forward --------------------------------------------------------------------------
-    def _forward_with_indices(self, x, weight, bias):
+    def forward_with_indices(self, x, weight=None, bias=None):
+        """(s, pool indices or None) of s = pool(phi(op(x))), x in the op's layout; the block's
+        own weights unless others are given."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         h = _ACTIVATION_FNS[self.activation](self._op(x, weight, bias))
         if self.pool and self.pool > 1:
             return F.max_pool2d(h, self.pool, self.pool, return_indices=True)
@@ -103,16 +129,32 @@ class DTPBlock:
         if self.training:
             # What FeedbackTrainer.step() trains on: the input of the latest training forward.
             self._recorded_input = x.detach()
+            self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
+            if torch.is_grad_enabled():
+                self._input_needs_target = x.requires_grad
         bias = self.bias
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _DTPBlockFunction.apply(x, self.weight, bias, self)
-        return self._forward_with_indices(x, self.weight, bias)[0]
+        return self.forward_with_indices(x, self.weight, bias)[0]
 
     @property
     def recorded_input(self) -> Optional[torch.Tensor]:
         """Input of the latest training-mode forward pass (None before the first one)."""
         return self._recorded_input
+
+    @property
+    def input_needs_target(self) -> Optional[bool]:
+        """Whether the input of the latest training-mode forward pass with autograd on required
+        grad, i.e. something trainable produced it and it needs a target (SPEC §10); None
+        before such a pass."""
+        return self._input_needs_target
+
+    @property
+    def forward_stamp(self) -> Optional[int]:
+        """A process-wide counter value taken at this block's latest training-mode forward:
+        blocks sorted by it are in forward execution order."""
+        return None if self._forward_stamp is None else int(self._forward_stamp)
 
     def clear_recorded_input(self):
         self._recorded_input = None

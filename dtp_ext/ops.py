@@ -13,7 +13,18 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the ops)
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # a source tree without its build, or a build for another torch
+    import os as _os
+    raise ImportError(
+        f"dtp_ext: the compiled kernels (dtp_ext._C) cannot be loaded from "
+        f"{_os.path.dirname(__file__)} ({exc}). Build them where this package lives: "
+        "`pip install --no-build-isolation -e .` in the repository (an editable install builds "
+        "_C in place), or `python setup.py build_ext --inplace`. If dtp_ext is installed "
+        "elsewhere, a source tree in the current folder shadows it: run from another folder."
+    ) from exc
+from . import fake_kernels
 
 _ops = torch.ops.dtp_ext
 
@@ -108,36 +119,6 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dtp_ext::{op}", dispatch_key)
 
 
-# Fake (meta) kernels: shapes only, for torch.compile, FakeTensor and opcheck.
-@torch.library.register_fake("dtp_ext::ldrl_loss")
-def _ldrl_loss_fake(x, weight, bias, feedback_weight, noise_x, noise_y, stride, padding,
-                    dilation, groups, activation, pool):
-    return x.new_empty(()), feedback_weight.new_empty(feedback_weight.shape), x.new_empty(x.shape[1])
-
-
-@torch.library.register_fake("dtp_ext::ldrl_feedback_loop")
-def _ldrl_feedback_loop_fake(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
-                             momentum_bias, iterations, noise_std, lr, momentum, weight_decay,
-                             chunk_iterations, noise_x, noise_y, stride, padding, dilation,
-                             groups, activation, pool):
-    return x.new_empty((iterations,))
-
-
-@torch.library.register_fake("dtp_ext::reconstruction_feedback_loop")
-def _reconstruction_feedback_loop_fake(x, weight, bias, feedback_weight, feedback_bias,
-                                       momentum_weight, momentum_bias, iterations, noise_std, lr,
-                                       momentum, weight_decay, chunk_iterations, noise_x, stride,
-                                       padding, dilation, groups, activation, pool):
-    return x.new_empty((iterations,))
-
-
-@torch.library.register_fake("dtp_ext::propagate_target")
-def _propagate_target_fake(output, indices, delta, feedback_weight, scale, input_sizes, stride,
-                           padding, dilation, groups, activation, pool):
-    return delta.new_empty(input_sizes)
-
-
-@torch.library.register_fake("dtp_ext::block_weight_grad")
-def _block_weight_grad_fake(x, output, indices, delta, weight, stride, padding, dilation,
-                            groups, activation, pool):
-    return weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+# Fake (meta) kernels: sizes, strides and the data-free argument checks (fake_kernels.py).
+for _name in OP_NAMES:
+    torch.library.register_fake(f"dtp_ext::{_name}")(getattr(fake_kernels, _name))

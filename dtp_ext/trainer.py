@@ -38,7 +38,7 @@ def _average_across_ranks(tensors, world: int):
 def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
     """Bytes one feedback iteration of `block` on input `x` holds while it is batched with
     others: what `memory_budget_mb` is divided by (docs/memory.md)."""
-    out, _ = block._forward_with_indices(x[:1], block.weight, block.bias)
+    out, _ = block.forward_with_indices(x[:1])
     pool_area = block.pool ** 2 if block.pool else 1
     # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
     # input); the pooled output, eta and, with a pool, int64 indices.
@@ -62,32 +62,49 @@ def _process_group_size() -> int:
     return 1
 
 
-def _per_block(name: str, value, count: int, *, integer: bool = False) -> List:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
-    if len(values) != count:
-        raise ValueError(f"FeedbackTrainer: {name} has {len(values)} entries, but the model has "
-                         f"{count} trained DTP blocks (one entry per block, forward order)")
+def _check_values(name: str, value, *, integer: bool = False):
+    """A scalar or a list of per-block values: each finite, >= 0 (whole for iterations)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"FeedbackTrainer: {name} entries must be finite numbers >= 0, got {v!r}")
         if integer and int(v) != v:
             raise ValueError(f"FeedbackTrainer: {name} entries must be whole numbers, got {v!r}")
-    return [int(v) for v in values] if integer else [float(v) for v in values]
+    cast = int if integer else float
+    return [cast(v) for v in values] if isinstance(value, (list, tuple)) else cast(value)
+
+
+HYPERPARAMETERS = ("iterations", "noise_std", "lr")
 
 
 class FeedbackTrainer:
     """Trains the feedback weights of a model's DTP blocks with L-DRL.
 
+    Which blocks: a block's feedback weights are trained exactly when its input needs a target
+    (SPEC §10), read from the data flow of the latest training-mode forward pass with autograd
+    on: its input required grad, i.e. something trainable produced it. A block fed only by the
+    data (or by frozen modules) is skipped. The trained blocks run in forward execution order.
+    Pass `blocks` (modules or their names) to choose them yourself, in the order given.
+    `trainer.explain()` shows which blocks are trained, in which order, and why others are not.
+
     `iterations`, `noise_std` and `lr` are each a scalar or a list with one entry per trained
-    block, in forward order. By default the trained blocks are every DTP block of the model in
-    registration order except the first, whose input (the data) needs no target; pass `blocks`
-    (modules or their names, forward order) to choose them yourself.
+    block in forward order (in `blocks` order when given). Lists are bound to blocks by name
+    the first time the trained blocks are known (at the first `step()`, or at construction if
+    the model has already run a training forward pass).
 
     `step()` runs the fused K-iteration loop (one compiled call per block) on the input each
     block recorded during the latest training-mode forward pass. Noise comes from torch's
     default generator, so `torch.manual_seed` makes runs reproducible. `memory_budget_mb`
     bounds the extra memory used to batch F(x + eps) across iterations. On a GPU the blocks'
     loops run concurrently on their own CUDA streams (`concurrent_blocks=False` to serialise).
+
+    Feedback warm-up: feedback weights start random, so the first targets are poor, and a deep
+    converted network can diverge before they align. Train the feedback alone first, without
+    touching the forward weights:
+
+        for x, _ in warmup_batches:
+            model(x)          # training mode, autograd on: records inputs and data flow
+            trainer.step()    # no backward, no optimizer step
 
     Under torch.distributed (e.g. a DistributedDataParallel model), `sync` keeps the feedback
     weights identical on every rank: "gradients" (the default when a process group of more than
@@ -105,11 +122,14 @@ class FeedbackTrainer:
         if not named:
             raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
                              "build it from dtp_ext layers or call dtp_ext.convert(model) first")
-        self.blocks = self._select_blocks(named, blocks)
-        count = len(self.blocks)
-        self.iterations = _per_block("iterations", iterations, count, integer=True)
-        self.noise_std = _per_block("noise_std", noise_std, count)
-        self.lr = _per_block("lr", lr, count)
+        self._model_blocks = named
+        self._chosen = None if blocks is None else self._select_blocks(named, blocks)
+        self._spec = {}
+        self._bound: Optional[List] = None           # [(name, block)] the lists are bound to
+        self._hyper: Dict[str, tuple] = {}           # name -> (iterations, noise_std, lr)
+        self.iterations = iterations
+        self.noise_std = noise_std
+        self.lr = lr
         if not (0 <= momentum < 1):
             raise ValueError(f"FeedbackTrainer: momentum must be in [0, 1), got {momentum!r}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -126,11 +146,44 @@ class FeedbackTrainer:
         self._streams: Dict[torch.device, list] = {}
         self._momentum_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
         self.steps = 0
+        if self._chosen is not None:
+            self._bind(self._chosen)
+        elif any(b.input_needs_target is not None for _, b in named):
+            self._bind(self._data_flow_blocks())
 
+    # -- hyperparameters: a scalar or one entry per trained block -----------------------
+    def _set_hyperparameter(self, name, value):
+        self._spec[name] = _check_values(name, value, integer=name == "iterations")
+        if self._bound is not None and len(self._spec) == len(HYPERPARAMETERS):
+            self._bind(self._bound)
+
+    iterations = property(lambda self: self._spec["iterations"],
+                          lambda self, v: self._set_hyperparameter("iterations", v))
+    noise_std = property(lambda self: self._spec["noise_std"],
+                         lambda self, v: self._set_hyperparameter("noise_std", v))
+    lr = property(lambda self: self._spec["lr"],
+                  lambda self, v: self._set_hyperparameter("lr", v))
+
+    def _bind(self, blocks):
+        """Assign every hyperparameter to `blocks` (forward order) by name."""
+        per_block = []
+        for name in HYPERPARAMETERS:
+            value = self._spec[name]
+            if isinstance(value, list):
+                if len(value) != len(blocks):
+                    raise ValueError(
+                        f"FeedbackTrainer: {name} has {len(value)} entries, but {len(blocks)} DTP "
+                        f"blocks are trained ({[n for n, _ in blocks]}, forward order; one entry "
+                        "per block)")
+                per_block.append(value)
+            else:
+                per_block.append([value] * len(blocks))
+        self._bound = list(blocks)
+        self._hyper = {n: values for (n, _), values in zip(blocks, zip(*per_block))}
+
+    # -- which blocks ---------------------------------------------------------------------
     @staticmethod
     def _select_blocks(named, blocks):
-        if blocks is None:
-            return named[1:]
         by_name = dict(named)
         by_module = {id(m): n for n, m in named}
         chosen = []
@@ -144,7 +197,80 @@ class FeedbackTrainer:
                 chosen.append((by_module[id(b)], b))
             else:
                 raise ValueError("FeedbackTrainer: blocks must hold DTP blocks of the model or their names")
+        names = [n for n, _ in chosen]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"FeedbackTrainer: blocks lists {duplicates} more than once; each block "
+                             "has one feedback loop per step")
         return chosen
+
+    def _data_flow_blocks(self):
+        """The blocks whose input needed a target in the latest training forward pass, in
+        forward execution order."""
+        needed = [(n, b) for n, b in self._model_blocks if b.input_needs_target]
+        return sorted(needed, key=lambda nb: nb[1].forward_stamp)
+
+    def _skip_reason(self, name, block) -> Optional[str]:
+        if self._chosen is not None:
+            return None if any(n == name for n, _ in self._chosen) else "not in blocks="
+        if block.input_needs_target is None:
+            return ("no training-mode forward pass with autograd on has run through it yet"
+                    if block.recorded_input is None or block.forward_stamp is None
+                    else "its training forward passes ran without autograd (torch.no_grad), so "
+                         "the data flow is unknown")
+        if not block.input_needs_target:
+            return ("its input did not require grad in the latest training forward pass (it comes "
+                    "from the data or frozen modules only): no target is needed")
+        return None
+
+    def _trained_now(self):
+        """[(name, block, (iterations, noise_std, lr))] for this step, forward order."""
+        if self._chosen is not None:
+            blocks = self._chosen
+        else:
+            if all(b.input_needs_target is None for _, b in self._model_blocks):
+                raise RuntimeError(
+                    "FeedbackTrainer: no recorded forward pass with autograd on, so which blocks "
+                    "need targets is unknown; run model(x) in training mode (model.train(), "
+                    "outside torch.no_grad) before step(), or pass blocks=")
+            blocks = self._data_flow_blocks()
+            if self._bound is None:
+                self._bind(blocks)
+        unbound = [n for n, _ in blocks if n not in self._hyper]
+        if unbound:
+            if any(isinstance(self._spec[h], list) for h in HYPERPARAMETERS):
+                raise RuntimeError(
+                    f"FeedbackTrainer.step: blocks {unbound} now need targets, but the per-block "
+                    f"lists were bound to {[n for n, _ in self._bound]} when the trained blocks "
+                    "were first known; pass scalars, blocks=, or a new trainer")
+            self._hyper.update({n: tuple(self._spec[h] for h in HYPERPARAMETERS) for n in unbound})
+        return [(n, b, self._hyper[n]) for n, b in blocks]
+
+    @property
+    def blocks(self) -> List:
+        """[(name, block)] trained at the next step, in forward order."""
+        return [(n, b) for n, b, _ in self._trained_now()]
+
+    def explain(self) -> str:
+        """Which blocks step() trains, in which order and with which hyperparameters, and why
+        the model's other DTP blocks are skipped."""
+        try:
+            trained = self._trained_now()
+        except RuntimeError as exc:
+            return f"FeedbackTrainer: nothing to train yet: {exc}"
+        how = "as chosen by blocks=" if self._chosen is not None else \
+            "their inputs need targets (data flow of the latest training forward pass), forward order"
+        lines = [f"FeedbackTrainer: {len(trained)} of {len(self._model_blocks)} DTP blocks trained, "
+                 f"{how}:"]
+        for i, (name, block, (k, sigma, lr)) in enumerate(trained, 1):
+            lines.append(f"  {i}. {name} ({type(block).__name__}): iterations {k}, noise_std {sigma:g}, "
+                         f"lr {lr:g}")
+        trained_names = {n for n, _, _ in trained}
+        skipped = [(n, self._skip_reason(n, b)) for n, b in self._model_blocks if n not in trained_names]
+        if skipped:
+            lines.append("skipped:")
+            lines += [f"  {n}: {why}" for n, why in skipped]
+        return "\n".join(lines)
 
     def _buffers(self, name: str, block: DTPBlock) -> Dict[str, torch.Tensor]:
         buffers = self._momentum_buffers.get(name)
@@ -171,7 +297,7 @@ class FeedbackTrainer:
         runs = []
         world = _process_group_size()
         sync = (self.sync or "gradients") if world > 1 else "none"
-        for (name, block), k, sigma, lr in zip(self.blocks, self.iterations, self.noise_std, self.lr):
+        for name, block, (k, sigma, lr) in self._trained_now():
             x = block.recorded_input
             if x is None:
                 raise RuntimeError(f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
@@ -275,21 +401,27 @@ class FeedbackTrainer:
             f"this step ({hint})")
 
     def state_dict(self) -> dict:
+        """Momentum buffers, step count and the blocks the per-block lists are bound to (forward
+        order; empty before the trained blocks are known)."""
         return {
             "steps": self.steps,
             "momentum_buffers": {n: {k: v.clone() for k, v in b.items()}
                                  for n, b in self._momentum_buffers.items()},
-            "blocks": [n for n, _ in self.blocks],
+            "blocks": [n for n, _ in self._bound or []],
         }
 
     def load_state_dict(self, state: dict):
-        names = [n for n, _ in self.blocks]
         if not isinstance(state, dict) or "momentum_buffers" not in state:
             raise ValueError("FeedbackTrainer.load_state_dict: expected a dict from FeedbackTrainer.state_dict()")
-        if state.get("blocks") != names:
-            raise ValueError(f"FeedbackTrainer.load_state_dict: state is for blocks {state.get('blocks')}, "
-                             f"this trainer trains {names}")
-        blocks = dict(self.blocks)
+        saved = list(state.get("blocks") or [])
+        by_name = dict(self._model_blocks)
+        if self._bound is None and all(n in by_name for n in saved):
+            if saved:  # a trainer that has not seen a forward pass takes the saved binding
+                self._bind([(n, by_name[n]) for n in saved])
+        elif saved != [n for n, _ in self._bound or []]:
+            raise ValueError(f"FeedbackTrainer.load_state_dict: state is for blocks {saved}, this "
+                             f"trainer trains {[n for n, _ in self._bound or []]} (forward order)")
+        blocks = dict(self._bound or [])
         self._momentum_buffers = {}
         for name, buffers in state["momentum_buffers"].items():
             block = blocks[name]

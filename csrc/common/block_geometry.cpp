@@ -29,15 +29,6 @@ Activation parse_activation(const char* op, const std::string& name) {
               name, "'");
 }
 
-const char* activation_name(Activation activation) {
-  switch (activation) {
-    case Activation::ReLU: return "relu";
-    case Activation::ELU: return "elu";
-    case Activation::Tanh: return "tanh";
-    default: return "none";
-  }
-}
-
 static std::vector<int64_t> pair_arg(const char* op, const char* name, at::IntArrayRef v,
                                      int64_t minimum) {
   TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries for a conv block, got ",
@@ -87,7 +78,7 @@ void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Ten
   const auto expected =
       g.is_conv ? weight.sizes().vec() : std::vector<int64_t>{weight.size(1), weight.size(0)};
   TORCH_CHECK(feedback_weight.sizes() == expected, op, ": feedback_weight must have shape ",
-              expected, " for this block, got ", feedback_weight.sizes());
+              at::IntArrayRef(expected), " for this block, got ", feedback_weight.sizes());
 }
 
 void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tensor& x,
@@ -112,6 +103,20 @@ void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tenso
                 " features (weight.size(1)), got ", x.size(1));
   }
   TORCH_CHECK(x.size(0) > 0, op, ": x must hold at least one sample, got an empty batch");
+  check_map_sizes(op, g, x.sizes(), weight);
+}
+
+void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef input_sizes,
+                     const at::Tensor& weight) {
+  if (!g.is_conv) return;
+  const auto pre = pre_pool_sizes(g, input_sizes, weight);
+  TORCH_CHECK(pre[2] >= 1 && pre[3] >= 1, op, ": the conv's output map would be empty: input ",
+              input_sizes[2], "x", input_sizes[3], " with kernel ", weight.size(2), "x",
+              weight.size(3), ", padding ", at::IntArrayRef(g.padding), ", dilation ",
+              at::IntArrayRef(g.dilation), " and stride ", at::IntArrayRef(g.stride));
+  TORCH_CHECK(g.pool == 0 || (pre[2] >= g.pool && pre[3] >= g.pool), op,
+              ": the pool (", g.pool, "x", g.pool, ") is larger than the conv's output map (",
+              pre[2], "x", pre[3], ")");
 }
 
 at::Tensor activate(Activation a, const at::Tensor& z) {
@@ -180,11 +185,6 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
   return std::get<1>(grads).contiguous();
 }
 
-int64_t batch_rows(const at::Tensor& x) { return x.size(0); }
-
-}  // namespace dtp_ext
-
-namespace dtp_ext {
 
 std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                     const at::Tensor& weight) {

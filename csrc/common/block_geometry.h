@@ -14,7 +14,6 @@ namespace dtp_ext {
 enum class Activation { Identity, ReLU, ELU, Tanh };
 
 Activation parse_activation(const char* op, const std::string& name);
-const char* activation_name(Activation activation);
 
 struct BlockGeometry {
   bool is_conv = false;
@@ -45,6 +44,10 @@ void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tenso
 void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Tensor& weight,
                            const at::Tensor& feedback_weight, const at::Tensor& x);
 
+// The conv's output map is at least 1x1 and, with a pool, at least pool x pool.
+void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef input_sizes,
+                     const at::Tensor& weight);
+
 void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
                              const at::Tensor& like);
 
@@ -73,15 +76,10 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                             const at::Tensor& feedback_weight);
 
-// Number of samples the batch mean runs over: rows of a linear input, N of an NCHW input.
-int64_t batch_rows(const at::Tensor& x);
-
-}  // namespace dtp_ext
-
-namespace dtp_ext {
 // Shape of phi(op(x)) for an input of `input_sizes`, and of the block output after pooling.
 std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                     const at::Tensor& weight);
 std::vector<int64_t> block_output_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                         const at::Tensor& weight);
+
 }  // namespace dtp_ext

@@ -151,10 +151,6 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
   check_shape(op, "momentum_weight", momentum_weight, feedback_weight.sizes());
   check_same_device_dtype(op, "momentum_bias", momentum_bias, x);
   check_shape(op, "momentum_bias", momentum_bias, {in_dim});
-  for (const auto* t : {&feedback_weight, &feedback_bias, &momentum_weight, &momentum_bias}) {
-    TORCH_CHECK(t->is_contiguous(), op,
-                ": feedback_weight, feedback_bias and their momentum buffers must be contiguous");
-  }
 
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   if (noise_x.has_value()) {
@@ -216,6 +212,26 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
   return at::stack(losses);
 }
 
+// The loops update their state in place with flat, contiguous passes. A state tensor in another
+// layout (a channels-last model's feedback weight) is updated through a contiguous copy that
+// is written back at the end.
+struct LoopState {
+  at::Tensor* targets[4];
+  at::Tensor weight, bias, momentum_weight, momentum_bias;
+  LoopState(at::Tensor& w, at::Tensor& b, at::Tensor& mw, at::Tensor& mb)
+      : targets{&w, &b, &mw, &mb},
+        weight(w.contiguous()),
+        bias(b.contiguous()),
+        momentum_weight(mw.contiguous()),
+        momentum_bias(mb.contiguous()) {}
+  void write_back() {
+    const at::Tensor* work[4] = {&weight, &bias, &momentum_weight, &momentum_bias};
+    for (int i = 0; i < 4; ++i) {
+      if (!work[i]->is_same(*targets[i])) targets[i]->copy_(*work[i]);
+    }
+  }
+};
+
 // torch.optim.SGD's step (momentum, no dampening, no Nesterov); an undefined grad is zero.
 void sgd_momentum_step(at::Tensor& param, at::Tensor& buffer, const at::Tensor& grad, double lr,
                        double momentum, double weight_decay) {
@@ -243,18 +259,23 @@ at::Tensor ldrl_feedback_loop(
                       momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
   const auto clean = clean_pass(args.g, x.contiguous(), weight, bias);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
-  return run_feedback_loop(
+  LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
+  auto losses = run_feedback_loop(
       args, x, weight, bias, noise_x, noise_y,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
-        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), feedback_weight, eps, z_noisy,
+        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), state.weight, eps, z_noisy,
                                 eta);
-        kernels.sgd_ldrl_update(feedback_weight, momentum_weight, terms.reconstruction_pairing,
-                                terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
+        kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
+                                terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
+                                weight_decay, momentum, lr);
         // dloss/dc is exactly zero: only weight decay moves the feedback bias.
-        sgd_momentum_step(feedback_bias, momentum_bias, at::Tensor(), lr, momentum, weight_decay);
+        sgd_momentum_step(state.bias, state.momentum_bias, at::Tensor(), lr, momentum,
+                          weight_decay);
         return terms.loss;
       });
+  state.write_back();
+  return losses;
 }
 
 at::Tensor reconstruction_feedback_loop(
@@ -271,7 +292,8 @@ at::Tensor reconstruction_feedback_loop(
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
-  return run_feedback_loop(
+  LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
+  auto losses = run_feedback_loop(
       args, x, weight, bias, noise_x, c10::nullopt,
       [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
           const at::Tensor&) {
@@ -279,19 +301,22 @@ at::Tensor reconstruction_feedback_loop(
         // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
         const auto q = kernels.noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
                                                 g.activation, g.pool, g.channels_last);
-        const auto fq = apply_feedback(g, q, feedback_weight, x.sizes());
-        const auto residual = g.is_conv ? fq + feedback_bias.view({1, -1, 1, 1}) - x_noisy
-                                        : fq + feedback_bias - x_noisy;
+        const auto fq = apply_feedback(g, q, state.weight, x.sizes());
+        const auto residual = g.is_conv ? fq + state.bias.view({1, -1, 1, 1}) - x_noisy
+                                        : fq + state.bias - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         const auto loss = residual.square().sum() * (1.0 / static_cast<double>(x.size(0)));
-        const auto grad_weight = feedback_pairing(g, residual, q, feedback_weight).mul_(grad_scale);
-        sgd_momentum_step(feedback_weight, momentum_weight, grad_weight, lr, momentum,
+        const auto grad_weight = feedback_pairing(g, residual, q, state.weight).mul_(grad_scale);
+        sgd_momentum_step(state.weight, state.momentum_weight, grad_weight, lr, momentum,
                           weight_decay);
         const auto grad_bias =
             (g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0)).mul_(grad_scale);
-        sgd_momentum_step(feedback_bias, momentum_bias, grad_bias, lr, momentum, weight_decay);
+        sgd_momentum_step(state.bias, state.momentum_bias, grad_bias, lr, momentum,
+                          weight_decay);
         return loss;
       });
+  state.write_back();
+  return losses;
 }
 
 // A block without activation and pool needs no stored output: its feedback difference is
@@ -335,19 +360,26 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   check_same_device_dtype(op, "feedback_weight", feedback_weight, delta);
   // The forward weight's shape, which the geometry helpers expect (V is W^T for linear).
   const auto forward_shaped = g.is_conv ? feedback_weight : feedback_weight.t();
+  const int64_t in_channels = forward_shaped.size(1) * (g.is_conv ? g.groups : 1);
+  TORCH_CHECK(input_sizes[0] > 0 && input_sizes[1] == in_channels, op,
+              ": input_sizes must describe a non-empty input with ", in_channels,
+              g.is_conv ? " channels" : " features", " (what feedback_weight maps to), got ",
+              input_sizes);
   const auto output = optional_or_undefined(output_opt);
   const auto idx = optional_or_undefined(indices);
+  check_map_sizes(op, g, input_sizes, forward_shaped);
   check_stored_output(op, g, output, idx, delta,
                       block_output_sizes(g, input_sizes, forward_shaped));
   check_finite(op, {{"output", &output}, {"delta", &delta}, {"feedback_weight", &feedback_weight}});
   use_channels_last(g, input_sizes, delta.device());
-  if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes);
+  // Outputs are contiguous whatever layout the products ran in (what the fake kernel says).
+  if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes).contiguous();
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = kernels.phi_unpool_difference(
       output, delta, -scale, idx, activate(g.activation, output), idx,
       pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
       g.channels_last);
-  return apply_feedback(g, u, feedback_weight, input_sizes);
+  return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> block_weight_grad(
@@ -374,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   auto grads = at::convolution_backward(grad_pre, x, weight, c10::nullopt, g.stride, g.padding,
                                         g.dilation, false, {0, 0}, g.groups,
                                         {false, true, true});
-  return {std::get<1>(grads), std::get<2>(grads)};
+  return {std::get<1>(grads).contiguous(), std::get<2>(grads).contiguous()};
 }
 
 }  // namespace dtp_ext

@@ -132,8 +132,40 @@ def read(path: Path) -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: not a dtp-ext train checkpoint: it lacks {missing} "
                               f"(it has {sorted(map(str, state))[:12]})")
-    saved_config(state, path)
+    check_counters(state, path)
     return state
+
+
+def check_counters(state: Dict[str, Any], source, steps_per_epoch: Optional[int] = None,
+                   same_world: bool = True) -> None:
+    """The epoch/step counters must describe a point a run can reach: a hand-edited checkpoint
+    (epoch 99 of a 1-epoch run, a negative step) is refused rather than reported as finished.
+    With `steps_per_epoch` (known once the data is read) they must also agree with it."""
+    saved = saved_config(state, source)
+    counters = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
+    wrong = [f"{k} {v!r}" for k, v in counters.items() if isinstance(v, bool) or not isinstance(v, int)]
+    if wrong:
+        raise CheckpointError(f"{source}: its counters must be whole numbers, got {', '.join(wrong)}")
+    epoch, step, total = counters["epoch"], counters["step_in_epoch"], counters["global_step"]
+    problems = [f"{k} is {v}, below 0" for k, v in counters.items() if v < 0]
+    if isinstance(saved.epochs, int) and epoch > saved.epochs:
+        problems.append(f"epoch {epoch} is past the run's last epoch ({saved.epochs})")
+    if epoch == saved.epochs and step:
+        problems.append(f"epoch {epoch} is the run's last, so no step of a further epoch ({step}) can follow")
+    if total < step or total < epoch:
+        problems.append(f"global_step {total} is less than the steps its epoch {epoch} and step {step} imply")
+    if steps_per_epoch is not None and not problems:
+        if step > steps_per_epoch:
+            problems.append(f"step_in_epoch {step} is past the {steps_per_epoch} steps of an epoch")
+        elif same_world and total != epoch * steps_per_epoch + step:
+            problems.append(f"global_step {total} is not epoch {epoch} x {steps_per_epoch} steps per epoch + "
+                            f"step {step}")
+    elapsed = state.get("elapsed")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed >= 0:
+        problems.append(f"elapsed {elapsed!r} is not a time in seconds")
+    if problems:
+        raise CheckpointError(f"{source}: its counters are impossible ({'; '.join(problems)}): the file was "
+                              "edited or damaged; the run cannot continue from it")
 
 
 def load(out_dir: Path) -> Optional[Dict[str, Any]]:

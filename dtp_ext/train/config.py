@@ -29,7 +29,7 @@ TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units
 PerLayer = Union[float, List[float], None]
 
 # Options that may differ when resuming: they do not change the computation already done.
-RESUMABLE = {"epochs", "max_steps", "progress", "threads"}
+RESUMABLE = {"epochs", "max_steps", "progress", "threads", "log_every", "checkpoint_every"}
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     probe_batch_size: int = 128           # fixed batch for the update-vs-backprop angles
     progress: bool = True
+    log_every: Optional[int] = None       # steps.jsonl: a line every N steps (None: ~20 per run, <= 50)
+    checkpoint_every: Optional[int] = None  # also save the checkpoint every N steps (None: epochs, stops)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +162,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
                  "feedback_warmup_factor"):
         _number(name, getattr(cfg, name), integer=True, minimum=1)
-    for name in ("max_steps", "train_subset", "test_subset", "t_max", "threads"):
+    for name in ("max_steps", "train_subset", "test_subset", "t_max", "threads", "log_every",
+                 "checkpoint_every"):
         _number(name, getattr(cfg, name), integer=True, minimum=1, allow_none=True)
     _number("seed", cfg.seed, integer=True, minimum=0)
     _number("feedback_warmup_steps", cfg.feedback_warmup_steps, integer=True, minimum=0)

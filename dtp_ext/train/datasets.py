@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,18 +37,29 @@ class DatasetInfo:
     std: Tuple[float, ...]
     augment: bool          # the paper's random crop (pad 4, edge) + horizontal flip by default
     where: str             # what to put in --data-dir, for the error message
+    source: str = ""       # where the official files come from, for the error messages
 
 
 INFO: Dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(1, 28, 10, (0.1307,), (0.3081,), False,
-                         "the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...)"),
+                         "the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
+                         "the official files are at https://yann.lecun.com/exdb/mnist/ (torchvision's "
+                         "datasets.MNIST(DIR, download=True) fetches them into DIR/MNIST/raw); dtp_ext "
+                         "ships a copy, used when --data-dir is not given"),
     "fashion-mnist": DatasetInfo(1, 28, 10, (0.2860,), (0.3530,), False,
-                                 "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...)"),
+                                 "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
+                                 "the official files are listed at https://github.com/zalandoresearch/fashion-mnist "
+                                 "(torchvision's datasets.FashionMNIST(DIR, download=True) fetches them)"),
     "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-                           "torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch)"),
+                           "torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch)",
+                           "the official file is cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+                           "(unpack it in DIR; torchvision's datasets.CIFAR10(DIR, download=True) does both)"),
     "imagenet32": DatasetInfo(3, 32, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True,
                               "the downsampled ImageNet 32x32 files train_data_batch_1..10 and "
-                              "val_data (official pickles or .npz), e.g. Imagenet32_train/ and Imagenet32_val/"),
+                              "val_data (official pickles or .npz), e.g. Imagenet32_train/ and Imagenet32_val/",
+                              "the official files are Imagenet32_train.zip and Imagenet32_val.zip (pickles) or "
+                              "their _npz versions, from https://image-net.org/download-images (Downsampled "
+                              "ImageNet 32x32, free account needed; Chrabaszcz et al. 2017)"),
 }
 
 
@@ -71,22 +83,48 @@ class ImageSet:
 
 def _missing(name: str, root: Path, detail: str) -> DatasetNotFound:
     return DatasetNotFound(f"{name}: {detail} under {root}. Put {INFO[name].where} in a folder "
-                           f"and pass it as --data-dir (datasets are never downloaded)")
+                           f"and pass it as --data-dir (datasets are never downloaded; "
+                           f"{INFO[name].source})")
+
+
+def _damaged(name: str, path: Path, what: str) -> DatasetNotFound:
+    """A data file that exists but cannot be used: names the file, what is wrong, and where a
+    good copy comes from."""
+    return DatasetNotFound(f"{path}: {what}. Replace it with a good copy ({INFO[name].source})")
+
+
+def _check_labels(name: str, path: Path, labels: np.ndarray, low: int = 0):
+    """Labels must be class indices of `name` (numbered from `low` in the file)."""
+    classes = INFO[name].classes
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < low or labels.max() > low + classes - 1):
+        bad = labels[(labels < low) | (labels > low + classes - 1)]
+        raise _damaged(name, path, f"{bad.size} label(s) outside the {classes} classes {low}..{low + classes - 1} "
+                                   f"(e.g. {bad.flat[0]})")
 
 
 # -- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------------
-def read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path, name: str = "mnist") -> np.ndarray:
     """An IDX file (gzip or raw, told apart by the gzip magic bytes) as a numpy array."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError:
+            raise _damaged(name, path, "truncated gzip file (it ends before the end of its compressed "
+                                       "data: a download cut short?)") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise _damaged(name, path, f"corrupt gzip file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetNotFound(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+        raise _damaged(name, path, "not an unsigned-byte IDX file (bad magic number)")
     dims = raw[3]
+    if len(raw) < 4 + 4 * dims:
+        raise _damaged(name, path, f"truncated IDX file ({len(raw)} bytes, shorter than its header)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
     if data.size != int(np.prod(shape)):
-        raise DatasetNotFound(f"{path}: header says shape {shape}, file holds {data.size} values")
+        raise _damaged(name, path, f"its header says shape {shape} ({int(np.prod(shape))} values), the file "
+                                   f"holds {data.size} values (truncated or not an IDX file)")
     return data.reshape(shape)
 
 
@@ -106,23 +144,55 @@ def read_mnist_like(name: str, root: Path, split: str) -> ImageSet:
     labels_path = _find_idx(name, folders, f"{prefix}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
         raise _missing(name, root, f"no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]")
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = read_idx(images_path, name), read_idx(labels_path, name)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DatasetNotFound(f"{name}: {images_path.name} {images.shape} and {labels_path.name} "
-                              f"{labels.shape} do not form an image/label pair")
+        raise DatasetNotFound(f"{name}: {images_path} {images.shape} and {labels_path.name} "
+                              f"{labels.shape} do not form an image/label pair ({INFO[name].source})")
+    _check_labels(name, labels_path, labels)
     return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
 # -- CIFAR-10 ---------------------------------------------------------------------------------
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
+def _unpickle(path: Path, name: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    except EOFError:
+        raise _damaged(name, path, "truncated pickle (the file ends before its data: a download or "
+                                   "unpacking cut short?)") from None
+    except Exception as exc:  # UnpicklingError, ValueError, ... on damaged bytes
+        raise _damaged(name, path, f"not a readable {name} pickle ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise _damaged(name, path, f"a {name} pickle holds a dict, this one a {type(data).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
-def _rows_to_images(rows: np.ndarray, channels: int, size: int) -> torch.Tensor:
-    # Both CIFAR-10 and ImageNet32 store each image as 3072 bytes: R plane, G plane, B plane.
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, channels, size, size))
+def _part(name: str, path: Path, data, labels) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of one CIFAR-10 / ImageNet32 file. Both store each image as one row of
+    3072 bytes: R plane, G plane, B plane (32x32 each)."""
+    try:
+        rows = np.asarray(data)
+    except Exception:
+        rows = None
+    if rows is None or rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+        shape = getattr(rows, "shape", None)
+        raise _damaged(name, path, f"its 'data' has shape {shape}, expected rows of 3072 bytes "
+                                   "(3 x 32 x 32 images)")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != rows.shape[0]:
+        raise _damaged(name, path, f"{rows.shape[0]} images but labels of shape {labels.shape}")
+    if rows.dtype != np.uint8 and rows.size and (rows.min() < 0 or rows.max() > 255):
+        raise _damaged(name, path, f"pixel values outside 0..255 (dtype {rows.dtype})")
+    _check_labels(name, path, labels, low=1 if name == "imagenet32" else 0)
+    images = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32))
+    return images, torch.as_tensor(labels.astype(np.int64))
+
+
+def _field(name: str, path: Path, data: dict, key: str):
+    if key not in data:
+        raise _damaged(name, path, f"it has no '{key}' entry (it has {sorted(map(str, data))[:8]})")
+    return data[key]
 
 
 def read_cifar10(root: Path, split: str) -> ImageSet:
@@ -131,10 +201,12 @@ def read_cifar10(root: Path, split: str) -> ImageSet:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise _missing("cifar10", root, f"missing {missing}")
-    parts = [_unpickle(folder / n) for n in names]
-    images = torch.cat([_rows_to_images(p["data"], 3, 32) for p in parts])
-    labels = torch.cat([torch.as_tensor(np.asarray(p["labels"]), dtype=torch.int64) for p in parts])
-    return ImageSet(images, labels)
+    parts = []
+    for n in names:
+        data = _unpickle(folder / n, "cifar10")
+        parts.append(_part("cifar10", folder / n, _field("cifar10", folder / n, data, "data"),
+                           _field("cifar10", folder / n, data, "labels")))
+    return ImageSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
 # -- ImageNet 32x32 ---------------------------------------------------------------------------
@@ -149,10 +221,15 @@ def _find_file(root: Path, stem: str) -> Optional[Path]:
 
 def _read_imagenet_part(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            return z["data"], z["labels"]
-    part = _unpickle(path)
-    return part["data"], part["labels"]
+        try:
+            with np.load(path) as z:
+                part = {k: z[k] for k in z.files}
+        except Exception as exc:  # BadZipFile, EOFError, ValueError, ...
+            raise _damaged("imagenet32", path, f"not a readable .npz file ({type(exc).__name__}: "
+                                               f"{str(exc)[:200]})") from None
+    else:
+        part = _unpickle(path, "imagenet32")
+    return _field("imagenet32", path, part, "data"), _field("imagenet32", path, part, "labels")
 
 
 def read_imagenet32(root: Path, split: str) -> ImageSet:
@@ -163,13 +240,10 @@ def read_imagenet32(root: Path, split: str) -> ImageSet:
         raise _missing("imagenet32", root, f"missing {missing}")
     images, labels = [], []
     for path in paths:
-        data, lab = _read_imagenet_part(path)
-        images.append(_rows_to_images(data, 3, 32))
-        labels.append(torch.as_tensor(np.asarray(lab), dtype=torch.int64) - 1)  # 1..1000 -> 0..999
-    labels = torch.cat(labels)
-    if labels.numel() and (labels.min() < 0 or labels.max() > 999):
-        raise DatasetNotFound(f"imagenet32: labels under {root} are outside 1..1000")
-    return ImageSet(torch.cat(images), labels)
+        x, y = _part("imagenet32", path, *_read_imagenet_part(path))
+        images.append(x)
+        labels.append(y - 1)  # 1..1000 -> 0..999
+    return ImageSet(torch.cat(images), torch.cat(labels))
 
 
 @lru_cache(maxsize=2)
@@ -187,13 +261,14 @@ def load_split(name: str, data_dir: Optional[str], split: str) -> ImageSet:
     if data_dir is None:
         if name != "mnist":
             raise DatasetNotFound(f"{name}: no --data-dir given. Put {INFO[name].where} in a folder "
-                                  f"and pass it as --data-dir (datasets are never downloaded)")
+                                  f"and pass it as --data-dir (datasets are never downloaded; "
+                                  f"{INFO[name].source})")
         root = PACKAGED_MNIST
     else:
         root = Path(data_dir)
         if not root.is_dir():
             raise DatasetNotFound(f"{name}: --data-dir {root} is not a folder. Put {INFO[name].where} "
-                                  "there (datasets are never downloaded)")
+                                  f"there (datasets are never downloaded; {INFO[name].source})")
     if name in ("mnist", "fashion-mnist"):
         data = read_mnist_like(name, root, split)
     elif name == "cifar10":

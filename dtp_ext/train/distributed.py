@@ -112,7 +112,8 @@ def _digest(tree, h) -> None:
 @dataclass(frozen=True)
 class StepTotals:
     """One optimizer step, summed over ranks: loss * images, top-1 and top-5 hits, images,
-    and whether any rank saw a non-finite loss or forward gradient."""
+    whether any rank saw a non-finite loss or forward gradient, and whether any rank was asked
+    to stop (a signal, interrupt.py): every rank then stops after this same step."""
 
     loss_sum: float
     top1: float
@@ -120,6 +121,7 @@ class StepTotals:
     seen: float
     bad_loss: bool
     bad_grad: bool
+    stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,16 +158,19 @@ class Context:
 
     # -- per step -------------------------------------------------------------------------
     def step_totals(self, params: Sequence[torch.nn.Parameter], local: torch.Tensor,
-                    share: float) -> StepTotals:
+                    share: float, stop: bool = False) -> StepTotals:
         """`local` = [loss * n, top1, top5, n, loss not finite] of this rank's shard. With
         several ranks, every gradient becomes sum_r share_r * grad_r (share_r = rank r's images
-        / global batch), in one all-reduce that also sums `local` and the ranks' non-finite
-        gradient flags, so every rank takes the same decision. One device sync."""
+        / global batch), in one all-reduce that also sums `local`, the ranks' non-finite
+        gradient flags and their stop requests, so every rank takes the same decisions. One
+        device sync."""
         grads = [p.grad for p in params if p.grad is not None]
+        local = torch.cat([local, local.new_tensor([float(stop)])])
         if self.world == 1:
             finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
                 torch.tensor(True, device=local.device)
             values = torch.cat([local, (~finite).to(local.dtype).reshape(1)]).tolist()
+            values = values[:5] + [values[6], values[5]]
         else:
             dtype = params[0].dtype
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
@@ -179,9 +184,16 @@ class Context:
                     p.grad.copy_(g.view_as(p))
             reduced_bad = (~torch.isfinite(flat).all()).to(dtype).reshape(1)
             values = torch.cat([buffer[flat.numel():].double(), reduced_bad.double()]).tolist()
-            values = values[:5] + [values[5] + values[6]]
-        loss_sum, top1, top5, seen, bad_loss, bad_grad = values
-        return StepTotals(loss_sum, top1, top5, seen, bad_loss > 0, bad_grad > 0)
+            # [loss*n, top1, top5, n, bad loss, stop, local bad grads, reduced bad grads]
+            values = values[:5] + [values[6] + values[7], values[5]]
+        loss_sum, top1, top5, seen, bad_loss, bad_grad, stop_votes = values
+        return StepTotals(loss_sum, top1, top5, seen, bad_loss > 0, bad_grad > 0, stop_votes > 0)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (one tiny all-reduce)."""
+        if self.world == 1:
+            return bool(flag)
+        return self.sum_floats([float(bool(flag))])[0] > 0
 
     def sum_floats(self, values: List[float]) -> List[float]:
         if self.world == 1:

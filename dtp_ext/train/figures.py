@@ -28,14 +28,21 @@ from dtp_ext.metrics import angle_degrees  # noqa: E402
 from .algorithms import FeedbackSettings, make_algorithm  # noqa: E402
 from .batches import normalise  # noqa: E402
 from .chain import forward_records  # noqa: E402
+from .config import ConfigError  # noqa: E402
 from .datasets import INFO, load_split  # noqa: E402
 from .models import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
 from .probe import backprop_gradients  # noqa: E402
 
 
+JMC_EVERY = 50  # jmc measures the alignment every this many feedback iterations
+
+
 def fixed_batch(dataset: str, data_dir: Optional[str], size: int):
     info = INFO[dataset]
-    data = load_split(dataset, data_dir, "train").subset(size)
+    data = load_split(dataset, data_dir, "train")
+    if size > len(data):
+        raise ConfigError(f"--batch-size {size} is more than the {len(data)} training images of {dataset}")
+    data = data.subset(size)
     return normalise(data.images, info.mean, info.std), data.labels, info
 
 
@@ -50,7 +57,7 @@ def _alignment(w: torch.Tensor, v: torch.Tensor):
     return angle_degrees(w, v), float((w - v).norm() / w.norm())
 
 
-def jmc(dataset="mnist", data_dir=None, iterations=3000, every=50, batch_size=128, seed=0,
+def jmc(dataset="mnist", data_dir=None, iterations=3000, every=JMC_EVERY, batch_size=128, seed=0,
         ldrl_noise=0.08, ldrl_lr=0.05, drl_noise=0.1, drl_lr=0.02) -> Dict:
     x, y, info = fixed_batch(dataset, data_dir, batch_size)
     name, model = _model(dataset, seed)

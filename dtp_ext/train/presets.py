@@ -72,3 +72,33 @@ for _dataset in ("mnist", "fashion-mnist"):
         PRESETS[f"{_dataset}-{_algorithm}"] = _mnist(_dataset, _algorithm)
     for _algorithm in ("dtp", "tp"):
         PRESETS[f"{_dataset}-{_algorithm}-lee"] = _mnist(_dataset, _algorithm, "gradient")
+
+
+def describe(name: str) -> str:
+    """One line saying what the preset `name` sets, generated from its values."""
+    p = PRESETS[name]
+    parts = [p["algorithm"], p["dataset"], p["model"], f"{p['epochs']} epochs", f"batch {p['batch_size']}",
+             f"lr {p['lr']:g}"]
+    if p.get("weight_decay"):
+        parts.append(f"wd {p['weight_decay']:.3g}")
+    scheduler = p.get("scheduler", "cosine")
+    if scheduler == "cosine" and "t_max" in p:
+        parts.append(f"cosine {p['t_max']} epochs then held")
+    elif scheduler == "step":
+        parts.append(f"StepLR({p.get('step_size', 30)}, {p.get('gamma', 0.1):g})")
+    elif scheduler == "cosine":
+        parts.append("cosine over the epochs")
+    else:
+        parts.append("constant lr")
+    if "beta" in p and (p["algorithm"] != "bp"):
+        parts.append(f"beta {p['beta']:g}")
+    if "feedback_iterations" in p:
+        parts.append("K " + "/".join(map(str, p["feedback_iterations"])))
+    if "penultimate_target" in p:
+        parts.append(f"penultimate target by {p['penultimate_target']}")
+    if p.get("feedback_warmup_steps"):
+        parts.append(f"first {p['feedback_warmup_steps']} step(s) with {p['feedback_warmup_factor']}x "
+                     "feedback iterations")
+    if p.get("augment"):
+        parts.append("crop+flip")
+    return ", ".join(parts)

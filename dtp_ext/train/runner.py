@@ -12,6 +12,7 @@ writes files, prints and shows the progress bar.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -27,7 +28,7 @@ import dtp_ext
 from dtp_ext import ops
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, interrupt
 from .algorithms import FeedbackSettings, make_algorithm
 from .batches import batch_count, normalise, shard, steps_per_epoch, train_batches
 from .config import ConfigError, TrainConfig
@@ -41,6 +42,16 @@ from .resolve import lr_units_note
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+# What a run writes in --out (besides the checkpoint); a fresh run removes stale copies.
+OUTPUTS = ("metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png", "alignment.png")
+
+
+def default_log_every(planned_steps: int) -> int:
+    """steps.jsonl interval when --log-every is not given: about 20 lines per run, at most
+    every 50 steps (so a 5-step smoke run logs every step)."""
+    return max(1, min(50, planned_steps // 20))
 
 
 def make_scheduler(optimizer, cfg: TrainConfig):
@@ -112,11 +123,18 @@ class Run:
         self.probe = (normalise(probe.images.to(self.device), info.mean, info.std), probe.labels.to(self.device))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.counter = Counter()
+        self.window, self.window_steps = Counter(), 0  # train metrics since the last steps.jsonl line
         self.elapsed = 0.0
+        self.resumed_from: Optional[int] = None
+        self.stop_requested = False
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, ctx.world)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.train_set)} training images cannot give each of the "
                               f"{ctx.world} processes one")
+        if cfg.log_every is None:  # resolved once; the checkpoint keeps the value
+            planned = cfg.epochs * self.steps_per_epoch
+            self.cfg = cfg = dataclasses.replace(cfg, log_every=default_log_every(
+                planned if cfg.max_steps is None else min(planned, cfg.max_steps)))
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -126,7 +144,9 @@ class Run:
                 "algorithm": self.algorithm.state_dict(), "rng": ckpt.rng_states(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "counter": self.counter.state,
-                "elapsed": self.elapsed, "world_size": self.ctx.world}
+                "window": {"counter": self.window.state, "steps": self.window_steps},
+                "elapsed": self.elapsed, "world_size": self.ctx.world,
+                "threads": torch.get_num_threads()}
 
     def save(self):
         """Collective under several processes: checks that the ranks agree, then rank 0 writes
@@ -144,6 +164,8 @@ class Run:
         """Continue from `state` (every rank loads the same rank-0 checkpoint). Raises
         CheckpointError, naming `source`, if it does not fit this run's configuration."""
         ckpt.check_compatible(state, self.cfg, source)
+        ckpt.check_counters(state, source, self.steps_per_epoch,
+                            same_world=state.get("world_size", 1) == self.ctx.world)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -152,15 +174,27 @@ class Run:
             self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
             self.global_step, self.elapsed = int(state["global_step"]), float(state["elapsed"])
             self.counter = Counter(state["counter"])
+            window = state.get("window") or {}  # absent from checkpoints of older versions
+            self.window, self.window_steps = Counter(window.get("counter")), int(window.get("steps", 0))
             self._restore_rng(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise ckpt.CheckpointError(
                 f"{source}: its saved state does not fit a {self.cfg.algorithm} run of "
                 f"{self.cfg.model} ({type(exc).__name__}: {str(exc).strip()[:400]})") from None
+        self.resumed_from = self.global_step
+        saved_threads = state.get("threads", ckpt.saved_config(state, source).threads)
+        if not self.device.startswith("cuda") and saved_threads not in (None, torch.get_num_threads()):
+            self.log(f"note: the checkpoint was written with {saved_threads} CPU thread(s), this run uses "
+                     f"{torch.get_num_threads()}: it continues, but is not bitwise identical to an "
+                     "uninterrupted run (float sums are split differently); resume with "
+                     f"--threads {saved_threads} for that")
         if self.ctx.main:
-            # Epoch records past the checkpoint (a crash between the log and the save) are dropped.
+            # Records past the checkpoint (a crash between the log and the save) are dropped.
             self.records = [r for r in self._read_records() if r["epoch"] <= self.epoch]
             self._write_records()
+            self.step_records = [r for r in self._read_records("steps.jsonl")
+                                 if r["step"] <= self.global_step]
+            self._write_records("steps.jsonl", self.step_records)
 
     def _restore_rng(self, state: dict):
         per_rank = state.get("rank_rng") or [state["rng"]]
@@ -173,14 +207,77 @@ class Run:
                      f"{self.ctx.world}: the data is the same global batches, but the feedback noise "
                      "(and the float summation order) differ from an uninterrupted run")
 
-    def _read_records(self):
-        path = self.out / "metrics.jsonl"
+    def _read_records(self, name="metrics.jsonl"):
+        path = self.out / name
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
-    def _write_records(self):
-        with open(self.out / "metrics.jsonl", "w") as f:
-            for r in self.records:
+    def _write_records(self, name="metrics.jsonl", records=None):
+        records = self.records if records is None else records
+        path = self.out / name
+        if not records and not path.exists():
+            return  # no empty files
+        with open(path, "w") as f:
+            for r in records:
                 f.write(json.dumps(r) + "\n")
+
+    def _log_step(self, kind: Optional[str] = None, alignment: Optional[dict] = None):
+        """A steps.jsonl line (rank 0): train metrics over the steps since the previous regular
+        line, the lr, the last feedback losses and the alignment on the probe batch. `kind`
+        "epoch" marks an epoch's end; "stop" a run stopping (--max-steps, a signal), which
+        leaves the window running so that the regular lines match an uninterrupted run."""
+        if self.ctx.main:
+            record = {"step": self.global_step, "epoch": self.epoch + 1,
+                      "epoch_step": self.step_in_epoch, "steps": self.window_steps,
+                      **self.window.means("train"), "lr": self.optimizer.param_groups[0]["lr"],
+                      "feedback_loss": dict(self.algorithm.last_feedback_losses),
+                      **(alignment if alignment is not None else self._alignment()),
+                      "time_s": self.elapsed + (time.perf_counter() - self._started
+                                                if self._started is not None else 0.0)}
+            if kind:
+                record["kind"] = kind
+            self.step_records.append(record)
+            with open(self.out / "steps.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if kind != "stop":
+            self.window, self.window_steps = Counter(), 0
+
+    def _alignment(self) -> dict:
+        """layer_metrics on the probe batch; {} when the weights have gone non-finite (the step
+        guard then stops the run with the reason; a log line must not crash it first)."""
+        try:
+            return layer_metrics(self.algorithm, *self.probe)
+        except (ValueError, FloatingPointError) as exc:
+            if isinstance(exc, ValueError) and not ops.is_non_finite_input_error(exc):
+                raise
+            return {}
+
+    def _stop(self, why: str, signum: Optional[int] = None):
+        """Mid-epoch stop (--max-steps or a signal): checkpoint, a steps.jsonl line, plots."""
+        self.save()  # --resume continues at the next step
+        if self.window_steps:
+            self._log_step("stop")
+        self._plot()
+        where = (f"step {self.global_step} (epoch {self.epoch + 1}, step {self.step_in_epoch} of "
+                 f"{self.steps_per_epoch})")
+        if signum is None:
+            self.log(f"stopped after {where} ({why}); checkpoint in {self.out}")
+            return
+        more = f" --max-steps {self.cfg.max_steps}" if self.cfg.max_steps is not None else ""
+        raise interrupt.Interrupted(signum, f"interrupted by {interrupt.name(signum)} at {where}; checkpoint "
+                                            f"saved in {self.out}; continue with: dtp-ext train --resume "
+                                            f"--out {self.out}{more}")
+
+    def _signal_agreed(self) -> Optional[int]:
+        """The signal any rank received (every rank gets the same answer), or None."""
+        signum = interrupt.requested()
+        if not self.ctx.any(signum is not None):
+            return None
+        return signum or interrupt.signal.SIGTERM  # another rank's signal: its usual meaning
+
+    def _plot(self):
+        if self.ctx.main:
+            write_plots(self.records, self.out, f"{self.cfg.dataset} {self.cfg.model} {self.cfg.algorithm}",
+                        steps=self.step_records)
 
     # -- training -------------------------------------------------------------------------
     def _train_step(self, x, y, global_count: Optional[int] = None):
@@ -199,7 +296,9 @@ class Run:
             loss, logits, cause = None, None, f" ({exc})"
         params = [p for _, p in self.named_params]
         totals = self.ctx.step_totals(params, batch_totals(loss, logits, y),
-                                      y.shape[0] / (global_count or y.shape[0]))
+                                      y.shape[0] / (global_count or y.shape[0]),
+                                      stop=interrupt.requested() is not None)
+        self.stop_requested = totals.stop  # every rank stops after the same step
         value = totals.loss_sum / max(totals.seen, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         where = f"at step {self.global_step} (epoch {self.epoch + 1})"
@@ -216,33 +315,38 @@ class Run:
                 f"state unchanged); lower the forward lr (now {lr:g}) or the feedback lr")
         self.optimizer.step()
         self.counter.add_totals(totals.loss_sum, totals.top1, totals.top5, totals.seen)
+        self.window.add_totals(totals.loss_sum, totals.top1, totals.top5, totals.seen)
+        self.window_steps += 1
         self.global_step += 1
         return value
 
     def _end_epoch(self, lr: float, epoch_time: float):
         record = {"epoch": self.epoch + 1, "step": self.global_step, **self.counter.means("train"),
                   **evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)}
+        alignment = self._alignment() if self.ctx.main else None
         if self.ctx.main:
-            record.update({"lr": lr, "feedback_lr": self.cfg.feedback_lr,
-                           **layer_metrics(self.algorithm, *self.probe),
+            record.update({"lr": lr, "feedback_lr": self.cfg.feedback_lr, **alignment,
                            "feedback_loss": dict(self.algorithm.last_feedback_losses),
                            "epoch_time_s": epoch_time, "time_s": self.elapsed})
             self.records.append(record)
             self._write_records()
+        if self.window_steps:
+            self._log_step("epoch", alignment)
         self.scheduler.step()
         self.epoch, self.step_in_epoch, self.counter = self.epoch + 1, 0, Counter()
         self.save()
-        if self.ctx.main:
-            write_plots(self.records, self.out, f"{self.cfg.dataset} {self.cfg.model} {self.cfg.algorithm}")
+        self._plot()
         return record
 
     def train(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
+        self._started = None
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not hasattr(self, "records"):
-                self.records = []
-                self._write_records()
+            if not hasattr(self, "records"):  # a fresh run: no stale outputs of an earlier one
+                for name in OUTPUTS:
+                    (self.out / name).unlink(missing_ok=True)
+                self.records, self.step_records = [], []
         batch = f"batch {cfg.batch_size}"
         if ctx.world > 1:
             p = self._processes()
@@ -252,11 +356,20 @@ class Run:
                  f"{len(self.test_set)} test images), model {cfg.model}, {cfg.epochs} epoch(s) of "
                  f"{self.steps_per_epoch} steps, {batch}, {lr_units_note(cfg)}, "
                  f"device {self.device}, out {self.out}")
-        stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+        if self.resumed_from is not None:
+            self.log(f"resumed from step {self.global_step} ({self._position()})")
+        left = self._nothing_left()
+        if left:
+            return self._nothing_to_do(left)
+        signum = self._signal_agreed()  # received while the data was read
+        if signum:
+            self._stop("signal", signum)
+        stopped = False
         while self.epoch < cfg.epochs and not stopped:
             self.algorithm.epoch = self.epoch  # DRL's "s" variant alternates epochs
             lr = self.optimizer.param_groups[0]["lr"]
-            started = time.perf_counter()
+            started = self._started = time.perf_counter()
+            signum = None
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                        disable=not (cfg.progress and ctx.main),
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
@@ -269,20 +382,75 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{self.counter.means('train')['train_top1']:.1f}%",
                                 refresh=False)
                 last = self.step_in_epoch == self.steps_per_epoch
+                if self.global_step % cfg.log_every == 0 and not last:  # the epoch's end logs its own
+                    self._log_step()
+                if self.stop_requested:  # a signal on some rank: all ranks agree on this step
+                    signum = interrupt.requested() or interrupt.signal.SIGTERM
+                    break
                 if cfg.max_steps is not None and self.global_step >= cfg.max_steps and not last:
                     stopped = True
                     break
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and not last:
+                    self.save()
             bar.close()
             self.elapsed += time.perf_counter() - started
+            self._started = None
+            if signum:
+                self._stop("signal", signum)  # raises Interrupted
             if stopped:
-                self.save()  # mid-epoch: --resume continues at the next step
-                self.log(f"stopped after step {self.global_step} (--max-steps); checkpoint in {self.out}")
+                self._stop("--max-steps")
             else:
                 record = self._end_epoch(lr, time.perf_counter() - started)
                 self.log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
                          f"top-1 {record['train_top1']:.2f}%, test loss {record['test_loss']:.4f} "
                          f"top-1 {record['test_top1']:.2f}%")
                 stopped = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+                signum = self._signal_agreed()  # received during the evaluation
+                if signum:
+                    self._stop("signal", signum)
+        signum = self._signal_agreed()
+        if signum:  # the checkpoint is complete; the final evaluation is left to --resume
+            self._stop("signal", signum)
+        summary = self.finish()
+        if interrupt.requested():
+            self.log(f"{interrupt.name(interrupt.requested())} received during the final evaluation: the run "
+                     "had finished, its outputs are complete")
+        return summary
+
+    def _position(self) -> str:
+        if self.step_in_epoch == 0:
+            return f"{self.epoch} of {self.cfg.epochs} epoch(s) done"
+        return f"epoch {self.epoch + 1}, {self.step_in_epoch} of its {self.steps_per_epoch} steps done"
+
+    def _nothing_left(self) -> Optional[str]:
+        """Why a (resumed) run has no step left to train, or None."""
+        cfg = self.cfg
+        if self.epoch >= cfg.epochs:
+            return (f"the run has completed {self.epoch} epoch(s) and --epochs is {cfg.epochs}; pass a larger "
+                    "--epochs to train further")
+        if (cfg.max_steps is not None and self.global_step >= cfg.max_steps
+                and self.step_in_epoch < self.steps_per_epoch):
+            return (f"the run is at step {self.global_step} and --max-steps {cfg.max_steps} counts the run's "
+                    "steps from its start, not this invocation's; pass a larger --max-steps, or none to train "
+                    f"to the end of epoch {cfg.epochs}")
+        return None
+
+    def _nothing_to_do(self, why: str) -> dict:
+        """A resumed run with no step left: summary.json is rewritten only if it is not this
+        step's already (a run stopped by a signal before its final evaluation)."""
+        self.log(f"nothing left to do: {why}")
+        summary = None
+        path = self.out / "summary.json"
+        if self.ctx.main and path.exists():
+            try:
+                summary = json.loads(path.read_text())
+            except ValueError:
+                summary = None
+            if not isinstance(summary, dict) or summary.get("global_step") != self.global_step:
+                summary = None
+        if self.ctx.any(summary is not None):
+            self.log(f"{path} is up to date (step {self.global_step}); nothing was rewritten")
+            return summary if summary is not None else {"global_step": self.global_step}
         return self.finish()
 
     def _processes(self) -> dict:
@@ -330,4 +498,5 @@ class Run:
             d = a.get("weight_distance", {}).get(name)
             self.log(f"{name:<10}{'-' if w is None else f'{w:.1f}°':>14}"
                      f"{'-' if d is None else f'{d:.2f}':>10}{update:>13.1f}°")
-        self.log(f"wrote {self.out}/metrics.jsonl, summary.json, *.png, {ckpt.CHECKPOINT_NAME}")
+        written = [n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (self.out / n).exists()]
+        self.log(f"wrote in {self.out}: {', '.join(written)}")

@@ -1,0 +1,72 @@
+"""dtp_ext.loss_scale: tell the DTP blocks that the loss they receive gradients of was scaled.
+
+A DTP block turns its incoming gradient delta into a finite target step beta*B*delta (SPEC §3,
+§10), so a loss multiplied by k (GradScaler, a manual scale, 1/n for n accumulated
+micro-batches) changes the direction of hidden updates, not only their size. Inside
+`with dtp_ext.loss_scale(k):` the blocks divide k out of the step and return k times the
+unscaled gradients, exactly as backprop would.
+
+The scale is process-wide, not thread-local, because autograd runs a CUDA backward on its own
+device threads; a backward started inside the `with` block sees it on any thread. Nested
+scales multiply.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from numbers import Real
+from typing import Iterator
+
+import torch
+
+_lock = threading.Lock()
+_scale = 1.0
+# The same value as a tensor: a torch.compile'd backward reads this one at run time.
+_scale_tensor = torch.ones((), dtype=torch.float64)
+
+
+def _as_scale(k) -> float:
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and k.is_floating_point():
+        k = float(k)
+    if isinstance(k, bool) or not isinstance(k, Real) or not math.isfinite(k) or k <= 0:
+        raise ValueError(f"dtp_ext.loss_scale: k must be a finite number > 0 (the factor the loss "
+                         f"was multiplied by), got {k!r}")
+    return float(k)
+
+
+def _set(value: float):
+    global _scale
+    with _lock:
+        _scale = value
+        _scale_tensor.fill_(value)
+
+
+@contextlib.contextmanager
+def loss_scale(k) -> Iterator[None]:
+    """Backward passes inside this block come from a loss multiplied by `k`.
+
+        with dtp_ext.loss_scale(k):                       # manual scale
+            (k * loss).backward()
+        with dtp_ext.loss_scale(scaler.get_scale()):      # torch.amp.GradScaler
+            scaler.scale(loss).backward()
+        with dtp_ext.loss_scale(1 / n):                   # n accumulated micro-batches
+            (loss / n).backward()
+    """
+    factor = _as_scale(k)
+    previous = _scale
+    _set(previous * factor)
+    try:
+        yield
+    finally:
+        _set(previous)
+
+
+def current_loss_scale() -> float:
+    """The product of the enclosing loss_scale factors (1.0 outside any)."""
+    return _scale
+
+
+def scale_tensor() -> torch.Tensor:
+    """current_loss_scale() as a 0-d float64 CPU tensor, updated in place."""
+    return _scale_tensor
