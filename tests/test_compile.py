@@ -9,7 +9,7 @@ from torch import nn
 
 import dtp_ext
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.integration]
 
 
 def simple_vgg_small(classes=10, channels=(4, 4, 6, 6, 8)):
