@@ -68,7 +68,10 @@ def _add_train_parser(sub):
     a("--algorithm", choices=ALGORITHMS, help="training rule (default ldrl)")
     a("--dataset", choices=DATASETS, help="default mnist (shipped with dtp_ext)")
     a("--data-dir", metavar="DIR", help="folder holding the dataset files (required except for mnist)")
-    a("--model", choices=sorted(MODELS), help="default: mnist-convnet for (fashion-)mnist, simplevgg otherwise")
+    a("--model", choices=sorted(MODELS), help="default: mnist-convnet for (fashion-)mnist, simplevgg otherwise; "
+                                              "resnet18, vgg11_bn, mobilenet_v2, squeezenet1_1: torchvision's "
+                                              "(random weights), adapted to small images and converted "
+                                              "(bp and ldrl only; needs torchvision)")
     a("--epochs", type=int, help="default 1")
     a("--max-steps", type=int, metavar="N", help="stop once the run has N optimizer steps in total, counted "
                                                  "from its start (also with --resume); a checkpoint is "
@@ -106,6 +109,10 @@ def _add_train_parser(sub):
     g.add_argument("--feedback-momentum", type=float, help="default 0.9")
     g.add_argument("--feedback-warmup-steps", type=int, help="first N steps train the feedback longer")
     g.add_argument("--feedback-warmup-factor", type=int, help="iteration multiplier during warm-up")
+    g.add_argument("--feedback-only-steps", type=int, metavar="N",
+                   help="the first N optimizer steps train only the feedback weights (forward pass and "
+                        "feedback iterations, forward weights untouched); they count towards --max-steps "
+                        "and epochs (default 0; not for bp)")
     g.add_argument("--feedback-sync", choices=FEEDBACK_SYNCS,
                    help="ldrl under torchrun: 'gradients' (default) averages the feedback gradient of "
                         "every iteration across processes (one big batch; an all-reduce per iteration), "

@@ -68,6 +68,7 @@ class TrainConfig:
     feedback_momentum: float = 0.9
     feedback_warmup_steps: int = 0        # first steps train feedback weights longer ...
     feedback_warmup_factor: int = 1       # ... with this many times the iterations
+    feedback_only_steps: int = 0          # the first N steps train the feedback weights only
     feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
     feedback_memory_mb: float = 256.0     # per block: caps batching across iterations
     penultimate_target: Optional[str] = None
@@ -167,6 +168,10 @@ def validate(cfg: TrainConfig) -> None:
         _number(name, getattr(cfg, name), integer=True, minimum=1, allow_none=True)
     _number("seed", cfg.seed, integer=True, minimum=0)
     _number("feedback_warmup_steps", cfg.feedback_warmup_steps, integer=True, minimum=0)
+    _number("feedback_only_steps", cfg.feedback_only_steps, integer=True, minimum=0)
+    if cfg.feedback_only_steps and cfg.algorithm == "bp":
+        raise ConfigError(f"feedback_only_steps ({cfg.feedback_only_steps}) trains feedback weights "
+                          "before the forward weights; bp has none: use 0 with bp")
     _number("feedback_memory_mb", cfg.feedback_memory_mb, positive=True)
     _number("lr", cfg.lr, minimum=0, allow_none=True)
     for name in ("weight_decay", "eta_min", "gamma"):

@@ -1,14 +1,18 @@
-"""The networks `dtp-ext train` knows, built from dtp_ext layers as chains of blocks.
+"""The networks `dtp-ext train` knows: chains of dtp_ext blocks (mnist-convnet, simplevgg),
+and converted torchvision architectures (torchvision_models.py; bp and ldrl only).
 
 Every algorithm trains the same module (BP simply ignores the feedback buffers), so weights,
 checkpoints and metrics have the same names whatever the algorithm. Each model also carries the
-feedback hyper-parameters known to work for it (per trained block, forward order).
+feedback hyper-parameters known to work for it (per trained block, forward order; the
+torchvision models take one value for every trained block).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
+
+import torch
 
 from torch import nn
 
@@ -16,16 +20,19 @@ import dtp_ext
 from dtp_ext.models import simple_vgg
 
 from .config import ConfigError
+from .torchvision_models import ADAPTATIONS, build_torchvision
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[..., nn.Sequential]     # (channels, size, classes, beta) -> model
-    # Default (iterations, noise, lr) per trained block, by feedback loss: "ldrl", the
-    # reconstruction loss of "dtp"/"tp", and "drl"'s direct output->layer feedback.
-    feedback: Dict[str, Tuple[List[int], List[float], List[float]]]
+    build: Callable[..., nn.Module]         # (channels, size, classes, beta) -> model
+    # Default (iterations, noise, lr) per trained block (a list) or for every trained block (a
+    # scalar), by feedback loss: "ldrl", the reconstruction loss of "dtp"/"tp", and "drl"'s
+    # direct output->layer feedback.
+    feedback: Dict[str, Tuple[Union[int, List[int]], Union[float, List[float]], Union[float, List[float]]]]
     min_size: int                           # smallest square input it accepts
     about: str
+    chain: bool = True                      # an nn.Sequential of DTP blocks joined by Flatten
 
     def feedback_defaults(self, algorithm: str):
         family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
@@ -68,6 +75,25 @@ MODELS: Dict[str, ModelSpec] = {
         32, "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
 }
 
+
+
+def _torchvision_spec(name: str, about: str) -> ModelSpec:
+    # One value for every trained block (the torchvision networks have 10-52). K = 5 keeps a
+    # step within a few times backprop's on these depths; noise and lr: docs/training.md.
+    return ModelSpec(lambda channels, size, classes, beta: build_torchvision(name, channels, size, classes, beta),
+                     {"ldrl": (5, 0.1, 1e-3)}, 28,
+                     f"torchvision {name}, converted ({about}; small images: {ADAPTATIONS[name]})",
+                     chain=False)
+
+
+MODELS.update({
+    "resnet18": _torchvision_spec("resnet18", "21 DTP blocks, BatchNorm and residual adds between them"),
+    "vgg11_bn": _torchvision_spec("vgg11_bn", "11 DTP blocks, BatchNorm between them"),
+    "mobilenet_v2": _torchvision_spec("mobilenet_v2", "53 DTP blocks, BatchNorm, ReLU6 and residual adds"),
+    "squeezenet1_1": _torchvision_spec("squeezenet1_1", "26 DTP blocks, concatenated Fire branches"),
+})
+TORCHVISION_MODELS = tuple(name for name, spec in MODELS.items() if not spec.chain)
+
 DEFAULT_MODEL = {"mnist": "mnist-convnet", "fashion-mnist": "mnist-convnet",
                  "cifar10": "simplevgg", "imagenet32": "simplevgg"}
 
@@ -78,7 +104,7 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def build_model(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
+def build_model(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Module:
     spec = model_spec(name)
     if size < spec.min_size:
         raise ConfigError(f"model {name!r} needs inputs of at least {spec.min_size}x{spec.min_size}, "
@@ -86,6 +112,12 @@ def build_model(name: str, channels: int, size: int, classes: int, beta: float) 
     return spec.build(channels, size, classes, beta)
 
 
-def trained_block_count(name: str) -> int:
-    """Feedback blocks that get trained: every DTP block but the first (SPEC §1)."""
-    return len(model_spec(name).feedback["ldrl"][0])
+def trained_block_count(name: str, channels: int, size: int, classes: int) -> int:
+    """Feedback blocks that get trained: every DTP block but the first, the one fed by the data
+    (SPEC §1). The torchvision networks are counted on the meta device (no memory, no init
+    cost); each has exactly one block that sees the data, its stem conv."""
+    spec = model_spec(name)
+    if spec.chain:
+        return len(spec.feedback["ldrl"][0])
+    with torch.device("meta"):
+        return len(dtp_ext.dtp_blocks(build_model(name, channels, size, classes, 0.7))) - 1

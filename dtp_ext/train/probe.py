@@ -9,17 +9,11 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from dtp_ext.metrics import angle_degrees, weight_alignment
 
 from .algorithms import Algorithm
-from .chain import forward_bp
-
-
-def backprop_gradients(model, blocks, x, y):
-    loss = F.cross_entropy(forward_bp(model, x), y)
-    return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
+from .algorithms.base import backprop_gradients  # also imported from here by figures and tests
 
 
 def layer_metrics(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Dict[str, float]]:

@@ -7,7 +7,7 @@ import time
 
 from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
 from .datasets import INFO
-from .models import DEFAULT_MODEL, model_spec, trained_block_count
+from .models import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
 
 # Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
 # bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
@@ -15,6 +15,9 @@ from .models import DEFAULT_MODEL, model_spec, trained_block_count
 # G(t) or Q(t - h), much larger than backprop's step with untrained feedback, and diverge at
 # 0.01 on MNIST. The paper presets set their own lrs.
 DEFAULT_LR = {"bp": 0.01, "ldrl": 0.01, "dtp": 0.01, "tp": 0.001, "drl": 0.001}
+
+# What trains a model that is not a chain (a converted torchvision network).
+CHAIN_FREE_ALGORITHMS = ("bp", "ldrl")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -25,7 +28,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if info.size < spec.min_size:
         raise ConfigError(f"model {model!r} needs inputs of at least {spec.min_size}x{spec.min_size}; "
                           f"{cfg.dataset} images are {info.size}x{info.size}")
-    count = trained_block_count(model)
+    if not spec.chain and cfg.algorithm not in CHAIN_FREE_ALGORITHMS:
+        raise ConfigError(
+            f"algorithm {cfg.algorithm!r} cannot train model {model!r}: {cfg.algorithm} builds its "
+            "targets block by block along a chain (an nn.Sequential of DTP blocks joined by Flatten, "
+            f"as {', '.join(n for n in MODELS if MODELS[n].chain)}), while {model} has BatchNorm, "
+            "residual adds or concatenations between its blocks; use --algorithm "
+            f"{' or '.join(CHAIN_FREE_ALGORITHMS)}, whose targets flow through autograd")
+    count = trained_block_count(model, info.channels, info.size, info.classes)
     lists = {}
     defaults = spec.feedback_defaults(cfg.algorithm)
     for key, default, integer in (("feedback_iterations", defaults[0], True),

@@ -34,7 +34,7 @@ from .batches import batch_count, normalise, shard, steps_per_epoch, train_batch
 from .config import ConfigError, TrainConfig
 from .datasets import INFO, load_split
 from .evaluation import Counter, batch_totals, evaluate
-from .models import build_model
+from .models import build_model, model_spec
 from .plots import write_plots
 from .probe import layer_metrics
 from .resolve import lr_units_note
@@ -103,11 +103,16 @@ class Run:
         self.train_set = load_split(cfg.dataset, cfg.data_dir, "train").subset(cfg.train_subset)
         self.test_set = load_split(cfg.dataset, cfg.data_dir, "test").subset(cfg.test_subset)
         info = self.info
+        if ctx.world > 1 and not model_spec(cfg.model).chain:
+            raise ConfigError(f"model {cfg.model!r} cannot train under several processes yet: its "
+                              "BatchNorm running statistics would differ from rank to rank; run it "
+                              "in one process")
         self.model = build_model(cfg.model, info.channels, info.size, info.classes, cfg.beta).to(self.device)
         feedback = FeedbackSettings(cfg.feedback_iterations, cfg.feedback_noise, cfg.feedback_lr,
                                     cfg.feedback_momentum, cfg.feedback_warmup_steps,
                                     cfg.feedback_warmup_factor, sync=cfg.feedback_sync,
-                                    memory_budget_mb=cfg.feedback_memory_mb)
+                                    memory_budget_mb=cfg.feedback_memory_mb,
+                                    feedback_only_steps=cfg.feedback_only_steps)
         self.algorithm = make_algorithm(cfg.algorithm, self.model, feedback,
                                         (info.channels, info.size, info.size), info.classes,
                                         penultimate_target=cfg.penultimate_target,
@@ -305,7 +310,8 @@ class Run:
         if totals.bad_loss:
             raise TrainingDiverged(
                 f"the training loss became {value}{cause} {where}; lower the forward lr (now {lr:g}) "
-                "or train the feedback weights longer first (feedback_warmup_steps / feedback_warmup_factor)")
+                "or train the feedback weights longer first (feedback_only_steps, feedback_warmup_steps / "
+                "feedback_warmup_factor)")
         if totals.bad_grad:  # the gradients are the reduced ones: every rank names the same
             bad = [n for n, p in self.named_params
                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]

@@ -2,6 +2,8 @@
 
 `train_step` fills the forward parameters' .grad (the loop owns the optimizer and steps it) and
 does the algorithm's feedback training for the batch, in the order the algorithm prescribes.
+During the first `feedback.feedback_only_steps` steps it trains the feedback weights only and
+leaves every .grad None, so the loop's optimizer step changes no forward weight.
 `update_directions` returns, without side effects, the weight update direction each block would
 get on a batch: compared with backprop's gradient, it gives the per-layer GMP angle (SPEC §6).
 """
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtp_ext.models import backprop_twin
 from dtp_ext.nn import dtp_blocks
 
 from ..chain import forward_records, layer_loss_gradients
@@ -31,10 +34,16 @@ class FeedbackSettings:
     warmup_factor: int = 1
     sync: Optional[str] = None  # FeedbackTrainer's sync under several processes (ldrl)
     memory_budget_mb: float = 256.0  # caps batching F(x + eps) across iterations (docs/memory.md)
+    feedback_only_steps: int = 0  # the first N steps train the feedback weights only
 
     def iterations_at(self, step: int) -> List[int]:
         factor = self.warmup_factor if step < self.warmup_steps else 1
         return [k * factor for k in self.iterations]
+
+    def feedback_only(self, step: int) -> bool:
+        """Whether step `step` (0-based, counted over the whole run) trains only the feedback
+        weights: forward pass and feedback iterations, no forward-weight gradient."""
+        return step < self.feedback_only_steps
 
 
 class Algorithm:
@@ -73,6 +82,15 @@ class Algorithm:
 
     def load_state_dict(self, state: dict):
         pass
+
+
+def backprop_gradients(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
+    """Backprop's gradient of the batch-mean cross-entropy for each block's weight, through a
+    twin of the model sharing its weights (dtp_ext.models.backprop_twin), so any model works.
+    Eval mode, as fused_update_directions: BatchNorm uses (and keeps) its running statistics."""
+    twin = backprop_twin(model).eval()
+    loss = F.cross_entropy(twin(x), y)
+    return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
 
 
 def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:

@@ -1,19 +1,29 @@
-"""Backpropagation through the same network (the feedback buffers are simply unused)."""
+"""Backpropagation through the same network (the feedback buffers are simply unused).
+
+The model's DTP blocks run as ordinary autograd ops through `dtp_ext.models.backprop_twin`, a
+copy of the model sharing its parameters and buffers, so any model trains: chains, and the
+converted torchvision networks with their BatchNorm and residual adds.
+"""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from ..chain import forward_bp
-from .base import Algorithm
+from dtp_ext.models import backprop_twin
+
+from .base import Algorithm, backprop_gradients
 
 
 class Backprop(Algorithm):
     name = "bp"
     has_feedback_weights = False
 
+    def __init__(self, model, feedback, input_shape, classes):
+        super().__init__(model, feedback, input_shape, classes)
+        self.backprop_model = backprop_twin(model)
+
     def train_step(self, x, y, step):
-        logits = forward_bp(self.model, x)
+        self.backprop_model.train()
+        logits = self.backprop_model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         return loss.detach(), logits.detach()
@@ -22,5 +32,4 @@ class Backprop(Algorithm):
         return []  # no feedback training
 
     def update_directions(self, x, y):
-        loss = F.cross_entropy(forward_bp(self.model, x), y)
-        return list(torch.autograd.grad(loss, [b.weight for _, b in self.blocks]))
+        return backprop_gradients(self.model, self.blocks, x, y)

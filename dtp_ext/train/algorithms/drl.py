@@ -75,10 +75,11 @@ class DRL(Algorithm):
 
     def train_step(self, x, y, step):
         logits, records = forward_records(self.model, x)
-        if not self.feedback_epoch():
+        feedback_only = self.feedback_epoch() or self.feedback.feedback_only(step)
+        if not feedback_only:
             layer_loss_gradients(records, self._targets(logits, y, records),
                                  records[-1].block.beta, accumulate=True)
-        if self.variant == "p" or self.feedback_epoch():
+        if self.variant == "p" or feedback_only:
             self.train_feedback(records, logits, step)
         return F.cross_entropy(logits.detach(), y), logits.detach()
 

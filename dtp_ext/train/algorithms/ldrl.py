@@ -26,9 +26,10 @@ class LDRL(Algorithm):
         self.trainer.iterations = self.feedback.iterations_at(step)
         report = self.trainer.step()
         self.last_feedback_losses = report.final_losses()
-        # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
         loss = F.cross_entropy(logits, y)
-        loss.backward()
+        if not self.feedback.feedback_only(step):
+            # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
+            loss.backward()
         return loss.detach(), logits.detach()
 
     def update_directions(self, x, y):

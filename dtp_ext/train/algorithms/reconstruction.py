@@ -158,8 +158,9 @@ class _ReconstructionFeedback(Algorithm):
         weights and the layer-local losses' gradients (SPEC §2.2's order)."""
         logits, records = forward_records(self.model, x)
         self.train_feedback([r.input for r in records[1:]], step)
-        layer_loss_gradients(records, self._targets(logits, y, records), records[-1].block.beta,
-                             accumulate=True)
+        if not self.feedback.feedback_only(step):
+            layer_loss_gradients(records, self._targets(logits, y, records), records[-1].block.beta,
+                                 accumulate=True)
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def state_dict(self):
@@ -181,7 +182,8 @@ class VanillaDTP(_ReconstructionFeedback):
         logits = self.model(x)
         self.train_feedback([b.recorded_input for _, b in self.trained], step)
         loss = F.cross_entropy(logits, y)
-        loss.backward()
+        if not self.feedback.feedback_only(step):
+            loss.backward()
         return loss.detach(), logits.detach()
 
     def update_directions(self, x, y):
