@@ -7,6 +7,7 @@ it opens for writing under the run folders. One more test goes through torchrun 
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -42,7 +43,14 @@ def jobs(out):
         *((a, ["--algorithm", a, "--max-steps", "2", *TINY, "--out", f"{out}/{a}"]) for a in ("dtp", "tp", "drl")),
         # a checkpoint written by one process (the fixture), continued by two
         ("from-1-process", ["--resume", "--out", f"{out}/from-1-process", "--max-steps", "2", "--no-progress"]),
+        # SIGTERM to rank 1 alone during step 1 (SIGNALLED): both ranks stop after step 2, then resume
+        ("sigterm-rank1", ldrl + ["--out", f"{out}/signalled", "--log-every", "4"]),
+        ("sigterm-resume", ["--resume", "--out", f"{out}/signalled", "--no-progress"]),
     ]
+
+
+SIGNALLED = {"sigterm-rank1": 1}  # job: the rank that gets a SIGTERM after its first step
+EXIT_CODES = {"sigterm-rank1": 143}  # the others exit 0
 
 
 def _write_recorder(root: str, writes: list):
@@ -113,10 +121,19 @@ def _worker(rank, init_file, out, dump_dir):
         return summary
 
     runner.Run.finish = dumping_finish
+    train_step = runner.Run._train_step
+
+    def signalling_step(self, *args, **kwargs):  # test-only: a real SIGTERM to this rank alone
+        value = train_step(self, *args, **kwargs)
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return value
     try:
         for name, argv in jobs(out):
             current["name"] = name
+            runner.Run._train_step = signalling_step if SIGNALLED.get(name) == rank else train_step
             results[name] = main(["train", *argv])
+        runner.Run._train_step = train_step
         results["nonfinite"] = _nonfinite_gradient_on_rank_1(rank, os.path.join(out, "nonfinite"))
     finally:
         runner.Run.finish = finish
@@ -156,7 +173,23 @@ def _same(a, b, path=""):
 def test_every_job_finishes_on_both_ranks(ranks):
     for r in range(WORLD):
         codes = {k: v for k, v in ranks["info"][r]["results"].items() if k != "nonfinite"}
-        assert set(codes.values()) == {0}, (r, codes)
+        assert codes == {name: EXIT_CODES.get(name, 0) for name, _ in jobs("")}, (r, codes)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(ranks):
+    """Rank 1 alone got SIGTERM during step 1; the stop request travels in step 2's all-reduce,
+    so both ranks stopped after step 2 (exit 143 on both), the checkpoint holds step 2 and both
+    ranks' RNG states, and resuming it ends bitwise like the uninterrupted 2-process run."""
+    assert False not in [ranks["info"][r]["results"]["sigterm-rank1"] == 143 for r in range(WORLD)]
+    for r in range(WORLD):
+        assert _same(ranks["dump"]("ldrl-full", r)["model"], ranks["dump"]("sigterm-resume", r)["model"]) is None
+    a = torch.load(ranks["out"] / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(ranks["out"] / "signalled" / "checkpoint.pt", weights_only=False)
+    assert b["global_step"] == 6 and len(b["rank_rng"]) == 2
+    for key in ("model", "optimizer", "algorithm", "counter", "rank_rng"):
+        assert _same(a[key], b[key]) is None, f"{key}: {_same(a[key], b[key])}"
+    steps = [json.loads(line) for line in (ranks["out"] / "signalled" / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("kind")) for r in steps] == [(2, "stop"), (3, "epoch"), (4, None), (6, "epoch")]
 
 
 @pytest.mark.parametrize("job", ["ldrl-full", "ldrl-part3", "ldrl-k0", "bp", "dtp", "tp", "drl", "from-1-process"])
@@ -175,7 +208,7 @@ def test_ranks_end_with_identical_weights_and_feedback(ranks, job):
 def test_only_rank_0_writes(ranks):
     assert ranks["info"][1]["writes"] == []
     full = ranks["out"] / "full"
-    assert {p.name for p in full.iterdir()} == {"metrics.jsonl", "summary.json", "accuracy.png",
+    assert {p.name for p in full.iterdir()} == {"metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png",
                                                 "alignment.png", "checkpoint.pt"}
     summary = json.loads((full / "summary.json").read_text())
     assert summary["processes"]["world_size"] == 2 and summary["processes"]["per_process_batch_size"] == [16, 16]

@@ -17,6 +17,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -150,6 +151,7 @@ class Run:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "counter": self.counter.state,
                 "window": {"counter": self.window.state, "steps": self.window_steps},
+                "feedback_losses": dict(self.algorithm.last_feedback_losses),  # for the logs
                 "elapsed": self.elapsed, "world_size": self.ctx.world,
                 "threads": torch.get_num_threads()}
 
@@ -181,6 +183,7 @@ class Run:
             self.counter = Counter(state["counter"])
             window = state.get("window") or {}  # absent from checkpoints of older versions
             self.window, self.window_steps = Counter(window.get("counter")), int(window.get("steps", 0))
+            self.algorithm.last_feedback_losses = dict(state.get("feedback_losses") or {})
             self._restore_rng(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise ckpt.CheckpointError(
@@ -267,6 +270,7 @@ class Run:
         if signum is None:
             self.log(f"stopped after {where} ({why}); checkpoint in {self.out}")
             return
+        self.ctx.barrier()  # every rank leaves once the checkpoint is written
         more = f" --max-steps {self.cfg.max_steps}" if self.cfg.max_steps is not None else ""
         raise interrupt.Interrupted(signum, f"interrupted by {interrupt.name(signum)} at {where}; checkpoint "
                                             f"saved in {self.out}; continue with: dtp-ext train --resume "
@@ -338,7 +342,11 @@ class Run:
             self._write_records()
         if self.window_steps:
             self._log_step("epoch", alignment)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A run resumed right at an epoch's end (stopped by a signal after its last step)
+            # steps the restored scheduler before any optimizer step of this process: harmless.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.epoch, self.step_in_epoch, self.counter = self.epoch + 1, 0, Counter()
         self.save()
         self._plot()
