@@ -192,7 +192,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if getattr(args, "resume", False):  # every rank reads the same (rank 0's) checkpoint
             if "out" in options:
                 outdir.check(options["out"])
-                if main_rank and (Path(options["out"]) / ckpt.CHECKPOINT_NAME).is_file():
+                if main_rank and Path(options["out"]).is_dir():
                     lock = outdir.RunLock(options["out"]).acquire()  # before reading the checkpoint
             cfg, state, path = _resumed_config(args, options)
         else:

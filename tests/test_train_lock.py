@@ -1,0 +1,63 @@
+"""Issue 11, point 8: one writer per run folder. A second `dtp-ext train` on an --out that a
+running process writes is refused (exit 2, one line naming the holder) whatever its options
+(fresh, --overwrite, --resume), the first run's outputs stay intact, and a run killed with
+SIGKILL leaves no stale lock: --resume continues it (bitwise, from its --checkpoint-every
+checkpoint)."""
+import json
+import signal
+
+import pytest
+
+from dtp_ext.cli import main
+from dtp_ext.train.outdir import RunLock
+from dtp_ext.train.config import ConfigError
+
+from test_train_signals import ARGS, STEPS, assert_same_run, final_state, launch, wait_for_lines
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = launch(out)
+    wait_for_lines(out, proc, 1)
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", *ARGS, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert (f"--out {out}: another dtp-ext train process (pid {proc.pid}) is writing this folder" in err), err
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 2
+    assert f"(pid {proc.pid}) is writing this folder" in capsys.readouterr().err
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["finished"]  # the first run, untouched
+    assert not (out / ".lock").exists()  # removed on a clean exit
+    assert main(["train", *ARGS, "--max-steps", "1", "--out", str(out), "--overwrite"]) == 0  # free again
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, capsys):
+    """SIGKILL (no handler can run): the kernel drops the flock, the .lock file stays behind
+    unlocked; --resume takes it over and continues from the last --checkpoint-every checkpoint."""
+    out = tmp_path / "run"
+    proc = launch(out, "--checkpoint-every", "3")
+    wait_for_lines(out, proc, 7)  # step 7 logged: the checkpoint of step 6 is written
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = final_state(out)["global_step"]
+    assert saved % 3 == 0 and 6 <= saved < STEPS, saved
+    assert (out / ".lock").exists()
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert f"resumed from step {saved} " in capsys.readouterr().out
+    reference = tmp_path / "reference"
+    assert main(["train", *ARGS, "--checkpoint-every", "3", "--out", str(reference)]) == 0
+    assert_same_run(reference, out)
+
+
+def test_the_lock_is_released_and_reacquired(tmp_path):
+    lock = RunLock(str(tmp_path / "run")).acquire()
+    with pytest.raises(ConfigError, match="another dtp-ext train process"):
+        RunLock(str(tmp_path / "run")).acquire()  # flock conflicts across open files, same process too
+    lock.release()
+    assert not (tmp_path / "run" / ".lock").exists()
+    with RunLock(str(tmp_path / "run")):
+        assert (tmp_path / "run" / ".lock").exists()
