@@ -143,9 +143,11 @@ def check_counters(state: Dict[str, Any], source, steps_per_epoch: Optional[int]
     With `steps_per_epoch` (known once the data is read) they must also agree with it."""
     saved = saved_config(state, source)
     counters = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
-    wrong = [f"{k} {v!r}" for k, v in counters.items() if isinstance(v, bool) or not isinstance(v, int)]
-    if wrong:
-        raise CheckpointError(f"{source}: its counters must be whole numbers, got {', '.join(wrong)}")
+    problems = [f"{k} is {v!r}, not a whole number" for k, v in counters.items()
+                if isinstance(v, bool) or not isinstance(v, int)]
+    if problems:
+        raise CheckpointError(f"{source}: its counters are impossible ({'; '.join(problems)}): the file was "
+                              "edited or damaged; the run cannot continue from it")
     epoch, step, total = counters["epoch"], counters["step_in_epoch"], counters["global_step"]
     problems = [f"{k} is {v}, below 0" for k, v in counters.items() if v < 0]
     if isinstance(saved.epochs, int) and epoch > saved.epochs:

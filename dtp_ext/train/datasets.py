@@ -157,10 +157,10 @@ def _unpickle(path: Path, name: str) -> dict:
     try:
         with open(path, "rb") as f:
             data = pickle.load(f, encoding="latin1")
-    except EOFError:
-        raise _damaged(name, path, "truncated pickle (the file ends before its data: a download or "
-                                   "unpacking cut short?)") from None
-    except Exception as exc:  # UnpicklingError, ValueError, ... on damaged bytes
+    except Exception as exc:  # EOFError, UnpicklingError, ValueError, ... on damaged bytes
+        if isinstance(exc, EOFError) or "truncated" in str(exc):
+            raise _damaged(name, path, "truncated pickle (the file ends before its data: a download or "
+                                       "unpacking cut short?)") from None
         raise _damaged(name, path, f"not a readable {name} pickle ({type(exc).__name__}: "
                                    f"{str(exc)[:200]})") from None
     if not isinstance(data, dict):
