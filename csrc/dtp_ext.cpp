@@ -6,6 +6,7 @@
 #include <string>
 
 #include "common/finite_check.h"
+#include "common/kernel_record.h"
 
 namespace {
 
@@ -38,7 +39,14 @@ PyObject* finite_checks(PyObject*, PyObject*) {
   return PyBool_FromLong(dtp_ext::finite_checks_enabled());
 }
 
+PyObject* last_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dtp_ext::last_kernel().c_str());
+}
+
 PyMethodDef methods[] = {
+    {"last_kernel", last_kernel, METH_NOARGS,
+     "The compiled kernel the dispatcher ran last on this thread, e.g. "
+     "'dtp_ext::ldrl_feedback_loop[CPU]' ('' before any)."},
     {"build_info", build_info, METH_NOARGS, "What this build of dtp_ext._C contains."},
     {"set_finite_checks", set_finite_checks, METH_O,
      "Turns the fused ops' non-finite input checks on or off; returns the previous setting."},

@@ -29,6 +29,11 @@ _FORWARD_CLOCK = torch.zeros((), dtype=torch.int64)
 _ACTIVATION_FNS = {None: lambda z: z, "relu": F.relu, "elu": F.elu, "tanh": torch.tanh}
 
 
+def activation_fn(name: Optional[str]):
+    """The function phi of a block's `activation` (None: identity)."""
+    return _ACTIVATION_FNS[name]
+
+
 def _check_block_options(cls_name: str, activation, pool, beta):
     if activation not in ACTIVATIONS:
         raise ValueError(f"{cls_name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -247,6 +252,12 @@ class Conv2d(DTPBlock, nn.Conv2d):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"dtp_ext.Conv2d: input must be (N, {self.in_channels}, H, W), "
                              f"got shape {tuple(x.shape)}")
+        if self.pool and self.pool > 1:
+            size = [(x.shape[2 + d] + 2 * self._padding[d] - self.dilation[d] * (self.kernel_size[d] - 1)
+                     - 1) // self.stride[d] + 1 for d in range(2)]
+            if min(size) < self.pool:
+                raise ValueError(f"dtp_ext.Conv2d: pool={self.pool} is larger than the conv's output "
+                                 f"map ({size[0]}x{size[1]} for an input of {x.shape[2]}x{x.shape[3]})")
         return self._dtp_forward(x)
 
 

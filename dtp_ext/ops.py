@@ -114,6 +114,12 @@ def is_non_finite_input_error(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and "contains non-finite values" in str(exc)
 
 
+def last_kernel() -> str:
+    """The compiled kernel the dispatcher ran last on this thread, e.g.
+    'dtp_ext::ldrl_feedback_loop[CPU]': each device's kernel records itself when it runs."""
+    return _C.last_kernel()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether this build registered a kernel for torch.ops.dtp_ext.<op> on that key."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"dtp_ext::{op}", dispatch_key)

@@ -95,7 +95,9 @@ class FeedbackTrainer:
     `step()` runs the fused K-iteration loop (one compiled call per block) on the input each
     block recorded during the latest training-mode forward pass. Noise comes from torch's
     default generator, so `torch.manual_seed` makes runs reproducible. `memory_budget_mb`
-    bounds the extra memory used to batch F(x + eps) across iterations. On a GPU the blocks'
+    bounds the extra memory used to batch F(x + eps) across iterations. `max_growth` is the
+    divergence guard's bound on how many times a feedback weight's norm may grow in one step
+    (None: no bound; non-finite values are always refused). On a GPU the blocks'
     loops run concurrently on their own CUDA streams (`concurrent_blocks=False` to serialise).
 
     Feedback warm-up: feedback weights start random, so the first targets are poor, and a deep
@@ -117,7 +119,7 @@ class FeedbackTrainer:
     def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
                  memory_budget_mb: float = 256.0, concurrent_blocks: bool = True,
-                 sync: Optional[str] = None):
+                 sync: Optional[str] = None, max_growth: Optional[float] = 100.0):
         named = dtp_blocks(model)
         if not named:
             raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
@@ -134,8 +136,16 @@ class FeedbackTrainer:
             raise ValueError(f"FeedbackTrainer: momentum must be in [0, 1), got {momentum!r}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}")
-        if not (memory_budget_mb > 0):
-            raise ValueError(f"FeedbackTrainer: memory_budget_mb must be > 0, got {memory_budget_mb!r}")
+        if (isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, Real)
+                or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0):
+            raise ValueError(f"FeedbackTrainer: memory_budget_mb must be a finite number > 0, got "
+                             f"{memory_budget_mb!r}")
+        if max_growth is not None and (isinstance(max_growth, bool) or not isinstance(max_growth, Real)
+                                       or not math.isfinite(max_growth) or max_growth <= 1):
+            raise ValueError(f"FeedbackTrainer: max_growth must be None or a finite number > 1, got "
+                             f"{max_growth!r}")
+        self.max_growth = None if max_growth is None else float(max_growth)
+        self._model = model
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.memory_budget_mb = float(memory_budget_mb)
@@ -290,6 +300,11 @@ class FeedbackTrainer:
     def step(self, *, noise: Optional[Dict[str, tuple]] = None) -> FeedbackReport:
         """Run the feedback iterations of every trained block; returns the per-iteration losses.
 
+        A step is all or nothing: if any block diverges (a non-finite value, or feedback weights
+        that grow more than `max_growth` times), is refused by a kernel, or the step is
+        interrupted (Ctrl-C), every block's feedback weights and momentum are restored to their
+        values before the step and the error is raised.
+
         `noise` (research and tests) maps a block name to explicit (noise_x, noise_y) tensors of
         shapes [K, *x.shape] and [K, *output.shape], already scaled.
         """
@@ -297,37 +312,67 @@ class FeedbackTrainer:
         runs = []
         world = _process_group_size()
         sync = (self.sync or "gradients") if world > 1 else "none"
-        for name, block, (k, sigma, lr) in self._trained_now():
-            x = block.recorded_input
-            if x is None:
-                raise RuntimeError(f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
-                                   "run model(x) in training mode (model.train()) before step()")
-            buffers = self._buffers(name, block)
-            noise_x, noise_y = (noise or {}).get(name, (None, None))
-            saved = (block.feedback_weight.clone(), block.feedback_bias.clone(),
-                     buffers["weight"].clone(), buffers["bias"].clone())
-            # Blocks share no state during the feedback phase: on a GPU each runs on its own
-            # stream, so small blocks fill the device while large ones run.
-            try:
-                with self._block_stream(x.device, len(runs)) if sync == "none" else contextlib.nullcontext():
-                    losses = self._train_block(block, x, buffers, k, sigma, lr, noise_x, noise_y,
-                                               sync, world)
-            except ValueError as exc:  # the op refused a non-finite input before touching V
-                if not ops.is_non_finite_input_error(exc):
-                    raise
-                self._join_streams(runs)
-                self._restore(runs)
-                raise FloatingPointError(
-                    f"FeedbackTrainer.step: block {name!r} was not trained: {exc} (its recorded "
-                    "input is not finite when the forward pass diverged); every block's feedback "
-                    "weights and momentum were restored to their values before this step") from exc
-            runs.append((name, block, buffers, losses, saved))
-            report.losses[name] = losses
-            report.kernels[name] = f"dtp_ext::ldrl_feedback_loop[{x.device.type}]"
-        self._join_streams(runs)
-        self._refuse_non_finite(runs)
+        trained = self._trained_now()
+        parameters = {p.untyped_storage().data_ptr(): n for n, p in self._model.named_parameters()}
+        for name, block, _ in trained:
+            self._check_block(name, block, parameters)
+        try:
+            for name, block, (k, sigma, lr) in trained:
+                x = block.recorded_input
+                buffers = self._buffers(name, block)
+                noise_x, noise_y = (noise or {}).get(name, (None, None))
+                saved = (block.feedback_weight.clone(), block.feedback_bias.clone(),
+                         buffers["weight"].clone(), buffers["bias"].clone())
+                run = [name, block, buffers, None, saved]
+                runs.append(run)
+                # Blocks share no state during the feedback phase: on a GPU each runs on its
+                # own stream, so small blocks fill the device while large ones run.
+                try:
+                    with self._block_stream(x.device, len(runs) - 1) if sync == "none" else contextlib.nullcontext():
+                        run[3] = self._train_block(block, x, buffers, k, sigma, lr, noise_x,
+                                                   noise_y, sync, world)
+                except ValueError as exc:  # the op refused a non-finite input before touching V
+                    if not ops.is_non_finite_input_error(exc):
+                        raise
+                    raise FloatingPointError(
+                        f"FeedbackTrainer.step: block {name!r} was not trained: {exc} (its recorded "
+                        "input is not finite when the forward pass diverged); every block's feedback "
+                        "weights and momentum were restored to their values before this step") from exc
+                report.losses[name] = run[3]
+                report.kernels[name] = ops.last_kernel()
+            self._join_streams(runs)
+            self._refuse_divergence(runs)
+        except BaseException:
+            self._join_streams(runs)
+            self._restore(runs)
+            raise
         self.steps += 1
         return report
+
+    def _check_block(self, name, block, parameters):
+        """What the kernels cannot see: a stale or empty recorded input, feedback buffers that
+        alias a forward parameter of the model."""
+        x = block.recorded_input
+        if x is None:
+            raise RuntimeError(f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
+                               "run model(x) in training mode (model.train()) before step()")
+        if x.shape[0] == 0:
+            raise ValueError(f"FeedbackTrainer.step: block {name!r} recorded an empty batch (input "
+                             f"shape {tuple(x.shape)}): there is nothing to train its feedback on; "
+                             "skip step() for empty batches")
+        w = block.weight
+        if x.dtype != w.dtype or x.device != w.device:
+            raise RuntimeError(
+                f"FeedbackTrainer.step: block {name!r} recorded its input as {x.dtype} on {x.device}, "
+                f"but its weights are now {w.dtype} on {w.device} (the model was cast or moved "
+                "after its forward pass); run a training forward pass again before step()")
+        for buffer in ("feedback_weight", "feedback_bias"):
+            shared = parameters.get(getattr(block, buffer).untyped_storage().data_ptr())
+            if shared is not None:
+                raise ValueError(
+                    f"FeedbackTrainer: block {name!r}'s {buffer} shares memory with the model's "
+                    f"parameter {shared!r}; the feedback loop writes it in place and would overwrite "
+                    f"that parameter (give the buffer its own storage, e.g. .clone())")
 
     def _train_block(self, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
         state = (block.feedback_weight, block.feedback_bias, buffers["weight"], buffers["bias"])
@@ -347,7 +392,7 @@ class FeedbackTrainer:
                                    None if noise_y is None else noise_y[i:i + 1], 1))
                 _average_across_ranks(state + (losses[-1],), world)
             return torch.cat(losses) if losses else x.new_empty(0)
-        losses = loop(k, noise_x, noise_y, self.chunk_iterations(block, x))
+        losses = loop(k, noise_x, noise_y, min(max(k, 1), self.chunk_iterations(block, x)))
         if sync == "weights":
             _average_across_ranks(state + (losses,), world)
         return losses
@@ -367,7 +412,7 @@ class FeedbackTrainer:
             for stream in streams:
                 main.wait_stream(stream)
             for _, _, _, losses, _ in runs:
-                if losses.device == device:
+                if losses is not None and losses.device == device:
                     losses.record_stream(main)
 
     @staticmethod
@@ -377,28 +422,40 @@ class FeedbackTrainer:
                                       buffers["weight"], buffers["bias"]), saved):
                 target.copy_(value)
 
-    @staticmethod
-    def _refuse_non_finite(runs):
-        """Divergence guard: a step in which any block produced a non-finite loss or weight is
-        undone (every block's previous feedback weights and momentum are restored) and reported
-        with the block and iteration, never kept. One device synchronisation per step."""
+    def _refuse_divergence(self, runs):
+        """Divergence guard: a step in which any block produced a non-finite loss or weight, or
+        feedback weights that grew more than `max_growth` times (relative to the larger of their
+        norm before the step and the forward weight's), is reported with the block (and the
+        iteration), never kept; the caller restores every block. One device synchronisation per
+        step."""
         if not runs:
             return
-        finite = torch.stack([torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
-                              & torch.isfinite(block.feedback_bias).all()
-                              for _, block, _, losses, _ in runs]).tolist()  # the one sync
-        if all(finite):
-            return
-        name, block, _, losses, _ = runs[finite.index(False)]
-        bad = (~torch.isfinite(losses)).nonzero()
-        where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
-        FeedbackTrainer._restore(runs)
-        hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
-                else "lower its feedback lr or noise_std")
-        raise FloatingPointError(
-            f"FeedbackTrainer.step: block {name!r} diverged (non-finite loss or weights at {where}); "
-            f"every block's feedback weights and momentum were restored to their values before "
-            f"this step ({hint})")
+        checks = []
+        for _, block, _, losses, saved in runs:
+            finite = (torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
+                      & torch.isfinite(block.feedback_bias).all())
+            reference = torch.maximum(saved[0].norm(), block.weight.detach().norm())
+            growth = block.feedback_weight.norm() / reference
+            checks.append(torch.stack([finite.to(growth.dtype), growth]))
+        values = torch.stack(checks).tolist()  # the one sync
+        for (name, block, _, losses, saved), (finite, growth) in zip(runs, values):
+            if not finite:
+                bad = (~torch.isfinite(losses)).nonzero()
+                where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
+                hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
+                        else "lower its feedback lr or noise_std")
+                raise FloatingPointError(
+                    f"FeedbackTrainer.step: block {name!r} diverged (non-finite loss or weights at "
+                    f"{where}); every block's feedback weights and momentum were restored to their "
+                    f"values before this step ({hint})")
+            if self.max_growth is not None and not growth <= self.max_growth:
+                raise FloatingPointError(
+                    f"FeedbackTrainer.step: block {name!r} diverged: its feedback weight's norm grew "
+                    f"{growth:.3g} times in one step (from {float(saved[0].norm()):.3g} to "
+                    f"{float(block.feedback_weight.norm()):.3g}, more than max_growth={self.max_growth:g} "
+                    f"times the larger of that and its forward weight's norm); every block's feedback "
+                    "weights and momentum were restored to their values before this step (lower its "
+                    "feedback lr or noise_std, or warm the feedback up first)")
 
     def state_dict(self) -> dict:
         """Momentum buffers, step count and the blocks the per-block lists are bound to (forward

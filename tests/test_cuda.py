@@ -119,7 +119,7 @@ def test_cuda_simplevgg_training_step_agrees_with_cpu():
         F.cross_entropy(out, y.to(dev)).backward()
         opt.step()
         states.append({k: v.cpu() for k, v in m.state_dict().items()})
-        assert set(report.kernels.values()) == {f"dtp_ext::ldrl_feedback_loop[{dev}]"}
+        assert set(report.kernels.values()) == {f"dtp_ext::ldrl_feedback_loop[{dev.upper()}]"}
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-8, atol=1e-10, msg=k)
 

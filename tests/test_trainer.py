@@ -64,7 +64,7 @@ def test_full_training_step_equals_reference_step():
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref_model.state_dict().items()):
         assert k == k2
         torch.testing.assert_close(v, v2, rtol=1e-8, atol=1e-10, msg=k)
-    assert set(report.kernels.values()) == {"dtp_ext::ldrl_feedback_loop[cpu]"}
+    assert set(report.kernels.values()) == {"dtp_ext::ldrl_feedback_loop[CPU]"}
 
 
 def test_trainer_reproducible_with_manual_seed():

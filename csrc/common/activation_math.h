@@ -13,9 +13,10 @@
 
 namespace dtp_ext {
 
+// ATen's rules, on both devices: relu keeps NaN (as clamp_min does).
 template <Activation A, typename T>
 DTP_HOST_DEVICE T phi(T v) {
-  if constexpr (A == Activation::ReLU) return v > T(0) ? v : T(0);
+  if constexpr (A == Activation::ReLU) return v <= T(0) ? T(0) : v;
   if constexpr (A == Activation::ELU) return v > T(0) ? v : ::expm1(v);
   if constexpr (A == Activation::Tanh) return ::tanh(v);
   return v;
@@ -29,6 +30,15 @@ DTP_HOST_DEVICE T phi_prime_from_output(T h) {
   if constexpr (A == Activation::ELU) return h > T(0) ? T(1) : h + T(1);
   if constexpr (A == Activation::Tanh) return T(1) - h * h;
   return T(1);
+}
+
+// Max-pool's rule (ATen's max_pool2d): scanning a window in row-major order, a value takes the
+// place of the best so far when it is larger or NaN, so the first maximum wins and a NaN beats
+// everything. Applied to phi(z), as the official code pools phi(op(x)): where phi saturates
+// (tanh, ELU far below 0) positions with different z tie, and the first one wins.
+template <typename T>
+DTP_HOST_DEVICE bool window_takes(T candidate, T best) {
+  return candidate > best || candidate != candidate;
 }
 
 }  // namespace dtp_ext

@@ -3,12 +3,11 @@
 // On the CPU the activations' transcendental functions (expm1, tanh) run through ATen's
 // vectorised kernels on the pooled grid (a quarter of the full-resolution size for 2x2 pools),
 // and one scalar pass scatters the pooled values into the zero-filled full-resolution tensor.
-// Max-pooling the noisy pre-activation z directly (instead of phi(z)) is exact because phi is
-// monotone: for a strictly increasing phi the window maximum sits at the same place, and for
-// ReLU a window whose maximum is <= 0 contributes phi(phi(.)) = 0 wherever it sits.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+
+#include <atomic>
 
 #include "../common/activation_math.h"
 #include "elementwise_kernels.h"
@@ -35,24 +34,44 @@ PlaneLayout layout_of(const at::Tensor& t) {
 
 // out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere; a, b and the indices on
 // the pooled grid (NCHW), out in `format`. Planes are disjoint, so threads scatter freely.
+// Pool indices address a position of their plane; any other value is a caller's error, which
+// the scatter passes record (the first bad value) instead of writing out of bounds.
+struct IndexGuard {
+  const char* op;
+  int64_t plane_size;
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> value{0};
+  bool ok(int64_t index) {
+    if (static_cast<uint64_t>(index) < static_cast<uint64_t>(plane_size)) return true;
+    if (!bad.exchange(true)) value = index;
+    return false;
+  }
+  void check() const {
+    TORCH_CHECK_INDEX(!bad, op, ": indices must lie in [0, ", plane_size,
+                      ") (positions of the pool's input plane, as max_pool2d returns them), got ",
+                      value.load());
+  }
+};
+
 template <typename T>
 void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, const int64_t* b_idx,
                                T* out, int64_t planes, int64_t pooled_plane, PlaneLayout layout,
-                               T scale) {
-  at::parallel_for(0, planes, 1, [=](int64_t begin, int64_t end) {
+                               T scale, IndexGuard& guard) {
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     const int64_t step = layout.step();
     for (int64_t p = begin; p < end; ++p) {
       T* o = out + layout.base(p);
       if (!layout.channels_last) std::fill(o, o + layout.plane_size, T(0));
       for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-        o[a_idx[j] * step] += scale * a[j];
-        if (b) o[b_idx[j] * step] -= scale * b[j];
+        if (guard.ok(a_idx[j])) o[a_idx[j] * step] += scale * a[j];
+        if (b && guard.ok(b_idx[j])) o[b_idx[j] * step] -= scale * b[j];
       }
     }
   });
+  guard.check();
 }
 
-at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in,
+at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::Tensor& a_idx_in,
                               const at::Tensor& b_in, const at::Tensor& b_idx_in,
                               at::IntArrayRef out_sizes, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::scatter_difference", std::vector<c10::IValue>());
@@ -67,22 +86,23 @@ at::Tensor scatter_difference(const at::Tensor& a_in, const at::Tensor& a_idx_in
                        .zero_()
                  : at::empty(out_sizes, a.options());
   const int64_t planes = a.size(0) * a.size(1);
+  IndexGuard index_guard{op, out.size(2) * out.size(3)};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
     scatter_difference_kernel<scalar_t>(
         a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(),
         has_b ? b.const_data_ptr<scalar_t>() : nullptr,
         has_b ? b_idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), planes,
         a.numel() / planes, PlaneLayout{out.size(1), out.size(2) * out.size(3), channels_last},
-        static_cast<scalar_t>(scale));
+        static_cast<scalar_t>(scale), index_guard);
   });
   return out;
 }
 
-// Max-pool with kernel = stride = k and its indices: the first maximum in row-major window
-// order wins, as in max_pool2d_with_indices. (A NaN is not ranked; non-finite values are caught
-// by the loss itself, which turns NaN.) Where the maximum sits is data, not a pattern, so the
-// 2x2 case is written branch-free; branches here mispredict on every other window. `es` is
-// the distance between horizontal neighbours (1 in NCHW, C in channels-last memory).
+// Max-pool with kernel = stride = k and its indices, by max-pool's rule (window_takes: first
+// maximum wins, NaN beats everything). Where the maximum sits is data, not a pattern, so the
+// 2x2 case is written branch-free as a tournament (v0 vs v1, v2 vs v3, then the winners), which
+// gives the same index as the row-major scan; branches here mispredict on every other window.
+// `es` is the distance between horizontal neighbours (1 in NCHW, C in channels-last memory).
 template <typename T>
 void window_max_2x2(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height, int64_t width) {
   const int64_t out_h = height / 2, out_w = width / 2;
@@ -92,10 +112,10 @@ void window_max_2x2(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height,
     for (int64_t ow = 0; ow < out_w; ++ow) {
       const int64_t at = 2 * ow * es;
       const T v0 = r0[at], v1 = r0[at + es], v2 = r1[at], v3 = r1[at + es];
-      const int64_t c1 = v1 > v0, c3 = v3 > v2;
-      const T m01 = v1 > v0 ? v1 : v0, m23 = v3 > v2 ? v3 : v2;
-      const int64_t c = m23 > m01;
-      op[oh * out_w + ow] = m23 > m01 ? m23 : m01;
+      const int64_t c1 = window_takes(v1, v0), c3 = window_takes(v3, v2);
+      const T m01 = c1 ? v1 : v0, m23 = c3 ? v3 : v2;
+      const int64_t c = window_takes(m23, m01);
+      op[oh * out_w + ow] = c ? m23 : m01;
       ip[oh * out_w + ow] = 2 * oh * width + 2 * ow + c1 + c * (width + c3 - c1);
     }
   }
@@ -112,7 +132,7 @@ void window_max_generic(const T* zp, int64_t es, T* op, int64_t* ip, int64_t hei
       for (int64_t kh = 0; kh < k; ++kh) {
         for (int64_t kw = 0; kw < k; ++kw) {
           const int64_t at = (oh * k + kh) * width + ow * k + kw;
-          if (zp[at * es] > best) {
+          if (window_takes(zp[at * es], best)) {
             best = zp[at * es];
             best_at = at;
           }
@@ -152,28 +172,32 @@ std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k)
   return {out, idx};
 }
 
-at::Tensor phi_unpool_difference_cpu(const at::Tensor& a, const at::Tensor& a_noise, double alpha,
+at::Tensor phi_unpool_difference_cpu(const char* op, const at::Tensor& a, const at::Tensor& a_noise,
+                                     double alpha,
                                      const at::Tensor& a_indices, const at::Tensor& phi_b,
                                      const at::Tensor& b_indices, at::IntArrayRef out_sizes,
                                      Activation activation, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::phi_unpool_difference", std::vector<c10::IValue>());
   const auto phi_a = activate(activation, a_noise.defined() ? a.add(a_noise, alpha) : a);
   if (!a_indices.defined()) return (phi_a - phi_b).mul_(scale).view(out_sizes);
-  return scatter_difference(phi_a, a_indices, phi_b, b_indices, out_sizes, scale, channels_last);
+  return scatter_difference(op, phi_a, a_indices, phi_b, b_indices, out_sizes, scale,
+                            channels_last);
 }
 
 at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi_output,
                                 const at::Tensor& clean_indices, Activation activation,
                                 int64_t pool, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::noisy_difference", std::vector<c10::IValue>());
+  // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
+  const auto phi_z = activate(activation, z);
   if (pool == 0) {
-    auto a = activate(activation, activate(activation, z));
+    auto a = activate(activation, phi_z);
     return clean_phi_output.defined() ? a.sub_(clean_phi_output) : a;
   }
-  const auto pooled = window_max(z, pool);
-  const auto phi_noisy = activate(activation, activate(activation, std::get<0>(pooled)));
-  return scatter_difference(phi_noisy, std::get<1>(pooled), clean_phi_output, clean_indices,
-                            z.sizes(), 1.0, channels_last);
+  const auto pooled = window_max(phi_z, pool);
+  const auto phi_noisy = activate(activation, std::get<0>(pooled));
+  return scatter_difference("dtp_ext.noisy_difference", phi_noisy, std::get<1>(pooled),
+                            clean_phi_output, clean_indices, z.sizes(), 1.0, channels_last);
 }
 
 void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
@@ -202,7 +226,8 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
   });
 }
 
-at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::Tensor& indices_in,
+at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output_in,
+                                        const at::Tensor& indices_in,
                                         const at::Tensor& delta_in, at::IntArrayRef out_sizes,
                                         Activation activation) {
   RECORD_FUNCTION("dtp_ext::activation_pool_backward", std::vector<c10::IValue>());
@@ -211,6 +236,7 @@ at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::T
   const bool pooled = indices_in.defined();
   auto indices = pooled ? indices_in.contiguous() : at::Tensor();
   auto out = at::empty(out_sizes, output.options());
+  IndexGuard index_guard{op, pooled ? out.size(2) * out.size(3) : 0};
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "activation_pool_backward_cpu", [&] {
     const scalar_t* s = output.const_data_ptr<scalar_t>();
     const scalar_t* d = delta.const_data_ptr<scalar_t>();
@@ -223,13 +249,14 @@ at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::T
         const int64_t* idx = indices.const_data_ptr<int64_t>();
         at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            scalar_t* op = o + p * full_plane;
-            std::fill(op, op + full_plane, scalar_t(0));
+            scalar_t* plane_out = o + p * full_plane;
+            std::fill(plane_out, plane_out + full_plane, scalar_t(0));
             for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-              op[idx[j]] += d[j] * phi_prime_from_output<kAct>(s[j]);
+              if (index_guard.ok(idx[j])) plane_out[idx[j]] += d[j] * phi_prime_from_output<kAct>(s[j]);
             }
           }
         });
+        index_guard.check();
       } else {
         at::parallel_for(0, output.numel(), 2048, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) o[i] = d[i] * phi_prime_from_output<kAct>(s[i]);
@@ -242,7 +269,7 @@ at::Tensor activation_pool_backward_cpu(const at::Tensor& output_in, const at::T
 
 }  // namespace
 
-const ElementwiseKernels kCpuKernels{&phi_unpool_difference_cpu, &noisy_difference_cpu,
+const ElementwiseKernels kCpuKernels{"CPU", &phi_unpool_difference_cpu, &noisy_difference_cpu,
                                      &sgd_ldrl_update_cpu, &activation_pool_backward_cpu};
 
 }  // namespace dtp_ext

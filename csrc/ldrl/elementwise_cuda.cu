@@ -25,8 +25,12 @@ __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alp
        j += int64_t(gridDim.x) * blockDim.x) {
     T* o = out + (j / pooled_plane) * full_plane;
     const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
-    o[a_idx[j]] += scale * phi<A>(av);
-    o[b_idx[j]] -= scale * b[j];
+    // Pool indices address a position of their plane (as max_unpool2d checks them).
+    const bool a_ok = static_cast<uint64_t>(a_idx[j]) < static_cast<uint64_t>(full_plane);
+    const bool b_ok = static_cast<uint64_t>(b_idx[j]) < static_cast<uint64_t>(full_plane);
+    CUDA_KERNEL_ASSERT(a_ok && b_ok && "dtp_ext: pool indices outside the pool's input plane");
+    if (a_ok) o[a_idx[j]] += scale * phi<A>(av);
+    if (b_ok) o[b_idx[j]] -= scale * b[j];
   }
 }
 
@@ -48,7 +52,9 @@ __global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, 
        j += int64_t(gridDim.x) * blockDim.x) {
     const T g = d[j] * phi_prime_from_output<A>(s[j]);
     if (idx) {
-      out[(j / pooled_plane) * full_plane + idx[j]] += g;
+      const bool ok = static_cast<uint64_t>(idx[j]) < static_cast<uint64_t>(full_plane);
+      CUDA_KERNEL_ASSERT(ok && "dtp_ext: pool indices outside the pool's input plane");
+      if (ok) out[(j / pooled_plane) * full_plane + idx[j]] += g;
     } else {
       out[j] = g;
     }
@@ -65,18 +71,20 @@ __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int
     const int64_t plane = j / (out_h * out_w), oh = (j / out_w) % out_h, ow = j % out_w;
     const T* zp = z + plane * height * width;
     T* o = out + plane * height * width;
+    // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
     int64_t best_at = oh * k * width + ow * k;
-    T best = zp[best_at];
+    T best = phi<A>(zp[best_at]);
     for (int64_t kh = 0; kh < k; ++kh) {
       for (int64_t kw = 0; kw < k; ++kw) {
         const int64_t at = (oh * k + kh) * width + ow * k + kw;
-        if (zp[at] > best || isnan(zp[at])) {
-          best = zp[at];
+        const T v = phi<A>(zp[at]);
+        if (window_takes(v, best)) {
+          best = v;
           best_at = at;
         }
       }
     }
-    o[best_at] += phi<A>(phi<A>(best));
+    o[best_at] += phi<A>(best);
     if (s) o[idx[j]] -= s[j];
   }
 }
@@ -151,7 +159,8 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   });
 }
 
-at::Tensor phi_unpool_difference_cuda(const at::Tensor& a_in, const at::Tensor& a_noise_in,
+at::Tensor phi_unpool_difference_cuda(const char*, const at::Tensor& a_in,
+                                      const at::Tensor& a_noise_in,
                                       double alpha, const at::Tensor& a_indices_in,
                                       const at::Tensor& b_in, const at::Tensor& b_indices_in,
                                       at::IntArrayRef out_sizes, Activation activation,
@@ -190,7 +199,8 @@ at::Tensor phi_unpool_difference_cuda(const at::Tensor& a_in, const at::Tensor& 
   return out;
 }
 
-at::Tensor activation_pool_backward_cuda(const at::Tensor& output_in, const at::Tensor& indices_in,
+at::Tensor activation_pool_backward_cuda(const char*, const at::Tensor& output_in,
+                                         const at::Tensor& indices_in,
                                          const at::Tensor& delta_in, at::IntArrayRef out_sizes,
                                          Activation activation) {
   const c10::cuda::CUDAGuard guard(output_in.device());
@@ -218,7 +228,7 @@ at::Tensor activation_pool_backward_cuda(const at::Tensor& output_in, const at::
 
 }  // namespace
 
-const ElementwiseKernels kCudaKernels{&phi_unpool_difference_cuda, &noisy_difference_cuda,
+const ElementwiseKernels kCudaKernels{"CUDA", &phi_unpool_difference_cuda, &noisy_difference_cuda,
                                       &sgd_ldrl_update_cuda, &activation_pool_backward_cuda};
 
 }  // namespace dtp_ext

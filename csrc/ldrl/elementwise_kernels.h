@@ -8,13 +8,16 @@
 namespace dtp_ext {
 
 struct ElementwiseKernels {
+  const char* device;  // "CPU", "CUDA": the dispatch key these kernels are registered for
   // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi_b, b_indices)) as a new
   // tensor of `out_sizes` (the pre-pool shape); phi_b is already activated (callers compute the
   // clean phi(s) once per batch). Undefined indices mean "no pool" (elementwise); an undefined
   // a_noise means zero. Only pooled positions are touched: the rest are zeros. `channels_last`
   // asks for the output in channels-last memory (the CPU's layout for large maps; see
   // use_channels_last); devices that never choose it may reject it.
-  at::Tensor (*phi_unpool_difference)(const at::Tensor& a, const at::Tensor& a_noise,
+  // Indices outside the pool's input plane are refused with an error naming `op`, checked in
+  // the pass that uses them (a device-side assert on CUDA), as max_unpool2d does.
+  at::Tensor (*phi_unpool_difference)(const char* op, const at::Tensor& a, const at::Tensor& a_noise,
                                       double alpha, const at::Tensor& a_indices,
                                       const at::Tensor& phi_b, const at::Tensor& b_indices,
                                       at::IntArrayRef out_sizes, Activation activation,
@@ -36,7 +39,8 @@ struct ElementwiseKernels {
                           double momentum, double lr);
   // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the
   // block's own output, as a tensor of `out_sizes`.
-  at::Tensor (*activation_pool_backward)(const at::Tensor& output, const at::Tensor& indices,
+  at::Tensor (*activation_pool_backward)(const char* op, const at::Tensor& output,
+                                         const at::Tensor& indices,
                                          const at::Tensor& delta, at::IntArrayRef out_sizes,
                                          Activation activation);
 };

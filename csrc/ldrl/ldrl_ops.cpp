@@ -1,8 +1,10 @@
 #include "ldrl_ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/irange.h>
 
 #include "../common/finite_check.h"
+#include "../common/interrupt.h"
 
 namespace dtp_ext {
 namespace {
@@ -57,7 +59,7 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
   LdrlTerms terms;
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = kernels.phi_unpool_difference(
-      clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
+      "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
       clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
@@ -117,10 +119,45 @@ struct FeedbackLoopArgs {
   bool draws_eta;
 };
 
+// at::empty, with an allocation failure reported against the argument that asked for it.
+at::Tensor allocate(const char* op, const char* argument, at::IntArrayRef sizes,
+                    const at::TensorOptions& options) {
+  try {
+    return at::empty(sizes, options);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, op, ": ", argument, " asks for a tensor of shape ", sizes,
+                " that cannot be allocated (", e.what_without_backtrace(), ")");
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK(false, op, ": ", argument, " asks for a tensor of shape ", sizes,
+                " that cannot be allocated");
+  }
+}
+
 std::vector<int64_t> noise_shape(at::IntArrayRef sizes, int64_t count) {
   std::vector<int64_t> shape{count};
   shape.insert(shape.end(), sizes.begin(), sizes.end());
   return shape;
+}
+
+// The loops write their state in place: a written tensor may not overlap itself (an expanded
+// tensor) or any other argument, or the loop would overwrite what it reads (ATen's rule for
+// out= arguments, assert_no_overlap).
+void check_no_overlap(const char* op, std::initializer_list<NamedTensor> written,
+                      std::initializer_list<NamedTensor> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    TORCH_CHECK(at::has_internal_overlap(*w->second) != at::MemOverlap::Yes, op, ": ", w->first,
+                " has elements that share memory (e.g. an expanded tensor); the loop writes it in "
+                "place");
+    auto refuse = [&](const NamedTensor& other) {
+      if (other.second == nullptr || !other.second->defined()) return;
+      const auto status = at::get_overlap_status(*w->second, *other.second);
+      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                  op, ": ", w->first, " and ", other.first, " share memory; the loop writes ",
+                  w->first, " in place, so it must not overlap any other argument");
+    };
+    for (auto o = std::next(w); o != written.end(); ++o) refuse(*o);
+    for (const auto& r : read) refuse(r);
+  }
 }
 
 // Validates every argument of a feedback loop and picks the convolutions' layout.
@@ -161,6 +198,11 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
   }
   TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
+  check_no_overlap(op,
+                   {{"feedback_weight", &feedback_weight}, {"feedback_bias", &feedback_bias},
+                    {"momentum_weight", &momentum_weight}, {"momentum_bias", &momentum_bias}},
+                   {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
+                    {"noise_x", optional_ptr(noise_x)}, {"noise_y", optional_ptr(noise_y)}});
   check_finite(op, {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
                     {"feedback_weight", &feedback_weight}, {"feedback_bias", &feedback_bias},
                     {"momentum_weight", &momentum_weight}, {"momentum_bias", &momentum_bias},
@@ -177,10 +219,11 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   const auto x_contig = x.contiguous();
   const int64_t batch = x.size(0);
-  std::vector<at::Tensor> losses;
-  losses.reserve(a.iterations);
+  auto losses = allocate(a.op, "iterations", {a.iterations}, x.options());
+  InterruptPoll interrupts;
   for (int64_t start = 0; start < a.iterations; start += a.chunk_iterations) {
     const int64_t count = std::min(a.chunk_iterations, a.iterations - start);
+    std::vector<at::Tensor> chunk_losses(count);
     // Noise is drawn eps_k (then eta_k) for each iteration k, so the stream of random numbers
     // (and so the result) does not depend on chunk_iterations.
     at::Tensor eps_chunk;
@@ -192,7 +235,7 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
       }
     } else {
       // at::randn is empty + normal_(0, 1): drawing into slices keeps the same stream.
-      eps_chunk = at::empty(noise_shape(x.sizes(), count), x.options());
+      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count), x.options());
       for (const auto i : c10::irange(count)) {
         eps_chunk[i].normal_(0.0, 1.0).mul_(a.noise_std);
         if (a.draws_eta) eta[i] = at::randn(output_sizes, x.options()).mul_(a.noise_std);
@@ -205,11 +248,12 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
     const auto noisy_inputs = noisy_input.split(batch);
     const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
     for (const auto i : c10::irange(count)) {
-      losses.push_back(iteration(eps_conv[i], noisy_inputs[i], noisy_preactivations[i], eta[i]));
+      chunk_losses[i] = iteration(eps_conv[i], noisy_inputs[i], noisy_preactivations[i], eta[i]);
+      interrupts.poll();
     }
+    losses.narrow(0, start, count).copy_(at::stack(chunk_losses));
   }
-  if (losses.empty()) return at::empty({0}, x.options());
-  return at::stack(losses);
+  return losses;
 }
 
 // The loops update their state in place with flat, contiguous passes. A state tensor in another
@@ -376,7 +420,7 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes).contiguous();
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = kernels.phi_unpool_difference(
-      output, delta, -scale, idx, activate(g.activation, output), idx,
+      op, output, delta, -scale, idx, activate(g.activation, output), idx,
       pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
       g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
@@ -400,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   use_channels_last(g, x.sizes(), x.device());
   const auto grad_pre =
       output.defined() ? kernels.activation_pool_backward(
-                             output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
+                             op, output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
                        : delta;
   if (!g.is_conv) return {at::mm(grad_pre.t(), x), grad_pre.sum(0)};
   auto grads = at::convolution_backward(grad_pre, x, weight, c10::nullopt, g.stride, g.padding,

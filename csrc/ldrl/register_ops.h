@@ -3,6 +3,7 @@
 
 #include <torch/library.h>
 
+#include "../common/kernel_record.h"
 #include "ldrl_ops.h"
 
 namespace dtp_ext {
@@ -14,6 +15,7 @@ struct BoundOps {
       const at::Tensor& feedback_weight, const at::Tensor& noise_x, const at::Tensor& noise_y,
       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
       c10::string_view activation, int64_t pool) {
+    record_kernel("ldrl_loss", K->device);
     return ldrl_loss(*K, x, weight, bias, feedback_weight, noise_x, noise_y, stride, padding,
                      dilation, groups, std::string(activation), pool);
   }
@@ -26,6 +28,7 @@ struct BoundOps {
       const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
       c10::string_view activation, int64_t pool) {
+    record_kernel("ldrl_feedback_loop", K->device);
     return ldrl_feedback_loop(*K, x, weight, bias, feedback_weight, feedback_bias,
                               momentum_weight, momentum_bias, iterations, noise_std, lr,
                               momentum, weight_decay, chunk_iterations, noise_x, noise_y, stride,
@@ -39,6 +42,7 @@ struct BoundOps {
       double momentum, double weight_decay, int64_t chunk_iterations,
       const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
       at::IntArrayRef dilation, int64_t groups, c10::string_view activation, int64_t pool) {
+    record_kernel("reconstruction_feedback_loop", K->device);
     return reconstruction_feedback_loop(*K, x, weight, bias, feedback_weight, feedback_bias,
                                         momentum_weight, momentum_bias, iterations, noise_std, lr,
                                         momentum, weight_decay, chunk_iterations, noise_x, stride,
@@ -51,6 +55,7 @@ struct BoundOps {
                            double scale, at::IntArrayRef input_sizes, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            c10::string_view activation, int64_t pool) {
+    record_kernel("propagate_target", K->device);
     return propagate_target(*K, output, indices, delta, feedback_weight, scale, input_sizes,
                             stride, padding, dilation, groups, std::string(activation), pool);
   }
@@ -61,6 +66,7 @@ struct BoundOps {
       const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef stride,
       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
       c10::string_view activation, int64_t pool) {
+    record_kernel("block_weight_grad", K->device);
     return block_weight_grad(*K, x, output, indices, delta, weight, stride, padding, dilation,
                              groups, std::string(activation), pool);
   }
