@@ -138,3 +138,62 @@ def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
                 mixed = dict(args, **{name: args[name].cpu()})
                 with pytest.raises(RuntimeError, match=f"dtp_ext.{op}: {name} must be on cuda"):
                     call(mixed)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["conv-elu-pool2", "linear-tanh", "conv-elu-pool2-large", "conv-small-map"])
+@pytest.mark.parametrize("op", ops.OP_NAMES)
+def test_cuda_opcheck_every_op(name, op):
+    from test_fake_kernels import op_args
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in op_args(name, k=2)[op]]
+    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args))
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
+def test_cuda_ties_after_saturation_equal_the_reference(kind):
+    from test_hardening import saturated_block
+    block, x = saturated_block(kind)
+    nx, ny = torch.randn_like(x) * 0.1, torch.randn(4, 3, 4, 4, dtype=x.dtype) * 0.1
+    ref = reference.ldrl_loss_and_grads(block, x, nx, ny)
+    gblock, gx, gnx, gny = on_cuda(block, x, nx, ny)
+    got = functional.ldrl_loss(gblock, gx, gnx, gny)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
+
+
+@needs_cuda
+@pytest.mark.parametrize("activation", ["relu", "elu", "tanh"])
+def test_cuda_nan_follows_atens_rules_like_the_cpu(activation):
+    torch.manual_seed(0)
+    b = dtp_ext.Conv2d(2, 3, 3, padding=1, activation=activation, pool=2).double()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    x[1, 0, 3, 3] = float("nan")
+    nx, ny = torch.randn_like(x) * 0.1, torch.randn(2, 3, 4, 4, dtype=x.dtype) * 0.1
+    results = []
+    with ops.finite_checks(False):
+        for dev in ("cpu", "cuda"):
+            bb = copy.deepcopy(b).to(dev)
+            results.append(ops._ops.ldrl_loss(x.to(dev), bb.weight.detach(), bb.bias.detach(),
+                                              bb.feedback_weight, nx.to(dev), ny.to(dev),
+                                              *bb.geometry().args()))
+    for a, c in zip(*results):
+        torch.testing.assert_close(c.cpu(), a, equal_nan=True, rtol=1e-10, atol=1e-12)
+
+
+@needs_cuda
+def test_cuda_bad_pool_index_is_a_device_side_assert():
+    """Run in a fresh process: a device-side assert leaves that process's CUDA context unusable."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, dtp_ext\n"
+        "b = dtp_ext.Conv2d(3, 4, 3, padding=1, activation='relu', pool=2).cuda()\n"
+        "x = torch.randn(2, 3, 8, 8, device='cuda')\n"
+        "out, idx = b.forward_with_indices(x)\n"
+        "idx = idx.clone(); idx.view(-1)[0] = 10**9\n"
+        "g = dtp_ext.ops.propagate_target(out.detach(), idx, torch.randn_like(out), b.feedback_weight, 1.4, x.shape, b.geometry())\n"
+        "torch.cuda.synchronize()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "device-side assert" in done.stderr or "pool indices outside" in done.stderr
