@@ -206,19 +206,19 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
                          double momentum, double lr) {
   RECORD_FUNCTION("dtp_ext::sgd_ldrl_update", std::vector<c10::IValue>());
   const auto h = reconstruction_pairing.contiguous();
-  const auto e = noise_pairing.contiguous();
+  const auto e = noise_pairing.defined() ? noise_pairing.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
     scalar_t* v = weight.mutable_data_ptr<scalar_t>();
     scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* ep = e.const_data_ptr<scalar_t>();
+    const scalar_t* ep = e.defined() ? e.const_data_ptr<scalar_t>() : nullptr;
     const auto scale = static_cast<scalar_t>(grad_scale);
     const auto wd = static_cast<scalar_t>(weight_decay);
     const auto mu = static_cast<scalar_t>(momentum);
     const auto step = static_cast<scalar_t>(lr);
     at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t g = scale * (hp[i] - ep[i]) + wd * v[i];
+        const scalar_t g = scale * (ep ? hp[i] - ep[i] : hp[i]) + wd * v[i];
         buf[i] = mu * buf[i] + g;
         v[i] -= step * buf[i];
       }

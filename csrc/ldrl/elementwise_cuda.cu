@@ -133,7 +133,7 @@ __global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, int
                                        T wd, T mu, T step) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const T g = scale * (h[i] - e[i]) + wd * v[i];
+    const T g = scale * (e ? h[i] - e[i] : h[i]) + wd * v[i];
     buf[i] = mu * buf[i] + g;
     v[i] -= step * buf[i];
   }
@@ -145,14 +145,14 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
                           double weight_decay, double momentum, double lr) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto h = reconstruction_pairing.contiguous();
-  const auto e = noise_pairing.contiguous();
+  const auto e = noise_pairing.defined() ? noise_pairing.contiguous() : at::Tensor();
   const int64_t n = weight.numel();
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cuda", [&] {
     sgd_ldrl_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         weight.mutable_data_ptr<scalar_t>(), momentum_buffer.mutable_data_ptr<scalar_t>(),
-        h.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(), n,
+        h.const_data_ptr<scalar_t>(), e.defined() ? e.const_data_ptr<scalar_t>() : nullptr, n,
         static_cast<scalar_t>(grad_scale), static_cast<scalar_t>(weight_decay),
         static_cast<scalar_t>(momentum), static_cast<scalar_t>(lr));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

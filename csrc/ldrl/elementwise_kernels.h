@@ -32,7 +32,8 @@ struct ElementwiseKernels {
                                  int64_t pool, bool channels_last);
   // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
   // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
-  // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). All four contiguous.
+  // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). All four contiguous; an
+  // undefined noise term is zero (the reconstruction loss's plain gradient).
   void (*sgd_ldrl_update)(at::Tensor& weight, at::Tensor& momentum_buffer,
                           const at::Tensor& reconstruction_pairing,
                           const at::Tensor& noise_pairing, double grad_scale, double weight_decay,

@@ -41,9 +41,18 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
 //   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
 //   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
 //   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
-// Neither G(y) nor any bias is evaluated: they cancel in every difference.
+// Neither G(y) nor any bias is evaluated: they cancel in every difference. The loss is returned
+// times B (two dots and one combine); callers divide once, a loop once per call.
+// A 1-D view of a dense tensor in its memory order (contiguous or channels-last): dot products
+// over all elements need no copy.
+at::Tensor flat(const at::Tensor& t) {
+  if (t.is_contiguous()) return t.view(-1);
+  TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  return t.permute({0, 2, 3, 1}).view(-1);
+}
+
 struct LdrlTerms {
-  at::Tensor loss;
+  at::Tensor batch_loss;  // B * loss
   at::Tensor reconstruction_pairing;  // H
   at::Tensor noise_pairing;           // E
 };
@@ -52,7 +61,6 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const CleanPass& clean, at::IntArrayRef x_sizes,
                      const at::Tensor& feedback_weight, const at::Tensor& eps,
                      const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
-  const double inv_batch = 1.0 / static_cast<double>(x_sizes[0]);
   const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
                                           clean.block.indices, g.activation, g.pool,
                                           g.channels_last);
@@ -63,9 +71,8 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
       clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  terms.loss = (feedback_u.square().sum() -
-                2.0 * at::dot(feedback_weight.reshape(-1), terms.noise_pairing.reshape(-1))) *
-               inv_batch;
+  terms.batch_loss = at::sub(at::dot(flat(feedback_u), flat(feedback_u)),
+                             at::dot(flat(feedback_weight), flat(terms.noise_pairing)), 2.0);
   return terms;
 }
 
@@ -101,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   auto grad_weight = (terms.reconstruction_pairing - terms.noise_pairing)
                          .mul_(2.0 / static_cast<double>(x.size(0)));
   auto grad_bias = at::zeros({x.size(1)}, x.options());
-  return {terms.loss, grad_weight, grad_bias};
+  return {terms.batch_loss.div_(static_cast<double>(x.size(0))), grad_weight, grad_bias};
 }
 
 namespace {
@@ -234,11 +241,12 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
         for (const auto i : c10::irange(count)) eta[i] = (*noise_y)[start + i];
       }
     } else {
-      // at::randn is empty + normal_(0, 1): drawing into slices keeps the same stream.
+      // normal_(0, sigma) draws the numbers of at::randn and scales them, in one pass: the
+      // same noise as randn(...) * sigma, drawn into slices to keep the same stream.
       eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count), x.options());
       for (const auto i : c10::irange(count)) {
-        eps_chunk[i].normal_(0.0, 1.0).mul_(a.noise_std);
-        if (a.draws_eta) eta[i] = at::randn(output_sizes, x.options()).mul_(a.noise_std);
+        eps_chunk[i].normal_(0.0, a.noise_std);
+        if (a.draws_eta) eta[i] = at::empty(output_sizes, x.options()).normal_(0.0, a.noise_std);
       }
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
@@ -253,7 +261,7 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
     }
     losses.narrow(0, start, count).copy_(at::stack(chunk_losses));
   }
-  return losses;
+  return losses.div_(static_cast<double>(batch));  // the iterations return B * loss
 }
 
 // The loops update their state in place with flat, contiguous passes. A state tensor in another
@@ -276,13 +284,24 @@ struct LoopState {
   }
 };
 
-// torch.optim.SGD's step (momentum, no dampening, no Nesterov); an undefined grad is zero.
-void sgd_momentum_step(at::Tensor& param, at::Tensor& buffer, const at::Tensor& grad, double lr,
-                       double momentum, double weight_decay) {
-  buffer.mul_(momentum);
-  if (grad.defined()) buffer.add_(grad);
-  if (weight_decay != 0) buffer.add_(param, weight_decay);
-  param.add_(buffer, -lr);
+// `iterations` steps of torch.optim.SGD (momentum, no dampening, no Nesterov) with a zero
+// gradient, in closed form: the step is linear in (buffer, param),
+//   [buffer, param] <- M [buffer, param],  M = [[momentum, wd], [-lr momentum, 1 - lr wd]],
+// so K steps are M^K (a 2x2 power on the host) applied once. L-DRL's feedback bias has a zero
+// gradient at every iteration (both loss terms are differences of G).
+void sgd_momentum_decay(at::Tensor& param, at::Tensor& buffer, int64_t iterations, double lr,
+                        double momentum, double weight_decay) {
+  if (iterations == 0) return;
+  double m[4] = {1, 0, 0, 1};  // M^K, row-major
+  const double step[4] = {momentum, weight_decay, -lr * momentum, 1 - lr * weight_decay};
+  for (int64_t k = 0; k < iterations; ++k) {
+    const double r[4] = {step[0] * m[0] + step[1] * m[2], step[0] * m[1] + step[1] * m[3],
+                         step[2] * m[0] + step[3] * m[2], step[2] * m[1] + step[3] * m[3]};
+    std::copy(r, r + 4, m);
+  }
+  const auto old_buffer = buffer.clone();
+  buffer.mul_(m[0]).add_(param, m[1]);
+  param.mul_(m[3]).add_(old_buffer, m[2]);
 }
 
 }  // namespace
@@ -313,11 +332,10 @@ at::Tensor ldrl_feedback_loop(
         kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
                                 terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
                                 weight_decay, momentum, lr);
-        // dloss/dc is exactly zero: only weight decay moves the feedback bias.
-        sgd_momentum_step(state.bias, state.momentum_bias, at::Tensor(), lr, momentum,
-                          weight_decay);
-        return terms.loss;
+        return terms.batch_loss;
       });
+  // dloss/dc is exactly zero: only momentum and weight decay move the feedback bias.
+  sgd_momentum_decay(state.bias, state.momentum_bias, iterations, lr, momentum, weight_decay);
   state.write_back();
   return losses;
 }
@@ -349,15 +367,14 @@ at::Tensor reconstruction_feedback_loop(
         const auto residual = g.is_conv ? fq + state.bias.view({1, -1, 1, 1}) - x_noisy
                                         : fq + state.bias - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
-        const auto loss = residual.square().sum() * (1.0 / static_cast<double>(x.size(0)));
-        const auto grad_weight = feedback_pairing(g, residual, q, state.weight).mul_(grad_scale);
-        sgd_momentum_step(state.weight, state.momentum_weight, grad_weight, lr, momentum,
-                          weight_decay);
-        const auto grad_bias =
-            (g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0)).mul_(grad_scale);
-        sgd_momentum_step(state.bias, state.momentum_bias, grad_bias, lr, momentum,
-                          weight_decay);
-        return loss;
+        // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
+        kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
+                                feedback_pairing(g, residual, q, state.weight), at::Tensor(),
+                                grad_scale, weight_decay, momentum, lr);
+        kernels.sgd_ldrl_update(state.bias, state.momentum_bias,
+                                g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0),
+                                at::Tensor(), grad_scale, weight_decay, momentum, lr);
+        return at::dot(flat(residual), flat(residual));
       });
   state.write_back();
   return losses;
