@@ -76,7 +76,7 @@ def test_without_torchvision_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "need torchvision" in err and "pip install torchvision" in err
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1"])
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1", "resnet-small"])
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
 def test_every_torchvision_model_builds_for_small_images(torchvision, name, channels, size):
     from dtp_ext.train.models import build_model, trained_block_count
@@ -95,3 +95,25 @@ def test_every_torchvision_model_builds_for_small_images(torchvision, name, chan
     model(x)
     trainer = dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=1e-3)
     assert trained_block_count(name, channels, size, 10) == len(trainer.blocks)
+
+
+def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvision):
+    """lr x noise^2 x P is the same for every trained block, P read here from a real forward
+    pass; an explicit --feedback-lr stays one value for all."""
+    from dtp_ext.train.config import TrainConfig
+    from dtp_ext.train.models import build_model
+    from dtp_ext.train.resolve import resolve
+    cfg = resolve(TrainConfig(model="resnet-small", feedback_noise=0.2, out="unused"))
+    model = build_model("resnet-small", 1, 28, 10, 0.7)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o[0, 0].numel())))
+             for n, b in dtp_ext.dtp_blocks(model)]
+    model(torch.randn(2, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    trained = seen[1:]  # the stem conv sees the data
+    assert [n for n, _ in trained][:2] == ["layer1.0.conv1", "layer1.0.conv2"] and trained[-1][0] == "fc"
+    assert len(cfg.feedback_lr) == len(trained) and len({p for _, p in trained}) == 4  # 28², 14², 7², 1
+    products = [lr * 0.2 ** 2 * p for lr, (_, p) in zip(cfg.feedback_lr, trained)]
+    assert max(products) == pytest.approx(min(products)) and products[0] == pytest.approx(0.05 / 2)
+    assert resolve(TrainConfig(model="resnet-small", feedback_lr=1e-3, out="unused")).feedback_lr == [1e-3] * 15

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple, Union
-
-import torch
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -20,7 +18,7 @@ import dtp_ext
 from dtp_ext.models import simple_vgg
 
 from .config import ConfigError
-from .torchvision_models import ADAPTATIONS, build_torchvision
+from .torchvision_models import ADAPTATIONS, build_torchvision, trained_block_positions
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,9 @@ class ModelSpec:
     min_size: int                           # smallest square input it accepts
     about: str
     chain: bool = True                      # an nn.Sequential of DTP blocks joined by Flatten
+    # Default feedback lr when its entry in `feedback` is None: per trained block,
+    # scaled_lr / (2 sigma^2 P), P the block's output positions (torchvision_models.py).
+    scaled_lr: Optional[float] = None
 
     def feedback_defaults(self, algorithm: str):
         family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
@@ -78,12 +79,12 @@ MODELS: Dict[str, ModelSpec] = {
 
 
 def _torchvision_spec(name: str, about: str) -> ModelSpec:
-    # One value for every trained block (the torchvision networks have 10-52). K = 5 keeps a
-    # step within a few times backprop's on these depths; noise and lr: docs/training.md.
+    # K and noise: one value for every trained block (these networks have 10-52); the lr per
+    # block, scaled to its output positions (position_scaled_lr). Measured: docs/training.md.
     return ModelSpec(lambda channels, size, classes, beta: build_torchvision(name, channels, size, classes, beta),
-                     {"ldrl": (5, 0.1, 1e-3)}, 28,
+                     {"ldrl": (5, 0.1, None)}, 28,
                      f"torchvision {name}, converted ({about}; small images: {ADAPTATIONS[name]})",
-                     chain=False)
+                     chain=False, scaled_lr=0.05)
 
 
 MODELS.update({
@@ -91,6 +92,8 @@ MODELS.update({
     "vgg11_bn": _torchvision_spec("vgg11_bn", "11 DTP blocks, BatchNorm between them"),
     "mobilenet_v2": _torchvision_spec("mobilenet_v2", "53 DTP blocks, BatchNorm, ReLU6 and residual adds"),
     "squeezenet1_1": _torchvision_spec("squeezenet1_1", "26 DTP blocks, concatenated Fire branches"),
+    "resnet-small": _torchvision_spec("resnet-small", "torchvision BasicBlocks 16/32/64 wide, two per "
+                                      "stage: 16 DTP blocks, BatchNorm and residual adds"),
 })
 TORCHVISION_MODELS = tuple(name for name, spec in MODELS.items() if not spec.chain)
 
@@ -119,5 +122,4 @@ def trained_block_count(name: str, channels: int, size: int, classes: int) -> in
     spec = model_spec(name)
     if spec.chain:
         return len(spec.feedback["ldrl"][0])
-    with torch.device("meta"):
-        return len(dtp_ext.dtp_blocks(build_model(name, channels, size, classes, 0.7))) - 1
+    return len(trained_block_positions(name, channels, size, classes))

@@ -8,6 +8,7 @@ import time
 from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
 from .datasets import INFO
 from .models import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
+from .torchvision_models import position_scaled_lr, trained_block_positions
 
 # Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
 # bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
@@ -42,6 +43,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                                   ("feedback_noise", defaults[1], False),
                                   ("feedback_lr", defaults[2], False)):
         value = getattr(cfg, key)
+        if key == "feedback_lr" and value is None and default is None:
+            lists[key] = _scaled_feedback_lr(model, spec, info, lists["feedback_noise"])
+            continue
         lists[key] = per_layer(key, default if value is None else value, count, integer=integer)
     if cfg.algorithm in ("dtp", "tp", "drl") and any(s == 0 for s in lists["feedback_noise"]):
         raise ConfigError(f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
@@ -51,6 +55,16 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         cfg, model=model, lr=lr, out=out, t_max=cfg.t_max or cfg.epochs,
         augment=info.augment if cfg.augment is None else cfg.augment, **lists)
+
+
+def _scaled_feedback_lr(model, spec, info, noise):
+    """The default feedback lr of a model whose spec sets `scaled_lr`: per trained block,
+    scaled_lr / (2 sigma^2 P) (torchvision_models.position_scaled_lr)."""
+    if any(s == 0 for s in noise):
+        raise ConfigError(f"feedback_noise has a 0 entry: model {model!r}'s default feedback lr is "
+                          "scaled by 1 / noise^2; give --feedback-lr explicitly")
+    positions = [p for _, p in trained_block_positions(model, info.channels, info.size, info.classes)]
+    return position_scaled_lr(spec.scaled_lr, noise, positions)
 
 
 def lr_units_note(cfg: TrainConfig) -> str:

@@ -14,8 +14,9 @@ train it.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
+import torch
 from torch import nn
 
 import dtp_ext
@@ -33,6 +34,7 @@ ADAPTATIONS: Dict[str, str] = {
     "mobilenet_v2": "stem conv stride 2 -> 1 (32x32 inputs reach the last stage at 2x2)",
     "squeezenet1_1": "stem conv stride 2 -> 1 with padding 1 (32x32 inputs reach the "
                      "classifier at 3x3 instead of 1x1)",
+    "resnet-small": "none needed: built for small images (3x3 stem, stride 1, no max-pool)",
 }
 
 
@@ -100,11 +102,98 @@ def _squeezenet1_1(tv, channels: int, size: int, classes: int) -> nn.Module:
     return model
 
 
+class SmallResNet(nn.Module):
+    """A CIFAR-style ResNet-14 of torchvision's BasicBlock: 3x3 stem conv (16) + BatchNorm +
+    ReLU, three stages of two BasicBlocks 16, 32 and 64 wide (stride 2 and a 1x1 conv + BN
+    shortcut at the start of stages 2 and 3), global average pool, Linear. 16 DTP blocks
+    once converted; about 25x fewer multiply-adds than resnet18's CIFAR variant."""
+
+    def __init__(self, tv, channels: int, classes: int, widths=(16, 32, 64), blocks_per_stage: int = 2):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock, conv1x1
+        self.conv1 = _kaiming_conv(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False))
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, width_in = [], widths[0]
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or width_in != width:
+                downsample = nn.Sequential(_kaiming_conv(conv1x1(width_in, width, stride)),
+                                           nn.BatchNorm2d(width))
+            layers = [BasicBlock(width_in, width, stride, downsample)]
+            layers += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
+            stages.append(nn.Sequential(*layers))
+            width_in = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width_in, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _kaiming_conv(m)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _resnet_small(tv, channels: int, size: int, classes: int) -> nn.Module:
+    return SmallResNet(tv, channels, classes)
+
+
 BUILDERS: Dict[str, Callable] = {"resnet18": _resnet18, "vgg11_bn": _vgg11_bn,
-                                 "mobilenet_v2": _mobilenet_v2, "squeezenet1_1": _squeezenet1_1}
+                                 "mobilenet_v2": _mobilenet_v2, "squeezenet1_1": _squeezenet1_1,
+                                 "resnet-small": _resnet_small}
 
 
 def build_torchvision(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Module:
     """torchvision's `name` (random weights), adapted to (channels, size) and converted."""
     plain = BUILDERS[name](_torchvision(), channels, size, classes)
     return dtp_ext.convert(plain, beta=beta, inplace=True)
+
+
+def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
+    """(name, P) for every DTP block in forward execution order, from one eval-mode pass on
+    an input of `input_shape` (C, H, W) on the model's device: P is the block's output
+    positions per sample (H x W of a conv block's output, after its pool; 1 for a Linear on
+    (batch, features))."""
+    order = []
+
+    def record(name):
+        def hook(module, inputs, output):
+            features = output.shape[1] if output.dim() == 4 else output.shape[-1]
+            order.append((name, output.numel() // (output.shape[0] * features)))
+        return hook
+
+    hooks = [block.register_forward_hook(record(name)) for name, block in dtp_ext.dtp_blocks(model)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def trained_block_positions(name: str, channels: int, size: int, classes: int) -> List[Tuple[str, int]]:
+    """block_positions of the blocks whose feedback is trained: every block after the first
+    one executed, the stem conv, the only block these networks feed with the data. Built on
+    the meta device: no memory, no init cost."""
+    with torch.device("meta"):
+        model = build_torchvision(name, channels, size, classes, 0.7)
+        return block_positions(model, (channels, size, size))[1:]
+
+
+def position_scaled_lr(rate: float, noise: List[float], positions: List[int]) -> List[float]:
+    """Feedback lr per block, rate / (2 sigma^2 P). For a block with a linear feedback path the
+    expected L-DRL loss is sigma^2 P (|V - W|^2 - |W|^2) (SPEC §2.1, summed over the P output
+    positions), a quadratic of curvature 2 sigma^2 P in V, so `rate` is the fraction of the
+    distance to V = W^T each plain SGD iteration covers, the same in every block: one lr for
+    all would leave a 4x4-map block (P 16) 50 times slower than a 28x28 one (P 784), and the
+    classifier (P 1) 800 times."""
+    return [rate / (2 * s * s * p) for s, p in zip(noise, positions)]
