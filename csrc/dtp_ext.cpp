@@ -1,6 +1,8 @@
 // Module init and the one TORCH_LIBRARY block that declares every op's schema. Each device
 // registers its kernels in its own file (csrc/ldrl/ldrl_cpu.cpp, csrc/ldrl/ldrl_cuda.cu).
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -39,11 +41,51 @@ PyObject* finite_checks(PyObject*, PyObject*) {
   return PyBool_FromLong(dtp_ext::finite_checks_enabled());
 }
 
+PyObject* defer_finite_checks(PyObject*, PyObject* mode) {
+  HANDLE_TH_ERRORS
+  const long value = PyLong_AsLong(mode);
+  if (value == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLong(dtp_ext::set_defer_mode(static_cast<int>(value)));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* pending_non_finite(PyObject*, PyObject* device) {
+  HANDLE_TH_ERRORS
+  const char* name = PyUnicode_AsUTF8(device);
+  if (name == nullptr) return nullptr;
+  const auto flag = dtp_ext::pending_non_finite(c10::Device(std::string(name)));
+  if (!flag.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(flag);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* clear_non_finite(PyObject*, PyObject* device) {
+  HANDLE_TH_ERRORS
+  const char* name = PyUnicode_AsUTF8(device);
+  if (name == nullptr) return nullptr;
+  dtp_ext::clear_non_finite(c10::Device(std::string(name)));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* non_finite_op(PyObject*, PyObject* code) {
+  const long long value = PyLong_AsLongLong(code);
+  if (value == -1 && PyErr_Occurred()) return nullptr;
+  return PyUnicode_FromString(dtp_ext::non_finite_op(value).c_str());
+}
+
 PyObject* last_kernel(PyObject*, PyObject*) {
   return PyUnicode_FromString(dtp_ext::last_kernel().c_str());
 }
 
 PyMethodDef methods[] = {
+    {"defer_finite_checks", defer_finite_checks, METH_O,
+     "Where finite checks are deferred: 0 CUDA only, 1 everywhere, 2 nowhere; returns the "
+     "previous mode."},
+    {"pending_non_finite", pending_non_finite, METH_O,
+     "The device's deferred non-finite flag (int32 0-d tensor, 0 or an op code), or None."},
+    {"clear_non_finite", clear_non_finite, METH_O, "Resets the device's deferred flag to 0."},
+    {"non_finite_op", non_finite_op, METH_O, "The op a deferred flag's code stands for."},
     {"last_kernel", last_kernel, METH_NOARGS,
      "The compiled kernel the dispatcher ran last on this thread, e.g. "
      "'dtp_ext::ldrl_feedback_loop[CPU]' ('' before any)."},

@@ -88,11 +88,58 @@ def block_weight_grad(x, output, indices, delta, weight, geometry: BlockGeometry
 
 
 def set_finite_checks(enabled: bool) -> bool:
-    """Every fused op rejects NaN/Inf inputs with a ValueError naming the argument (on by
-    default). The check costs one reduction per input and, on a GPU, one host synchronisation
-    per op call; turn it off only where that matters (e.g. CUDA graph capture). Process-wide;
-    returns the previous setting."""
+    """Every fused op checks its inputs for NaN/Inf (on by default): on the CPU it raises a
+    ValueError naming the argument before writing anything; on CUDA the check is deferred (see
+    `deferred_finite_checks`), so it never synchronises the host. The check costs one reduction
+    per input. Process-wide; returns the previous setting."""
     return _C.set_finite_checks(bool(enabled))
+
+
+_DEFER_MODES = {"cuda": 0, "everywhere": 1, "nowhere": 2}
+
+
+@contextlib.contextmanager
+def deferred_finite_checks(where: str = "everywhere") -> Iterator[None]:
+    """Where the finite checks are deferred: "cuda" (the default), "everywhere" or "nowhere".
+
+    A deferred check does not stop the op: it records, in a flag tensor on the device, that an
+    op saw a non-finite input, without a host synchronisation. FeedbackTrainer.step() reads the
+    flags in its one synchronisation per step and refuses the step, naming the op; call
+    `check_non_finite()` yourself (e.g. before `optimizer.step()`) to catch a non-finite
+    backward pass before the optimizer applies it, or let torch.amp.GradScaler skip the step."""
+    if where not in _DEFER_MODES:
+        raise ValueError(f"deferred_finite_checks: where must be one of {sorted(_DEFER_MODES)}, got {where!r}")
+    previous = _C.defer_finite_checks(_DEFER_MODES[where])
+    try:
+        yield
+    finally:
+        _C.defer_finite_checks(previous)
+
+
+def pending_non_finite(device) -> "torch.Tensor | None":
+    """The device's deferred flag: an int32 0-d tensor, 0 or the code of an op that saw a
+    non-finite input since the last check (None before any deferred check on that device)."""
+    return _C.pending_non_finite(str(torch.device(device)))
+
+
+def non_finite_op(code: int) -> str:
+    """The op a deferred flag's code stands for, e.g. 'dtp_ext.propagate_target'."""
+    return _C.non_finite_op(int(code))
+
+
+def clear_non_finite(device):
+    _C.clear_non_finite(str(torch.device(device)))
+
+
+def check_non_finite(device) -> None:
+    """Reads the device's deferred flag (one synchronisation), clears it, and raises ValueError
+    naming the op if one saw a non-finite input."""
+    flag = pending_non_finite(device)
+    code = 0 if flag is None else int(flag)
+    clear_non_finite(device)
+    if code:
+        raise ValueError(f"{non_finite_op(code)}: an input contained non-finite values (NaN or Inf) "
+                         "(a deferred check); every input of a fused op must be finite")
 
 
 def finite_checks_enabled() -> bool:
@@ -110,8 +157,9 @@ def finite_checks(enabled: bool) -> Iterator[None]:
 
 
 def is_non_finite_input_error(exc: BaseException) -> bool:
-    """Whether `exc` is a fused op refusing a NaN/Inf input (the C++ check raises ValueError)."""
-    return isinstance(exc, ValueError) and "contains non-finite values" in str(exc)
+    """Whether `exc` is a fused op refusing a NaN/Inf input (immediate or deferred check)."""
+    return isinstance(exc, ValueError) and ("contains non-finite values" in str(exc)
+                                            or "contained non-finite values" in str(exc))
 
 
 def last_kernel() -> str:

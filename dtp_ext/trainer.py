@@ -22,9 +22,13 @@ class FeedbackReport:
 
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     kernels: Dict[str, str] = field(default_factory=dict)  # which compiled kernel ran, by block
+    _final_losses: Optional[Dict[str, float]] = field(default=None, repr=False)
 
     def final_losses(self) -> Dict[str, float]:
-        return {name: float(l[-1]) for name, l in self.losses.items() if l.numel()}
+        """The last iteration's loss per block (read by the step's one synchronisation)."""
+        if self._final_losses is None:
+            self._final_losses = {n: float(l[-1]) for n, l in self.losses.items() if l.numel()}
+        return dict(self._final_losses)
 
 
 def _average_across_ranks(tensors, world: int):
@@ -341,7 +345,7 @@ class FeedbackTrainer:
                 report.losses[name] = run[3]
                 report.kernels[name] = ops.last_kernel()
             self._join_streams(runs)
-            self._refuse_divergence(runs)
+            report._final_losses = self._refuse_divergence(runs)
         except BaseException:
             self._join_streams(runs)
             self._restore(runs)
@@ -429,16 +433,39 @@ class FeedbackTrainer:
         iteration), never kept; the caller restores every block. One device synchronisation per
         step."""
         if not runs:
-            return
-        checks = []
+            return {}
+        checks, devices = [], []
         for _, block, _, losses, saved in runs:
             finite = (torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
                       & torch.isfinite(block.feedback_bias).all())
             reference = torch.maximum(saved[0].norm(), block.weight.detach().norm())
             growth = block.feedback_weight.norm() / reference
-            checks.append(torch.stack([finite.to(growth.dtype), growth]))
-        values = torch.stack(checks).tolist()  # the one sync
-        for (name, block, _, losses, saved), (finite, growth) in zip(runs, values):
+            last = losses[-1] if losses.numel() else growth.new_zeros(())
+            # One device and dtype for the single read (a model may span devices).
+            checks.append(torch.stack([finite.to(growth.dtype), growth, last.to(growth.dtype)])
+                          .to(device=runs[0][3].device, dtype=torch.float64))
+            if losses.device not in devices:
+                devices.append(losses.device)
+        # Deferred finite checks (CUDA): the flags the ops set since the last step.
+        flags = [(d, ops.pending_non_finite(d)) for d in devices]
+        flags = [(d, f) for d, f in flags if f is not None]
+        values = torch.cat([torch.stack(checks).flatten()]
+                           + [f.to(device=runs[0][3].device, dtype=torch.float64).reshape(1)
+                              for _, f in flags]).tolist()  # the one sync
+        codes = values[3 * len(checks):]
+        for (device, _), code in zip(flags, codes):
+            if code:
+                ops.clear_non_finite(device)
+                op = ops.non_finite_op(int(code))
+                raise FloatingPointError(
+                    f"FeedbackTrainer.step: {op} received a non-finite input (NaN or Inf) during this "
+                    "step or the backward pass before it (a deferred check); every block's feedback "
+                    "weights and momentum were restored to their values before this step"
+                    + ("; the forward weights' last gradients were not finite either: restore them "
+                       "from a checkpoint" if op in ("dtp_ext.propagate_target",
+                                                     "dtp_ext.block_weight_grad") else ""))
+        values = [values[3 * i:3 * i + 3] for i in range(len(checks))]
+        for (name, block, _, losses, saved), (finite, growth, _) in zip(runs, values):
             if not finite:
                 bad = (~torch.isfinite(losses)).nonzero()
                 where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
@@ -456,6 +483,7 @@ class FeedbackTrainer:
                     f"times the larger of that and its forward weight's norm); every block's feedback "
                     "weights and momentum were restored to their values before this step (lower its "
                     "feedback lr or noise_std, or warm the feedback up first)")
+        return {run[0]: last for run, (_, _, last) in zip(runs, values) if run[3].numel()}
 
     def state_dict(self) -> dict:
         """Momentum buffers, step count and the blocks the per-block lists are bound to (forward

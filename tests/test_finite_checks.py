@@ -85,3 +85,63 @@ def test_non_finite_loss_stops_the_dtp_backward_with_a_clear_error():
                                          "dtp_ext.propagate_target: delta contains non-finite"):
         (out.sum() * float("nan")).backward()
     assert layer.weight.grad is None
+
+
+# Deferred checks: what CUDA does by default (no host synchronisation inside a step), run here
+# on the CPU with deferred_finite_checks("everywhere").
+
+def _deferred_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), dtp_ext.Linear(6, 5, activation="tanh"),
+                               dtp_ext.Linear(5, 3)).double()
+
+
+def test_deferred_check_refuses_a_non_finite_feedback_input_at_the_guard():
+    model = _deferred_model()
+    trainer = dtp_ext.FeedbackTrainer(model, 3, 0.1, 1e-3)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    model(x)
+    before = [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)]
+    with ops.deferred_finite_checks("everywhere"):
+        with pytest.raises(FloatingPointError, match=r"dtp_ext.ldrl_feedback_loop received a non-finite "
+                                                     r"input .* \(a deferred check\)"):
+            trainer.step()
+    for a, (_, b) in zip(before, dtp_ext.dtp_blocks(model)):
+        assert torch.equal(a, b.feedback_weight)
+    assert int(ops.pending_non_finite("cpu")) == 0  # read and cleared by the guard
+
+
+def test_deferred_check_of_a_backward_is_reported_at_the_next_step():
+    model = _deferred_model()
+    trainer = dtp_ext.FeedbackTrainer(model, 3, 0.1, 1e-3)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    with ops.deferred_finite_checks("everywhere"):
+        out = model(x)
+        trainer.step()
+        (out.sum() * float("nan")).backward()  # no exception: the check is deferred
+        model(x)
+        with pytest.raises(FloatingPointError, match=r"dtp_ext.(propagate_target|block_weight_grad) received "
+                                                     r"a non-finite input .* restore them from a checkpoint"):
+            trainer.step()
+
+
+def test_check_non_finite_reads_and_clears_the_flag():
+    model = _deferred_model()
+    with ops.deferred_finite_checks("everywhere"):
+        (model(torch.randn(2, 4, dtype=torch.float64)).sum() * float("inf")).backward()
+        with pytest.raises(ValueError, match=r"dtp_ext.(propagate_target|block_weight_grad): an input "
+                                             r"contained non-finite values"):
+            ops.check_non_finite("cpu")
+        ops.check_non_finite("cpu")  # cleared
+    with pytest.raises(ValueError, match="where must be one of"):
+        with ops.deferred_finite_checks("sometimes"):
+            pass
+
+
+def test_final_losses_come_from_the_step_read():
+    model = _deferred_model()
+    trainer = dtp_ext.FeedbackTrainer(model, 3, 0.1, 1e-3)
+    model(torch.randn(4, 4, dtype=torch.float64))
+    report = trainer.step()
+    assert report.final_losses() == {n: float(l[-1]) for n, l in report.losses.items()}

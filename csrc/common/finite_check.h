@@ -1,25 +1,39 @@
 #pragma once
-// Rejects non-finite (NaN/Inf) inputs to the fused ops, naming the argument: a NaN that
-// reached a feedback loop or a target would otherwise end as NaN weights, silently.
+// Rejects non-finite (NaN/Inf) inputs to the fused ops: a NaN that reached a feedback loop or a
+// target would otherwise end as NaN weights, silently.
 //
-// One reduction per tensor and one host synchronisation per op call (the flags of all checked
-// tensors are read back together). set_finite_checks(false) turns the checks off, e.g. for a
-// CUDA graph capture, which forbids host synchronisation.
+// Immediate checks (the default on the CPU) raise ValueError "<op>: <name> contains non-finite
+// values" before the op writes anything: one reduction per tensor and one read of the flags
+// per call, a host synchronisation on a GPU. Deferred checks (the default on CUDA) never
+// synchronise: each call folds "some input was not finite" into a per-device flag tensor
+// holding the op's code, which the caller reads once per step (FeedbackTrainer's divergence
+// guard, or dtp_ext.ops.check_non_finite()).
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 namespace dtp_ext {
 
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
-// Raises ValueError "<op>: <name> contains non-finite values (NaN or Inf)" for the first
-// offending tensor; undefined tensors are skipped.
+// Checks the defined floating tensors among `tensors` (all on one device).
 void check_finite(const char* op, std::initializer_list<NamedTensor> tensors);
 
 bool finite_checks_enabled();
 // Returns the previous setting. Process-wide.
 bool set_finite_checks(bool enabled);
+
+// Where checks are deferred: 0 on CUDA devices only (default), 1 everywhere, 2 nowhere.
+int defer_mode();
+int set_defer_mode(int mode);  // returns the previous mode
+
+// The device's flag (int32 0-d: 0, or the code of an op that saw a non-finite input since the
+// last clear); undefined before any deferred check ran on that device.
+at::Tensor pending_non_finite(const c10::Device& device);
+void clear_non_finite(const c10::Device& device);
+// The op a code stands for ("" for 0).
+std::string non_finite_op(int64_t code);
 
 }  // namespace dtp_ext
