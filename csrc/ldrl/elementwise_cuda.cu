@@ -13,8 +13,13 @@ namespace dtp_ext {
 namespace {
 
 constexpr int kThreads = 256;
+// Grids are capped (about a million threads, several waves of a large GPU's resident threads);
+// every kernel's grid-stride loop covers the rest.
+constexpr int64_t kMaxBlocks = 4096;
 
-int64_t blocks_for(int64_t n) { return std::max<int64_t>(1, (n + kThreads - 1) / kThreads); }
+int64_t blocks_for(int64_t n) {
+  return std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, (n + kThreads - 1) / kThreads));
+}
 
 template <Activation A, typename T>
 __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha,
