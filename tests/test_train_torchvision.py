@@ -101,7 +101,7 @@ def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvisi
     """lr x noise^2 x P is the same for every trained block, P read here from a real forward
     pass; an explicit --feedback-lr stays one value for all."""
     from dtp_ext.train.config import TrainConfig
-    from dtp_ext.train.models import build_model
+    from dtp_ext.train.models import build_model, model_spec
     from dtp_ext.train.resolve import resolve
     cfg = resolve(TrainConfig(model="resnet-small", feedback_noise=0.2, out="unused"))
     model = build_model("resnet-small", 1, 28, 10, 0.7)
@@ -115,5 +115,6 @@ def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvisi
     assert [n for n, _ in trained][:2] == ["layer1.0.conv1", "layer1.0.conv2"] and trained[-1][0] == "fc"
     assert len(cfg.feedback_lr) == len(trained) and len({p for _, p in trained}) == 4  # 28², 14², 7², 1
     products = [lr * 0.2 ** 2 * p for lr, (_, p) in zip(cfg.feedback_lr, trained)]
-    assert max(products) == pytest.approx(min(products)) and products[0] == pytest.approx(0.05 / 2)
+    rate = model_spec("resnet-small").scaled_lr
+    assert max(products) == pytest.approx(min(products)) and products[0] == pytest.approx(rate / 2)
     assert resolve(TrainConfig(model="resnet-small", feedback_lr=1e-3, out="unused")).feedback_lr == [1e-3] * 15
