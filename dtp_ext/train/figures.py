@@ -114,8 +114,7 @@ def gmp(dataset="mnist", data_dir=None, iterations=1000, batch_size=128, seed=0)
                 logits, records = forward_records(model, x)
             algo.train_feedback(records, logits, step=0)
         elif k:
-            with torch.no_grad():
-                model(x)
+            model(x)  # with autograd on: the trainer reads from the graph which blocks need targets
             algo.trainer.step()
         ours = algo.update_directions(x, y)
         bp = backprop_gradients(model, algo.blocks, x, y)
