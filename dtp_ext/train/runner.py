@@ -506,11 +506,12 @@ class Run:
         self.log(f"test accuracy {s['test_accuracy']:.2f}% (top-5 {s['test_top5']:.2f}%) after "
                  f"{s['global_step']} steps, {s['train_time_s']:.0f} s of training")
         a = s["alignment"]
-        self.log(f"{'layer':<10}{'weight angle':>14}{'distance':>10}{'update vs BP':>14}")
+        width = max([10, *(len(n) + 1 for n in a["update_angle"])])  # converted models' long names
+        self.log(f"{'layer':<{width}}{'weight angle':>14}{'distance':>10}{'update vs BP':>14}")
         for name, update in a["update_angle"].items():
             w = a.get("weight_angle", {}).get(name)
             d = a.get("weight_distance", {}).get(name)
-            self.log(f"{name:<10}{'-' if w is None else f'{w:.1f}°':>14}"
+            self.log(f"{name:<{width}}{'-' if w is None else f'{w:.1f}°':>14}"
                      f"{'-' if d is None else f'{d:.2f}':>10}{update:>13.1f}°")
         written = [n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (self.out / n).exists()]
         self.log(f"wrote in {self.out}: {', '.join(written)}")
