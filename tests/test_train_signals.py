@@ -111,7 +111,25 @@ def test_a_real_signal_saves_and_resume_is_bitwise(reference, tmp_path, capsys, 
     assert_same_run(reference, out)
 
 
-def test_a_signal_while_the_checkpoint_is_written(reference, tmp_path, monkeypatch, capfd):
+def test_a_killed_run_leaves_no_stale_lock(reference, tmp_path, capsys):
+    """Point 8 with point 7's --checkpoint-every: SIGKILL (no handler can run) leaves the .lock
+    file behind, unlocked (the kernel drops the flock); --resume takes it over and continues
+    from the last --checkpoint-every checkpoint, ending bitwise like the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = launch(out, "--checkpoint-every", "3")
+    wait_for_lines(out, proc, 7)  # step 7 logged: the checkpoint of step 6 is written
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = final_state(out)["global_step"]
+    assert saved % 3 == 0 and 6 <= saved < STEPS, saved
+    assert (out / ".lock").exists()
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert f"resumed from step {saved} " in capsys.readouterr().out
+    assert_same_run(reference, out)  # --checkpoint-every changes when it saves, not what it computes
+
+
+def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     """SIGTERM during step 2 (the run stops after step 3, the last of the first epoch of 3 steps
     here), then SIGINT while the checkpoint is being written: the save completes, the file is
     sound, the exit code is SIGTERM's, and --resume ends bitwise like an uninterrupted run."""
