@@ -98,7 +98,6 @@ MODELS.update({
     "resnet-small": _torchvision_spec("resnet-small", "torchvision BasicBlocks 16/32/64 wide, two per "
                                       "stage: 16 DTP blocks, BatchNorm and residual adds"),
 })
-TORCHVISION_MODELS = tuple(name for name, spec in MODELS.items() if not spec.chain)
 
 DEFAULT_MODEL = {"mnist": "mnist-convnet", "fashion-mnist": "mnist-convnet",
                  "cifar10": "simplevgg", "imagenet32": "simplevgg"}
