@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .nn import _ACTIVATION_FNS, Linear
+from .nn import Linear, activation_fn
 
 
 def block_input(block, x: torch.Tensor) -> torch.Tensor:
@@ -19,17 +19,7 @@ def block_input(block, x: torch.Tensor) -> torch.Tensor:
 
 def forward_block(block, x, weight=None, bias=None):
     """(s, indices, pre_pool_shape) of s = pool(phi(op(x))), with autograd on the weights."""
-    weight = block.weight if weight is None else weight
-    bias = block.bias if bias is None else bias
-    if isinstance(block, Linear):
-        z = F.linear(x, weight, bias)
-    else:
-        z = F.conv2d(x, weight, bias, block.stride, block._padding, block.dilation, block.groups)
-    h = _ACTIVATION_FNS[block.activation](z)
-    if block.pool and block.pool > 1:
-        s, indices = F.max_pool2d(h, block.pool, block.pool, return_indices=True)
-        return s, indices, h.shape
-    return h, None, h.shape
+    return block.forward_block(x, weight, bias)
 
 
 def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=None):
@@ -39,13 +29,13 @@ def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=Non
     c = block.feedback_bias if c is None else c
     if indices is not None:
         y = F.max_unpool2d(y, indices, block.pool, block.pool, output_size=pre_pool_shape[-2:])
-    u = _ACTIVATION_FNS[block.activation](y)
+    u = activation_fn(block.activation)(y)
     if isinstance(block, Linear):
         return F.linear(u, V, c)
     output_padding = []
     for d in range(2):
-        reached = ((u.shape[2 + d] - 1) * block.stride[d] - 2 * block._padding[d]
+        reached = ((u.shape[2 + d] - 1) * block.stride[d] - 2 * block.numeric_padding[d]
                    + block.dilation[d] * (block.kernel_size[d] - 1) + 1)
         output_padding.append(input_shape[2 + d] - reached)
-    return F.conv_transpose2d(u, V, c, block.stride, block._padding, output_padding,
+    return F.conv_transpose2d(u, V, c, block.stride, block.numeric_padding, output_padding,
                               block.groups, block.dilation)

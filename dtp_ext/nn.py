@@ -71,7 +71,12 @@ class _DTPBlockFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[2]:
                 grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _propagate_target(output, indices, delta, ctx.block.feedback_weight,
+            # Float32 master feedback weights under autocast: the target's product runs in the
+            # dtype the forward saved (what delta arrives in).
+            feedback_weight = ctx.block.feedback_weight
+            if feedback_weight.dtype != delta.dtype:
+                feedback_weight = feedback_weight.to(delta.dtype)
+            grad_x = _propagate_target(output, indices, delta, feedback_weight,
                                        ctx.beta * x.shape[0], x.shape, ctx.geometry)
         return grad_x, grad_weight, grad_bias, None
 
@@ -87,6 +92,18 @@ def _propagate_target(output, indices, delta, feedback_weight, step, input_shape
                                     input_shape, geometry) * k
     return ops.propagate_target(output, indices, delta, feedback_weight,
                                 step / loss_scaling.current_loss_scale(), input_shape, geometry)
+
+
+def _autocast_dtype(x, weight) -> Optional[torch.dtype]:
+    """The dtype a block's op runs in under torch.autocast on x's device (None: no autocast,
+    or nothing to cast: autocast lowers only float32 tensors)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if dtype == x.dtype == weight.dtype or torch.float32 not in (x.dtype, weight.dtype):
+        return None
+    return dtype
 
 
 class DTPBlock:
@@ -119,29 +136,43 @@ class DTPBlock:
         raise NotImplementedError
 
     # -- forward --------------------------------------------------------------------------
-    def forward_with_indices(self, x, weight=None, bias=None):
-        """(s, pool indices or None) of s = pool(phi(op(x))), x in the op's layout; the block's
-        own weights unless others are given."""
+    def forward_block(self, x, weight=None, bias=None):
+        """(s, pool indices or None, shape of phi(op(x))) of s = pool(phi(op(x))), x in the op's
+        layout, with autograd on whatever requires grad; the block's own weights unless others
+        are given. The one forward of a block: the layer, the reference and the training
+        command's baselines all run it."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        h = _ACTIVATION_FNS[self.activation](self._op(x, weight, bias))
+        h = activation_fn(self.activation)(self._op(x, weight, bias))
         if self.pool and self.pool > 1:
-            return F.max_pool2d(h, self.pool, self.pool, return_indices=True)
-        return h, None
+            s, indices = F.max_pool2d(h, self.pool, self.pool, return_indices=True)
+            return s, indices, h.shape
+        return h, None, h.shape
+
+    def forward_with_indices(self, x, weight=None, bias=None):
+        """(s, pool indices or None): forward_block without the pre-pool shape."""
+        return self.forward_block(x, weight, bias)[:2]
 
     def _dtp_forward(self, x):
         """x in the kernels' layout: (B, in) for Linear, (N, C, H, W) for Conv2d."""
+        weight, bias = self.weight, self.bias
+        dtype = _autocast_dtype(x, weight)
+        if dtype is not None:
+            # Under torch.autocast the block runs in the autocast dtype, as nn.Linear/nn.Conv2d's
+            # op would: differentiable casts, so the parameters' gradients come back in their
+            # own dtype (float32) and the input's in its own.
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         if self.training:
             # What FeedbackTrainer.step() trains on: the input of the latest training forward.
             self._recorded_input = x.detach()
             self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
             if torch.is_grad_enabled():
                 self._input_needs_target = x.requires_grad
-        bias = self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            return _DTPBlockFunction.apply(x, self.weight, bias, self)
-        return self.forward_with_indices(x, self.weight, bias)[0]
+            return _DTPBlockFunction.apply(x, weight, bias, self)
+        return self.forward_with_indices(x, weight, bias)[0]
 
     @property
     def recorded_input(self) -> Optional[torch.Tensor]:
@@ -227,7 +258,9 @@ class Conv2d(DTPBlock, nn.Conv2d):
         if padding_mode != "zeros":
             raise ValueError("dtp_ext.Conv2d: padding_mode must be 'zeros' (the feedback block is "
                              f"the adjoint of a zero-padded conv), got {padding_mode!r}")
-        self._padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
+        # padding as numbers (nn.Conv2d also accepts 'same'/'valid'): what the feedback block's
+        # transposed conv and the kernels take.
+        self.numeric_padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
         self._init_dtp(activation, pool, beta, self.weight.shape, in_channels,
                        {"device": device, "dtype": dtype})
 
@@ -239,10 +272,10 @@ class Conv2d(DTPBlock, nn.Conv2d):
         nn.init.uniform_(self.feedback_bias, -bound, bound)
 
     def _op(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self._padding, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.numeric_padding, self.dilation, self.groups)
 
     def geometry(self):
-        return BlockGeometry(tuple(self.stride), tuple(self._padding), tuple(self.dilation),
+        return BlockGeometry(tuple(self.stride), tuple(self.numeric_padding), tuple(self.dilation),
                              self.groups, self.activation or "none",
                              self.pool if self.pool and self.pool > 1 else 0)
 
@@ -253,7 +286,7 @@ class Conv2d(DTPBlock, nn.Conv2d):
             raise ValueError(f"dtp_ext.Conv2d: input must be (N, {self.in_channels}, H, W), "
                              f"got shape {tuple(x.shape)}")
         if self.pool and self.pool > 1:
-            size = [(x.shape[2 + d] + 2 * self._padding[d] - self.dilation[d] * (self.kernel_size[d] - 1)
+            size = [(x.shape[2 + d] + 2 * self.numeric_padding[d] - self.dilation[d] * (self.kernel_size[d] - 1)
                      - 1) // self.stride[d] + 1 for d in range(2)]
             if min(size) < self.pool:
                 raise ValueError(f"dtp_ext.Conv2d: pool={self.pool} is larger than the conv's output "
