@@ -1,7 +1,7 @@
 """SGD with momentum on tensors that are not nn.Parameters (feedback buffers, DRL's Q).
 
-Same update as torch.optim.SGD (dampening 0, no Nesterov): buf = m*buf + g (+ wd*p), p -= lr*buf;
-its state is a plain dict of named buffers, saved in checkpoints.
+Same update as torch.optim.SGD without weight decay (dampening 0, no Nesterov): buf = m*buf + g,
+p -= lr*buf; its state is a plain dict of named buffers, saved in checkpoints.
 """
 from __future__ import annotations
 
