@@ -107,8 +107,17 @@ def check_shape(op, name, t, expected):
            ", got ", list(t.shape))
 
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def loss_dtype(x):
+    """Losses are reductions: float32 when x is bfloat16/float16, else x's dtype."""
+    return torch.float32 if x.dtype in REDUCED_DTYPES else x.dtype
+
+
 def check_block_tensors(op, g: Geometry, x, weight, bias):
-    _check(x.dtype in (torch.float32, torch.float64), op, "x must be float32 or float64, got ",
+    _check(x.dtype in FLOAT_DTYPES, op, "x must be float32, float64, bfloat16 or float16, got ",
            _dtype(x))
     check_same_device_dtype(op, "weight", weight, x)
     if bias is not None:
@@ -128,11 +137,29 @@ def check_block_tensors(op, g: Geometry, x, weight, bias):
     check_map_sizes(op, g, x.shape, weight)
 
 
-def check_feedback_weight(op, g: Geometry, weight, feedback_weight, x):
-    check_same_device_dtype(op, "feedback_weight", feedback_weight, x)
+def check_feedback_weight(op, g: Geometry, weight, feedback_weight, x, allow_master=False):
+    if allow_master and x.dtype in REDUCED_DTYPES:
+        _check(feedback_weight.device == x.device, op, "feedback_weight must be on ", x.device,
+               " like x, got ", feedback_weight.device)
+        _check(feedback_weight.dtype in (x.dtype, torch.float32), op, "feedback_weight must have "
+               "dtype ", _dtype(x), " like x or Float (a float32 master copy), got ",
+               _dtype(feedback_weight))
+    else:
+        check_same_device_dtype(op, "feedback_weight", feedback_weight, x)
     expected = list(weight.shape) if g.is_conv else [weight.shape[1], weight.shape[0]]
     _check(list(feedback_weight.shape) == expected, op, "feedback_weight must have shape ",
            expected, " for this block, got ", list(feedback_weight.shape))
+
+
+def check_state(op, name, t, x, feedback_weight):
+    """The loops' state has the feedback weight's dtype (x's, or float32 masters)."""
+    if feedback_weight.dtype == x.dtype:
+        check_same_device_dtype(op, name, t, x)
+        return
+    _check(t.device == x.device, op, name, " must be on ", x.device, " like x, got ", t.device)
+    _check(t.dtype == feedback_weight.dtype, op, name, " must have dtype ",
+           _dtype(feedback_weight), " like feedback_weight (a float32 master copy), got ",
+           _dtype(t))
 
 
 def check_noise(op, name, noise, expected, x):
@@ -164,7 +191,7 @@ def ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, stride, paddin
     check_feedback_weight(op, g, weight, feedback_weight, x)
     check_noise(op, "noise_x", noise_x, x.shape, x)
     check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.shape, weight), x)
-    return (x.new_empty(()), feedback_weight.new_empty(feedback_weight.shape),
+    return (x.new_empty((), dtype=loss_dtype(x)), feedback_weight.new_empty(feedback_weight.shape),
             x.new_empty((x.shape[1],)))
 
 
@@ -174,7 +201,7 @@ def _feedback_loop(op, draws_eta, x, weight, bias, feedback_weight, feedback_bia
                    groups, activation, pool):
     g = parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool)
     check_block_tensors(op, g, x, weight, bias)
-    check_feedback_weight(op, g, weight, feedback_weight, x)
+    check_feedback_weight(op, g, weight, feedback_weight, x, allow_master=True)
     _check(iterations >= 0, op, "iterations must be >= 0, got ", iterations)
     _check(noise_std >= 0 and abs(noise_std) != float("inf"), op,
            "noise_std must be finite and >= 0, got ", noise_std)
@@ -186,7 +213,7 @@ def _feedback_loop(op, draws_eta, x, weight, bias, feedback_weight, feedback_bia
     for name, t, shape in (("feedback_bias", feedback_bias, [x.shape[1]]),
                            ("momentum_weight", momentum_weight, feedback_weight.shape),
                            ("momentum_bias", momentum_bias, [x.shape[1]])):
-        check_same_device_dtype(op, name, t, x)
+        check_state(op, name, t, x, feedback_weight)
         check_shape(op, name, t, shape)
     if noise_x is not None:
         check_noise(op, "noise_x", noise_x, [iterations, *x.shape], x)
@@ -195,7 +222,7 @@ def _feedback_loop(op, draws_eta, x, weight, bias, feedback_weight, feedback_bia
                     [iterations, *block_output_sizes(g, x.shape, weight)], x)
     _check(not draws_eta or (noise_x is None) == (noise_y is None), op,
            "noise_x and noise_y must be given together or not at all")
-    return x.new_empty((iterations,))
+    return x.new_empty((iterations,), dtype=loss_dtype(x))
 
 
 def ldrl_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
@@ -222,8 +249,8 @@ def propagate_target(output, indices, delta, feedback_weight, scale, input_sizes
                      padding, dilation, groups, activation, pool):
     op = "dtp_ext.propagate_target"
     g = parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool)
-    _check(delta.dtype in (torch.float32, torch.float64), op,
-           "delta must be float32 or float64, got ", _dtype(delta))
+    _check(delta.dtype in FLOAT_DTYPES, op,
+           "delta must be float32, float64, bfloat16 or float16, got ", _dtype(delta))
     _check(scale > 0 and scale != float("inf"), op,
            "scale (beta * batch) must be finite and > 0, got ", scale)
     _check(len(input_sizes) == (4 if g.is_conv else 2), op, "input_sizes must have ",

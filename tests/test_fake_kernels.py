@@ -45,9 +45,20 @@ def as_list(result):
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+def with_float32_masters(args):
+    """A loop's arguments with float32 feedback weight, bias and momenta (x bfloat16)."""
+    return [a.float() if i in (3, 4, 5, 6) else a for i, a in enumerate(args)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "bfloat16-masters"])
 @pytest.mark.parametrize("op", dtp_ext.ops.OP_NAMES)
-def test_fake_sizes_and_strides_equal_the_compiled_kernel(block_name, op):
-    args = op_args(block_name)[op]
+def test_fake_sizes_and_strides_equal_the_compiled_kernel(block_name, op, dtype):
+    """Also in bfloat16 (losses come back float32), and for the loops with float32 masters."""
+    if dtype == "bfloat16-masters" and "loop" not in op:
+        pytest.skip("float32 masters are a feedback loop's state")
+    args = op_args(block_name, torch.float64 if dtype == "float64" else torch.bfloat16)[op]
+    if dtype == "bfloat16-masters":
+        args = with_float32_masters(args)
     real = as_list(getattr(OPS, op)(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
     fake = as_list(run_fake(op, args))
     assert len(real) == len(fake)
@@ -127,6 +138,18 @@ def bad_cases():
         ("propagate_target", "linear", "indices without pool",
          lambda a: replace(a, 1, torch.zeros(a[2].shape, dtype=torch.int64))),
         ("block_weight_grad", "conv-elu-pool2", "float32 delta", lambda a: replace(a, 3, a[3].float())),
+        ("ldrl_loss", "conv-elu-pool2", "bool x", lambda a: replace(a, 0, a[0] > 0)),
+        ("propagate_target", "conv-elu-pool2", "int64 delta", lambda a: replace(a, 2, a[2].long())),
+        # mixed precision: float32 masters only for a loop, and only with a bfloat16/float16 x
+        ("ldrl_loss", "conv-elu-pool2", "float32 feedback_weight, bfloat16 x",
+         lambda a: replace([t.bfloat16() if isinstance(t, torch.Tensor) else t for t in a], 3, a[3].float())),
+        ("ldrl_feedback_loop", "conv-elu-pool2", "float64 masters, bfloat16 x",
+         lambda a: [t.bfloat16() if i in (0, 1, 2, 13, 14) else t for i, t in enumerate(a)]),
+        ("ldrl_feedback_loop", "conv-elu-pool2", "bfloat16 momentum with float32 masters",
+         lambda a: replace(with_float32_masters(
+             [t.bfloat16() if isinstance(t, torch.Tensor) else t for t in a]), 5, a[5].bfloat16())),
+        ("reconstruction_feedback_loop", "conv-elu-pool2", "float32 feedback_bias, bfloat16 rest",
+         lambda a: replace([t.bfloat16() if isinstance(t, torch.Tensor) else t for t in a], 4, a[4].float())),
         ("block_weight_grad", "conv-elu-pool2", "output shape", lambda a: replace(a, 1, a[1][:1])),
     ]
     return cases

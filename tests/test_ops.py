@@ -50,7 +50,7 @@ def test_cpp_checks_name_op_argument_and_expectation():
     loss = torch.ops.dtp_ext.ldrl_loss
     with pytest.raises(RuntimeError, match=r"dtp_ext.ldrl_loss: noise_y must have shape \[5, 4, 4, 4\]"):
         loss(x, w, b, fw, nx, torch.zeros(5, 4, 8, 8, dtype=x.dtype), *geo)
-    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must be float32 or float64, got Int"):
+    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int"):
         loss(x.int(), w, b, fw, nx, ny, *geo)
     with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype Double like x"):
         loss(x, w, b, fw.float(), nx, ny, *geo)

@@ -37,12 +37,29 @@ BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntAr
                              const std::string& activation, int64_t pool);
 
 // Checks that x and the forward weight/bias fit the geometry, share one device and one
-// floating dtype (float32/float64). Messages name the op and the argument.
+// floating dtype (float32/float64, or bfloat16/float16: mixed precision, where the products run
+// in that dtype with float32 accumulation and the elementwise passes and reductions in
+// float32). Messages name the op and the argument.
 void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tensor& x,
                          const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
-// The feedback weight has the conv weight's shape, or W^T's shape for a linear block.
+// The feedback weight has the conv weight's shape, or W^T's shape for a linear block, and x's
+// dtype; with `allow_master`, float32 is accepted too when x is bfloat16/float16 (a loop that
+// keeps float32 master weights and casts them to x's dtype for its products).
 void check_feedback_weight(const char* op, const BlockGeometry& g, const at::Tensor& weight,
-                           const at::Tensor& feedback_weight, const at::Tensor& x);
+                           const at::Tensor& feedback_weight, const at::Tensor& x,
+                           bool allow_master = false);
+
+// bfloat16 or float16: a compute dtype whose elementwise passes and reductions run in float32.
+inline bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+// t in float32 when it is bfloat16/float16 (for elementwise maths and reductions), else t.
+inline at::Tensor to_opmath(const at::Tensor& t) {
+  return t.defined() && is_reduced_float(t) ? t.to(at::kFloat) : t;
+}
 
 // The conv's output map is at least 1x1 and, with a pool, at least pool x pool.
 void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef input_sizes,

@@ -178,6 +178,15 @@ at::Tensor phi_unpool_difference_cpu(const char* op, const at::Tensor& a, const 
                                      const at::Tensor& b_indices, at::IntArrayRef out_sizes,
                                      Activation activation, double scale, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::phi_unpool_difference", std::vector<c10::IValue>());
+  if (is_reduced_float(a)) {
+    // bfloat16/float16: the pass runs on float32 copies (phi, the differences and the scatter
+    // in float32; one rounding to a's dtype at the end), which ATen's vectorised activations
+    // convert at full speed; the products around it are what run in the low dtype.
+    return phi_unpool_difference_cpu(op, a.to(at::kFloat), to_opmath(a_noise), alpha, a_indices,
+                                     to_opmath(phi_b), b_indices, out_sizes, activation, scale,
+                                     channels_last)
+        .to(a.scalar_type());
+  }
   const auto phi_a = activate(activation, a_noise.defined() ? a.add(a_noise, alpha) : a);
   if (!a_indices.defined()) return (phi_a - phi_b).mul_(scale).view(out_sizes);
   return scatter_difference(op, phi_a, a_indices, phi_b, b_indices, out_sizes, scale,
@@ -188,6 +197,11 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
                                 const at::Tensor& clean_indices, Activation activation,
                                 int64_t pool, bool channels_last) {
   RECORD_FUNCTION("dtp_ext::noisy_difference", std::vector<c10::IValue>());
+  if (is_reduced_float(z)) {  // in float32, rounded once at the end (see phi_unpool_difference)
+    return noisy_difference_cpu(z.to(at::kFloat), to_opmath(clean_phi_output), clean_indices,
+                                activation, pool, channels_last)
+        .to(z.scalar_type());
+  }
   // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
   const auto phi_z = activate(activation, z);
   if (pool == 0) {
@@ -205,8 +219,20 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
                          const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
                          double momentum, double lr) {
   RECORD_FUNCTION("dtp_ext::sgd_ldrl_update", std::vector<c10::IValue>());
-  const auto h = reconstruction_pairing.contiguous();
-  const auto e = noise_pairing.defined() ? noise_pairing.contiguous() : at::Tensor();
+  if (is_reduced_float(weight)) {
+    // A bfloat16/float16 weight without a float32 master: the step in float32, rounded once.
+    auto w = weight.to(at::kFloat), buf = momentum_buffer.to(at::kFloat);
+    sgd_ldrl_update_cpu(w, buf, reconstruction_pairing, noise_pairing, grad_scale, weight_decay,
+                        momentum, lr);
+    weight.copy_(w);
+    momentum_buffer.copy_(buf);
+    return;
+  }
+  // The pairings may be in a lower dtype than the weight (bfloat16 products, float32 masters):
+  // read in the weight's dtype.
+  const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous();
+  const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous()
+                                         : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
     scalar_t* v = weight.mutable_data_ptr<scalar_t>();
     scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
@@ -231,6 +257,11 @@ at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output
                                         const at::Tensor& delta_in, at::IntArrayRef out_sizes,
                                         Activation activation) {
   RECORD_FUNCTION("dtp_ext::activation_pool_backward", std::vector<c10::IValue>());
+  if (is_reduced_float(output_in)) {  // in float32, rounded once at the end
+    return activation_pool_backward_cpu(op, output_in.to(at::kFloat), indices_in,
+                                        to_opmath(delta_in), out_sizes, activation)
+        .to(output_in.scalar_type());
+  }
   auto output = output_in.contiguous();
   auto delta = delta_in.contiguous();
   const bool pooled = indices_in.defined();

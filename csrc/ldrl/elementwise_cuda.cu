@@ -106,6 +106,11 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
                                  const at::Tensor& idx_in, Activation activation, int64_t pool,
                                  bool channels_last) {
   TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
+  if (is_reduced_float(z_in)) {  // bfloat16/float16: in float32, rounded once at the end
+    return noisy_difference_cuda(z_in.to(at::kFloat), to_opmath(s_in), idx_in, activation, pool,
+                                 channels_last)
+        .to(z_in.scalar_type());
+  }
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous();
   const auto s = s_in.defined() ? s_in.contiguous() : at::Tensor();
@@ -148,9 +153,20 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
                           const at::Tensor& reconstruction_pairing,
                           const at::Tensor& noise_pairing, double grad_scale,
                           double weight_decay, double momentum, double lr) {
+  if (is_reduced_float(weight)) {  // no float32 master: the step in float32, rounded once
+    auto w = weight.to(at::kFloat);
+    auto buf = momentum_buffer.to(at::kFloat);
+    sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
+                         weight_decay, momentum, lr);
+    weight.copy_(w);
+    momentum_buffer.copy_(buf);
+    return;
+  }
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto h = reconstruction_pairing.contiguous();
-  const auto e = noise_pairing.defined() ? noise_pairing.contiguous() : at::Tensor();
+  // Pairings in a lower dtype (bfloat16 products, float32 masters) are read in the weight's.
+  const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous();
+  const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous()
+                                         : at::Tensor();
   const int64_t n = weight.numel();
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -164,13 +180,19 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   });
 }
 
-at::Tensor phi_unpool_difference_cuda(const char*, const at::Tensor& a_in,
+at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
                                       const at::Tensor& a_noise_in,
                                       double alpha, const at::Tensor& a_indices_in,
                                       const at::Tensor& b_in, const at::Tensor& b_indices_in,
                                       at::IntArrayRef out_sizes, Activation activation,
                                       double scale, bool channels_last) {
   TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
+  if (is_reduced_float(a_in)) {  // bfloat16/float16: in float32, rounded once at the end
+    return phi_unpool_difference_cuda(op, a_in.to(at::kFloat), to_opmath(a_noise_in), alpha,
+                                      a_indices_in, to_opmath(b_in), b_indices_in, out_sizes,
+                                      activation, scale, channels_last)
+        .to(a_in.scalar_type());
+  }
   const c10::cuda::CUDAGuard guard(a_in.device());
   const bool pooled = a_indices_in.defined();
   auto a = a_in.contiguous();
@@ -204,10 +226,15 @@ at::Tensor phi_unpool_difference_cuda(const char*, const at::Tensor& a_in,
   return out;
 }
 
-at::Tensor activation_pool_backward_cuda(const char*, const at::Tensor& output_in,
+at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& output_in,
                                          const at::Tensor& indices_in,
                                          const at::Tensor& delta_in, at::IntArrayRef out_sizes,
                                          Activation activation) {
+  if (is_reduced_float(output_in)) {  // bfloat16/float16: in float32, rounded once at the end
+    return activation_pool_backward_cuda(op, output_in.to(at::kFloat), indices_in,
+                                         to_opmath(delta_in), out_sizes, activation)
+        .to(output_in.scalar_type());
+  }
   const c10::cuda::CUDAGuard guard(output_in.device());
   auto output = output_in.contiguous();
   auto delta = delta_in.contiguous();

@@ -32,7 +32,9 @@ struct CleanPass {
 CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias) {
   CleanPass clean{forward_block(g, x, weight, bias), at::Tensor()};
-  clean.phi_output = activate(g.activation, clean.block.output).contiguous();
+  // phi(s) in float32 when x is bfloat16/float16: the differences phi(s + eta) - phi(s) are
+  // formed in float32 (rounding phi(s) first would put bfloat16's error into every one).
+  clean.phi_output = activate(g.activation, to_opmath(clean.block.output)).contiguous();
   return clean;
 }
 
@@ -71,8 +73,12 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
       clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  terms.batch_loss = at::sub(at::dot(flat(feedback_u), flat(feedback_u)),
-                             at::dot(flat(feedback_weight), flat(terms.noise_pairing)), 2.0);
+  // The loss's two dots are reductions: float32 when the products ran in bfloat16/float16
+  // (at::dot would return, and round to, the input dtype).
+  const auto fu = to_opmath(flat(feedback_u));
+  terms.batch_loss = at::sub(
+      at::dot(fu, fu),
+      at::dot(to_opmath(flat(feedback_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
   return terms;
 }
 
@@ -105,8 +111,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   const auto clean = clean_pass(g, x, weight, bias);
   auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
-  auto grad_weight = (terms.reconstruction_pairing - terms.noise_pairing)
-                         .mul_(2.0 / static_cast<double>(x.size(0)));
+  // H - E in float32 (the two pairings nearly cancel once V approaches W^T), returned in the
+  // feedback weight's dtype.
+  auto grad_weight = (to_opmath(terms.reconstruction_pairing) - to_opmath(terms.noise_pairing))
+                         .mul_(2.0 / static_cast<double>(x.size(0)))
+                         .to(feedback_weight.scalar_type());
   auto grad_bias = at::zeros({x.size(1)}, x.options());
   return {terms.batch_loss.div_(static_cast<double>(x.size(0))), grad_weight, grad_bias};
 }
@@ -167,6 +176,21 @@ void check_no_overlap(const char* op, std::initializer_list<NamedTensor> written
   }
 }
 
+// The loops' state (feedback bias, momentum buffers) has the feedback weight's dtype: x's, or
+// float32 master copies when x is bfloat16/float16 (check_feedback_weight with allow_master).
+void check_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                 const at::Tensor& feedback_weight) {
+  if (feedback_weight.scalar_type() == x.scalar_type()) {
+    check_same_device_dtype(op, name, t, x);
+    return;
+  }
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+              " like x, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == feedback_weight.scalar_type(), op, ": ", name,
+              " must have dtype ", feedback_weight.scalar_type(),
+              " like feedback_weight (a float32 master copy), got ", t.scalar_type());
+}
+
 // Validates every argument of a feedback loop and picks the convolutions' layout.
 void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
@@ -177,7 +201,7 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
   const char* op = a.op;
   auto& g = a.g;
   check_block_tensors(op, g, x, weight, bias);
-  check_feedback_weight(op, g, weight, feedback_weight, x);
+  check_feedback_weight(op, g, weight, feedback_weight, x, /*allow_master=*/true);
   TORCH_CHECK(a.iterations >= 0, op, ": iterations must be >= 0, got ", a.iterations);
   TORCH_CHECK(a.noise_std >= 0 && std::isfinite(a.noise_std), op,
               ": noise_std must be finite and >= 0, got ", a.noise_std);
@@ -189,11 +213,11 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
               a.chunk_iterations);
   use_channels_last(g, x.sizes(), x.device());
   const int64_t in_dim = x.size(1);
-  check_same_device_dtype(op, "feedback_bias", feedback_bias, x);
+  check_state(op, "feedback_bias", feedback_bias, x, feedback_weight);
   check_shape(op, "feedback_bias", feedback_bias, {in_dim});
-  check_same_device_dtype(op, "momentum_weight", momentum_weight, x);
+  check_state(op, "momentum_weight", momentum_weight, x, feedback_weight);
   check_shape(op, "momentum_weight", momentum_weight, feedback_weight.sizes());
-  check_same_device_dtype(op, "momentum_bias", momentum_bias, x);
+  check_state(op, "momentum_bias", momentum_bias, x, feedback_weight);
   check_shape(op, "momentum_bias", momentum_bias, {in_dim});
 
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
@@ -226,7 +250,9 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   const auto x_contig = x.contiguous();
   const int64_t batch = x.size(0);
-  auto losses = allocate(a.op, "iterations", {a.iterations}, x.options());
+  // Losses are reductions: float32 when x is bfloat16/float16.
+  auto losses = allocate(a.op, "iterations", {a.iterations},
+                         x.options().dtype(is_reduced_float(x) ? at::kFloat : x.scalar_type()));
   InterruptPoll interrupts;
   for (int64_t start = 0; start < a.iterations; start += a.chunk_iterations) {
     const int64_t count = std::min(a.chunk_iterations, a.iterations - start);
@@ -323,12 +349,16 @@ at::Tensor ldrl_feedback_loop(
   const auto clean = clean_pass(args.g, x.contiguous(), weight, bias);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
+  // Float32 masters (x bfloat16/float16, V float32): each iteration's products use V cast to
+  // x's dtype; the fused SGD pass reads the pairings into float32 and updates the float32 V and
+  // momentum, so many small steps are not lost to bfloat16's rounding of V.
+  const bool master = state.weight.scalar_type() != x.scalar_type();
   auto losses = run_feedback_loop(
       args, x, weight, bias, noise_x, noise_y,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
-        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), state.weight, eps, z_noisy,
-                                eta);
+        const auto v = master ? state.weight.to(x.scalar_type()) : state.weight;
+        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), v, eps, z_noisy, eta);
         kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
                                 terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
                                 weight_decay, momentum, lr);
@@ -355,26 +385,30 @@ at::Tensor reconstruction_feedback_loop(
                       momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
+  const bool master = state.weight.scalar_type() != x.scalar_type();  // float32 masters
   auto losses = run_feedback_loop(
       args, x, weight, bias, noise_x, c10::nullopt,
       [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
           const at::Tensor&) {
         const auto& g = args.g;
+        const auto v = master ? state.weight.to(x.scalar_type()) : state.weight;
+        const auto c = master ? state.bias.to(x.scalar_type()) : state.bias;
         // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
         const auto q = kernels.noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
                                                 g.activation, g.pool, g.channels_last);
-        const auto fq = apply_feedback(g, q, state.weight, x.sizes());
-        const auto residual = g.is_conv ? fq + state.bias.view({1, -1, 1, 1}) - x_noisy
-                                        : fq + state.bias - x_noisy;
+        const auto fq = apply_feedback(g, q, v, x.sizes());
+        const auto residual = g.is_conv ? fq + c.view({1, -1, 1, 1}) - x_noisy
+                                        : fq + c - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
         kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
-                                feedback_pairing(g, residual, q, state.weight), at::Tensor(),
+                                feedback_pairing(g, residual, q, v), at::Tensor(),
                                 grad_scale, weight_decay, momentum, lr);
         kernels.sgd_ldrl_update(state.bias, state.momentum_bias,
                                 g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0),
                                 at::Tensor(), grad_scale, weight_decay, momentum, lr);
-        return at::dot(flat(residual), flat(residual));
+        const auto r = to_opmath(flat(residual));  // the loss: a float32 reduction
+        return at::dot(r, r);
       });
   state.write_back();
   return losses;
@@ -412,8 +446,8 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   constexpr const char* op = "dtp_ext.propagate_target";
   auto g =
       parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool);
-  TORCH_CHECK(delta.scalar_type() == at::kFloat || delta.scalar_type() == at::kDouble, op,
-              ": delta must be float32 or float64, got ", delta.scalar_type());
+  TORCH_CHECK(is_supported_float(delta.scalar_type()), op,
+              ": delta must be float32, float64, bfloat16 or float16, got ", delta.scalar_type());
   TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
               ": scale (beta * batch) must be finite and > 0, got ", scale);
   TORCH_CHECK(input_sizes.size() == static_cast<size_t>(g.is_conv ? 4 : 2), op,
@@ -437,7 +471,7 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes).contiguous();
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = kernels.phi_unpool_difference(
-      op, output, delta, -scale, idx, activate(g.activation, output), idx,
+      op, output, delta, -scale, idx, activate(g.activation, to_opmath(output)), idx,
       pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
       g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
@@ -463,11 +497,20 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
       output.defined() ? kernels.activation_pool_backward(
                              op, output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
                        : delta;
-  if (!g.is_conv) return {at::mm(grad_pre.t(), x), grad_pre.sum(0)};
-  auto grads = at::convolution_backward(grad_pre, x, weight, c10::nullopt, g.stride, g.padding,
-                                        g.dilation, false, {0, 0}, g.groups,
-                                        {false, true, true});
-  return {std::get<1>(grads).contiguous(), std::get<2>(grads).contiguous()};
+  if (!g.is_conv) {
+    // The bias gradient is a reduction: float32 for bfloat16/float16, returned in their dtype.
+    return {at::mm(grad_pre.t(), x), to_opmath(grad_pre).sum(0).to(weight.scalar_type())};
+  }
+  // bfloat16/float16 on the CPU: the weight-gradient reduction in float32 on float32 copies
+  // (faster there than oneDNN's low-precision weight-gradient kernel; see feedback_pairing),
+  // returned in the weight's dtype.
+  const bool upcast = is_reduced_float(x) && x.device().is_cpu();
+  auto grads = at::convolution_backward(
+      upcast ? grad_pre.to(at::kFloat) : grad_pre, upcast ? x.to(at::kFloat) : x,
+      upcast ? weight.to(at::kFloat) : weight, c10::nullopt, g.stride, g.padding, g.dilation,
+      false, {0, 0}, g.groups, {false, true, true});
+  return {std::get<1>(grads).to(weight.scalar_type()).contiguous(),
+          std::get<2>(grads).to(weight.scalar_type()).contiguous()};
 }
 
 }  // namespace dtp_ext
