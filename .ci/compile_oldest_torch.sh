@@ -3,6 +3,8 @@
 # claims ("torch>=X.Y"), in a fresh virtual environment, then imports it there and checks
 # build_info(). A lent GPU machine may come with an older torch than the one CI tests with (the
 # H200s have had 2.11.0+cu130); this makes a build error show up here, not in its minutes.
+# Then it runs, on the CPU with that torch, the build and setup tests and the tests that
+# tests/test_cuda.py draws its cases from (fake kernels, finite checks, hardening, ops).
 # Usage (repository root): bash .ci/compile_oldest_torch.sh   (CI runs it after the tests)
 # Needs nvcc (CUDA 13: torch's PyPI wheels from 2.11 on are CUDA 13 builds) and PyPI.
 set -euo pipefail
@@ -19,7 +21,8 @@ echo "+ compiling against the oldest claimed torch, $oldest.*, in $WORK"
 
 t0=$(date +%s)
 python3 -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install -q "torch==$oldest.*" ninja pybind11 setuptools wheel numpy
+"$WORK/venv/bin/python" -m pip install -q "torch==$oldest.*" ninja pybind11 setuptools wheel numpy \
+  tqdm matplotlib pyyaml pytest hypothesis "nvidia-cuda-cuobjdump>=13,<14"
 t1=$(date +%s)
 echo "+ environment ready in $((t1 - t0)) s: torch $("$WORK/venv/bin/python" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
 
@@ -35,13 +38,14 @@ t2=$(date +%s)
 grep -m1 "dtp_ext: building" "$WORK/build.log"
 echo "+ built in $((t2 - t1)) s"
 
-# The package's Python files with the library just built (never the tree's own _C, built
-# against another torch), imported from a folder outside the tree.
-mkdir -p "$WORK/pkg"
-tar -C "$ROOT" --exclude='_C*.so' --exclude=__pycache__ -cf - dtp_ext | tar -C "$WORK/pkg" -xf -
-cp "$WORK"/lib/dtp_ext/_C*.so "$WORK/pkg/dtp_ext/"
-cd "$WORK"
-PYTHONPATH="$WORK/pkg" "$WORK/venv/bin/python" - <<'PY'
+# A copy of the tree with the library just built (never the tree's own _C, built against
+# another torch), imported and tested from there.
+mkdir -p "$WORK/tree"
+tar -C "$ROOT" --exclude='_C*.so' --exclude=__pycache__ --exclude=dtp_ext/data -cf - \
+  dtp_ext tests benchmarks .ci setup.py pyproject.toml README.md | tar -C "$WORK/tree" -xf -
+cp "$WORK"/lib/dtp_ext/_C*.so "$WORK/tree/dtp_ext/"
+cd "$WORK/tree"
+"$WORK/venv/bin/python" - <<'PY'
 import torch
 import dtp_ext
 from dtp_ext import ops
@@ -62,4 +66,9 @@ torch.nn.functional.cross_entropy(out, torch.tensor([1, 2])).backward()
 assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 print("smoke step:", report.kernels)
 PY
-echo "+ torch $oldest: compiled, imported and ran a step ($(($(date +%s) - t0)) s in all)"
+t3=$(date +%s)
+echo "+ tests with torch $oldest (CPU; DTP_EXT_CUDA=1: the fatbin is checked too)"
+DTP_EXT_CUDA=1 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_build.py \
+  tests/test_setup.py tests/test_ops.py tests/test_fake_kernels.py tests/test_finite_checks.py \
+  tests/test_hardening.py tests/test_cuda.py
+echo "+ torch $oldest: compiled in $((t2 - t1)) s, imported, ran a step and the tests ($(($(date +%s) - t3)) s); $(($(date +%s) - t0)) s in all"
