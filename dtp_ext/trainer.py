@@ -42,7 +42,7 @@ def _average_across_ranks(tensors, world: int):
 def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
     """Bytes one feedback iteration of `block` on input `x` holds while it is batched with
     others: what `memory_budget_mb` is divided by (docs/memory.md)."""
-    out, _ = block.forward_with_indices(x[:1])
+    out, _ = block.forward_with_indices(x[:1].to(block.weight.dtype))  # (x may be bfloat16)
     pool_area = block.pool ** 2 if block.pool else 1
     # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
     # input); the pooled output, eta and, with a pool, int64 indices.
@@ -129,7 +129,8 @@ class FeedbackTrainer:
     def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
                  memory_budget_mb: float = 256.0, concurrent_blocks: bool = True,
-                 sync: Optional[str] = None, max_growth: Optional[float] = 100.0):
+                 sync: Optional[str] = None, max_growth: Optional[float] = 100.0,
+                 compute_dtype: Optional[torch.dtype] = None):
         named = dtp_blocks(model)
         if not named:
             raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
@@ -155,6 +156,13 @@ class FeedbackTrainer:
             raise ValueError(f"FeedbackTrainer: max_growth must be None or a finite number > 1, got "
                              f"{max_growth!r}")
         self.max_growth = None if max_growth is None else float(max_growth)
+        if compute_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"FeedbackTrainer: compute_dtype must be None, torch.bfloat16 or "
+                             f"torch.float16, got {compute_dtype!r}")
+        # Mixed precision: the loops' products run in compute_dtype (None: the recorded
+        # input's dtype, bfloat16 after an autocast forward, else the model's); the feedback
+        # weights and momentum stay float32 masters, which the fused loop updates in float32.
+        self.compute_dtype = compute_dtype
         self._model = model
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -371,7 +379,8 @@ class FeedbackTrainer:
                              f"shape {tuple(x.shape)}): there is nothing to train its feedback on; "
                              "skip step() for empty batches")
         w = block.weight
-        if x.dtype != w.dtype or x.device != w.device:
+        autocast_input = x.dtype in (torch.bfloat16, torch.float16) and w.dtype == torch.float32
+        if (x.dtype != w.dtype and not autocast_input) or x.device != w.device:
             raise RuntimeError(
                 f"FeedbackTrainer.step: block {name!r} recorded its input as {x.dtype} on {x.device}, "
                 f"but its weights are now {w.dtype} on {w.device} (the model was cast or moved "
@@ -384,11 +393,23 @@ class FeedbackTrainer:
                     f"parameter {shared!r}; the feedback loop writes it in place and would overwrite "
                     f"that parameter (give the buffer its own storage, e.g. .clone())")
 
+    def _compute_dtype(self, block, x) -> torch.dtype:
+        if self.compute_dtype is not None and block.weight.dtype == torch.float32:
+            return self.compute_dtype
+        return x.dtype
+
     def _train_block(self, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
         state = (block.feedback_weight, block.feedback_bias, buffers["weight"], buffers["bias"])
+        weight, bias = block.weight, block.bias
+        dtype = self._compute_dtype(block, x)
+        if dtype != weight.dtype:  # mixed precision: products in dtype, float32 masters
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            noise_x = None if noise_x is None else noise_x.to(dtype)
+            noise_y = None if noise_y is None else noise_y.to(dtype)
 
         def loop(iterations, nx, ny, chunk):
-            return ops.ldrl_feedback_loop(x, block.weight, block.bias, *state, iterations, sigma,
+            return ops.ldrl_feedback_loop(x, weight, bias, *state, iterations, sigma,
                                           lr, self.momentum, self.weight_decay, chunk,
                                           block.geometry(), nx, ny)
 

@@ -23,11 +23,21 @@ import torch
 from dtp_ext import ops, reference
 
 from conftest import make_block
+from test_cuda import HAS_CUDA_KERNELS, HAS_GPU, MISSING
 
 BF16 = torch.bfloat16
 U = 2.0 ** -9       # bfloat16's unit roundoff
 TOL_ONE_PRODUCT = 8 * U  # ~0.016, see the module docstring
 TOL = 20 * U             # ~0.04
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")])])
+def device(request):
+    """Every test runs on the CPU, and on CUDA where there is a GPU (the CUDA twins)."""
+    if request.param == "cuda" and not HAS_CUDA_KERNELS:
+        pytest.fail(MISSING)
+    return request.param
 
 
 def rounded(t):
@@ -37,7 +47,7 @@ def rounded(t):
 
 def rel(got, expected, scale=None):
     scale = expected.norm() if scale is None else scale
-    return ((got.double() - expected).norm() / scale).item()
+    return ((got.detach().cpu().double() - expected).norm() / scale).item()
 
 
 def rounded_block(name, seed=0):
@@ -51,36 +61,42 @@ def rounded_block(name, seed=0):
     return block, rounded(reference.block_input(block, x))
 
 
-def low(t, dtype=BF16):
-    return None if t is None else t.detach().to(dtype)
+def low(t, dtype=BF16, device="cpu"):
+    return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+
+def on(t, device):
+    return None if t is None else t.to(device)
 
 
 def stored_output(block, s):
     return s if block.activation or block.pool else None
 
 
-def test_propagate_target_bfloat16(block_name):
+def test_propagate_target_bfloat16(block_name, device):
     block, x = rounded_block(block_name)
     s, idx, pre = reference.forward_block(block, x)
     s = rounded(s.detach())
     delta = rounded(torch.randn(s.shape, dtype=torch.float64))
     scale = 0.7 * x.shape[0]
-    got = ops.propagate_target(low(stored_output(block, s)), idx, low(delta),
-                               low(block.feedback_weight), scale, x.shape, block.geometry())
+    got = ops.propagate_target(low(stored_output(block, s), device=device), on(idx, device),
+                               low(delta, device=device), low(block.feedback_weight, device=device),
+                               scale, x.shape, block.geometry())
     assert got.dtype == BF16
     g_s = reference.feedback_block(block, s, idx, pre, x.shape)
     g_t = reference.feedback_block(block, s - scale * delta, idx, pre, x.shape)
     assert rel(got, (g_s - g_t).detach() / scale) < TOL_ONE_PRODUCT
 
 
-def test_block_weight_grad_bfloat16(block_name):
+def test_block_weight_grad_bfloat16(block_name, device):
     block, x = rounded_block(block_name)
     s, idx, _ = reference.forward_block(block, x)
     delta = rounded(torch.randn(s.shape, dtype=torch.float64))
     params = [block.weight] + ([block.bias] if block.bias is not None else [])
     expected = torch.autograd.grad(s, params, delta)
-    gw, gb = ops.block_weight_grad(low(x), low(stored_output(block, s)), idx, low(delta),
-                                   low(block.weight), block.geometry())
+    gw, gb = ops.block_weight_grad(low(x, device=device), low(stored_output(block, s), device=device),
+                                   on(idx, device), low(delta, device=device),
+                                   low(block.weight, device=device), block.geometry())
     assert gw.dtype == BF16 and gb.dtype == BF16
     assert rel(gw, expected[0]) < TOL_ONE_PRODUCT
     if block.bias is not None:
@@ -95,13 +111,14 @@ def test_block_weight_grad_bfloat16(block_name):
 # pool indices from the bfloat16 forward passes, as the op does (the clean pass pools
 # phi(z) rounded to bfloat16, as at::elu returns it; the noisy pass pools phi(z) in float32
 # registers), and everything else from float64 maths on the same rounded inputs.
-def bf16_indices(block, x, noisy_float32):
+def bf16_indices(block, x, noisy_float32, device):
     if not block.pool:
         return None
-    z = block._op(low(x), low(block.weight), low(block.bias))
+    z = block._op(low(x, device=device), low(block.weight, device=device),
+                  low(block.bias, device=device))
     phi = reference_phi(block)
     h = phi(z.float()) if noisy_float32 else phi(z)
-    return torch.nn.functional.max_pool2d(h, block.pool, block.pool, return_indices=True)[1]
+    return torch.nn.functional.max_pool2d(h, block.pool, block.pool, return_indices=True)[1].cpu()
 
 
 def reference_phi(block):
@@ -117,10 +134,10 @@ def pooled_at(block, x, idx):
     return h.flatten(2).gather(2, idx.flatten(2)).view(idx.shape), h.shape
 
 
-def ldrl_loss_with_indices(block, x, nx, ny, V):
-    """reference.ldrl_loss (SPEC §2.1), pool indices from the bfloat16 passes."""
-    idx = bf16_indices(block, x, noisy_float32=False)
-    idx_noisy = bf16_indices(block, x + nx, noisy_float32=True)
+def ldrl_loss_with_indices(block, x, nx, ny, V, device):
+    """reference.ldrl_loss (SPEC §2.1), pool indices from the bfloat16 passes on `device`."""
+    idx = bf16_indices(block, x, False, device)
+    idx_noisy = bf16_indices(block, x + nx, True, device)
     with torch.no_grad():
         y, pre = pooled_at(block, x, idx)
         y_noisy, _ = pooled_at(block, x + nx, idx_noisy)
@@ -131,17 +148,17 @@ def ldrl_loss_with_indices(block, x, nx, ny, V):
     return noise_term, reconstruction
 
 
-def test_ldrl_loss_bfloat16(block_name):
+def test_ldrl_loss_bfloat16(block_name, device):
     block, x = rounded_block(block_name)
     s = reference.forward_block(block, x)[0]
     nx = rounded(torch.randn_like(x) * 0.1)
     ny = rounded(torch.randn(s.shape, dtype=torch.float64) * 0.1)
-    loss, gv, gc = ops.ldrl_loss(low(x), low(block.weight), low(block.bias),
-                                 low(block.feedback_weight), low(nx), low(ny), block.geometry())
+    loss, gv, gc = ops.ldrl_loss(*[low(t, device=device) for t in (
+        x, block.weight, block.bias, block.feedback_weight, nx, ny)], block.geometry())
     assert loss.dtype == torch.float32  # a reduction: float32
     assert gv.dtype == BF16
     V = block.feedback_weight.detach().clone().requires_grad_(True)
-    noise_term, reconstruction = ldrl_loss_with_indices(block, x, nx, ny, V)
+    noise_term, reconstruction = ldrl_loss_with_indices(block, x, nx, ny, V, device)
     g_e = torch.autograd.grad(noise_term, V, retain_graph=True)[0]  # -2 E / B
     g_h = torch.autograd.grad(reconstruction, V)[0]                  # 2 H / B
     expected = (noise_term + reconstruction).item()
@@ -152,7 +169,7 @@ def test_ldrl_loss_bfloat16(block_name):
 
 
 @pytest.mark.parametrize("masters", [True, False], ids=["float32-masters", "bfloat16-state"])
-def test_ldrl_feedback_loop_bfloat16(block_name, masters):
+def test_ldrl_feedback_loop_bfloat16(block_name, masters, device):
     block, x = rounded_block(block_name)
     s = reference.forward_block(block, x)[0]
     # A bfloat16 V (no masters) rounds each step into V: a larger step keeps it visible.
@@ -166,40 +183,42 @@ def test_ldrl_feedback_loop_bfloat16(block_name, masters):
     opt = torch.optim.SGD([V], lr=lr, momentum=mu)
     ref_losses = []
     for i in range(k):
-        loss = sum(ldrl_loss_with_indices(block, x, nx[i], ny[i], V))
+        loss = sum(ldrl_loss_with_indices(block, x, nx[i], ny[i], V, device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         ref_losses.append(loss.detach())
     ref_losses = torch.stack(ref_losses)
     state_dtype = torch.float32 if masters else BF16
-    fw, fb = low(V0, state_dtype).clone(), low(block.feedback_bias, state_dtype).clone()
+    fw = low(V0, state_dtype, device).clone()
+    fb = low(block.feedback_bias, state_dtype, device).clone()
     mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
-    losses = ops.ldrl_feedback_loop(low(x), low(block.weight), low(block.bias), fw, fb, mw, mb, k,
-                                    sigma, lr, mu, 0.0, 2, block.geometry(), low(nx), low(ny))
+    x_, w_, b_, nx_, ny_ = [low(t, device=device) for t in (x, block.weight, block.bias, nx, ny)]
+    losses = ops.ldrl_feedback_loop(x_, w_, b_, fw, fb, mw, mb, k, sigma, lr, mu, 0.0, 2,
+                                    block.geometry(), nx_, ny_)
     assert losses.dtype == torch.float32 and fw.dtype == state_dtype and mw.dtype == state_dtype
     if masters:
         # What the loop changed, against what the reference changed: the steps carry the error.
-        assert rel(fw.double() - V0, V.detach() - V0) < TOL
+        assert rel(fw.cpu().double() - V0, V.detach() - V0) < TOL
     else:
         # A bfloat16 V rounds every step into V (|V| >> a step): only V itself is within TOL.
-        assert rel(fw.double(), V.detach()) < TOL
+        assert rel(fw, V.detach()) < TOL
         # ... and the steps were taken: V moved by far more than its distance to the reference.
-        assert rel(fw.double(), V.detach()) < 0.25 * rel(V0, V.detach())
+        assert rel(fw, V.detach()) < 0.25 * rel(V0, V.detach())
     assert rel(losses, ref_losses, scale=ref_losses.abs().sum()) < TOL
 
 
-def reconstruction_loss_with_indices(block, x, eps, V, c):
+def reconstruction_loss_with_indices(block, x, eps, V, c, device):
     """Vanilla DTP's loss mean_b sum (G(F(x + eps)) - (x + eps))^2 (SPEC §5), G unpooling with
     the noisy pass's indices, taken from the bfloat16 pass as the op does (see above)."""
-    idx = bf16_indices(block, x + eps, noisy_float32=True)
+    idx = bf16_indices(block, x + eps, True, device)
     with torch.no_grad():
         y, pre = pooled_at(block, x + eps, idx)
     r = reference.feedback_block(block, y, idx, pre, x.shape, V, c)
     return ((r - (x + eps)) ** 2).flatten(1).sum(1).mean()
 
 
-def test_reconstruction_feedback_loop_bfloat16(block_name):
+def test_reconstruction_feedback_loop_bfloat16(block_name, device):
     block, x = rounded_block(block_name)
     k = 3
     noise = rounded(torch.randn(k, *x.shape, dtype=torch.float64) * 0.1)
@@ -209,20 +228,20 @@ def test_reconstruction_feedback_loop_bfloat16(block_name):
     opt = torch.optim.SGD([V, c], lr=0.01, momentum=0.9)
     ref_losses = []
     for eps in noise:
-        loss = reconstruction_loss_with_indices(block, x, eps, V, c)
+        loss = reconstruction_loss_with_indices(block, x, eps, V, c, device)
         opt.zero_grad()
         loss.backward()
         opt.step()
         ref_losses.append(loss.detach())
     ref_losses, V, c = torch.stack(ref_losses), V.detach(), c.detach()
-    fw, fb = V0.float().clone(), c0.float().clone()
+    fw, fb = V0.to(device, torch.float32), c0.to(device, torch.float32)
     mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
-    losses = ops.reconstruction_feedback_loop(low(x), low(block.weight), low(block.bias), fw, fb,
-                                              mw, mb, k, 0.1, 0.01, 0.9, 0.0, 2, block.geometry(),
-                                              low(noise))
+    x_, w_, b_, noise_ = [low(t, device=device) for t in (x, block.weight, block.bias, noise)]
+    losses = ops.reconstruction_feedback_loop(x_, w_, b_, fw, fb, mw, mb, k, 0.1, 0.01, 0.9, 0.0,
+                                              2, block.geometry(), noise_)
     assert losses.dtype == torch.float32
-    assert rel(fw.double() - V0, V - V0) < TOL
-    assert rel(fb.double() - c0, c - c0) < TOL
+    assert rel(fw.cpu().double() - V0, V - V0) < TOL
+    assert rel(fb.cpu().double() - c0, c - c0) < TOL
     assert rel(losses, ref_losses) < TOL
 
 
@@ -235,3 +254,25 @@ def test_bfloat16_ops_refuse_other_dtypes_naming_the_op():
     with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype BFloat16 like x, got Float"):
         ops.ldrl_loss(low(x), low(block.weight), low(block.bias), block.feedback_weight.float(),
                       low(x), low(s), block.geometry())
+
+
+def test_generator_noise_in_bfloat16_is_the_float32_stream_rounded():
+    """A seed gives a bfloat16 loop the noise of a float32 run, rounded: the loop drawing its
+    own noise equals the loop given round(randn * sigma) drawn eps then eta per iteration."""
+    block, x = rounded_block("conv-elu-pool2")
+    s = reference.forward_block(block, x)[0]
+    k, sigma = 3, 0.2
+    torch.manual_seed(7)
+    draws = [(torch.randn(x.shape) * sigma, torch.randn(s.shape) * sigma) for _ in range(k)]
+    nx = torch.stack([d[0] for d in draws]).to(BF16)
+    ny = torch.stack([d[1] for d in draws]).to(BF16)
+    results = []
+    for noise in ((None, None), (nx, ny)):
+        fw, fb = block.feedback_weight.float().clone(), block.feedback_bias.float().clone()
+        mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
+        torch.manual_seed(7)
+        losses = ops.ldrl_feedback_loop(low(x), low(block.weight), low(block.bias), fw, fb, mw, mb,
+                                        k, sigma, 0.05, 0.9, 0.0, 2, block.geometry(), *noise)
+        results.append((losses, fw))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])

@@ -269,11 +269,21 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
     } else {
       // normal_(0, sigma) draws the numbers of at::randn and scales them, in one pass: the
       // same noise as randn(...) * sigma, drawn into slices to keep the same stream.
-      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count), x.options());
+      // bfloat16/float16: drawn in float32 and rounded, so a seed gives the same noise as in a
+      // float32 run (normal_ on a low-precision tensor draws another stream).
+      const auto noise_options = x.options().dtype(
+          is_reduced_float(x) ? at::kFloat : x.scalar_type());
+      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count),
+                           noise_options);
       for (const auto i : c10::irange(count)) {
         eps_chunk[i].normal_(0.0, a.noise_std);
-        if (a.draws_eta) eta[i] = at::empty(output_sizes, x.options()).normal_(0.0, a.noise_std);
+        if (a.draws_eta) {
+          eta[i] = at::empty(output_sizes, noise_options)
+                       .normal_(0.0, a.noise_std)
+                       .to(x.scalar_type());
+        }
       }
+      eps_chunk = eps_chunk.to(x.scalar_type());
     }
     // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
     const auto noisy_input = conv_layout(g, (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1));
