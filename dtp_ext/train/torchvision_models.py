@@ -155,9 +155,13 @@ def build_torchvision(name: str, channels: int, size: int, classes: int, beta: f
 
 def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
     """(name, P) for every DTP block in forward execution order, from one eval-mode pass on
-    an input of `input_shape` (C, H, W) on the model's device: P is the block's output
-    positions per sample (H x W of a conv block's output, after its pool; 1 for a Linear on
-    (batch, features))."""
+    an input of `input_shape` (C, H, W) on the model's device (the meta device works): P is the
+    block's output positions per sample (H x W of a conv block's output, after its pool; 1 for
+    a Linear on (batch, features)). The pass runs through `backprop_twin`, plain torch ops:
+    the blocks record nothing."""
+    from dtp_ext.models import backprop_twin
+
+    twin = backprop_twin(model).eval()
     order = []
 
     def record(name):
@@ -166,15 +170,13 @@ def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
             order.append((name, output.numel() // (output.shape[0] * features)))
         return hook
 
-    hooks = [block.register_forward_hook(record(name)) for name, block in dtp_ext.dtp_blocks(model)]
-    was_training = model.training
-    device = next(model.parameters()).device
+    blocks = {id(block) for _, block in dtp_ext.dtp_blocks(model)}
+    hooks = [m.register_forward_hook(record(name)) for name, m in twin.named_modules()
+             if id(getattr(m, "block", None)) in blocks]
     try:
-        model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device))
+            twin(torch.zeros((1, *input_shape), device=next(model.parameters()).device))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return order
