@@ -199,8 +199,14 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     // im2col path) stay in the low dtype, where AMX is ~2x faster: oneDNN accumulates them in
     // float32 and rounds the output once; the SGD pass reads them into float32. On CUDA every
     // pairing runs in the low dtype (cuBLAS/cuDNN accumulate in float32).
-    return feedback_pairing(g, p.to(at::kFloat), q.to(at::kFloat),
-                            feedback_weight.to(at::kFloat));
+    // The weight gradient reads only the weight's shape (and layout): an uninitialised float32
+    // tensor in the convolutions' layout stands in for it, without a copy.
+    const auto stand_in = at::empty(
+        feedback_weight.sizes(),
+        p.options().dtype(at::kFloat).memory_format(g.channels_last
+                                                        ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
+    return feedback_pairing(g, p.to(at::kFloat), q.to(at::kFloat), stand_in);
   }
   auto grads = at::convolution_backward(conv_layout(g, q), conv_layout(g, p),
                                         conv_layout(g, feedback_weight), c10::nullopt, g.stride,

@@ -59,10 +59,13 @@ struct LdrlTerms {
   at::Tensor noise_pairing;           // E
 };
 
+// `feedback_weight` is V in the products' dtype and layout; `loss_weight` is V as the loss's
+// dot reads it (a contiguous float32 master when the products run in bfloat16/float16).
 LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const CleanPass& clean, at::IntArrayRef x_sizes,
-                     const at::Tensor& feedback_weight, const at::Tensor& eps,
-                     const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
+                     const at::Tensor& feedback_weight, const at::Tensor& loss_weight,
+                     const at::Tensor& eps, const at::Tensor& noisy_preactivation,
+                     const at::Tensor& eta) {
   const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
                                           clean.block.indices, g.activation, g.pool,
                                           g.channels_last);
@@ -78,7 +81,7 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
   const auto fu = to_opmath(flat(feedback_u));
   terms.batch_loss = at::sub(
       at::dot(fu, fu),
-      at::dot(to_opmath(flat(feedback_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
+      at::dot(to_opmath(flat(loss_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
   return terms;
 }
 
@@ -109,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
                     {"noise_y", &noise_y}});
 
   const auto clean = clean_pass(g, x, weight, bias);
-  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, noise_x,
+  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
   // H - E in float32 (the two pairings nearly cancel once V approaches W^T), returned in the
   // feedback weight's dtype.
@@ -367,8 +370,15 @@ at::Tensor ldrl_feedback_loop(
       args, x, weight, bias, noise_x, noise_y,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
-        const auto v = master ? state.weight.to(x.scalar_type()) : state.weight;
-        auto terms = ldrl_terms(kernels, args.g, clean, x.sizes(), v, eps, z_noisy, eta);
+        // One copy casts V and puts it in the convolutions' layout.
+        const auto v = master ? at::empty(state.weight.sizes(),
+                                          x.options().memory_format(
+                                              args.g.channels_last ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous))
+                                    .copy_(state.weight)
+                              : state.weight;
+        auto terms =
+            ldrl_terms(kernels, args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
         kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
                                 terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
                                 weight_decay, momentum, lr);
