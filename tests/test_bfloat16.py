@@ -17,6 +17,8 @@ The gradient H - E and the loss -2<V, E> + |Vu|^2 nearly cancel once V approache
 their errors are measured relative to the size of the two terms, which the roundings scale
 with.
 """
+import sys
+
 import pytest
 import torch
 
@@ -26,9 +28,13 @@ from conftest import make_block
 from test_cuda import HAS_CUDA_KERNELS, HAS_GPU, MISSING
 
 BF16 = torch.bfloat16
-U = 2.0 ** -9       # bfloat16's unit roundoff
-TOL_ONE_PRODUCT = 8 * U  # ~0.016, see the module docstring
-TOL = 20 * U             # ~0.04
+LOW = BF16  # the dtype under test (test_float16_on_the_cpu sets float16)
+
+
+def tol(units):
+    """`units` unit roundoffs of the dtype under test: 2^-9 for bfloat16, 2^-12 for float16
+    (bounds: 8 for one product, 20 for the L-DRL terms and loops; see the docstring)."""
+    return units * (2.0 ** -9 if LOW == BF16 else 2.0 ** -12)
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
@@ -42,7 +48,7 @@ def device(request):
 
 def rounded(t):
     """t rounded to bfloat16, back in float64: the reference sees exactly what the op sees."""
-    return None if t is None else t.to(BF16).double()
+    return None if t is None else t.to(LOW).double()
 
 
 def rel(got, expected, scale=None):
@@ -61,8 +67,8 @@ def rounded_block(name, seed=0):
     return block, rounded(reference.block_input(block, x))
 
 
-def low(t, dtype=BF16, device="cpu"):
-    return None if t is None else t.detach().to(device=device, dtype=dtype)
+def low(t, dtype=None, device="cpu"):
+    return None if t is None else t.detach().to(device=device, dtype=dtype or LOW)
 
 
 def on(t, device):
@@ -82,10 +88,10 @@ def test_propagate_target_bfloat16(block_name, device):
     got = ops.propagate_target(low(stored_output(block, s), device=device), on(idx, device),
                                low(delta, device=device), low(block.feedback_weight, device=device),
                                scale, x.shape, block.geometry())
-    assert got.dtype == BF16
+    assert got.dtype == LOW
     g_s = reference.feedback_block(block, s, idx, pre, x.shape)
     g_t = reference.feedback_block(block, s - scale * delta, idx, pre, x.shape)
-    assert rel(got, (g_s - g_t).detach() / scale) < TOL_ONE_PRODUCT
+    assert rel(got, (g_s - g_t).detach() / scale) < tol(8)
 
 
 def test_block_weight_grad_bfloat16(block_name, device):
@@ -97,10 +103,10 @@ def test_block_weight_grad_bfloat16(block_name, device):
     gw, gb = ops.block_weight_grad(low(x, device=device), low(stored_output(block, s), device=device),
                                    on(idx, device), low(delta, device=device),
                                    low(block.weight, device=device), block.geometry())
-    assert gw.dtype == BF16 and gb.dtype == BF16
-    assert rel(gw, expected[0]) < TOL_ONE_PRODUCT
+    assert gw.dtype == LOW and gb.dtype == LOW
+    assert rel(gw, expected[0]) < tol(8)
     if block.bias is not None:
-        assert rel(gb, expected[1]) < TOL_ONE_PRODUCT
+        assert rel(gb, expected[1]) < tol(8)
 
 
 # -- L-DRL: the pool's choice is a discrete decision on rounded values --------------------
@@ -156,15 +162,15 @@ def test_ldrl_loss_bfloat16(block_name, device):
     loss, gv, gc = ops.ldrl_loss(*[low(t, device=device) for t in (
         x, block.weight, block.bias, block.feedback_weight, nx, ny)], block.geometry())
     assert loss.dtype == torch.float32  # a reduction: float32
-    assert gv.dtype == BF16
+    assert gv.dtype == LOW
     V = block.feedback_weight.detach().clone().requires_grad_(True)
     noise_term, reconstruction = ldrl_loss_with_indices(block, x, nx, ny, V, device)
     g_e = torch.autograd.grad(noise_term, V, retain_graph=True)[0]  # -2 E / B
     g_h = torch.autograd.grad(reconstruction, V)[0]                  # 2 H / B
     expected = (noise_term + reconstruction).item()
     # Relative to the size of the two terms (they partly cancel in the loss and in H - E).
-    assert abs(loss.item() - expected) < TOL * (abs(noise_term.item()) + abs(reconstruction.item()))
-    assert rel(gv, g_e + g_h, scale=g_e.norm() + g_h.norm()) < TOL
+    assert abs(loss.item() - expected) < tol(20) * (abs(noise_term.item()) + abs(reconstruction.item()))
+    assert rel(gv, g_e + g_h, scale=g_e.norm() + g_h.norm()) < tol(20)
     assert gc.abs().max().item() == 0.0
 
 
@@ -189,7 +195,7 @@ def test_ldrl_feedback_loop_bfloat16(block_name, masters, device):
         opt.step()
         ref_losses.append(loss.detach())
     ref_losses = torch.stack(ref_losses)
-    state_dtype = torch.float32 if masters else BF16
+    state_dtype = torch.float32 if masters else LOW
     fw = low(V0, state_dtype, device).clone()
     fb = low(block.feedback_bias, state_dtype, device).clone()
     mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
@@ -199,13 +205,13 @@ def test_ldrl_feedback_loop_bfloat16(block_name, masters, device):
     assert losses.dtype == torch.float32 and fw.dtype == state_dtype and mw.dtype == state_dtype
     if masters:
         # What the loop changed, against what the reference changed: the steps carry the error.
-        assert rel(fw.cpu().double() - V0, V.detach() - V0) < TOL
+        assert rel(fw.cpu().double() - V0, V.detach() - V0) < tol(20)
     else:
-        # A bfloat16 V rounds every step into V (|V| >> a step): only V itself is within TOL.
-        assert rel(fw, V.detach()) < TOL
+        # A bfloat16 V rounds every step into V (|V| >> a step): only V itself is within the bound.
+        assert rel(fw, V.detach()) < tol(20)
         # ... and the steps were taken: V moved by far more than its distance to the reference.
         assert rel(fw, V.detach()) < 0.25 * rel(V0, V.detach())
-    assert rel(losses, ref_losses, scale=ref_losses.abs().sum()) < TOL
+    assert rel(losses, ref_losses, scale=ref_losses.abs().sum()) < tol(20)
 
 
 def reconstruction_loss_with_indices(block, x, eps, V, c, device):
@@ -240,9 +246,9 @@ def test_reconstruction_feedback_loop_bfloat16(block_name, device):
     losses = ops.reconstruction_feedback_loop(x_, w_, b_, fw, fb, mw, mb, k, 0.1, 0.01, 0.9, 0.0,
                                               2, block.geometry(), noise_)
     assert losses.dtype == torch.float32
-    assert rel(fw.cpu().double() - V0, V - V0) < TOL
-    assert rel(fb.cpu().double() - c0, c - c0) < TOL
-    assert rel(losses, ref_losses) < TOL
+    assert rel(fw.cpu().double() - V0, V - V0) < tol(20)
+    assert rel(fb.cpu().double() - c0, c - c0) < tol(20)
+    assert rel(losses, ref_losses) < tol(20)
 
 
 def test_bfloat16_ops_refuse_other_dtypes_naming_the_op():
@@ -276,3 +282,15 @@ def test_generator_noise_in_bfloat16_is_the_float32_stream_rounded():
         results.append((losses, fw))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("test", [test_propagate_target_bfloat16, test_block_weight_grad_bfloat16,
+                                  test_ldrl_loss_bfloat16, test_reconstruction_feedback_loop_bfloat16],
+                         ids=lambda t: t.__name__[5:-9])
+def test_float16_on_the_cpu(block_name, test, monkeypatch):
+    """float16 on the CPU, where ATen's convolutions and matmuls run it (torch 2.14.1): the
+    bfloat16 tests with float16 inputs, bounds in float16's unit roundoff 2^-12 (measured worst
+    over the 12 blocks: 1.4u targets, 2.1u weight gradients, 9.3u the L-DRL gradient, 1.9u the
+    reconstruction loop)."""
+    monkeypatch.setattr(sys.modules[__name__], "LOW", torch.float16)
+    test(block_name, "cpu")
