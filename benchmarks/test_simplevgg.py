@@ -48,23 +48,33 @@ class Setup:
         self.initial = copy.deepcopy(self.model.state_dict())
         self.x = torch.randn(batch, 3, 32, 32, device=DEVICE)
         self.y = torch.randint(0, 10, (batch,), device=DEVICE)
+        # Records each block's input and which blocks need targets, before the trainers bind.
+        self.model(self.x)
         self.trainer = dtp_ext.FeedbackTrainer(self.model, **PAPER)
         self.initial_trainer = self.trainer.state_dict()
+        # The same feedback phase in bfloat16 (float32 masters; issue 10).
+        self.trainer_bf16 = dtp_ext.FeedbackTrainer(self.model, **PAPER,
+                                                    compute_dtype=torch.bfloat16)
+        self.initial_trainer_bf16 = self.trainer_bf16.state_dict()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4)
         self.bp_model = to_backprop(self.model)
         self.bp_opt = torch.optim.SGD(self.bp_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         self.blocks = [b for _, b in self.trainer.blocks]
-        self.model(self.x)  # records each block's input for the feedback phase
         self.inputs = [b.recorded_input for b in self.blocks]
 
     def reset(self):
         """Every round starts from the same weights and fresh feedback momentum."""
         self.model.load_state_dict(self.initial)
         self.trainer.load_state_dict(self.initial_trainer)
+        self.trainer_bf16.load_state_dict(self.initial_trainer_bf16)
 
     # -- feedback phase ---------------------------------------------------------------------
     def fused_feedback(self):
         self.trainer.step()
+        sync()
+
+    def fused_feedback_bf16(self):
+        self.trainer_bf16.step()
         sync()
 
     def reference_feedback(self):
@@ -110,6 +120,7 @@ def setup(request):
 
 IMPLEMENTATIONS = {
     ("feedback-phase", "fused"): "fused_feedback",
+    ("feedback-phase", "fused-bf16"): "fused_feedback_bf16",
     ("feedback-phase", "reference"): "reference_feedback",
     ("training-step", "fused"): "fused_step",
     ("training-step", "reference"): "reference_step",
