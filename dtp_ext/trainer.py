@@ -124,6 +124,14 @@ class FeedbackTrainer:
     as one big batch (one all-reduce of the feedback weights and momentum per iteration);
     "weights" trains locally and averages the feedback weights and momentum once per step
     (one all-reduce per block and step); "none" leaves each rank alone.
+
+    Mixed precision: `compute_dtype=torch.bfloat16` (or torch.float16) runs a float32 model's
+    feedback loops in that dtype: the recorded input, forward weights and noise (drawn as the
+    float32 stream, rounded) are cast, the products run in it with float32 accumulation, the
+    elementwise passes and losses in float32, and the feedback weights and momentum stay
+    float32 masters, updated in float32 every iteration so small steps are not lost to
+    rounding. None (the default) computes in the recorded input's dtype: after a forward pass
+    under torch.autocast that is the autocast dtype, again with float32 masters.
     """
 
     def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
