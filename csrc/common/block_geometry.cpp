@@ -177,6 +177,13 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
                          g.groups);
 }
 
+bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
+                      const at::Tensor& feedback_weight) {
+  return g.is_conv && p.device().is_cpu() &&
+         (is_reduced_float(p) || is_reduced_float(q) || is_reduced_float(feedback_weight)) &&
+         !(g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions);
+}
+
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                             const at::Tensor& feedback_weight) {
   if (!g.is_conv) return at::mm(p.t(), q);
@@ -188,7 +195,7 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     const auto q_flat = q.reshape({q.size(0), q.size(1), -1});      // (B, Cout, L)
     return at::tensordot(q_flat, cols, {0, 2}, {0, 2}).view(feedback_weight.sizes());
   }
-  if (is_reduced_float(p) && p.device().is_cpu()) {
+  if (pairs_in_float32(g, p, q, feedback_weight)) {
     // Mixed precision on the CPU: the conv's weight-gradient pairing runs in float32 on
     // float32 copies of its bfloat16/float16 operands, so this reduction (over batch and map)
     // is float32 end to end and its output is not rounded to bfloat16. Measured (torch 2.14.1,

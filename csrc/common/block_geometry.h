@@ -93,6 +93,11 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                             const at::Tensor& feedback_weight);
 
+// Whether feedback_pairing runs in float32 on float32 copies (a bfloat16/float16 conv block on
+// the CPU outside the small-map GEMM path); callers may then hand it float32 operands directly.
+bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
+                      const at::Tensor& feedback_weight);
+
 // Shape of phi(op(x)) for an input of `input_sizes`, and of the block output after pooling.
 std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                     const at::Tensor& weight);

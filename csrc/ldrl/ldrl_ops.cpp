@@ -66,10 +66,32 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
                      const at::Tensor& feedback_weight, const at::Tensor& loss_weight,
                      const at::Tensor& eps, const at::Tensor& noisy_preactivation,
                      const at::Tensor& eta) {
+  LdrlTerms terms;
+  if (pairs_in_float32(g, eps, noisy_preactivation, feedback_weight)) {
+    // Low precision whose pairings run in float32 (CPU convs): a and u stay float32 from their
+    // elementwise passes into the pairings (no rounding to the low dtype and back); only u is
+    // rounded for the transposed conv, and V u is converted once for its pairing and the dot.
+    const auto a = kernels.noisy_difference(noisy_preactivation.to(at::kFloat), clean.phi_output,
+                                            clean.block.indices, g.activation, g.pool,
+                                            g.channels_last);
+    terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
+    const auto u = kernels.phi_unpool_difference(
+        "dtp_ext.ldrl_loss", to_opmath(clean.block.output), to_opmath(eta), 1.0,
+        clean.block.indices, clean.phi_output, clean.block.indices, clean.block.pre_pool_sizes,
+        g.activation, 1.0, g.channels_last);
+    const auto feedback_u =
+        apply_feedback(g, u.to(feedback_weight.scalar_type()), feedback_weight, x_sizes)
+            .to(at::kFloat);
+    terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
+    const auto fu = flat(feedback_u);
+    terms.batch_loss = at::sub(
+        at::dot(fu, fu),
+        at::dot(to_opmath(flat(loss_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
+    return terms;
+  }
   const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
                                           clean.block.indices, g.activation, g.pool,
                                           g.channels_last);
-  LdrlTerms terms;
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = kernels.phi_unpool_difference(
       "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
