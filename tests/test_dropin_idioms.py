@@ -75,3 +75,16 @@ def test_in_place_op_on_a_block_output(tail):
     (model(x) * 0.5).sum().backward()
     for a, b in zip(in_place, model.parameters()):
         torch.testing.assert_close(a, b.grad, rtol=0, atol=0)
+
+
+def test_ldrl_loss_with_a_channels_last_feedback_weight():
+    block = dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    nx, ny = torch.randn_like(x) * 0.1, torch.randn(2, 4, 4, 4, dtype=torch.float64) * 0.1
+    w, b = block.weight.detach(), block.bias.detach()
+    v = block.feedback_weight
+    expected = dtp_ext.ops.ldrl_loss(x, w, b, v, nx, ny, block.geometry())
+    got = dtp_ext.ops.ldrl_loss(x, w, b, v.contiguous(memory_format=torch.channels_last), nx, ny,
+                                block.geometry())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)

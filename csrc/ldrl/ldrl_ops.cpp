@@ -45,8 +45,8 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
 //   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
 // Neither G(y) nor any bias is evaluated: they cancel in every difference. The loss is returned
 // times B (two dots and one combine); callers divide once, a loop once per call.
-// A 1-D view of a dense tensor in its memory order (contiguous or channels-last): dot products
-// over all elements need no copy.
+// A 1-D view of a dense tensor in its memory order (contiguous or channels-last): a tensor's dot
+// with itself needs no copy. (<V, E> pairs two tensors element by element: logical order.)
 at::Tensor flat(const at::Tensor& t) {
   if (t.is_contiguous()) return t.view(-1);
   TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast));
@@ -86,7 +86,7 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
     const auto fu = flat(feedback_u);
     terms.batch_loss = at::sub(
         at::dot(fu, fu),
-        at::dot(to_opmath(flat(loss_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
+        at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))), 2.0);
     return terms;
   }
   const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
@@ -103,7 +103,7 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
   const auto fu = to_opmath(flat(feedback_u));
   terms.batch_loss = at::sub(
       at::dot(fu, fu),
-      at::dot(to_opmath(flat(loss_weight)), to_opmath(flat(terms.noise_pairing))), 2.0);
+      at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))), 2.0);
   return terms;
 }
 
