@@ -19,7 +19,7 @@ The output block's update is backprop's exactly: the update summaries are over t
 blocks, the weight-angle summaries over the trained ones (all but the stem conv).
 
     python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...] [--steps 5,20]
-                                            [--batch 32] [--threads N] [--json FILE]
+                                            [--batch 32] [--threads N] [--lr-rate R] [--json FILE]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from dtp_ext.train.config import TrainConfig
 from dtp_ext.train.datasets import INFO, load_split
 from dtp_ext.train.models import build_model
 from dtp_ext.train.resolve import resolve
-from dtp_ext.train.torchvision_models import block_positions
+from dtp_ext.train.torchvision_models import block_positions, position_scaled_lr, trained_block_positions
 
 MODELS = ("resnet-small", "resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1")
 
@@ -78,9 +78,12 @@ def measure(model, x, y, order):
     return summary, rows
 
 
-def run(name, steps, batch, data, info):
+def run(name, steps, batch, data, info, lr_rate=None):
     torch.manual_seed(0)
     cfg = resolve(TrainConfig(model=name, algorithm="ldrl", out="unused"))
+    if lr_rate is not None:  # another rate for the position-scaled feedback lr
+        positions = [p for _, p in trained_block_positions(name, info.channels, info.size, info.classes)]
+        cfg.feedback_lr = position_scaled_lr(lr_rate, cfg.feedback_noise, positions)
     model = build_model(name, info.channels, info.size, info.classes, cfg.beta)
     order = [n for n, _ in block_positions(model, (info.channels, info.size, info.size))]
     trainer = dtp_ext.FeedbackTrainer(model, cfg.feedback_iterations, cfg.feedback_noise, cfg.feedback_lr,
@@ -122,6 +125,8 @@ def main(argv=None):
     p.add_argument("--steps", default="5,20", help="warm-up steps at which to measure (comma list)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int)
+    p.add_argument("--lr-rate", type=float, help="feedback lr = RATE / (2 noise^2 P) per block "
+                   "(default: the train command's, 0.01)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -131,7 +136,7 @@ def main(argv=None):
     data = load_split("mnist", None, "train")
     print(f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)")
-    rows = [run(name, steps, args.batch, data, info) for name in args.models.split(",")]
+    rows = [run(name, steps, args.batch, data, info, args.lr_rate) for name in args.models.split(",")]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__,
