@@ -31,6 +31,21 @@ def _epoch_lines(ax, epochs):
         ax.axvline(r["step"], color="0.8", linestyle=":", linewidth=1, zorder=0)
 
 
+def _finish(fig, axes_labels, epochs, title, out_dir, name, written):
+    """Epoch lines, axis labels and legends on every panel, then the figure saved as `name`."""
+    import matplotlib.pyplot as plt
+
+    for ax, label in axes_labels:
+        _epoch_lines(ax, epochs)
+        ax.set(xlabel="optimizer step", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=120)
+    plt.close(fig)
+    written.append(name)
+
+
 def write_plots(records: List[dict], out_dir: Path, title: str,
                 steps: Optional[List[dict]] = None) -> List[str]:
     """`records`: metrics.jsonl (one per epoch); `steps`: steps.jsonl. Nothing is written when
@@ -52,15 +67,8 @@ def write_plots(records: List[dict], out_dir: Path, title: str,
         x = [r["step"] for r in epochs]
         ax_loss.plot(x, [r["test_loss"] for r in epochs], "s--", label="test (epoch end)")
         ax_acc.plot(x, [r["test_top1"] for r in epochs], "s--", label="test (epoch end)")
-    for ax, label in ((ax_loss, "cross-entropy"), (ax_acc, "top-1 accuracy (%)")):
-        _epoch_lines(ax, epochs)
-        ax.set(xlabel="optimizer step", ylabel=label)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
-    plt.close(fig)
-    written.append("accuracy.png")
+    _finish(fig, ((ax_loss, "cross-entropy"), (ax_acc, "top-1 accuracy (%)")), epochs, title,
+            out_dir, "accuracy.png", written)
 
     source = steps if any("update_angle" in r for r in steps) else epochs
     panels = [(key, label) for key, label in (("weight_angle", "forward-feedback weight angle (deg)"),
@@ -72,12 +80,6 @@ def write_plots(records: List[dict], out_dir: Path, title: str,
             for name in _layer_names(source, key):
                 points = [(r["step"], r[key][name]) for r in source if name in (r.get(key) or {})]
                 ax.plot(*zip(*points), label=name, marker="o", markersize=3 if len(points) > 1 else 6)
-            _epoch_lines(ax, epochs)
-            ax.set(xlabel="optimizer step", ylabel=label)
-            ax.legend(fontsize=8)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(out_dir / "alignment.png", dpi=120)
-        plt.close(fig)
-        written.append("alignment.png")
+        _finish(fig, [(ax, label) for ax, (_, label) in zip(axes[0], panels)], epochs, title,
+                out_dir, "alignment.png", written)
     return written
