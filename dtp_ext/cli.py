@@ -53,7 +53,7 @@ def _numbers(text: str):
 
 def _add_train_parser(sub):
     from .train.config import (ALGORITHMS, DATASETS, DRL_VARIANTS, FEEDBACK_SYNCS,
-                               PENULTIMATE_TARGETS, SCHEDULERS)
+                               PENULTIMATE_TARGETS, PRECISIONS, SCHEDULERS)
     from .train.models import MODELS
     from .train.presets import PRESETS
 
@@ -84,6 +84,9 @@ def _add_train_parser(sub):
     a("--device", help="cpu (default), cuda or cuda:N (under torchrun: cuda, each process on "
                        "cuda:LOCAL_RANK)")
     a("--threads", type=int, help="torch CPU threads (default: torch's)")
+    a("--precision", choices=PRECISIONS, help="fp32 (default); bf16: forward under autocast and the "
+                                              "feedback phase in bfloat16; fp16: the same in float16 "
+                                              "with a GradScaler (bp and ldrl)")
     a("--out", metavar="DIR", help="output folder (default runs/<dataset>-<algorithm>-<time>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="start again in an --out that already holds a run")

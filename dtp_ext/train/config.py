@@ -24,6 +24,8 @@ SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
 PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp; the first is the default (reconstruction.py)
 DRL_VARIANTS = ("p", "s")  # algorithms/drl.py
+PRECISIONS = ("fp32", "bf16", "fp16")  # precision.py
+MIXED_PRECISION_ALGORITHMS = ("bp", "ldrl")  # the others train in float32 only
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
 PerLayer = Union[float, List[float], None]
@@ -50,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: Optional[int] = None        # torch.set_num_threads; None leaves torch's default
+    precision: str = "fp32"              # fp32, bf16 or fp16 (precision.py)
     out: Optional[str] = None            # None: runs/<dataset>-<algorithm>-<time>
     # forward optimizer (SGD) and schedule
     lr: Optional[float] = None           # None: see resolve.DEFAULT_LR
@@ -149,8 +152,13 @@ def per_layer(name: str, value, count: int, *, integer=False) -> List:
 def validate(cfg: TrainConfig) -> None:
     """Checks that need neither the data nor the model (those come in `resolve`)."""
     for name, choices in (("algorithm", ALGORITHMS), ("dataset", DATASETS),
-                          ("scheduler", SCHEDULERS), ("feedback_sync", FEEDBACK_SYNCS)):
+                          ("scheduler", SCHEDULERS), ("feedback_sync", FEEDBACK_SYNCS),
+                          ("precision", PRECISIONS)):
         _choice(name, getattr(cfg, name), choices)
+    if cfg.precision != "fp32" and cfg.algorithm not in MIXED_PRECISION_ALGORITHMS:
+        raise ConfigError(f"precision {cfg.precision!r} applies to "
+                          f"{' and '.join(MIXED_PRECISION_ALGORITHMS)} only; {cfg.algorithm} "
+                          "trains in fp32")
     # Options of one family of algorithms: None means that algorithm's default.
     for name, choices, algorithms in (("penultimate_target", PENULTIMATE_TARGETS, ("dtp", "tp")),
                                       ("drl_variant", DRL_VARIANTS, ("drl",))):

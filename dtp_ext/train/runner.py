@@ -37,6 +37,7 @@ from .datasets import INFO, load_split
 from .evaluation import Counter, batch_totals, evaluate
 from .models import build_model, model_spec
 from .plots import write_plots
+from .precision import MAX_CONSECUTIVE_OVERFLOWS, Precision
 from .probe import layer_metrics
 from .resolve import lr_units_note
 
@@ -118,6 +119,9 @@ class Run:
                                         (info.channels, info.size, info.size), info.classes,
                                         penultimate_target=cfg.penultimate_target,
                                         variant=cfg.drl_variant)
+        self.precision = Precision(cfg.precision, self.device)
+        if cfg.precision != "fp32":  # config.validate allows it for bp and ldrl only
+            self.algorithm.use_precision(self.precision)
         distributed.synchronise_algorithm(self.algorithm, ctx)
         if ctx.rank > 0:  # independent feedback noise per rank; rank 0 keeps the 1-process stream
             distributed.seed_all(distributed.rank_seed(cfg.seed, ctx.rank))
@@ -148,6 +152,7 @@ class Run:
         return {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "algorithm": self.algorithm.state_dict(), "rng": ckpt.rng_states(),
+                "precision": self.precision.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "counter": self.counter.state,
                 "window": {"counter": self.window.state, "steps": self.window_steps},
@@ -178,6 +183,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.algorithm.load_state_dict(state["algorithm"])
+            self.precision.load_state_dict(state.get("precision") or {})  # absent before --precision
             self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
             self.global_step, self.elapsed = int(state["global_step"]), float(state["elapsed"])
             self.counter = Counter(state["counter"])
@@ -316,14 +322,22 @@ class Run:
                 f"the training loss became {value}{cause} {where}; lower the forward lr (now {lr:g}) "
                 "or train the feedback weights longer first (feedback_only_steps, feedback_warmup_steps / "
                 "feedback_warmup_factor)")
-        if totals.bad_grad:  # the gradients are the reduced ones: every rank names the same
+        if totals.bad_grad and self.precision.scaler is None:
+            # the gradients are the reduced ones: every rank names the same
             bad = [n for n, p in self.named_params
                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             raise TrainingDiverged(
                 f"a forward gradient became non-finite ({', '.join(bad) or 'on another rank'}) {where} "
                 f"while the loss was {value:g}; the step was refused (forward weights and optimizer "
                 f"state unchanged); lower the forward lr (now {lr:g}) or the feedback lr")
-        self.optimizer.step()
+        if not self.precision.step(self.optimizer, overflow=totals.bad_grad):
+            # fp16: GradScaler skipped the step and halved the scale; the batch still counts
+            if self.precision.consecutive_overflows >= MAX_CONSECUTIVE_OVERFLOWS:
+                raise TrainingDiverged(
+                    f"fp16: the scaled gradients overflowed {MAX_CONSECUTIVE_OVERFLOWS} steps in a row "
+                    f"{where} (loss scale now {self.precision.scaler.get_scale():g}); the forward "
+                    f"weights are unchanged since; train with --precision bf16 or fp32, or lower "
+                    f"the forward lr (now {lr:g})")
         self.counter.add_totals(totals.loss_sum, totals.top1, totals.top5, totals.seen)
         self.window.add_totals(totals.loss_sum, totals.top1, totals.top5, totals.seen)
         self.window_steps += 1
@@ -332,7 +346,7 @@ class Run:
 
     def _end_epoch(self, lr: float, epoch_time: float):
         record = {"epoch": self.epoch + 1, "step": self.global_step, **self.counter.means("train"),
-                  **evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)}
+                  **self._evaluate()}
         alignment = self._alignment() if self.ctx.main else None
         if self.ctx.main:
             record.update({"lr": lr, "feedback_lr": self.cfg.feedback_lr, **alignment,
@@ -476,17 +490,27 @@ class Run:
                 "global_batch_size": self.cfg.batch_size, "per_process_batch_size": sizes,
                 "feedback_sync": sync if self.ctx.world > 1 else None}
 
+    def _evaluate(self) -> dict:
+        """Test metrics in the run's precision (the forward pass it trains with)."""
+        with self.precision.autocast():
+            return evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)
+
+    def _precision_summary(self) -> dict:
+        p = self.precision
+        return {"name": p.name, "skipped_steps": p.skipped_steps,
+                "loss_scale": None if p.scaler is None else p.scaler.get_scale()}
+
     def finish(self) -> dict:
         """Final evaluation and summary.json (rank 0 writes it; every rank returns it, the
         alignment only on rank 0)."""
-        final = evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)
+        final = self._evaluate()
         alignment = layer_metrics(self.algorithm, *self.probe) if self.ctx.main else None
         summary = {"test_accuracy": final["test_top1"], "test_top5": final["test_top5"],
                    "test_loss": final["test_loss"], "epochs_completed": self.epoch,
                    "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                    "finished": self.epoch >= self.cfg.epochs, "train_time_s": self.elapsed,
                    "alignment": alignment, "config": self.cfg.to_dict(), "seed": self.cfg.seed,
-                   "processes": self._processes(),
+                   "processes": self._processes(), "precision": self._precision_summary(),
                    "versions": versions(), "device": self._device_name(),
                    "build_info": dtp_ext.build_info()}
         if self.ctx.main:

@@ -20,6 +20,7 @@ from dtp_ext.models import backprop_twin
 from dtp_ext.nn import dtp_blocks
 
 from ..chain import forward_records, layer_loss_gradients
+from ..precision import Precision
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Algorithm:
     name = "?"
     has_feedback_weights = True   # whether the blocks' V are meant to align with W (SPEC §6)
     epoch = 0                     # set by the training loop at the start of every epoch
+    precision = Precision("fp32", "cpu")  # bp, ldrl: --precision's, set by use_precision
 
     def __init__(self, model: nn.Module, feedback: FeedbackSettings, input_shape, classes: int):
         self.model = model
@@ -57,6 +59,11 @@ class Algorithm:
         self.blocks = dtp_blocks(model)
         self.trained = self.blocks[1:]
         self.last_feedback_losses: Dict[str, float] = {}
+
+    def use_precision(self, precision) -> None:
+        """--precision: the forward pass runs under `precision.autocast()`, the backward through
+        `precision.backward` (bp and ldrl; config.MIXED_PRECISION_ALGORITHMS)."""
+        self.precision = precision
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (batch-mean cross-entropy, logits), both detached."""

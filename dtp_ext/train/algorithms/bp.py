@@ -23,9 +23,10 @@ class Backprop(Algorithm):
 
     def train_step(self, x, y, step):
         self.backprop_model.train()
-        logits = self.backprop_model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+        with self.precision.autocast():
+            logits = self.backprop_model(x)
+            loss = F.cross_entropy(logits, y)
+        self.precision.backward(loss, self.model.parameters())
         return loss.detach(), logits.detach()
 
     def feedback_state(self):

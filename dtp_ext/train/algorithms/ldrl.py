@@ -20,16 +20,21 @@ class LDRL(Algorithm):
                                                sync=feedback.sync,
                                                memory_budget_mb=feedback.memory_budget_mb)
 
+    def use_precision(self, precision):
+        super().use_precision(precision)
+        self.trainer.compute_dtype = precision.dtype  # None: the model's float32
+
     def train_step(self, x, y, step):
         self.model.train()
-        logits = self.model(x)  # each block records its input for the feedback phase
+        with self.precision.autocast():
+            logits = self.model(x)  # each block records its input for the feedback phase
+            loss = F.cross_entropy(logits, y)
         self.trainer.iterations = self.feedback.iterations_at(step)
         report = self.trainer.step()
         self.last_feedback_losses = report.final_losses()
-        loss = F.cross_entropy(logits, y)
         if not self.feedback.feedback_only(step):
             # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
-            loss.backward()
+            self.precision.backward(loss, self.model.parameters())
         return loss.detach(), logits.detach()
 
     def update_directions(self, x, y):
