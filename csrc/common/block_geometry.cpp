@@ -177,11 +177,28 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
                          g.groups);
 }
 
+// Whether this CPU has AMX-BF16 tiles, where oneDNN's bfloat16 weight-gradient convolution
+// beats the float32 one (see feedback_pairing). Only a speed choice: both routes are correct.
+static bool cpu_has_amx_bf16() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("amx-bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                       const at::Tensor& feedback_weight) {
+  const bool bf16 = p.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kBFloat16 &&
+                    feedback_weight.scalar_type() == at::kBFloat16;
   return g.is_conv && p.device().is_cpu() &&
          (is_reduced_float(p) || is_reduced_float(q) || is_reduced_float(feedback_weight)) &&
-         !(g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions);
+         !(g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions) &&
+         !(bf16 && cpu_has_amx_bf16());
 }
 
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
@@ -196,16 +213,15 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     return at::tensordot(q_flat, cols, {0, 2}, {0, 2}).view(feedback_weight.sizes());
   }
   if (pairs_in_float32(g, p, q, feedback_weight)) {
-    // Mixed precision on the CPU: the conv's weight-gradient pairing runs in float32 on
-    // float32 copies of its bfloat16/float16 operands, so this reduction (over batch and map)
-    // is float32 end to end and its output is not rounded to bfloat16. Measured (torch 2.14.1,
-    // oneDNN, Xeon with AMX-BF16, batch 32, SimpleVGG's 128ch 16x16 and 256ch 8x8 layers):
-    // the bfloat16 weight-gradient kernel took 77 and 113 ms, the float32 one on cast operands
-    // 72 and 75 ms, casts included (the bfloat16 forward and transposed convs are ~2x faster
-    // than float32, the weight gradient is not). The GEMM pairings (linear blocks, the small-map
-    // im2col path) stay in the low dtype, where AMX is ~2x faster: oneDNN accumulates them in
-    // float32 and rounds the output once; the SGD pass reads them into float32. On CUDA every
-    // pairing runs in the low dtype (cuBLAS/cuDNN accumulate in float32).
+    // Mixed precision on the CPU without AMX-BF16: the conv's weight-gradient pairing runs in
+    // float32 on float32 copies of its bfloat16/float16 operands (that machine's oneDNN
+    // bfloat16 weight-gradient kernel was slower than float32's: 77 and 113 ms vs 72 and 75 ms,
+    // casts included, SimpleVGG's 128ch 16x16 and 256ch 8x8 layers at batch 32). With AMX-BF16
+    // (pairs_in_float32 false) the bfloat16 kernel, which accumulates in float32 and rounds its
+    // output once, is 2.3-4.7x faster (1.6 vs 7.3 ms and 1.4 vs 3.2 ms per call on a Xeon with
+    // AMX, torch 2.14.1), as the GEMM pairings (linear blocks, the small-map im2col path) are;
+    // the SGD pass reads every pairing into float32. On CUDA every pairing runs in the low
+    // dtype (cuBLAS/cuDNN accumulate in float32).
     // The weight gradient reads only the weight's shape (and layout): an uninitialised float32
     // tensor in the convolutions' layout stands in for it, without a copy.
     const auto stand_in = at::empty(
