@@ -4,8 +4,11 @@
 
 namespace dtp_ext {
 
-// Output maps with at most this many positions take the im2col + GEMM weight-gradient path.
+// Output maps with at most this many positions take the im2col + GEMM weight-gradient path
+// (bfloat16 on AMX: up to 16, where the GEMM beats oneDNN's weight-gradient kernel; measured
+// on SimpleVGG's 4x4 block, 2.0x faster than float32 instead of 1.3x).
 constexpr int64_t kSmallMapPositions = 4;
+constexpr int64_t kSmallMapPositionsAmxBf16 = 16;
 // Output maps with at least this many positions run their convolutions channels-last (CPU).
 constexpr int64_t kChannelsLastMinPositions = 128;
 
@@ -191,20 +194,32 @@ static bool cpu_has_amx_bf16() {
 #endif
 }
 
+static bool all_bfloat16(const at::Tensor& p, const at::Tensor& q, const at::Tensor& w) {
+  return p.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kBFloat16 &&
+         w.scalar_type() == at::kBFloat16;
+}
+
+// Whether the weight-gradient pairing of p and q takes the im2col + GEMM path.
+static bool small_map_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
+                              const at::Tensor& feedback_weight) {
+  const bool amx_bf16 =
+      p.device().is_cpu() && all_bfloat16(p, q, feedback_weight) && cpu_has_amx_bf16();
+  return g.groups == 1 &&
+         q.size(2) * q.size(3) <= (amx_bf16 ? kSmallMapPositionsAmxBf16 : kSmallMapPositions);
+}
+
 bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                       const at::Tensor& feedback_weight) {
-  const bool bf16 = p.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kBFloat16 &&
-                    feedback_weight.scalar_type() == at::kBFloat16;
   return g.is_conv && p.device().is_cpu() &&
          (is_reduced_float(p) || is_reduced_float(q) || is_reduced_float(feedback_weight)) &&
-         !(g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions) &&
-         !(bf16 && cpu_has_amx_bf16());
+         !small_map_pairing(g, p, q, feedback_weight) &&
+         !(all_bfloat16(p, q, feedback_weight) && cpu_has_amx_bf16());
 }
 
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                             const at::Tensor& feedback_weight) {
   if (!g.is_conv) return at::mm(p.t(), q);
-  if (g.groups == 1 && q.size(2) * q.size(3) <= kSmallMapPositions) {
+  if (small_map_pairing(g, p, q, feedback_weight)) {
     // Tiny output maps (deep blocks): an explicit im2col and one GEMM beat the library's
     // weight-gradient kernel, whose per-call cost dominates at a few positions.
     const auto cols = at::im2col(p, {feedback_weight.size(2), feedback_weight.size(3)},

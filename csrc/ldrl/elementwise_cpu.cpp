@@ -228,26 +228,33 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
     momentum_buffer.copy_(buf);
     return;
   }
-  // The pairings may be in a lower dtype than the weight (bfloat16 products, float32 masters):
-  // read in the weight's dtype.
-  const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous();
-  const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous()
-                                         : at::Tensor();
+  // The pairings may be in a lower dtype than the weight (bfloat16/float16 products, float32
+  // masters): read and widened element by element in the loop, without a converted copy.
+  const auto h = reconstruction_pairing.contiguous();
+  const auto e = noise_pairing.defined() ? noise_pairing.contiguous() : at::Tensor();
+  TORCH_CHECK(!e.defined() || e.scalar_type() == h.scalar_type(),
+              "sgd_ldrl_update: the two pairings must share a dtype");
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
-    scalar_t* v = weight.mutable_data_ptr<scalar_t>();
-    scalar_t* buf = momentum_buffer.mutable_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* ep = e.defined() ? e.const_data_ptr<scalar_t>() : nullptr;
-    const auto scale = static_cast<scalar_t>(grad_scale);
-    const auto wd = static_cast<scalar_t>(weight_decay);
-    const auto mu = static_cast<scalar_t>(momentum);
-    const auto step = static_cast<scalar_t>(lr);
-    at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t g = scale * (ep ? hp[i] - ep[i] : hp[i]) + wd * v[i];
-        buf[i] = mu * buf[i] + g;
-        v[i] -= step * buf[i];
-      }
+    using weight_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
+                                    "sgd_ldrl_update_cpu_pairing", [&] {
+      using pairing_t = scalar_t;
+      weight_t* v = weight.mutable_data_ptr<weight_t>();
+      weight_t* buf = momentum_buffer.mutable_data_ptr<weight_t>();
+      const pairing_t* hp = h.const_data_ptr<pairing_t>();
+      const pairing_t* ep = e.defined() ? e.const_data_ptr<pairing_t>() : nullptr;
+      const auto scale = static_cast<weight_t>(grad_scale);
+      const auto wd = static_cast<weight_t>(weight_decay);
+      const auto mu = static_cast<weight_t>(momentum);
+      const auto step = static_cast<weight_t>(lr);
+      at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const auto hi = static_cast<weight_t>(hp[i]);
+          const weight_t g = scale * (ep ? hi - static_cast<weight_t>(ep[i]) : hi) + wd * v[i];
+          buf[i] = mu * buf[i] + g;
+          v[i] -= step * buf[i];
+        }
+      });
     });
   });
 }
