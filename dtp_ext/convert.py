@@ -8,9 +8,8 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .functional import activation_name
 from .nn import Conv2d, DTPBlock, Linear
-
-_FOLDABLE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.ELU: "elu"}
 
 
 @dataclass
@@ -43,12 +42,10 @@ class ConversionReport:
 
 
 def _activation_name(module):
-    for cls, name in _FOLDABLE_ACTIVATIONS.items():
-        if type(module) is cls:
-            if cls is nn.ELU and module.alpha != 1.0:
-                return None  # the kernels implement ELU with alpha = 1, as in the paper
-            return name
-    return None
+    """The block activation `module` folds into, if any."""
+    if type(module) is nn.ELU and module.alpha != 1.0:
+        return None  # the kernels implement ELU with alpha = 1, as in the paper
+    return activation_name(module)
 
 
 def _pool_size(module):

@@ -16,22 +16,15 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import loss_scaling, ops
+from . import functional, loss_scaling, ops
+from .functional import ACTIVATIONS
 from .ops import BlockGeometry
 
-ACTIVATIONS = (None, "relu", "elu", "tanh")
 # Counts training-mode block forwards. A tensor, not an int: torch.compile traces its increment
 # into the graph, where a Python int would be specialised on and recompiled at every call.
 _FORWARD_CLOCK = torch.zeros((), dtype=torch.int64)
-_ACTIVATION_FNS = {None: lambda z: z, "relu": F.relu, "elu": F.elu, "tanh": torch.tanh}
-
-
-def activation_fn(name: Optional[str]):
-    """The function phi of a block's `activation` (None: identity)."""
-    return _ACTIVATION_FNS[name]
 
 
 def _check_block_options(cls_name: str, activation, pool, beta):
@@ -129,7 +122,8 @@ class DTPBlock:
         self._forward_stamp: Optional[torch.Tensor] = None
 
     # -- subclass hooks -------------------------------------------------------------------
-    def _op(self, x, weight, bias):  # the linear part: F.linear or F.conv2d
+    def functional_kwargs(self) -> dict:
+        """This block's options as dtp_ext.functional's block_forward/feedback_block take them."""
         raise NotImplementedError
 
     def geometry(self) -> BlockGeometry:
@@ -141,13 +135,9 @@ class DTPBlock:
         layout, with autograd on whatever requires grad; the block's own weights unless others
         are given. The one forward of a block: the layer, the reference and the training
         command's baselines all run it."""
-        weight = self.weight if weight is None else weight
-        bias = self.bias if bias is None else bias
-        h = activation_fn(self.activation)(self._op(x, weight, bias))
-        if self.pool and self.pool > 1:
-            s, indices = F.max_pool2d(h, self.pool, self.pool, return_indices=True)
-            return s, indices, h.shape
-        return h, None, h.shape
+        return functional.block_forward(x, self.weight if weight is None else weight,
+                                        self.bias if bias is None else bias,
+                                        **self.functional_kwargs())
 
     def forward_with_indices(self, x, weight=None, bias=None):
         """(s, pool indices or None): forward_block without the pre-pool shape."""
@@ -216,8 +206,8 @@ class Linear(DTPBlock, nn.Linear):
         bound = 1 / math.sqrt(self.out_features) if self.out_features > 0 else 0
         nn.init.uniform_(self.feedback_bias, -bound, bound)
 
-    def _op(self, x, weight, bias):
-        return F.linear(x, weight, bias)
+    def functional_kwargs(self):
+        return {"activation": self.activation}
 
     def geometry(self):
         return BlockGeometry(activation=self.activation or "none")
@@ -271,8 +261,9 @@ class Conv2d(DTPBlock, nn.Conv2d):
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(self.feedback_bias, -bound, bound)
 
-    def _op(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self.numeric_padding, self.dilation, self.groups)
+    def functional_kwargs(self):
+        return {"activation": self.activation, "pool": self.pool, "stride": self.stride,
+                "padding": self.numeric_padding, "dilation": self.dilation, "groups": self.groups}
 
     def geometry(self):
         return BlockGeometry(tuple(self.stride), tuple(self.numeric_padding), tuple(self.dilation),

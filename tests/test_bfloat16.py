@@ -120,21 +120,27 @@ def test_block_weight_grad_bfloat16(block_name, device):
 def bf16_indices(block, x, noisy_float32, device):
     if not block.pool:
         return None
-    z = block._op(low(x, device=device), low(block.weight, device=device),
-                  low(block.bias, device=device))
+    z = op(block, low(x, device=device), low(block.weight, device=device),
+           low(block.bias, device=device))
     phi = reference_phi(block)
     h = phi(z.float()) if noisy_float32 else phi(z)
     return torch.nn.functional.max_pool2d(h, block.pool, block.pool, return_indices=True)[1].cpu()
 
 
 def reference_phi(block):
-    from dtp_ext.nn import activation_fn
+    from dtp_ext.functional import activation_fn
     return activation_fn(block.activation)
+
+
+def op(block, x, weight, bias):
+    """The block's linear part alone, op(x)."""
+    from dtp_ext.functional import block_forward
+    return block_forward(x, weight, bias, **dict(block.functional_kwargs(), activation=None, pool=None))[0]
 
 
 def pooled_at(block, x, idx):
     """pool(phi(op(x))) in float64, at the given pool indices."""
-    h = reference_phi(block)(block._op(x, block.weight, block.bias))
+    h = reference_phi(block)(op(block, x, block.weight, block.bias))
     if idx is None:
         return h, h.shape
     return h.flatten(2).gather(2, idx.flatten(2)).view(idx.shape), h.shape

@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 import dtp_ext
 from dtp_ext import functional, ops, reference
 
-from test_reconstruction_loop import reference_sgd
-
 ACTIVATIONS = [None, "relu", "elu", "tanh"]
 
 
@@ -101,7 +99,8 @@ def test_reconstruction_feedback_loop_equals_reference_sgd(block_x, k, chunk, si
     block, x = block_x
     xin = reference.block_input(block, x)
     nx = torch.randn(k, *xin.shape, dtype=x.dtype) * sigma
-    V, c, ref_losses = reference_sgd(block, xin, nx, lr, momentum, wd)
+    V, c, ref_losses, _ = reference.feedback_loop(block, xin, k, sigma, lr, momentum, wd, nx,
+                                                  loss="reconstruction")
     fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
     losses = ops.reconstruction_feedback_loop(
         xin, block.weight.detach(), None if block.bias is None else block.bias.detach(), fw, fb,

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import dtp_ext  # noqa: E402
 from dtp_ext.metrics import angle_degrees  # noqa: E402
+from dtp_ext.reference import backprop_gradients  # noqa: E402
 
 from .algorithms import FeedbackSettings, make_algorithm  # noqa: E402
 from .batches import normalise  # noqa: E402
@@ -31,7 +32,6 @@ from .chain import forward_records  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .datasets import INFO, load_split  # noqa: E402
 from .models import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
-from .probe import backprop_gradients  # noqa: E402
 
 
 JMC_EVERY = 50  # jmc measures the alignment every this many feedback iterations

@@ -11,9 +11,9 @@ from typing import Dict
 import torch
 
 from dtp_ext.metrics import angle_degrees, weight_alignment
+from dtp_ext.reference import backprop_gradients
 
 from .algorithms import Algorithm
-from .algorithms.base import backprop_gradients  # also imported from here by figures and tests
 
 
 def layer_metrics(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Dict[str, float]]:

@@ -159,9 +159,7 @@ def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
     block's output positions per sample (H x W of a conv block's output, after its pool; 1 for
     a Linear on (batch, features)). The pass runs through `backprop_twin`, plain torch ops:
     the blocks record nothing."""
-    from dtp_ext.models import backprop_twin
-
-    twin = backprop_twin(model).eval()
+    twin = dtp_ext.reference.backprop_twin(model).eval()
     order = []
 
     def record(name):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtp_ext.models import backprop_twin
 from dtp_ext.nn import dtp_blocks
+from dtp_ext.reference import layer_loss_gradients
 
-from ..chain import forward_records, layer_loss_gradients
+from ..chain import forward_records
 from ..precision import Precision
 
 
@@ -91,15 +91,6 @@ class Algorithm:
         pass
 
 
-def backprop_gradients(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
-    """Backprop's gradient of the batch-mean cross-entropy for each block's weight, through a
-    twin of the model sharing its weights (dtp_ext.models.backprop_twin), so any model works.
-    Eval mode, as fused_update_directions: BatchNorm uses (and keeps) its running statistics."""
-    twin = backprop_twin(model).eval()
-    loss = F.cross_entropy(twin(x), y)
-    return list(torch.autograd.grad(loss, [b.weight for _, b in blocks]))
-
-
 def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
     """Weight gradients through the DTP blocks' own backward (difference targets, SPEC §3).
     Eval mode, so the inputs recorded for the feedback phase are left alone."""
@@ -117,5 +108,5 @@ def target_update_directions(algorithm, x, y) -> List[torch.Tensor]:
     block records: the gradients of its layer-local losses, without side effects."""
     logits, records = forward_records(algorithm.model, x)
     grads = layer_loss_gradients(records, algorithm._targets(logits, y, records),
-                                 records[-1].block.beta, accumulate=False)
+                                 records[-1].block.beta)
     return [g for g, _ in grads]

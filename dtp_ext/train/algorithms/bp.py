@@ -1,6 +1,6 @@
 """Backpropagation through the same network (the feedback buffers are simply unused).
 
-The model's DTP blocks run as ordinary autograd ops through `dtp_ext.models.backprop_twin`, a
+The model's DTP blocks run as ordinary autograd ops through `dtp_ext.reference.backprop_twin`, a
 copy of the model sharing its parameters and buffers, so any model trains: chains, and the
 converted torchvision networks with their BatchNorm and residual adds.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from dtp_ext.models import backprop_twin
+from dtp_ext.reference import backprop_gradients, backprop_twin
 
-from .base import Algorithm, backprop_gradients
+from .base import Algorithm
 
 
 class Backprop(Algorithm):

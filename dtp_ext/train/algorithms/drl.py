@@ -18,7 +18,9 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..chain import first_target, forward_from, forward_records, layer_loss_gradients
+from dtp_ext.reference import first_target, layer_loss_gradients
+
+from ..chain import forward_from, forward_records
 from ..config import DRL_VARIANTS
 from .base import Algorithm, target_update_directions
 from .feedback_sgd import MomentumSGD
