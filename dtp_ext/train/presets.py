@@ -31,8 +31,8 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[
     gradient units); DRL and SPEC's TP diverge there and use 0.001.
 
     `penultimate` "gradient" (presets `<dataset>-dtp-lee`, `<dataset>-tp-lee`): the last hidden
-    block's target by a gradient step through the output block, as Lee et al. 2015 (see
-    algorithms/reconstruction.py); the plain `-dtp` / `-tp` presets are SPEC §5's form."""
+    block's target by a gradient step through the output block, as Lee et al. 2015 (why:
+    docs/baselines.md); the plain `-dtp` / `-tp` presets are SPEC §5's form."""
     cfg = {"algorithm": algorithm, "dataset": dataset, "model": "mnist-convnet", "epochs": 5,
            "batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
            "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01)}
@@ -40,17 +40,8 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[
     if penultimate == "gradient":
         cfg["penultimate_target"] = "gradient"
     if algorithm == "tp" and penultimate == "gradient":
-        # TP's conv1 target G(t) carries the conv2 inverse's reconstruction error, about half of
-        # conv1's per-image variation even for a converged G (conv2 + pool maps 2304 values to
-        # 512), while only the part G(t) - G(s) grows with beta; in gradient units the error
-        # enters conv1's step divided by beta. At beta 0.7 conv1's first steps are ~10^3 times
-        # backprop's and conv1 collapses (ELU units saturated at -1): with the gradient target
-        # above, after 300 steps, chance at lr 0.001 and divergence or chance at lr 0.005-0.01 in
-        # four tries out of five. Hence: beta 10 (conv2's and fc's steps are backprop's whatever
-        # beta is, so lr 0.01 is still BP's step there), one step of 100x feedback iterations
-        # before the first forward step (targets from a trained G), feedback lr kept at the
-        # defaults (1e-3 on conv2 diverged after ~400 steps). conv1's update stays ~86° from
-        # backprop's.
+        # conv1 collapses at beta 0.7 (its target carries conv2's reconstruction error / beta):
+        # beta 10, one step of 100x feedback iterations first (docs/baselines.md).
         cfg.update(lr=0.01, beta=10.0, feedback_warmup_steps=1, feedback_warmup_factor=100)
     return cfg
 
