@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import dtp_ext
 from dtp_ext import reference
-from dtp_ext.models import simple_vgg, to_backprop
+from dtp_ext.models import simple_vgg
+from dtp_ext.reference import backprop_twin
 
 from conftest import DEVICE, record
 
@@ -57,7 +58,7 @@ class Setup:
                                                     compute_dtype=torch.bfloat16)
         self.initial_trainer_bf16 = self.trainer_bf16.state_dict()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4)
-        self.bp_model = to_backprop(self.model)
+        self.bp_model = backprop_twin(copy.deepcopy(self.model))  # its own weights
         self.bp_opt = torch.optim.SGD(self.bp_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         self.blocks = [b for _, b in self.trainer.blocks]
         self.inputs = [b.recorded_input for b in self.blocks]

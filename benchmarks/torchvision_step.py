@@ -6,7 +6,7 @@ blocks, what stayed plain (counts by type, from the conversion report), and the 
 
 - an L-DRL step: forward, FeedbackTrainer.step() with a fixed number of iterations per trained
   block (--iterations, default 5), cross-entropy backward (difference targets), SGD step;
-- a backprop step of the same network (dtp_ext.models.backprop_twin: same weights, plain
+- a backprop step of the same network (dtp_ext.reference.backprop_twin: same weights, plain
   autograd): forward, backward, SGD step;
 
 on random 3x32x32 inputs, batch 32 by default. Run:
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import dtp_ext
-from dtp_ext.models import backprop_twin
+from dtp_ext.reference import backprop_twin
 
 MODELS = ("resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1")
 

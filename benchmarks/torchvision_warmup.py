@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import dtp_ext
 from dtp_ext.metrics import angle_degrees, weight_alignment
-from dtp_ext.models import backprop_twin
+from dtp_ext.reference import backprop_twin
 from dtp_ext.train.batches import normalise
 from dtp_ext.train.config import TrainConfig
 from dtp_ext.train.datasets import INFO, load_split
