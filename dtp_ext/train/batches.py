@@ -18,11 +18,17 @@ import torch.nn.functional as F
 from .datasets import ImageSet
 
 
-def _generator(*key: int) -> torch.Generator:
+def mix_seed(*key: int) -> int:
+    """A simple, stable mix of integers into a 63-bit seed (batches here, rank seeds in
+    distributed.py)."""
     seed = 0
-    for k in key:  # a simple, stable mix of the key into 63 bits
+    for k in key:
         seed = (seed * 1_000_003 + int(k) + 0x9E3779B9) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return seed
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(*key))
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:

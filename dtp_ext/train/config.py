@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from dtp_ext.reference import PENULTIMATE_TARGETS  # dtp/tp; the first is the default
+
 ALGORITHMS = ("bp", "ldrl", "dtp", "tp", "drl")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
-PENULTIMATE_TARGETS = ("feedback", "gradient")  # dtp/tp; the first is the default (reconstruction.py)
 DRL_VARIANTS = ("p", "s")  # algorithms/drl.py
 PRECISIONS = ("fp32", "bf16", "fp16")  # precision.py
 MIXED_PRECISION_ALGORITHMS = ("bp", "ldrl")  # the others train in float32 only
@@ -119,9 +120,11 @@ def merge(*layers: Dict[str, Any], source: str = "configuration") -> TrainConfig
     return TrainConfig(**values)
 
 
-def _choice(name, value, choices):
+def check_choice(name, value, choices):
+    """The one check of a named option against its choices (the command line, the algorithms)."""
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        allowed = " or ".join(map(repr, choices)) if len(choices) == 2 else f"one of {choices}"
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _number(name, v, *, integer=False, minimum=None, positive=False, allow_none=False):
@@ -154,7 +157,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, choices in (("algorithm", ALGORITHMS), ("dataset", DATASETS),
                           ("scheduler", SCHEDULERS), ("feedback_sync", FEEDBACK_SYNCS),
                           ("precision", PRECISIONS)):
-        _choice(name, getattr(cfg, name), choices)
+        check_choice(name, getattr(cfg, name), choices)
     if cfg.precision != "fp32" and cfg.algorithm not in MIXED_PRECISION_ALGORITHMS:
         raise ConfigError(f"precision {cfg.precision!r} applies to "
                           f"{' and '.join(MIXED_PRECISION_ALGORITHMS)} only; {cfg.algorithm} "
@@ -164,7 +167,7 @@ def validate(cfg: TrainConfig) -> None:
                                       ("drl_variant", DRL_VARIANTS, ("drl",))):
         value = getattr(cfg, name)
         if value is not None:
-            _choice(name, value, choices)
+            check_choice(name, value, choices)
             if cfg.algorithm not in algorithms:
                 raise ConfigError(f"{name} applies to {' and '.join(algorithms)} only, "
                                   f"not {cfg.algorithm!r}")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .batches import mix_seed
 from .config import ConfigError
 
 
@@ -80,10 +81,7 @@ def shutdown():
 
 
 def rank_seed(seed: int, rank: int, *salt: int) -> int:
-    value = 0
-    for k in (seed, rank, *salt, 0x5EED):
-        value = (value * 1_000_003 + int(k) + 0x9E3779B9) % (2**63 - 1)
-    return value
+    return mix_seed(seed, rank, *salt, 0x5EED)
 
 
 def seed_all(seed: int):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dtp_ext.reference import first_target, layer_loss_gradients
 
 from ..chain import forward_from, forward_records
-from ..config import DRL_VARIANTS
+from ..config import DRL_VARIANTS, check_choice
 from .base import Algorithm, target_update_directions
 from .feedback_sgd import MomentumSGD
 
@@ -32,8 +32,7 @@ class DRL(Algorithm):
 
     def __init__(self, model, feedback, input_shape, classes, *, variant: str = "p"):
         super().__init__(model, feedback, input_shape, classes)
-        if variant not in DRL_VARIANTS:
-            raise ValueError(f"DRL variant must be 'p' or 's', got {variant!r}")
+        check_choice("DRL variant", variant, DRL_VARIANTS)
         self.variant = variant
         weight = self.blocks[0][1].weight
         device, dtype = weight.device, weight.dtype

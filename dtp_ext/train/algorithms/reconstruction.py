@@ -34,7 +34,7 @@ from dtp_ext.reference import block_input
 from dtp_ext.trainer import chunk_iterations
 
 from ..chain import forward_records
-from ..config import PENULTIMATE_TARGETS
+from ..config import PENULTIMATE_TARGETS, check_choice
 from .base import Algorithm, fused_update_directions, target_update_directions
 from .feedback_sgd import MomentumSGD
 
@@ -49,9 +49,7 @@ class _ReconstructionFeedback(Algorithm):
         self.sgd = MomentumSGD(feedback.momentum)
         if penultimate_target is not None:
             self.penultimate_target = penultimate_target
-        if self.penultimate_target not in PENULTIMATE_TARGETS:
-            raise ValueError(f"penultimate_target must be one of {PENULTIMATE_TARGETS}, "
-                             f"got {self.penultimate_target!r}")
+        check_choice("penultimate_target", self.penultimate_target, PENULTIMATE_TARGETS)
 
     @torch.no_grad()
     def train_feedback(self, inputs, step):
