@@ -16,7 +16,7 @@ import torch
 from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train.batches import normalise
 from dtp_ext.train.datasets import INFO, load_split
-from dtp_ext.train.models import build_model
+from dtp_ext.train.catalog import build_model
 
 
 @torch.no_grad()

@@ -36,11 +36,11 @@ import dtp_ext
 from dtp_ext.metrics import angle_degrees, weight_alignment
 from dtp_ext.reference import backprop_twin
 from dtp_ext.train.batches import normalise
+from dtp_ext.train.catalog import (block_positions, build_model, position_scaled_lr,
+                                   trained_block_positions)
 from dtp_ext.train.config import TrainConfig
 from dtp_ext.train.datasets import INFO, load_split
-from dtp_ext.train.models import build_model
 from dtp_ext.train.resolve import resolve
-from dtp_ext.train.torchvision_models import block_positions, position_scaled_lr, trained_block_positions
 
 MODELS = ("resnet-small", "resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1")
 

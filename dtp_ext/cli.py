@@ -54,7 +54,7 @@ def _numbers(text: str):
 def _add_train_parser(sub):
     from .train.config import (ALGORITHMS, DATASETS, DRL_VARIANTS, FEEDBACK_SYNCS,
                                PENULTIMATE_TARGETS, PRECISIONS, SCHEDULERS)
-    from .train.models import MODELS
+    from .train.catalog import MODELS
     from .train.presets import PRESETS
 
     p = sub.add_parser("train", help="train a network with L-DRL or a baseline",

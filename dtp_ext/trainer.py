@@ -116,7 +116,7 @@ class FeedbackTrainer:
     one lr for every block aligns them at very different speeds: a block's L-DRL loss has
     curvature 2 * noise_std^2 * P in its feedback weight, P its output positions per sample
     (784 on a 28x28 map, 1 for a classifier), so the train command gives each block
-    lr = 0.01 / (2 * noise_std^2 * P) (`dtp_ext.train.torchvision_models.position_scaled_lr`).
+    lr = 0.01 / (2 * noise_std^2 * P) (`dtp_ext.train.catalog.position_scaled_lr`).
 
     Under torch.distributed (e.g. a DistributedDataParallel model), `sync` keeps the feedback
     weights identical on every rank: "gradients" (the default when a process group of more than

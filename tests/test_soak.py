@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import dtp_ext
+from dtp_ext.models import mnist_convnet
 from dtp_ext.train.batches import normalise
 from dtp_ext.train.datasets import INFO, load_split
-from dtp_ext.train.models import mnist_convnet
 
 STEPS = 2000
 WARMUP = 300           # allocator pools and caches fill up during the first steps
@@ -40,7 +40,7 @@ def test_thousands_of_mnist_steps_keep_memory_flat_and_values_finite(one_thread)
     info = INFO["mnist"]
     train = load_split("mnist", None, "train")
     images = normalise(train.images, info.mean, info.std)
-    model = mnist_convnet(1, 28, 10, beta=0.7)
+    model = mnist_convnet(10, 1, 28, beta=0.7)
     # The training command's mnist-ldrl settings (with 5 iterations the feedback weights lag
     # behind the forward ones and the run diverges within 100 steps: the guard reports it).
     trainer = dtp_ext.FeedbackTrainer(model, iterations=[20, 20], noise_std=[0.2, 0.08],

@@ -6,7 +6,7 @@ import pytest
 from dtp_ext.cli import main
 from dtp_ext.train import PRESETS, TrainConfig, resolve
 from dtp_ext.train.config import ConfigError, merge
-from dtp_ext.train.models import build_model
+from dtp_ext.train.catalog import build_model
 
 
 def run_cli(capsys, *argv):

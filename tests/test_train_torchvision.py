@@ -79,7 +79,7 @@ def test_without_torchvision_a_clear_error(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1", "resnet-small"])
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
 def test_every_torchvision_model_builds_for_small_images(torchvision, name, channels, size):
-    from dtp_ext.train.models import build_model, trained_block_count
+    from dtp_ext.train.catalog import build_model, trained_block_count
     torch.manual_seed(0)
     model = build_model(name, channels, size, 10, 0.5)
     blocks = dtp_ext.dtp_blocks(model)
@@ -101,7 +101,7 @@ def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvisi
     """lr x noise^2 x P is the same for every trained block, P read here from a real forward
     pass; an explicit --feedback-lr stays one value for all."""
     from dtp_ext.train.config import TrainConfig
-    from dtp_ext.train.models import build_model, model_spec
+    from dtp_ext.train.catalog import build_model, model_spec
     from dtp_ext.train.resolve import resolve
     cfg = resolve(TrainConfig(model="resnet-small", feedback_noise=0.2, out="unused"))
     model = build_model("resnet-small", 1, 28, 10, 0.7)

@@ -31,7 +31,7 @@ from .batches import normalise  # noqa: E402
 from .chain import forward_records  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .datasets import INFO, load_split  # noqa: E402
-from .models import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
+from .catalog import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
 
 
 JMC_EVERY = 50  # jmc measures the alignment every this many feedback iterations

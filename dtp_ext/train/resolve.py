@@ -7,8 +7,8 @@ import time
 
 from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
 from .datasets import INFO
-from .models import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
-from .torchvision_models import position_scaled_lr, trained_block_positions
+from .catalog import (DEFAULT_MODEL, MODELS, model_spec, position_scaled_lr, trained_block_count,
+                      trained_block_positions)
 
 # Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
 # bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
@@ -59,7 +59,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def _scaled_feedback_lr(model, spec, info, noise):
     """The default feedback lr of a model whose spec sets `scaled_lr`: per trained block,
-    scaled_lr / (2 sigma^2 P) (torchvision_models.position_scaled_lr)."""
+    scaled_lr / (2 sigma^2 P) (catalog.position_scaled_lr)."""
     if any(s == 0 for s in noise):
         raise ConfigError(f"feedback_noise has a 0 entry: model {model!r}'s default feedback lr is "
                           "scaled by 1 / noise^2; give --feedback-lr explicitly")

@@ -35,7 +35,7 @@ from .batches import batch_count, normalise, shard, steps_per_epoch, train_batch
 from .config import ConfigError, TrainConfig
 from .datasets import INFO, load_split
 from .evaluation import Counter, batch_totals, evaluate
-from .models import build_model, model_spec
+from .catalog import build_model, model_spec
 from .plots import write_plots
 from .precision import MAX_CONSECUTIVE_OVERFLOWS, Precision
 from .probe import layer_metrics

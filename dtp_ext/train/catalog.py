@@ -1,5 +1,7 @@
-"""The networks `dtp-ext train` knows: chains of dtp_ext blocks (mnist-convnet, simplevgg),
-and converted torchvision architectures (torchvision_models.py; bp and ldrl only).
+"""The networks `dtp-ext train --model` knows (their definitions: dtp_ext/models.py): chains of
+dtp_ext blocks (mnist-convnet, simplevgg), and torchvision architectures converted with
+dtp_ext.convert (bp and ldrl only: BatchNorm, residual adds and concatenations sit between their
+DTP blocks, and only those two algorithms' targets flow through autograd).
 
 Every algorithm trains the same module (BP simply ignores the feedback buffers), so weights,
 checkpoints and metrics have the same names whatever the algorithm. Each model also carries the
@@ -8,17 +10,16 @@ torchvision models take one value for every trained block).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
 import dtp_ext
-from dtp_ext.models import simple_vgg
+from dtp_ext.models import ADAPTATIONS, mnist_convnet, simple_vgg, torchvision_model
 
 from .config import ConfigError
-from .torchvision_models import ADAPTATIONS, build_torchvision, trained_block_positions
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ModelSpec:
     about: str
     chain: bool = True                      # an nn.Sequential of DTP blocks joined by Flatten
     # Default feedback lr when its entry in `feedback` is None: per trained block,
-    # scaled_lr / (2 sigma^2 P), P the block's output positions (torchvision_models.py).
+    # scaled_lr / (2 sigma^2 P), P the block's output positions (position_scaled_lr).
     scaled_lr: Optional[float] = None
 
     def feedback_defaults(self, algorithm: str):
@@ -40,19 +41,11 @@ class ModelSpec:
         return self.feedback.get(family, self.feedback["ldrl"])
 
 
-def mnist_convnet(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
-    """conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear: the SPEC §4 "Stability" network."""
-    side = ((size - 4) // 2 - 4) // 2
-    return nn.Sequential(OrderedDict([
-        ("conv1", dtp_ext.Conv2d(channels, 16, 5, activation="elu", pool=2, beta=beta)),
-        ("conv2", dtp_ext.Conv2d(16, 32, 5, activation="elu", pool=2, beta=beta)),
-        ("flatten", nn.Flatten()),
-        ("fc", dtp_ext.Linear(32 * side * side, classes, beta=beta)),
-    ]))
+def _mnist_convnet(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
+    return mnist_convnet(classes, channels, size, beta)
 
 
-def simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
-    """SPEC §1: five conv3x3 + ELU + maxpool2 blocks (128, 128, 256, 256, 512), Linear."""
+def _simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequential:
     return simple_vgg(classes, channels, beta=beta, input_size=size)
 
 
@@ -60,7 +53,7 @@ MODELS: Dict[str, ModelSpec] = {
     # L-DRL values: SPEC §4. The baselines' values were only checked to train stably on MNIST
     # for a few hundred steps (the reconstruction loss and DRL's Q diverge at L-DRL's lrs).
     "mnist-convnet": ModelSpec(
-        mnist_convnet,
+        _mnist_convnet,
         {"ldrl": ([20, 20], [0.2, 0.08], [1e-3, 0.18]),
          # reconstruction: conv2's G reaches its reconstruction floor within ~20 batches at lr
          # 1e-4 already; at 1e-3 a one-epoch TP run diverged after ~400 steps (its SGD becomes
@@ -69,13 +62,12 @@ MODELS: Dict[str, ModelSpec] = {
          "drl": ([20, 20], [0.1, 0.1], [1e-4, 1e-4])},
         16, "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
     "simplevgg": ModelSpec(
-        simplevgg,
+        _simplevgg,
         {"ldrl": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18]),
          "reconstruction": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-5, 3.5e-5, 8e-4, 8e-4, 1e-3]),
          "drl": ([20, 30, 35, 55, 20], [0.1] * 5, [1e-5] * 5)},
         32, "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
 }
-
 
 
 def _torchvision_spec(name: str, about: str) -> ModelSpec:
@@ -125,3 +117,58 @@ def trained_block_count(name: str, channels: int, size: int, classes: int) -> in
     if spec.chain:
         return len(spec.feedback["ldrl"][0])
     return len(trained_block_positions(name, channels, size, classes))
+
+
+def build_torchvision(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Module:
+    """torchvision's `name` (random weights), adapted to (channels, size) and converted."""
+    try:
+        plain = torchvision_model(name, channels, size, classes)
+    except ImportError as exc:
+        raise ConfigError(f"--model {name}: {exc}") from None
+    return dtp_ext.convert(plain, beta=beta, inplace=True)
+
+
+def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
+    """(name, P) for every DTP block in forward execution order, from one eval-mode pass on
+    an input of `input_shape` (C, H, W) on the model's device (the meta device works): P is the
+    block's output positions per sample (H x W of a conv block's output, after its pool; 1 for
+    a Linear on (batch, features)). The pass runs through `backprop_twin`, plain torch ops:
+    the blocks record nothing."""
+    twin = dtp_ext.reference.backprop_twin(model).eval()
+    order = []
+
+    def record(name):
+        def hook(module, inputs, output):
+            features = output.shape[1] if output.dim() == 4 else output.shape[-1]
+            order.append((name, output.numel() // (output.shape[0] * features)))
+        return hook
+
+    blocks = {id(block) for _, block in dtp_ext.dtp_blocks(model)}
+    hooks = [m.register_forward_hook(record(name)) for name, m in twin.named_modules()
+             if id(getattr(m, "block", None)) in blocks]
+    try:
+        with torch.no_grad():
+            twin(torch.zeros((1, *input_shape), device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def trained_block_positions(name: str, channels: int, size: int, classes: int) -> List[Tuple[str, int]]:
+    """block_positions of the blocks whose feedback is trained: every block after the first
+    one executed, the stem conv, the only block these networks feed with the data. Built on
+    the meta device: no memory, no init cost."""
+    with torch.device("meta"):
+        model = build_torchvision(name, channels, size, classes, 0.7)
+        return block_positions(model, (channels, size, size))[1:]
+
+
+def position_scaled_lr(rate: float, noise: List[float], positions: List[int]) -> List[float]:
+    """Feedback lr per block, rate / (2 sigma^2 P). For a block with a linear feedback path the
+    expected L-DRL loss is sigma^2 P (|V - W|^2 - |W|^2) (SPEC §2.1, summed over the P output
+    positions), a quadratic of curvature 2 sigma^2 P in V, so `rate` is the fraction of the
+    distance to V = W^T each plain SGD iteration covers, the same in every block: one lr for
+    all would leave a 4x4-map block (P 16) 50 times slower than a 28x28 one (P 784), and the
+    classifier (P 1) 800 times."""
+    return [rate / (2 * s * s * p) for s, p in zip(noise, positions)]
