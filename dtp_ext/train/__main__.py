@@ -1,7 +1,7 @@
 """`python -m dtp_ext.train [options]` is `dtp-ext train [options]`."""
 import sys
 
-from ..cli import main
+from .command import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main())
