@@ -36,7 +36,7 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[
     cfg = {"algorithm": algorithm, "dataset": dataset, "model": "mnist-convnet", "epochs": 5,
            "batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
            "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01)}
-    # Feedback settings: the model's defaults for the algorithm (models.py).
+    # Feedback settings: the model's defaults for the algorithm (catalog.py).
     if penultimate == "gradient":
         cfg["penultimate_target"] = "gradient"
     if algorithm == "tp" and penultimate == "gradient":
