@@ -1,5 +1,6 @@
-// Module init and the one TORCH_LIBRARY block that declares every op's schema. Each device
-// registers its kernels in its own file (csrc/ldrl/ldrl_cpu.cpp, csrc/ldrl/ldrl_cuda.cu).
+// Module init and the one TORCH_LIBRARY block that declares every op's schema. The public ops'
+// algorithms are registered once for every device (csrc/ops/block_ops.cpp); the private
+// elementwise ops (leading underscore) by each device in its own file (csrc/cpu/, csrc/cuda/).
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -131,4 +132,38 @@ TORCH_LIBRARY(dtp_ext, m) {
       "block_weight_grad(Tensor x, Tensor? output, Tensor? indices, Tensor delta, Tensor weight, "
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, int pool) -> "
       "(Tensor grad_weight, Tensor grad_bias)");
+
+  // The fused elementwise passes around the big products, private to the ops above. An absent
+  // indices argument means "no pool" (elementwise). `channels_last` asks for the output in
+  // channels-last memory (the CPU's layout for large maps); a device that never chooses it
+  // refuses it. Indices outside the pool's input plane are refused with an error naming `op`
+  // (a device-side assert on CUDA), as max_unpool2d does.
+  //
+  // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi_b, b_indices)) as a new
+  // tensor of `out_sizes` (the pre-pool shape); phi_b is already activated. Only pooled
+  // positions are touched: the rest are zeros.
+  m.def(
+      "_phi_unpool_difference(str op, Tensor a, Tensor? a_noise, float alpha, Tensor? a_indices, "
+      "Tensor phi_b, Tensor? b_indices, int[] out_sizes, str activation, float scale, "
+      "bool channels_last) -> Tensor");
+  // unpool(phi(s_noisy), idx_noisy) - unpool(clean_phi_output, clean_indices) straight from the
+  // noisy pre-activation z_noisy = op(x + eps) + bias, with max-pool and phi fused in (the
+  // window's max of phi(z) sits at the max of z). Shape of z_noisy. Without clean_phi_output the
+  // clean term is left out (what vanilla DTP's reconstruction loss needs).
+  m.def(
+      "_noisy_difference(Tensor z_noisy, Tensor? clean_phi_output, Tensor? clean_indices, "
+      "str activation, int pool, bool channels_last) -> Tensor");
+  // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
+  // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
+  // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). weight and momentum_buffer
+  // contiguous; an absent noise pairing is zero (the reconstruction loss's plain gradient).
+  m.def(
+      "_sgd_ldrl_update(Tensor(a!) weight, Tensor(b!) momentum_buffer, "
+      "Tensor reconstruction_pairing, Tensor? noise_pairing, float grad_scale, "
+      "float weight_decay, float momentum, float lr) -> ()");
+  // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the
+  // block's own output, as a tensor of `out_sizes`.
+  m.def(
+      "_activation_pool_backward(str op, Tensor output, Tensor? indices, Tensor delta, "
+      "int[] out_sizes, str activation) -> Tensor");
 }

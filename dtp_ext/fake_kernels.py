@@ -1,7 +1,7 @@
 """Fake (meta) kernels of the compiled ops: output sizes and strides, and the argument checks
 that need no data, for torch.compile, FakeTensor and opcheck.
 
-They mirror csrc/common/block_geometry.cpp and csrc/ldrl/ldrl_ops.cpp check for check, with the
+They mirror csrc/common/block_geometry.cpp and csrc/ops/block_ops.cpp check for check, with the
 same messages; tests/test_fake_kernels.py runs one table of bad arguments through both and
 requires the same refusal. Every output is contiguous, as the compiled kernels return it.
 Sizes may be symbolic (torch.compile with dynamic shapes): only arithmetic and comparisons on
@@ -276,3 +276,30 @@ def block_weight_grad(x, output, indices, delta, weight, stride, padding, dilati
     check_same_device_dtype(op, "delta", delta, x)
     check_stored_output(op, g, output, indices, delta, block_output_sizes(g, x.shape, weight))
     return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+# -- the private elementwise passes (torch.ops.dtp_ext._*), which the ops above call from C++ ---
+def _pass_format(channels_last, pooled):
+    """A pooled pass writes its output in the layout the caller asks for (channels-last: the
+    CPU's choice for large maps); an unpooled one is elementwise and keeps its input's."""
+    return torch.channels_last if channels_last and pooled else torch.contiguous_format
+
+
+def _phi_unpool_difference(op, a, a_noise, alpha, a_indices, phi_b, b_indices, out_sizes,
+                           activation, scale, channels_last):
+    return torch.empty(out_sizes, dtype=a.dtype, device=a.device,
+                       memory_format=_pass_format(channels_last, a_indices is not None))
+
+
+def _noisy_difference(z_noisy, clean_phi_output, clean_indices, activation, pool, channels_last):
+    return torch.empty(z_noisy.shape, dtype=z_noisy.dtype, device=z_noisy.device,
+                       memory_format=_pass_format(channels_last, pool > 1))
+
+
+def _sgd_ldrl_update(weight, momentum_buffer, reconstruction_pairing, noise_pairing, grad_scale,
+                     weight_decay, momentum, lr):
+    return None
+
+
+def _activation_pool_backward(op, output, indices, delta, out_sizes, activation):
+    return output.new_empty(out_sizes)

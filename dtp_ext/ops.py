@@ -1,8 +1,9 @@
 """Typed wrappers over the compiled ops (torch.ops.dtp_ext.*) and their fake kernels.
 
-This is the only module that touches torch.library. Each op is implemented in C++ for the CPU
-(csrc/ldrl/ldrl_cpu.cpp) and, in CUDA builds, for CUDA (csrc/ldrl/ldrl_cuda.cu); the dispatcher
-picks the kernel from the tensors' device. There is no Python fallback: if the compiled library
+This is the only module that touches torch.library. Each op's algorithm is written once in C++
+(csrc/ops/block_ops.cpp) and registered for the CPU and, in CUDA builds, for CUDA; its fused
+elementwise passes are private ops (torch.ops.dtp_ext._*) with one kernel per device
+(csrc/cpu/, csrc/cuda/); the dispatcher picks the kernels from the tensors' device. There is no Python fallback: if the compiled library
 is missing, importing dtp_ext fails.
 """
 from __future__ import annotations
@@ -30,6 +31,9 @@ _ops = torch.ops.dtp_ext
 
 OP_NAMES = ("ldrl_loss", "ldrl_feedback_loop", "reconstruction_feedback_loop", "propagate_target",
             "block_weight_grad")
+# The fused elementwise passes that the ops above call from C++, one kernel per device.
+PRIVATE_OP_NAMES = ("_phi_unpool_difference", "_noisy_difference", "_sgd_ldrl_update",
+                    "_activation_pool_backward")
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def is_non_finite_input_error(exc: BaseException) -> bool:
 
 def last_kernel() -> str:
     """The compiled kernel the dispatcher ran last on this thread, e.g.
-    'dtp_ext::ldrl_feedback_loop[CPU]': each device's kernel records itself when it runs."""
+    'dtp_ext::ldrl_feedback_loop[CPU]': each op records itself, with the device it ran on."""
     return _C.last_kernel()
 
 
@@ -174,5 +178,5 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 # Fake (meta) kernels: sizes, strides and the data-free argument checks (fake_kernels.py).
-for _name in OP_NAMES:
+for _name in OP_NAMES + PRIVATE_OP_NAMES:
     torch.library.register_fake(f"dtp_ext::{_name}")(getattr(fake_kernels, _name))

@@ -173,6 +173,36 @@ def test_cuda_opcheck_every_op(name, op):
 
 
 @needs_cuda
+@pytest.mark.parametrize("pool", [0, 2])
+@pytest.mark.parametrize("op", ops.PRIVATE_OP_NAMES)
+def test_cuda_private_elementwise_ops_opcheck_and_match_the_cpu(op, pool):
+    """Each elementwise pass's CUDA kernel passes opcheck and computes what the CPU kernel does
+    (the per-element maths is one header), the in-place SGD step included."""
+    from test_ops import private_op_args
+    assert ops.has_kernel(op, "CUDA")
+    def args(device):
+        return [a.to(device) if isinstance(a, torch.Tensor) else a for a in private_op_args(pool)[op]]
+    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args("cuda")))
+    cpu_args, cuda_args = args("cpu"), args("cuda")
+    cpu_out = getattr(torch.ops.dtp_ext, op)(*cpu_args)
+    cuda_out = getattr(torch.ops.dtp_ext, op)(*cuda_args)
+    if op == "_sgd_ldrl_update":  # in place: the weight and momentum buffer
+        cpu_out, cuda_out = cpu_args[:2], cuda_args[:2]
+    for c, g in zip(cpu_out if isinstance(cpu_out, list) else [cpu_out],
+                    cuda_out if isinstance(cuda_out, list) else [cuda_out]):
+        torch.testing.assert_close(g.cpu(), c)
+
+
+@needs_cuda
+def test_cuda_window_max_takes_nan_as_the_maximum_like_max_pool2d():
+    z = torch.tensor([[[[1.0, float("nan"), 3.0, 2.0],
+                        [4.0, 0.5, float("nan"), float("nan")]]]], dtype=torch.float64).cuda()
+    _, expected = F.max_pool2d_with_indices(z, 2, 2)
+    out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
+    assert out.flatten(2).isnan().nonzero()[:, 2].tolist() == expected.flatten().tolist()
+
+
+@needs_cuda
 @pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
 def test_cuda_ties_after_saturation_equal_the_reference(kind):
     from test_hardening import saturated_block

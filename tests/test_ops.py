@@ -1,6 +1,7 @@
 """The registered ops: dispatcher registration, opcheck, and argument checks in C++."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dtp_ext
 from dtp_ext import ops
@@ -86,3 +87,45 @@ def test_the_compiled_kernel_is_what_runs():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dtp_ext::ldrl_feedback_loop", "CPU")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(
         "dtp_ext::ldrl_feedback_loop", "CompositeImplicitAutograd")
+
+
+def private_op_args(pool=2, activation="elu", dtype=torch.float64):
+    """Valid arguments of every private elementwise op (torch.ops.dtp_ext._*): a 2x3 map of
+    8x8 pre-activations, max-pooled by `pool` (0: no pool)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 8, 8, dtype=dtype, generator=gen)
+    if pool:
+        s, idx = F.max_pool2d_with_indices(torch.tanh(z), pool, pool)
+    else:
+        s, idx = torch.tanh(z), None
+    noise = torch.randn(s.shape, dtype=dtype, generator=gen)
+    weight = torch.randn(4, 3, 3, 3, dtype=dtype, generator=gen)
+    pairing = torch.randn(weight.shape, dtype=dtype, generator=gen)
+    return {
+        "_phi_unpool_difference": ["dtp_ext.test", s, noise, 0.5, idx, torch.tanh(s), idx,
+                                   list(z.shape), activation, 1.5, False],
+        "_noisy_difference": [z, torch.tanh(s), idx, activation, pool, False],
+        "_sgd_ldrl_update": [weight, torch.zeros_like(weight), pairing, pairing * 0.5, 0.25, 1e-3,
+                             0.9, 0.1],
+        "_activation_pool_backward": ["dtp_ext.test", s, idx, noise, list(z.shape), activation],
+    }
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+@pytest.mark.parametrize("op", ops.PRIVATE_OP_NAMES)
+def test_opcheck_private_elementwise_ops(op, pool):
+    """The elementwise passes are private ops with a CPU kernel and a fake kernel each."""
+    assert ops.has_kernel(op, "CPU")
+    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(private_op_args(pool)[op]))
+
+
+def test_window_max_takes_nan_as_the_maximum_like_max_pool2d():
+    """ATen's rule (max_pool2d): a NaN anywhere in a window is its maximum (of several, the
+    last), and it is what the noisy difference scatters (per-element maths shared with CUDA)."""
+    z = torch.tensor([[[[1.0, float("nan"), 3.0, 2.0],
+                        [4.0, 0.5, float("nan"), float("nan")]]]], dtype=torch.float64)
+    _, expected = F.max_pool2d_with_indices(z, 2, 2)
+    out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
+    got = out.flatten(2).isnan().nonzero()[:, 2]
+    assert got.tolist() == expected.flatten().tolist() == [1, 7]
+    assert (out.flatten().nan_to_num(0) == 0).all()  # the rest of each window stays zero

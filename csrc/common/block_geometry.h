@@ -1,7 +1,5 @@
-// What one DTP block is: its forward op (linear or conv2d), activation and max-pool,
-// plus the ATen-level pieces every kernel needs (forward pass, feedback map, weight pairing).
-// Nothing here is device-specific: the big products go through ATen (MKL/oneDNN on the CPU,
-// cuBLAS/cuDNN on the GPU); the fused elementwise passes live in csrc/ldrl/*_{cpu,cuda}.
+// What one DTP block is: its forward op (linear or conv2d), activation and max-pool, the checks
+// of its arguments and its tensors' sizes. Its products are in block_products.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +12,7 @@ namespace dtp_ext {
 enum class Activation { Identity, ReLU, ELU, Tanh };
 
 Activation parse_activation(const char* op, const std::string& name);
+const char* activation_name(Activation activation);  // what parse_activation reads
 
 struct BlockGeometry {
   bool is_conv = false;
@@ -21,15 +20,8 @@ struct BlockGeometry {
   int64_t groups = 1;
   Activation activation = Activation::Identity;
   int64_t pool = 0;  // 0: no pool; k: max-pool with kernel = stride = k after the activation
-  bool channels_last = false;  // run this block's convolutions in NHWC (see use_channels_last)
+  bool channels_last = false;  // run this block's convolutions in NHWC (see block_products.h)
 };
-
-// On the CPU, oneDNN's convolutions on large maps run markedly faster on channels-last tensors
-// (measured 1.6-1.8x at 16x16 maps for the three products L-DRL needs) even counting the
-// layout conversions; on small maps NCHW is as fast or faster. Decides it for this input.
-void use_channels_last(BlockGeometry& g, at::IntArrayRef input_sizes, const at::Device& device);
-// t in the layout the block's convolutions take (a no-op unless channels_last was chosen).
-at::Tensor conv_layout(const BlockGeometry& g, const at::Tensor& t);
 
 // Validates the geometry arguments against the forward weight (2-D: linear, 4-D: conv).
 BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntArrayRef stride,
@@ -67,36 +59,6 @@ void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef inp
 
 void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
                              const at::Tensor& like);
-
-at::Tensor activate(Activation activation, const at::Tensor& z);
-
-// op(x) + bias: the block's pre-activation.
-at::Tensor preactivation(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias);
-
-// Clean forward pass s = pool(phi(op(x))). `indices` is undefined when there is no pool.
-struct BlockOutput {
-  at::Tensor output;
-  at::Tensor indices;
-  std::vector<int64_t> pre_pool_sizes;  // shape of phi(op(x)): the feedback map's input shape
-};
-BlockOutput forward_block(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias);
-
-// The linear part of the feedback block, A_V u: u @ V^T (linear) or the transposed conv with
-// weight V (no kernel flip), producing a tensor of `input_sizes` (the block input's shape).
-at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
-                          const at::Tensor& feedback_weight, at::IntArrayRef input_sizes);
-
-// d/dV of sum(p * A_V(q)): p^T q (linear) or the conv weight gradient with input p and
-// grad_output q. The gradient pairing used by both terms of the L-DRL loss.
-at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
-                            const at::Tensor& feedback_weight);
-
-// Whether feedback_pairing runs in float32 on float32 copies (a bfloat16/float16 conv block on
-// the CPU outside the small-map GEMM path); callers may then hand it float32 operands directly.
-bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
-                      const at::Tensor& feedback_weight);
 
 // Shape of phi(op(x)) for an input of `input_sizes`, and of the block output after pooling.
 std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,

@@ -1,10 +1,16 @@
-#include "ldrl_ops.h"
-
+// The five public ops of dtp_ext (schemas in csrc/dtp_ext.cpp), written once for every device:
+// checks, the big products through ATen (csrc/common/block_products.h) and the fused
+// elementwise passes through the dispatcher (csrc/common/elementwise_ops.h), which runs each
+// device's own kernels. Registered for the CPU and, in CUDA builds, for CUDA at the end.
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/irange.h>
+#include <torch/library.h>
 
+#include "../common/block_products.h"
+#include "../common/elementwise_ops.h"
 #include "../common/finite_check.h"
 #include "../common/interrupt.h"
+#include "../common/kernel_record.h"
 
 namespace dtp_ext {
 namespace {
@@ -61,7 +67,7 @@ struct LdrlTerms {
 
 // `feedback_weight` is V in the products' dtype and layout; `loss_weight` is V as the loss's
 // dot reads it (a contiguous float32 master when the products run in bfloat16/float16).
-LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
+LdrlTerms ldrl_terms(const BlockGeometry& g,
                      const CleanPass& clean, at::IntArrayRef x_sizes,
                      const at::Tensor& feedback_weight, const at::Tensor& loss_weight,
                      const at::Tensor& eps, const at::Tensor& noisy_preactivation,
@@ -71,11 +77,11 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
     // Low precision whose pairings run in float32 (CPU convs): a and u stay float32 from their
     // elementwise passes into the pairings (no rounding to the low dtype and back); only u is
     // rounded for the transposed conv, and V u is converted once for its pairing and the dot.
-    const auto a = kernels.noisy_difference(noisy_preactivation.to(at::kFloat), clean.phi_output,
+    const auto a = noisy_difference(noisy_preactivation.to(at::kFloat), clean.phi_output,
                                             clean.block.indices, g.activation, g.pool,
                                             g.channels_last);
     terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
-    const auto u = kernels.phi_unpool_difference(
+    const auto u = phi_unpool_difference(
         "dtp_ext.ldrl_loss", to_opmath(clean.block.output), to_opmath(eta), 1.0,
         clean.block.indices, clean.phi_output, clean.block.indices, clean.block.pre_pool_sizes,
         g.activation, 1.0, g.channels_last);
@@ -89,11 +95,11 @@ LdrlTerms ldrl_terms(const ElementwiseKernels& kernels, const BlockGeometry& g,
         at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))), 2.0);
     return terms;
   }
-  const auto a = kernels.noisy_difference(noisy_preactivation, clean.phi_output,
+  const auto a = noisy_difference(noisy_preactivation, clean.phi_output,
                                           clean.block.indices, g.activation, g.pool,
                                           g.channels_last);
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
-  const auto u = kernels.phi_unpool_difference(
+  const auto u = phi_unpool_difference(
       "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
       clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
@@ -113,17 +119,18 @@ void check_noise(const char* op, const char* name, const at::Tensor& noise,
   check_shape(op, name, noise, expected);
 }
 
-}  // namespace
-
+// SPEC §2.1 for one block with explicit (already scaled) noise: the loss and its gradient with
+// respect to the feedback weight and bias, in closed form (no autograd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
-    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
     const at::Tensor& noise_x, const at::Tensor& noise_y, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::string& activation, int64_t pool) {
+    c10::string_view activation, int64_t pool) {
+  record_kernel("ldrl_loss", x.device().type());
   constexpr const char* op = "dtp_ext.ldrl_loss";
   auto g =
-      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+      parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool);
   check_block_tensors(op, g, x, weight, bias);
   check_feedback_weight(op, g, weight, feedback_weight, x);
   use_channels_last(g, x.sizes(), x.device());
@@ -134,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
                     {"noise_y", &noise_y}});
 
   const auto clean = clean_pass(g, x, weight, bias);
-  auto terms = ldrl_terms(kernels, g, clean, x.sizes(), feedback_weight, feedback_weight, noise_x,
+  auto terms = ldrl_terms(g, clean, x.sizes(), feedback_weight, feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
   // H - E in float32 (the two pairings nearly cancel once V approaches W^T), returned in the
   // feedback weight's dtype.
@@ -144,8 +151,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   auto grad_bias = at::zeros({x.size(1)}, x.options());
   return {terms.batch_loss.div_(static_cast<double>(x.size(0))), grad_weight, grad_bias};
 }
-
-namespace {
 
 // What both feedback losses' loops share: argument checks (check_feedback_loop), then noise
 // drawn per iteration (eps_k, then eta_k where the loss uses it) from torch's generator or
@@ -365,19 +370,22 @@ void sgd_momentum_decay(at::Tensor& param, at::Tensor& buffer, int64_t iteration
   param.mul_(m[3]).add_(old_buffer, m[2]);
 }
 
-}  // namespace
-
+// SPEC §2.2 for one block: `iterations` steps of fresh noise, loss, SGD-momentum update of the
+// feedback weight and bias (updated in place with their momentum buffers). Returns the loss of
+// every iteration. Noise comes from torch's default generator, or from noise_x / noise_y
+// (shapes [iterations, *x.shape] and [iterations, *output.shape]) when given.
 at::Tensor ldrl_feedback_loop(
-    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
     at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
     double lr, double momentum, double weight_decay, int64_t chunk_iterations,
     const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::string& activation, int64_t pool) {
+    c10::string_view activation, int64_t pool) {
+  record_kernel("ldrl_feedback_loop", x.device().type());
   constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
   FeedbackLoopArgs args{
-      op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
+      op, parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/true};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
@@ -400,8 +408,8 @@ at::Tensor ldrl_feedback_loop(
                                     .copy_(state.weight)
                               : state.weight;
         auto terms =
-            ldrl_terms(kernels, args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
-        kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
+            ldrl_terms(args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
+        sgd_ldrl_update(state.weight, state.momentum_weight,
                                 terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
                                 weight_decay, momentum, lr);
         return terms.batch_loss;
@@ -412,16 +420,20 @@ at::Tensor ldrl_feedback_loop(
   return losses;
 }
 
+// Vanilla DTP's feedback training (SPEC §5, Lee et al.): `iterations` SGD-momentum steps on
+// mean_b sum ((x + eps) - G(F(x + eps)))^2, G unpooling with the noisy pass's indices. Noise
+// eps_k from torch's default generator, or noise_x ([iterations, *x.shape]) when given.
 at::Tensor reconstruction_feedback_loop(
-    const ElementwiseKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& x, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
     at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
     double lr, double momentum, double weight_decay, int64_t chunk_iterations,
     const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::string& activation, int64_t pool) {
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, int64_t pool) {
+  record_kernel("reconstruction_feedback_loop", x.device().type());
   constexpr const char* op = "dtp_ext.reconstruction_feedback_loop";
   FeedbackLoopArgs args{
-      op, parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool),
+      op, parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/false};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
@@ -436,17 +448,17 @@ at::Tensor reconstruction_feedback_loop(
         const auto v = master ? state.weight.to(x.scalar_type()) : state.weight;
         const auto c = master ? state.bias.to(x.scalar_type()) : state.bias;
         // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
-        const auto q = kernels.noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
+        const auto q = noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
                                                 g.activation, g.pool, g.channels_last);
         const auto fq = apply_feedback(g, q, v, x.sizes());
         const auto residual = g.is_conv ? fq + c.view({1, -1, 1, 1}) - x_noisy
                                         : fq + c - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
-        kernels.sgd_ldrl_update(state.weight, state.momentum_weight,
+        sgd_ldrl_update(state.weight, state.momentum_weight,
                                 feedback_pairing(g, residual, q, v), at::Tensor(),
                                 grad_scale, weight_decay, momentum, lr);
-        kernels.sgd_ldrl_update(state.bias, state.momentum_bias,
+        sgd_ldrl_update(state.bias, state.momentum_bias,
                                 g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0),
                                 at::Tensor(), grad_scale, weight_decay, momentum, lr);
         const auto r = to_opmath(flat(residual));  // the loss: a float32 reduction
@@ -458,7 +470,7 @@ at::Tensor reconstruction_feedback_loop(
 
 // A block without activation and pool needs no stored output: its feedback difference is
 // linear in delta. Otherwise the output and (with a pool) the clean indices are required.
-static void check_stored_output(const char* op, const BlockGeometry& g, const at::Tensor& output,
+void check_stored_output(const char* op, const BlockGeometry& g, const at::Tensor& output,
                                 const at::Tensor& indices, const at::Tensor& delta,
                                 at::IntArrayRef expected) {
   check_shape(op, "delta", delta, expected);
@@ -478,16 +490,17 @@ static void check_stored_output(const char* op, const BlockGeometry& g, const at
   }
 }
 
-at::Tensor propagate_target(const ElementwiseKernels& kernels,
-                            const c10::optional<at::Tensor>& output_opt,
+// SPEC §3: delta_in = (G(s) - G(s - scale * delta)) / scale with scale = beta * B.
+at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
                             const c10::optional<at::Tensor>& indices, const at::Tensor& delta,
                             const at::Tensor& feedback_weight, double scale,
                             at::IntArrayRef input_sizes, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            const std::string& activation, int64_t pool) {
+                            c10::string_view activation, int64_t pool) {
+  record_kernel("propagate_target", delta.device().type());
   constexpr const char* op = "dtp_ext.propagate_target";
   auto g =
-      parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool);
+      parse_geometry(op, feedback_weight, stride, padding, dilation, groups, std::string(activation), pool);
   TORCH_CHECK(is_supported_float(delta.scalar_type()), op,
               ": delta must be float32, float64, bfloat16 or float16, got ", delta.scalar_type());
   TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
@@ -512,22 +525,25 @@ at::Tensor propagate_target(const ElementwiseKernels& kernels,
   // Outputs are contiguous whatever layout the products ran in (what the fake kernel says).
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes).contiguous();
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
-  const auto u = kernels.phi_unpool_difference(
+  const auto u = phi_unpool_difference(
       op, output, delta, -scale, idx, activate(g.activation, to_opmath(output)), idx,
       pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
       g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
 }
 
+// The block's own weight gradients: the local vector-Jacobian product of delta through
+// pool(phi(op(x))), using the stored output and pool indices instead of the pre-activation.
 std::tuple<at::Tensor, at::Tensor> block_weight_grad(
-    const ElementwiseKernels& kernels, const at::Tensor& x,
+    const at::Tensor& x,
     const c10::optional<at::Tensor>& output_opt, const c10::optional<at::Tensor>& indices,
     const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::string& activation, int64_t pool) {
+    c10::string_view activation, int64_t pool) {
+  record_kernel("block_weight_grad", x.device().type());
   constexpr const char* op = "dtp_ext.block_weight_grad";
   auto g =
-      parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool);
+      parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool);
   check_block_tensors(op, g, x, weight, c10::nullopt);
   check_same_device_dtype(op, "delta", delta, x);
   const auto output = optional_or_undefined(output_opt);
@@ -536,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   check_finite(op, {{"x", &x}, {"output", &output}, {"delta", &delta}, {"weight", &weight}});
   use_channels_last(g, x.sizes(), x.device());
   const auto grad_pre =
-      output.defined() ? kernels.activation_pool_backward(
+      output.defined() ? activation_pool_backward(
                              op, output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
                        : delta;
   if (!g.is_conv) {
@@ -555,4 +571,20 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
           std::get<2>(grads).to(weight.scalar_type()).contiguous()};
 }
 
+void register_ops(torch::Library& m) {
+  m.impl("ldrl_loss", &ldrl_loss);
+  m.impl("ldrl_feedback_loop", &ldrl_feedback_loop);
+  m.impl("reconstruction_feedback_loop", &reconstruction_feedback_loop);
+  m.impl("propagate_target", &propagate_target);
+  m.impl("block_weight_grad", &block_weight_grad);
+}
+
+}  // namespace
 }  // namespace dtp_ext
+
+// One algorithm for every device: the dispatcher picks this kernel for CPU (and CUDA) tensors,
+// and the private elementwise ops it calls run that device's kernels.
+TORCH_LIBRARY_IMPL(dtp_ext, CPU, m) { dtp_ext::register_ops(m); }
+#ifdef DTP_WITH_CUDA
+TORCH_LIBRARY_IMPL(dtp_ext, CUDA, m) { dtp_ext::register_ops(m); }
+#endif

@@ -1,4 +1,5 @@
-// CUDA implementations of the fused elementwise passes (see elementwise_kernels.h).
+// CUDA kernels of the fused elementwise passes (the private ops of
+// csrc/common/elementwise_ops.h; per-element maths in csrc/common/elementwise_math.h).
 // Max-pool windows (kernel = stride) are disjoint, so each pooled element owns the
 // full-resolution positions it scatters to: no atomics are needed.
 #include <ATen/Dispatch.h>
@@ -6,8 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "../common/activation_math.h"
-#include "elementwise_kernels.h"
+#include "../common/elementwise_math.h"
+#include "../common/elementwise_ops.h"
 
 namespace dtp_ext {
 namespace {
@@ -28,14 +29,12 @@ __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alp
                                              int64_t pooled_plane, int64_t full_plane, T scale) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
-    T* o = out + (j / pooled_plane) * full_plane;
     const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
-    // Pool indices address a position of their plane (as max_unpool2d checks them).
-    const bool a_ok = static_cast<uint64_t>(a_idx[j]) < static_cast<uint64_t>(full_plane);
-    const bool b_ok = static_cast<uint64_t>(b_idx[j]) < static_cast<uint64_t>(full_plane);
+    const bool a_ok = index_in_plane(a_idx[j], full_plane);
+    const bool b_ok = index_in_plane(b_idx[j], full_plane);
     CUDA_KERNEL_ASSERT(a_ok && b_ok && "dtp_ext: pool indices outside the pool's input plane");
-    if (a_ok) o[a_idx[j]] += scale * phi<A>(av);
-    if (b_ok) o[b_idx[j]] -= scale * b[j];
+    unpool_difference(out + (j / pooled_plane) * full_plane, int64_t(1), a_ok, a_idx[j],
+                      phi<A>(av), b_ok, b_idx[j], &b[j], scale);
   }
 }
 
@@ -55,9 +54,9 @@ __global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, 
                                                 int64_t full_plane) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
-    const T g = d[j] * phi_prime_from_output<A>(s[j]);
+    const T g = activation_backward<A>(d[j], s[j]);
     if (idx) {
-      const bool ok = static_cast<uint64_t>(idx[j]) < static_cast<uint64_t>(full_plane);
+      const bool ok = index_in_plane(idx[j], full_plane);
       CUDA_KERNEL_ASSERT(ok && "dtp_ext: pool indices outside the pool's input plane");
       if (ok) out[(j / pooled_plane) * full_plane + idx[j]] += g;
     } else {
@@ -74,23 +73,12 @@ __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t plane = j / (out_h * out_w), oh = (j / out_w) % out_h, ow = j % out_w;
-    const T* zp = z + plane * height * width;
-    T* o = out + plane * height * width;
     // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
-    int64_t best_at = oh * k * width + ow * k;
-    T best = phi<A>(zp[best_at]);
-    for (int64_t kh = 0; kh < k; ++kh) {
-      for (int64_t kw = 0; kw < k; ++kw) {
-        const int64_t at = (oh * k + kh) * width + ow * k + kw;
-        const T v = phi<A>(zp[at]);
-        if (window_takes(v, best)) {
-          best = v;
-          best_at = at;
-        }
-      }
-    }
-    o[best_at] += phi<A>(best);
-    if (s) o[idx[j]] -= s[j];
+    T best;
+    const int64_t best_at =
+        window_argmax<A>(z + plane * height * width, 1, oh * k * width + ow * k, width, k, best);
+    unpool_difference(out + plane * height * width, int64_t(1), true, best_at, phi<A>(best),
+                      s != nullptr, s ? idx[j] : 0, s ? &s[j] : nullptr, T(1));
   }
 }
 
@@ -98,7 +86,7 @@ template <Activation A, typename T>
 __global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = phi<A>(phi<A>(z[i])) - (s ? s[i] : T(0));
+    out[i] = phi_of_phi<A>(z[i]) - (s ? s[i] : T(0));
   }
 }
 
@@ -143,9 +131,7 @@ __global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, int
                                        T wd, T mu, T step) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const T g = scale * (e ? h[i] - e[i] : h[i]) + wd * v[i];
-    buf[i] = mu * buf[i] + g;
-    v[i] -= step * buf[i];
+    sgd_ldrl_step(v[i], buf[i], h[i], e ? &e[i] : nullptr, scale, wd, mu, step);
   }
 }
 
@@ -259,8 +245,12 @@ at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& outpu
 }
 
 }  // namespace
-
-const ElementwiseKernels kCudaKernels{"CUDA", &phi_unpool_difference_cuda, &noisy_difference_cuda,
-                                      &sgd_ldrl_update_cuda, &activation_pool_backward_cuda};
-
 }  // namespace dtp_ext
+
+// CUDA registers no channels-last rule (register_channels_last_rule): its convolutions run
+// NCHW, which is why these kernels refuse a channels-last output.
+TORCH_LIBRARY_IMPL(dtp_ext, CUDA, m) {
+  dtp_ext::schema::register_elementwise_kernels<
+      &dtp_ext::phi_unpool_difference_cuda, &dtp_ext::noisy_difference_cuda,
+      &dtp_ext::sgd_ldrl_update_cuda, &dtp_ext::activation_pool_backward_cuda>(m);
+}

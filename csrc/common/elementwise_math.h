@@ -1,0 +1,140 @@
+// The per-element maths of the fused elementwise passes, written once for both devices: the CPU
+// kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/) only loop over elements and call these,
+// so the CPU tests exercise the arithmetic the GPU runs.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "block_geometry.h"
+
+namespace dtp_ext {
+
+// ATen's rules, on both devices: relu keeps NaN (as clamp_min does).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T phi(T v) {
+  if constexpr (A == Activation::ReLU) return v <= T(0) ? T(0) : v;
+  if constexpr (A == Activation::ELU) return v > T(0) ? v : ::expm1(v);
+  if constexpr (A == Activation::Tanh) return ::tanh(v);
+  return v;
+}
+
+// phi'(z) written in terms of the activation's output h = phi(z). Max-pool keeps h values at
+// the pooled positions, so the block output is all the backward pass needs (no stored z).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T phi_prime_from_output(T h) {
+  if constexpr (A == Activation::ReLU) return h > T(0) ? T(1) : T(0);
+  if constexpr (A == Activation::ELU) return h > T(0) ? T(1) : h + T(1);
+  if constexpr (A == Activation::Tanh) return T(1) - h * h;
+  return T(1);
+}
+
+// phi(phi(z)): the unpooled noisy term of a block without pool (the pool ranks phi(z), and the
+// loss's difference is taken after the activation once more, as the official code does).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T phi_of_phi(T z) {
+  return phi<A>(phi<A>(z));
+}
+
+// Max-pool's rule (ATen's max_pool2d): scanning a window in row-major order, a value takes the
+// place of the best so far when it is larger or NaN, so the first maximum wins and a NaN beats
+// everything. Applied to phi(z), as the official code pools phi(op(x)): where phi saturates
+// (tanh, ELU far below 0) positions with different z tie, and the first one wins.
+template <typename T>
+C10_HOST_DEVICE inline bool window_takes(T candidate, T best) {
+  return candidate > best || candidate != candidate;
+}
+
+// The k x k window of a plane (`width` wide, neighbours `es` elements apart) starting at
+// position `first`, ranked by phi<A> of its values: returns where the window's maximum sits (a
+// position of the plane) and stores it in `best`.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline int64_t window_argmax(const T* plane, int64_t es, int64_t first,
+                                             int64_t width, int64_t k, T& best) {
+  int64_t best_at = first;
+  best = phi<A>(plane[first * es]);
+  for (int64_t kh = 0; kh < k; ++kh) {
+    for (int64_t kw = 0; kw < k; ++kw) {
+      const int64_t at = first + kh * width + kw;
+      const T v = phi<A>(plane[at * es]);
+      if (window_takes(v, best)) {
+        best = v;
+        best_at = at;
+      }
+    }
+  }
+  return best_at;
+}
+
+// The same rule on a 2x2 window (v0 v1 / v2 v3), branch-free as a tournament (v0 vs v1, v2 vs
+// v3, then the winners), which gives the row-major scan's answer: where the maximum sits is
+// data, not a pattern, and branches mispredict on every other window. Returns the maximum's
+// offset from v0's position in a plane `width` wide.
+template <typename T>
+C10_HOST_DEVICE inline int64_t window_argmax_2x2(T v0, T v1, T v2, T v3, int64_t width, T& best) {
+  const int64_t c1 = window_takes(v1, v0), c3 = window_takes(v3, v2);
+  const T m01 = c1 ? v1 : v0, m23 = c3 ? v3 : v2;
+  const int64_t c = window_takes(m23, m01);
+  best = c ? m23 : m01;
+  return c1 + c * (width + c3 - c1);
+}
+
+// Pool indices address a position of their plane (as max_unpool2d checks them).
+C10_HOST_DEVICE inline bool index_in_plane(int64_t index, int64_t plane_size) {
+  return static_cast<uint64_t>(index) < static_cast<uint64_t>(plane_size);
+}
+
+// One pooled element's share of scale * (unpool(a) - unpool(b)) in its plane (neighbours `es`
+// apart): a adds at a_at, b (when there is a second term) subtracts at b_at; a position that
+// failed its index check (a_ok, b_ok false) is not written. Windows are disjoint, so no other
+// element writes these positions.
+template <typename T>
+C10_HOST_DEVICE inline void unpool_difference(T* plane, int64_t es, bool a_ok, int64_t a_at, T a,
+                                              bool b_ok, int64_t b_at, const T* b, T scale) {
+  if (a_ok) plane[a_at * es] += scale * a;
+  if (b && b_ok) plane[b_at * es] -= scale * *b;
+}
+
+// One element of the vector-Jacobian product of phi at the block output h: delta * phi'(z).
+template <Activation A, typename T>
+C10_HOST_DEVICE inline T activation_backward(T delta, T h) {
+  return delta * phi_prime_from_output<A>(h);
+}
+
+// One SGD-momentum step on one element of the feedback weight (torch.optim.SGD without
+// dampening or Nesterov) with the L-DRL gradient g = grad_scale * (h - e) + weight_decay * v
+// (without a noise pairing e: grad_scale * h + weight_decay * v).
+template <typename T>
+C10_HOST_DEVICE inline void sgd_ldrl_step(T& v, T& buf, T h, const T* e, T grad_scale,
+                                          T weight_decay, T momentum, T lr) {
+  const T g = grad_scale * (e ? h - *e : h) + weight_decay * v;
+  buf = momentum * buf + g;
+  v -= lr * buf;
+}
+
+}  // namespace dtp_ext
+
+// Runs BODY with a constexpr `kAct` bound to the runtime activation.
+#define DTP_DISPATCH_ACTIVATION(ACT, ...)                                   \
+  [&] {                                                                     \
+    switch (ACT) {                                                          \
+      case ::dtp_ext::Activation::ReLU: {                                   \
+        constexpr auto kAct = ::dtp_ext::Activation::ReLU;                  \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+      case ::dtp_ext::Activation::ELU: {                                    \
+        constexpr auto kAct = ::dtp_ext::Activation::ELU;                   \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+      case ::dtp_ext::Activation::Tanh: {                                   \
+        constexpr auto kAct = ::dtp_ext::Activation::Tanh;                  \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+      default: {                                                            \
+        constexpr auto kAct = ::dtp_ext::Activation::Identity;              \
+        return __VA_ARGS__();                                               \
+      }                                                                     \
+    }                                                                       \
+  }()
