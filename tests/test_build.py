@@ -78,6 +78,7 @@ def test_cuda_kernels_were_compiled_into_the_library():
     info = dtp_ext.build_info()
     assert info["cuda_built"], "the library was built without its CUDA kernels"
     assert info["cuda_kernels"] == list(dtp_ext.ops.OP_NAMES)
+    assert all(dtp_ext.ops.has_kernel(op, "CUDA") for op in dtp_ext.ops.PRIVATE_OP_NAMES)
     readelf = shutil.which("readelf")
     if readelf is not None:
         sections = subprocess.run([readelf, "-SW", _C.__file__], capture_output=True, text=True).stdout
