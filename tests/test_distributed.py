@@ -72,6 +72,7 @@ def single_process():
     return train(model, trainer, opt, 0, 1)
 
 
+@pytest.mark.integration
 def test_gradient_sync_equals_one_big_batch(tmp_path):
     ranks = run_ranks(tmp_path, "gradients")
     expected = single_process()
@@ -80,6 +81,7 @@ def test_gradient_sync_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(ranks[0][key], expected[key], rtol=1e-9, atol=1e-11, msg=key)
 
 
+@pytest.mark.integration
 def test_weight_sync_keeps_ranks_identical(tmp_path):
     ranks = run_ranks(tmp_path, "weights")
     for key in ranks[0]:

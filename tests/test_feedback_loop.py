@@ -74,6 +74,7 @@ def train_jmc(block, x, steps=2000, sigma=0.1, lr=0.02):
     return metrics.weight_alignment(block)["angle"]
 
 
+@pytest.mark.integration
 def test_jmc_linear_block_aligns_to_one_degree():
     """SPEC §8.2: L-DRL drives angle(W, V^T) to about 1 degree on a linear block."""
     torch.manual_seed(0)
@@ -85,6 +86,7 @@ def test_jmc_linear_block_aligns_to_one_degree():
     assert angle < 1.5, f"angle {angle:.2f} deg after 2000 steps"
 
 
+@pytest.mark.integration
 def test_jmc_conv_block_aligns_with_transposed_conv():
     """SPEC §8.2 for conv vs transposed conv (feedback weight in the conv's own shape)."""
     torch.manual_seed(0)

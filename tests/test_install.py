@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import dtp_ext
+
+pytestmark = pytest.mark.integration  # subprocesses: the package as a user runs it
 
 PACKAGE = Path(dtp_ext.__file__).resolve().parent
 ROOT = PACKAGE.parent

@@ -33,6 +33,7 @@ def jmc_angle(block, x, compute_dtype, iterations=2000, sigma=0.1, lr=0.02):
 # Measured on a 2-core CPU: linear 0.6 s float32 + 20 s bfloat16 (angles 0.821 / 0.828 deg);
 # conv 55 s + 56 s (0.854 / 0.856 deg): the conv run is in the slow set.
 @pytest.mark.parametrize("kind", ["linear", pytest.param("conv", marks=pytest.mark.slow)])
+@pytest.mark.integration
 def test_jmc_in_bfloat16_within_one_degree_of_float32(kind):
     """2000 L-DRL iterations (SPEC §8.2: sigma 0.1, batch 256, momentum 0.9) computed in
     bfloat16 with float32 masters end within 1 degree of the float32 run. Without masters the

@@ -35,6 +35,7 @@ def resident_mb() -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc/self/statm (Linux)")
+@pytest.mark.integration
 def test_thousands_of_mnist_steps_keep_memory_flat_and_values_finite(one_thread):
     torch.manual_seed(0)
     info = INFO["mnist"]

@@ -70,6 +70,7 @@ def test_convert_keeps_eval_output_and_reports_every_plain_module(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.integration
 def test_one_training_step_leaves_every_weight_finite(name):
     converted = dtp_ext.convert(build(name))
     blocks = dtp_ext.dtp_blocks(converted)

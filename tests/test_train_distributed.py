@@ -22,6 +22,8 @@ import torch.multiprocessing as mp
 import dtp_ext
 from dtp_ext.cli import main
 
+pytestmark = pytest.mark.integration  # 2-process spawns
+
 WORLD = 2
 # 96 images, global batch 32 (16 per rank): 3 steps per epoch.
 TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",

@@ -27,6 +27,7 @@ def initial_model(seed=0):
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "dtp", "tp", "drl"])
+@pytest.mark.integration
 def test_feedback_only_steps_leave_forward_weights_alone(tmp_path, algorithm):
     out = tmp_path / algorithm
     assert train("--algorithm", algorithm, "--feedback-only-steps", "2", "--max-steps", "2",
@@ -46,6 +47,7 @@ def test_feedback_only_steps_leave_forward_weights_alone(tmp_path, algorithm):
     assert all(not torch.equal(after[k], initial[k]) for k in forward)
 
 
+@pytest.mark.integration
 def test_feedback_only_steps_resume_bitwise(tmp_path):
     common = ["--feedback-only-steps", "4", "--epochs", "2", *TINY]  # 3 steps per epoch
     assert train(*common, "--out", str(tmp_path / "a")) == 0
@@ -60,6 +62,7 @@ def test_feedback_only_steps_resume_bitwise(tmp_path):
     assert summary["config"]["feedback_only_steps"] == 4
 
 
+@pytest.mark.integration
 def test_feedback_only_steps_change_the_run(tmp_path):
     """The option reaches the algorithm: with 1 feedback-only step, step 1 moves no forward
     weight, without it step 1 does."""

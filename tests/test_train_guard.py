@@ -47,6 +47,7 @@ def test_non_finite_gradient_refuses_the_step(tmp_path, algorithm, bad):
     assert run.global_step == 1 and run.counter.state["seen"] == 32
 
 
+@pytest.mark.integration
 def test_cli_stops_with_exit_code_1_and_no_checkpoint(tmp_path, capsys, monkeypatch):
     inner = Backprop.train_step
 

@@ -14,6 +14,7 @@ from dtp_ext.train.config import ConfigError
 from test_train_signals import ARGS, launch, wait_for_lines
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "run"
     proc = launch(out, "--max-steps", "8")

@@ -25,6 +25,7 @@ def snapshot(out: Path):
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
+@pytest.mark.integration
 def test_max_steps_is_a_total_and_resume_says_where_it_stands(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "2", "--max-steps", "2", "--out", str(out)]) == 0
@@ -52,6 +53,7 @@ def test_max_steps_is_a_total_and_resume_says_where_it_stands(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.integration
 def test_nothing_left_but_no_summary_yet(tmp_path, capsys):
     """A run stopped before its final evaluation (a signal there) gets its summary on --resume,
     without training a step."""
@@ -65,6 +67,7 @@ def test_nothing_left_but_no_summary_yet(tmp_path, capsys):
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
 
 
+@pytest.mark.integration
 def test_resume_with_other_threads_is_noted(tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / "run"

@@ -63,6 +63,7 @@ def test_bf16_ldrl_runs_its_forward_and_feedback_phase_in_bfloat16(tmp_path, mon
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.integration
 def test_short_run_finishes_and_reports_its_precision(tmp_path, capsys, precision):
     out = tmp_path / precision
     assert main(["train", *TINY, "--precision", precision, "--out", str(out)]) == 0
@@ -75,6 +76,7 @@ def test_short_run_finishes_and_reports_its_precision(tmp_path, capsys, precisio
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "bp"])
+@pytest.mark.integration
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, algorithm):
     """A scale so large that float16 gradients overflow: GradScaler skips those steps (forward
     weights and momentum untouched, the batch counted) and halves the scale until they fit."""
@@ -97,6 +99,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, algorithm):
     assert any(not torch.equal(p, weights[n]) for n, p in run.model.named_parameters())
 
 
+@pytest.mark.integration
 def test_fp16_gives_up_after_overflowing_steps_in_a_row(tmp_path, monkeypatch):
     import dtp_ext.train.runner as runner
     monkeypatch.setattr(runner, "MAX_CONSECUTIVE_OVERFLOWS", 3)

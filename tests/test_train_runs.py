@@ -15,6 +15,7 @@ def train(*argv):
     return main(["train", *argv])
 
 
+@pytest.mark.integration
 def test_default_command_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--max-steps", "5", "--out", str(out), "--no-progress", "--threads", "1",
@@ -32,6 +33,7 @@ def test_default_command_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("algorithm", ["bp", "ldrl", "dtp", "tp", "drl"])
+@pytest.mark.integration
 def test_each_algorithm_writes_epoch_logs(tmp_path, algorithm):
     out = tmp_path / algorithm
     assert train("--algorithm", algorithm, "--epochs", "2", "--out", str(out), *TINY) == 0
@@ -51,6 +53,7 @@ def _final_state(out):
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "dtp", "drl"])
+@pytest.mark.integration
 def test_resume_is_bitwise_identical(tmp_path, algorithm):
     common = ["--algorithm", algorithm, "--epochs", "2", *TINY]  # 3 steps per epoch
     assert train(*common, "--out", str(tmp_path / "a")) == 0
@@ -68,6 +71,7 @@ def test_resume_is_bitwise_identical(tmp_path, algorithm):
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
 
 
+@pytest.mark.integration
 def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train("--max-steps", "1", "--out", out, *TINY) == 0
@@ -79,11 +83,13 @@ def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert train("--max-steps", "1", "--out", out, "--overwrite", *TINY) == 0
 
 
+@pytest.mark.integration
 def test_divergence_stops_with_a_clear_message(tmp_path, capsys):
     assert train("--lr", "100", "--epochs", "10", "--out", str(tmp_path / "r"), *TINY) == 1
     assert "lower the forward lr" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_python_m_entry_point(tmp_path):
     import os
     import subprocess
@@ -105,6 +111,7 @@ def test_feedback_warmup_multiplies_iterations():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_default_command_reaches_97_percent(tmp_path):
     """The documented default run (one epoch of L-DRL on MNIST, ~3 minutes on 2 cores)."""
     out = tmp_path / "default"
@@ -113,6 +120,7 @@ def test_default_command_reaches_97_percent(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "dtp"])
+@pytest.mark.integration
 def test_feedback_memory_cap_changes_batching_not_results(tmp_path, algorithm, monkeypatch):
     """--feedback-memory-mb reaches the fused loops (one iteration per chunk at 0.01 MB, all of
     them by default) and, the noise being drawn in the same order, leaves the run bitwise equal."""
@@ -136,6 +144,7 @@ def test_feedback_memory_cap_changes_batching_not_results(tmp_path, algorithm, m
         assert torch.equal(value, states["0.01"][name]), name
 
 
+@pytest.mark.integration
 def test_drl_s_variant_end_to_end(tmp_path):
     """Two epochs of DRL "s": the first trains Q only (the forward weights keep their initial
     values), the second the forward weights only."""

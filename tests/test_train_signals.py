@@ -90,6 +90,7 @@ def reference(tmp_path_factory):
     ((signal.SIGINT, signal.SIGTERM), 130),  # Ctrl-C, then a second signal while stopping
     ((signal.SIGTERM,), 143),                # a cluster's preemption
 ], ids=["sigint-then-sigterm", "sigterm"])
+@pytest.mark.integration
 def test_a_real_signal_saves_and_resume_is_bitwise(reference, tmp_path, capsys, signals, code):
     out = tmp_path / "run"
     proc = launch(out)
@@ -111,6 +112,7 @@ def test_a_real_signal_saves_and_resume_is_bitwise(reference, tmp_path, capsys, 
     assert_same_run(reference, out)
 
 
+@pytest.mark.integration
 def test_a_killed_run_leaves_no_stale_lock(reference, tmp_path, capsys):
     """Point 8 with point 7's --checkpoint-every: SIGKILL (no handler can run) leaves the .lock
     file behind, unlocked (the kernel drops the flock); --resume takes it over and continues
@@ -129,6 +131,7 @@ def test_a_killed_run_leaves_no_stale_lock(reference, tmp_path, capsys):
     assert_same_run(reference, out)  # --checkpoint-every changes when it saves, not what it computes
 
 
+@pytest.mark.integration
 def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     """SIGTERM during step 2 (the run stops after step 3, the last of the first epoch of 3 steps
     here), then SIGINT while the checkpoint is being written: the save completes, the file is
@@ -167,6 +170,7 @@ def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     assert_same_run(full, out)
 
 
+@pytest.mark.integration
 def test_checkpoint_every(tmp_path, monkeypatch):
     """--checkpoint-every 2 on 3 epochs of 3 steps: saves after steps 2, 4, 6, 8 and at every
     epoch's end (3, 6, 9), once each, and not otherwise."""

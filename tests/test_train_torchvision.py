@@ -24,6 +24,7 @@ def train(*argv):
 
 
 @pytest.mark.parametrize("algorithm", ["bp", "ldrl"])
+@pytest.mark.integration
 def test_resnet18_on_mnist(tmp_path, torchvision, algorithm):
     out = tmp_path / algorithm
     assert train("--algorithm", algorithm, "--max-steps", "3", "--out", str(out), *TINY) == 0
@@ -45,6 +46,7 @@ def test_resnet18_on_mnist(tmp_path, torchvision, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", [pytest.param("bp", marks=pytest.mark.slow), "ldrl"])
+@pytest.mark.integration
 def test_resnet18_resume_equals_an_uninterrupted_run(tmp_path, torchvision, algorithm):
     common = ["--algorithm", algorithm, *TINY]  # 3 steps per epoch
     assert train(*common, "--max-steps", "4", "--epochs", "2", "--out", str(tmp_path / "a")) == 0
