@@ -9,7 +9,7 @@
 
 namespace dtp_ext {
 
-void record_kernel(const char* op, c10::DeviceType device);
+void record_kernel(const char* op, c10::DeviceType device);  // op: "dtp_ext.<name>"
 const std::string& last_kernel();
 
 }  // namespace dtp_ext

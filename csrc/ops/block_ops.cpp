@@ -23,6 +23,16 @@ const at::Tensor* optional_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? &*t : nullptr;
 }
 
+// What every op does first: records that it runs on `device` (kernel_record.h: the dispatcher
+// chose this kernel for tensors there) and parses its geometry.
+BlockGeometry start_op(const char* op, const at::Device& device, const at::Tensor& weight,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups, c10::string_view activation, int64_t pool) {
+  record_kernel(op, device.type());
+  return parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation),
+                        pool);
+}
+
 void check_shape(const char* op, const char* name, const at::Tensor& t,
                  at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
@@ -127,10 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
     const at::Tensor& noise_x, const at::Tensor& noise_y, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
-  record_kernel("ldrl_loss", x.device().type());
   constexpr const char* op = "dtp_ext.ldrl_loss";
-  auto g =
-      parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool);
+  auto g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool);
   check_block_tensors(op, g, x, weight, bias);
   check_feedback_weight(op, g, weight, feedback_weight, x);
   use_channels_last(g, x.sizes(), x.device());
@@ -382,10 +390,9 @@ at::Tensor ldrl_feedback_loop(
     const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
-  record_kernel("ldrl_feedback_loop", x.device().type());
   constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
   FeedbackLoopArgs args{
-      op, parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool),
+      op, start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/true};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
@@ -430,10 +437,9 @@ at::Tensor reconstruction_feedback_loop(
     double lr, double momentum, double weight_decay, int64_t chunk_iterations,
     const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation, int64_t pool) {
-  record_kernel("reconstruction_feedback_loop", x.device().type());
   constexpr const char* op = "dtp_ext.reconstruction_feedback_loop";
   FeedbackLoopArgs args{
-      op, parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool),
+      op, start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
       iterations, chunk_iterations, noise_std, /*draws_eta=*/false};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
@@ -497,10 +503,9 @@ at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
                             at::IntArrayRef input_sizes, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             c10::string_view activation, int64_t pool) {
-  record_kernel("propagate_target", delta.device().type());
   constexpr const char* op = "dtp_ext.propagate_target";
-  auto g =
-      parse_geometry(op, feedback_weight, stride, padding, dilation, groups, std::string(activation), pool);
+  auto g = start_op(op, delta.device(), feedback_weight, stride, padding, dilation, groups,
+                    activation, pool);
   TORCH_CHECK(is_supported_float(delta.scalar_type()), op,
               ": delta must be float32, float64, bfloat16 or float16, got ", delta.scalar_type());
   TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
@@ -540,10 +545,8 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
     const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
-  record_kernel("block_weight_grad", x.device().type());
   constexpr const char* op = "dtp_ext.block_weight_grad";
-  auto g =
-      parse_geometry(op, weight, stride, padding, dilation, groups, std::string(activation), pool);
+  auto g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool);
   check_block_tensors(op, g, x, weight, c10::nullopt);
   check_same_device_dtype(op, "delta", delta, x);
   const auto output = optional_or_undefined(output_opt);
