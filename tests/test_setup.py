@@ -73,6 +73,25 @@ def test_the_extension_puts_no_wheel_folder_among_its_include_dirs(setup_py, tmp
     assert ("DTP_CUDA_ARCH_LIST", '"9.0+PTX"') in ext.define_macros
 
 
+def test_cpu_build_compiles_every_cpp_and_cuda_build_adds_the_cuda_kernels(setup_py, tmp_path):
+    """The sources follow csrc/'s layout: the algorithms (ops/), shared code (common/) and the CPU
+    kernels (cpu/) always; the CUDA kernels (cuda/*.cu) only in a CUDA build."""
+    toolkit = fake_tree(tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
+                        + ["lib64/libcudart.so"])
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        cpu = setup_py.make_extension(torch.__version__)
+        cuda = setup_py.make_extension(torch.__version__, str(toolkit), "9.0+PTX", [], [])
+    finally:
+        os.chdir(cwd)
+    cpu_sources = [Path(s).as_posix() for s in cpu.sources]
+    assert {"csrc/dtp_ext.cpp", "csrc/ops/block_ops.cpp", "csrc/cpu/elementwise_cpu.cpp"} <= set(cpu_sources)
+    assert all(s.endswith(".cpp") and not s.startswith("csrc/cuda/") for s in cpu_sources)
+    added = sorted(set(Path(s).as_posix() for s in cuda.sources) - set(cpu_sources))
+    assert added == ["csrc/cuda/elementwise_cuda.cu"]
+
+
 def include_resolution(compiler_cmd, probe):
     """The header files a preprocessor run of probe pulls in (its -M dependency list)."""
     done = subprocess.run(compiler_cmd + ["-M", str(probe)], capture_output=True, text=True)
