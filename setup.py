@@ -15,6 +15,7 @@ Environment:
 The functions below have no side effects, so tests can import this file (under another module
 name) and check them; only main(), run as a script or by pip, sets the environment and builds.
 """
+
 import glob
 import os
 import re
@@ -39,8 +40,10 @@ def find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
+        if (
+            home
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
         ):
             return home
     return None
@@ -72,8 +75,9 @@ def wheel_include_dirs(cuda_home, search_paths=None):
     """The `nvidia` wheels' include folders that hold library headers the toolkit lacks; none
     when the toolkit has them all. Those folders also hold the runtime wheel's cuda_runtime.h,
     cuda_fp16.h, cuda_bf16.h, ..., which must not shadow the toolkit's (see wheel_include_flags)."""
-    lacking = [h for h in LIBRARY_HEADERS
-               if not os.path.exists(os.path.join(cuda_home, "include", h))]
+    lacking = [
+        h for h in LIBRARY_HEADERS if not os.path.exists(os.path.join(cuda_home, "include", h))
+    ]
     if not lacking:
         return []
     found = []
@@ -93,8 +97,10 @@ def wheel_include_flags(cuda_home, search_paths=None):
     for d in dirs:
         if "," in d:  # nvcc splits -Xcompiler values at commas
             sys.exit(f"dtp_ext: cannot pass an include folder with a comma to nvcc: {d}")
-    return {"cxx": [flag for d in dirs for flag in ("-idirafter", d)],
-            "nvcc": [f"-Xcompiler=-idirafter,{d}" for d in dirs]}
+    return {
+        "cxx": [flag for d in dirs for flag in ("-idirafter", d)],
+        "nvcc": [f"-Xcompiler=-idirafter,{d}" for d in dirs],
+    }
 
 
 def canonical_arch_list(gencode_flags):
@@ -134,6 +140,7 @@ def torch_arch_flags(arch_list):
     """torch.utils.cpp_extension's own translation of TORCH_CUDA_ARCH_LIST into -gencode flags
     (named archs like 'Hopper' expanded, 'native'/unset read from the visible GPUs)."""
     from torch.utils import cpp_extension
+
     saved = os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
     try:
         if arch_list is not None:
@@ -163,20 +170,28 @@ def make_extension(torch_version, cuda_home=None, arch_list=None, arch_flags=(),
     its -gencode flags, passed explicitly: torch adds none of its own when an nvcc flag contains
     'arch' (which a wheel's include folder could)."""
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch's helper
     macros = [("DTP_TORCH_VERSION", f'"{torch_version}"')]
     if arch_list is None:
         return CppExtension(
-            "dtp_ext._C", sources(".cpp"), define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            "dtp_ext._C",
+            sources(".cpp"),
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     includes = wheel_include_flags(cuda_home, search_paths)
     macros += [("DTP_WITH_CUDA", None), ("DTP_CUDA_ARCH_LIST", f'"{arch_list}"')]
     return CUDAExtension(
-        "dtp_ext._C", sources(".cpp") + sources(".cu"), define_macros=macros,
+        "dtp_ext._C",
+        sources(".cpp") + sources(".cu"),
+        define_macros=macros,
         library_dirs=cuda_library_dirs(cuda_home),
-        extra_compile_args={"cxx": cxx_flags + includes["cxx"],
-                            "nvcc": ["-O3"] + list(arch_flags) + includes["nvcc"]},
+        extra_compile_args={
+            "cxx": cxx_flags + includes["cxx"],
+            "nvcc": ["-O3"] + list(arch_flags) + includes["nvcc"],
+        },
         extra_link_args=["-fopenmp"],
     )
 
@@ -194,12 +209,16 @@ def main():
 
     build_cuda, reason = cuda_decision(switch, cuda_home, torch.version.cuda, torch.__version__)
     if build_cuda:
-        arch_list = resolve_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"),
-                                      torch.cuda.is_available(), torch_arch_flags)
+        arch_list = resolve_arch_list(
+            os.environ.get("TORCH_CUDA_ARCH_LIST"), torch.cuda.is_available(), torch_arch_flags
+        )
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         arch_flags = torch_arch_flags(arch_list)  # what nvcc builds = what build_info() reports
-        print(f"dtp_ext: building the C++ (CPU) and CUDA kernels for arch {arch_list} "
-              f"(CUDA {torch.version.cuda}, toolkit {cuda_home})", flush=True)
+        print(
+            f"dtp_ext: building the C++ (CPU) and CUDA kernels for arch {arch_list} "
+            f"(CUDA {torch.version.cuda}, toolkit {cuda_home})",
+            flush=True,
+        )
         ext = make_extension(torch.__version__, cuda_home, arch_list, arch_flags)
     else:
         print(f"dtp_ext: building the C++ (CPU) kernels only ({reason})", flush=True)

@@ -4,6 +4,7 @@ Every timing of a run is collected in RESULTS by (phase, batch, implementation);
 summary prints fused / reference / backprop side by side with their ratios and writes them to
 benchmarks/results/latest.json.
 """
+
 import json
 import os
 import platform
@@ -43,23 +44,30 @@ def cpu_features():
     yes = lambda f: "yes" if f in flags else "no"
     line = f"cpu {model}, AVX512-BF16 {yes('avx512_bf16')}, AMX-BF16 {yes('amx_bf16')}"
     if not flags & {"avx512_bf16", "amx_bf16"}:
-        line += (" (no bfloat16 instructions: oneDNN emulates bfloat16 products in float32 here, "
-                 "so the bfloat16 column is not expected to be faster)")
+        line += (
+            " (no bfloat16 instructions: oneDNN emulates bfloat16 products in float32 here, "
+            "so the bfloat16 column is not expected to be faster)"
+        )
     return line
 
 
 def pytest_report_header(config):
     info = dtp_ext.build_info()
-    return (f"dtp_ext benchmarks: device={DEVICE} ({device_name()}), threads={THREADS}, "
-            f"torch {torch.__version__}, dtp_ext {info['dtp_ext_version']}, "
-            f"cuda kernels: {bool(info['cuda_kernels'])}\n{cpu_features()}")
+    return (
+        f"dtp_ext benchmarks: device={DEVICE} ({device_name()}), threads={THREADS}, "
+        f"torch {torch.__version__}, dtp_ext {info['dtp_ext_version']}, "
+        f"cuda kernels: {bool(info['cuda_kernels'])}\n{cpu_features()}"
+    )
 
 
 def record(phase, batch, implementation, benchmark, peak_mem_mb=None):
     stats = benchmark.stats.stats
     RESULTS.setdefault((phase, batch), {})[implementation] = {
-        "median_s": stats.median, "min_s": stats.min, "rounds": len(stats.data),
-        "peak_mem_mb": peak_mem_mb}
+        "median_s": stats.median,
+        "min_s": stats.min,
+        "rounds": len(stats.data),
+        "peak_mem_mb": peak_mem_mb,
+    }
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -67,32 +75,56 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("dtp_ext ratios (median times, same run)")
-    tr.write_line(f"device {DEVICE} ({device_name()}), threads {THREADS}, torch {torch.__version__}")
+    tr.write_line(
+        f"device {DEVICE} ({device_name()}), threads {THREADS}, torch {torch.__version__}"
+    )
     tr.write_line(cpu_features())
-    tr.write_line(f"{'phase':<16}{'batch':>6}{'fused s':>10}{'reference s':>13}{'backprop s':>12}"
-                  f"{'ref/fused':>11}{'fused/bp':>10}{'peak MB f/r/bp':>20}")
+    tr.write_line(
+        f"{'phase':<16}{'batch':>6}{'fused s':>10}{'reference s':>13}{'backprop s':>12}"
+        f"{'ref/fused':>11}{'fused/bp':>10}{'peak MB f/r/bp':>20}"
+    )
     rows = []
     for (phase, batch), impls in sorted(RESULTS.items()):
         f, r, b = (impls.get(k, {}).get("median_s") for k in ("fused", "reference", "backprop"))
         ratio_ref = r / f if f and r else None
         ratio_bp = f / b if f and b else None
         fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
-        mem = "/".join(f"{impls[k]['peak_mem_mb']:.0f}" if impls.get(k, {}).get("peak_mem_mb") is not None
-                       else "-" for k in ("fused", "reference", "backprop"))
-        tr.write_line(f"{phase:<16}{batch:>6}{fmt(f, 10)}{fmt(r, 13)}{fmt(b, 12)}"
-                      f"{fmt(ratio_ref, 10, 2)}x{fmt(ratio_bp, 9, 2)}x{mem:>20}")
-        row = {"phase": phase, "batch": batch, **{k: v for k, v in impls.items()},
-               "reference_over_fused": ratio_ref, "fused_over_backprop": ratio_bp}
+        mem = "/".join(
+            f"{impls[k]['peak_mem_mb']:.0f}"
+            if impls.get(k, {}).get("peak_mem_mb") is not None
+            else "-"
+            for k in ("fused", "reference", "backprop")
+        )
+        tr.write_line(
+            f"{phase:<16}{batch:>6}{fmt(f, 10)}{fmt(r, 13)}{fmt(b, 12)}"
+            f"{fmt(ratio_ref, 10, 2)}x{fmt(ratio_bp, 9, 2)}x{mem:>20}"
+        )
+        row = {
+            "phase": phase,
+            "batch": batch,
+            **{k: v for k, v in impls.items()},
+            "reference_over_fused": ratio_ref,
+            "fused_over_backprop": ratio_bp,
+        }
         low = impls.get("fused-bf16", {}).get("median_s")
         if low:  # issue 10's targets: >= 1.7x the float32 fused phase, >= 3.5x the reference
             row["fused_over_fused_bf16"] = f / low if f else None
             row["reference_over_fused_bf16"] = r / low if r else None
-            tr.write_line(f"{'  bfloat16':<16}{batch:>6}{fmt(low, 10)}   fused/bf16 "
-                          f"{fmt(row['fused_over_fused_bf16'], 0, 2)}x, reference/bf16 "
-                          f"{fmt(row['reference_over_fused_bf16'], 0, 2)}x")
+            tr.write_line(
+                f"{'  bfloat16':<16}{batch:>6}{fmt(low, 10)}   fused/bf16 "
+                f"{fmt(row['fused_over_fused_bf16'], 0, 2)}x, reference/bf16 "
+                f"{fmt(row['reference_over_fused_bf16'], 0, 2)}x"
+            )
         rows.append(row)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    meta = {"device": DEVICE, "device_name": device_name(), "threads": THREADS,
-            "torch": torch.__version__, "build_info": dtp_ext.build_info()}
-    (out / f"latest-{DEVICE.split(':')[0]}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = {
+        "device": DEVICE,
+        "device_name": device_name(),
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "build_info": dtp_ext.build_info(),
+    }
+    (out / f"latest-{DEVICE.split(':')[0]}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2)
+    )

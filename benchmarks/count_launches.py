@@ -7,6 +7,7 @@ iterations of a call batched in one chunk, as FeedbackTrainer runs them.
 
     python benchmarks/count_launches.py
 """
+
 from collections import Counter
 
 import torch
@@ -14,14 +15,40 @@ from torch.profiler import ProfilerActivity, profile
 
 import dtp_ext
 
-METADATA = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::as_strided",
-            "aten::narrow", "aten::slice", "aten::select", "aten::split", "aten::t",
-            "aten::transpose", "aten::unsqueeze", "aten::flatten", "aten::reshape", "aten::expand",
-            "aten::resize_", "aten::resolve_conj", "aten::result_type", "aten::as_strided_",
-            "aten::alias", "aten::detach", "aten::lift_fresh", "aten::_reshape_alias",
-            "aten::unbind", "aten::squeeze", "aten::permute", "aten::_unsafe_view",
-            # wrappers whose work, if any, is a child copy_
-            "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone"}
+METADATA = {
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::view",
+    "aten::as_strided",
+    "aten::narrow",
+    "aten::slice",
+    "aten::select",
+    "aten::split",
+    "aten::t",
+    "aten::transpose",
+    "aten::unsqueeze",
+    "aten::flatten",
+    "aten::reshape",
+    "aten::expand",
+    "aten::resize_",
+    "aten::resolve_conj",
+    "aten::result_type",
+    "aten::as_strided_",
+    "aten::alias",
+    "aten::detach",
+    "aten::lift_fresh",
+    "aten::_reshape_alias",
+    "aten::unbind",
+    "aten::squeeze",
+    "aten::permute",
+    "aten::_unsafe_view",
+    # wrappers whose work, if any, is a child copy_
+    "aten::to",
+    "aten::_to_copy",
+    "aten::contiguous",
+    "aten::clone",
+}
 
 
 def launches_of(event, counts):
@@ -39,15 +66,34 @@ def launches_of(event, counts):
 
 
 def launches(loop, block, x, iterations):
-    state = [block.feedback_weight.clone(), block.feedback_bias.clone(),
-             torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias)]
-    args = (x, block.weight.detach(), block.bias.detach(), *state, iterations, 0.1, 1e-3, 0.9, 0.0,
-            iterations, block.geometry())
+    state = [
+        block.feedback_weight.clone(),
+        block.feedback_bias.clone(),
+        torch.zeros_like(block.feedback_weight),
+        torch.zeros_like(block.feedback_bias),
+    ]
+    args = (
+        x,
+        block.weight.detach(),
+        block.bias.detach(),
+        *state,
+        iterations,
+        0.1,
+        1e-3,
+        0.9,
+        0.0,
+        iterations,
+        block.geometry(),
+    )
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         loop(*args)
     counts = Counter()
     for event in prof.events():
-        if event.name.startswith("dtp_ext::") and event.name.endswith("_loop") and event.cpu_parent is None:
+        if (
+            event.name.startswith("dtp_ext::")
+            and event.name.endswith("_loop")
+            and event.cpu_parent is None
+        ):
             launches_of(event, counts)
     return counts
 
@@ -59,8 +105,10 @@ def per_iteration(loop, block, x, k=10):
 
 BLOCKS = {
     # 8x8 maps: below the CPU's channels-last threshold, so no layout conversions a GPU skips.
-    "conv 16->16, ELU, pool 2, 8x8 maps": (lambda: dtp_ext.Conv2d(16, 16, 3, padding=1, activation="elu", pool=2),
-                                           (4, 16, 8, 8)),
+    "conv 16->16, ELU, pool 2, 8x8 maps": (
+        lambda: dtp_ext.Conv2d(16, 16, 3, padding=1, activation="elu", pool=2),
+        (4, 16, 8, 8),
+    ),
     "linear 32->16, tanh": (lambda: dtp_ext.Linear(32, 16, activation="tanh"), (8, 32)),
 }
 

@@ -7,6 +7,7 @@ second number separates the two. Nothing is written.
 
     python benchmarks/eval_batch_stats.py RUN_DIR [RUN_DIR ...] [--batch 500]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ import torch
 
 from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train.batches import normalise
-from dtp_ext.train.datasets import INFO, load_split
 from dtp_ext.train.catalog import build_model
+from dtp_ext.train.datasets import INFO, load_split
 
 
 @torch.no_grad()
@@ -24,8 +25,8 @@ def accuracy(model, data, info, batch, batch_stats: bool) -> float:
     model.train(batch_stats)  # training-mode BatchNorm normalises with the batch's statistics
     hits = 0
     for i in range(0, len(data), batch):
-        x = normalise(data.images[i:i + batch], info.mean, info.std)
-        hits += int((model(x).argmax(1) == data.labels[i:i + batch]).sum())
+        x = normalise(data.images[i : i + batch], info.mean, info.std)
+        hits += int((model(x).argmax(1) == data.labels[i : i + batch]).sum())
     return 100 * hits / len(data)
 
 
@@ -44,8 +45,10 @@ def main(argv=None):
             model = build_model(cfg.model, info.channels, info.size, info.classes, cfg.beta)
             model.load_state_dict(state["model"])
             results.append(accuracy(model, data, info, args.batch, batch_stats))
-        print(f"{run}: step {state['global_step']}, test top-1 {results[0]:.2f}% with running "
-              f"statistics, {results[1]:.2f}% with batch statistics (batches of {args.batch})")
+        print(
+            f"{run}: step {state['global_step']}, test top-1 {results[0]:.2f}% with running "
+            f"statistics, {results[1]:.2f}% with batch statistics (batches of {args.batch})"
+        )
 
 
 if __name__ == "__main__":

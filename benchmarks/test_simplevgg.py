@@ -4,6 +4,7 @@ phase and full training step against reference.py and against one backprop step,
 Run: pytest benchmarks/ --benchmark-group-by=param  (DTP_BENCH_DEVICE=cuda for the GPU;
 DTP_BENCH_BATCHES=32,128 to choose batches; DTP_BENCH_ROUNDS for repetitions).
 """
+
 import copy
 import os
 
@@ -12,16 +13,18 @@ import torch
 import torch.nn.functional as F
 
 import dtp_ext
+from conftest import DEVICE, record
 from dtp_ext import reference
 from dtp_ext.models import simple_vgg
 from dtp_ext.reference import backprop_twin
 
-from conftest import DEVICE, record
-
 BATCHES = [int(b) for b in os.environ.get("DTP_BENCH_BATCHES", "32,128").split(",")]
 ROUNDS = int(os.environ.get("DTP_BENCH_ROUNDS", "3"))
-PAPER = dict(iterations=[20, 30, 35, 55, 20], noise_std=[0.4, 0.4, 0.2, 0.2, 0.08],
-             lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18])
+PAPER = dict(
+    iterations=[20, 30, 35, 55, 20],
+    noise_std=[0.4, 0.4, 0.2, 0.2, 0.08],
+    lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
+)
 
 
 def sync():
@@ -54,12 +57,17 @@ class Setup:
         self.trainer = dtp_ext.FeedbackTrainer(self.model, **PAPER)
         self.initial_trainer = self.trainer.state_dict()
         # The same feedback phase in bfloat16 (float32 masters; issue 10).
-        self.trainer_bf16 = dtp_ext.FeedbackTrainer(self.model, **PAPER,
-                                                    compute_dtype=torch.bfloat16)
+        self.trainer_bf16 = dtp_ext.FeedbackTrainer(
+            self.model, **PAPER, compute_dtype=torch.bfloat16
+        )
         self.initial_trainer_bf16 = self.trainer_bf16.state_dict()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4
+        )
         self.bp_model = backprop_twin(copy.deepcopy(self.model))  # its own weights
-        self.bp_opt = torch.optim.SGD(self.bp_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        self.bp_opt = torch.optim.SGD(
+            self.bp_model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4
+        )
         self.blocks = [b for _, b in self.trainer.blocks]
         self.inputs = [b.recorded_input for b in self.blocks]
 

@@ -14,6 +14,7 @@ on random 3x32x32 inputs, batch 32 by default. Run:
     python benchmarks/torchvision_step.py [--batch 32] [--iterations 5] [--rounds 3] [--threads N]
                                           [--device cpu|cuda] [--json results/torchvision-step.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,15 +77,24 @@ def measure(name, batch, iterations, rounds, device):
 
     bp = median_time(bp_step, rounds, device)
     ldrl = median_time(ldrl_step, rounds, device)
-    return {"model": name, "blocks": len(report.converted), "trained_blocks": len(trainer.blocks),
-            "plain": report.left_counts(), "parameters": sum(p.numel() for p in model.parameters()),
-            "ldrl_step_s": ldrl, "bp_step_s": bp, "ratio": ldrl / bp}
+    return {
+        "model": name,
+        "blocks": len(report.converted),
+        "trained_blocks": len(trainer.blocks),
+        "plain": report.left_counts(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "ldrl_step_s": ldrl,
+        "bp_step_s": bp,
+        "ratio": ldrl / bp,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=5, help="feedback iterations per trained block")
+    p.add_argument(
+        "--iterations", type=int, default=5, help="feedback iterations per trained block"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")
@@ -93,23 +103,39 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = (torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda")
-                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"converted torchvision models, batch {args.batch} x 3x32x32, 10 classes, L-DRL with "
-          f"{args.iterations} feedback iterations per trained block; {args.device} ({device_name}), "
-          f"torch {torch.__version__}, median of {args.rounds} rounds")
-    print(f"{'model':<15}{'blocks':>7}{'params':>11}{'L-DRL s':>10}{'BP s':>9}{'ratio':>8}  plain modules")
+    device_name = (
+        torch.cuda.get_device_name(torch.device(args.device))
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"converted torchvision models, batch {args.batch} x 3x32x32, 10 classes, L-DRL with "
+        f"{args.iterations} feedback iterations per trained block; {args.device} ({device_name}), "
+        f"torch {torch.__version__}, median of {args.rounds} rounds"
+    )
+    print(
+        f"{'model':<15}{'blocks':>7}{'params':>11}{'L-DRL s':>10}{'BP s':>9}{'ratio':>8}  plain modules"
+    )
     rows = []
     for name in args.models.split(","):
         row = measure(name, args.batch, args.iterations, args.rounds, args.device)
         rows.append(row)
         plain = ", ".join(f"{k} {v}" for k, v in row["plain"].items())
-        print(f"{name:<15}{row['blocks']:>7}{row['parameters'] / 1e6:>10.1f}M{row['ldrl_step_s']:>10.2f}"
-              f"{row['bp_step_s']:>9.3f}{row['ratio']:>7.1f}x  {plain}", flush=True)
+        print(
+            f"{name:<15}{row['blocks']:>7}{row['parameters'] / 1e6:>10.1f}M{row['ldrl_step_s']:>10.2f}"
+            f"{row['bp_step_s']:>9.3f}{row['ratio']:>7.1f}x  {plain}",
+            flush=True,
+        )
     if args.json:
-        meta = {"batch": args.batch, "iterations": args.iterations, "rounds": args.rounds,
-                "device": args.device, "device_name": device_name, "torch": torch.__version__,
-                "build_info": dtp_ext.build_info()}
+        meta = {
+            "batch": args.batch,
+            "iterations": args.iterations,
+            "rounds": args.rounds,
+            "device": args.device,
+            "device_name": device_name,
+            "torch": torch.__version__,
+            "build_info": dtp_ext.build_info(),
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
 

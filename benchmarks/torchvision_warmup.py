@@ -21,6 +21,7 @@ blocks, the weight-angle summaries over the trained ones (all but the stem conv)
     python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...] [--steps 5,20]
                                             [--batch 32] [--threads N] [--lr-rate R] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ import dtp_ext
 from dtp_ext.metrics import angle_degrees, weight_alignment
 from dtp_ext.reference import backprop_twin
 from dtp_ext.train.batches import normalise
-from dtp_ext.train.catalog import (block_positions, build_model, position_scaled_lr,
-                                   trained_block_positions)
+from dtp_ext.train.catalog import (
+    block_positions,
+    build_model,
+    position_scaled_lr,
+    trained_block_positions,
+)
 from dtp_ext.train.config import TrainConfig
 from dtp_ext.train.datasets import INFO, load_split
 from dtp_ext.train.resolve import resolve
@@ -55,8 +60,13 @@ def directions(model, x, y):
             torch.manual_seed(1234)  # the same dropout masks for both
             loss = F.cross_entropy(net(x), y)
         blocks = dtp_ext.dtp_blocks(m)
-        grads.append(dict(zip([n for n, _ in blocks],
-                              torch.autograd.grad(loss, [b.weight for _, b in blocks]))))
+        grads.append(
+            dict(
+                zip(
+                    [n for n, _ in blocks], torch.autograd.grad(loss, [b.weight for _, b in blocks])
+                )
+            )
+        )
     return {n: (grads[0][n], grads[1][n]) for n in grads[0]}
 
 
@@ -66,12 +76,17 @@ def measure(model, x, y, order):
     rows = {}
     blocks = dict(dtp_ext.dtp_blocks(model))
     for name, (g, g_bp) in directions(model, x, y).items():
-        rows[name] = {"update_angle": angle_degrees(g, g_bp),
-                      "norm_ratio": float(g.norm() / g_bp.norm()),
-                      "weight_angle": weight_alignment(blocks[name])["angle"]}
+        rows[name] = {
+            "update_angle": angle_degrees(g, g_bp),
+            "norm_ratio": float(g.norm() / g_bp.norm()),
+            "weight_angle": weight_alignment(blocks[name])["angle"],
+        }
     summary = {}
-    for key, names in (("update_angle", order[:-1]), ("norm_ratio", order[:-1]),
-                       ("weight_angle", order[1:])):
+    for key, names in (
+        ("update_angle", order[:-1]),
+        ("norm_ratio", order[:-1]),
+        ("weight_angle", order[1:]),
+    ):
         values = [rows[n][key] for n in names]
         summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     summary["output_block_angle"] = rows[order[-1]]["update_angle"]
@@ -82,15 +97,22 @@ def run(name, steps, batch, data, info, lr_rate=None):
     torch.manual_seed(0)
     cfg = resolve(TrainConfig(model=name, algorithm="ldrl", out="unused"))
     if lr_rate is not None:  # another rate for the position-scaled feedback lr
-        positions = [p for _, p in trained_block_positions(name, info.channels, info.size, info.classes)]
+        positions = [
+            p for _, p in trained_block_positions(name, info.channels, info.size, info.classes)
+        ]
         cfg.feedback_lr = position_scaled_lr(lr_rate, cfg.feedback_noise, positions)
     model = build_model(name, info.channels, info.size, info.classes, cfg.beta)
     order = [n for n, _ in block_positions(model, (info.channels, info.size, info.size))]
-    trainer = dtp_ext.FeedbackTrainer(model, cfg.feedback_iterations, cfg.feedback_noise, cfg.feedback_lr,
-                                      momentum=cfg.feedback_momentum)
+    trainer = dtp_ext.FeedbackTrainer(
+        model,
+        cfg.feedback_iterations,
+        cfg.feedback_noise,
+        cfg.feedback_lr,
+        momentum=cfg.feedback_momentum,
+    )
 
     def images(i, n=batch):
-        return (normalise(data.images[i:i + n], info.mean, info.std), data.labels[i:i + n])
+        return (normalise(data.images[i : i + n], info.mean, info.std), data.labels[i : i + n])
 
     probe = images(32000)
     results, started = [], time.perf_counter()
@@ -104,19 +126,29 @@ def run(name, steps, batch, data, info, lr_rate=None):
         trainer.step()
         if step in steps:
             summary, rows = measure(model, *probe, order)
-            results.append({"warmup_steps": step, "seconds": time.perf_counter() - started, **summary})
+            results.append(
+                {"warmup_steps": step, "seconds": time.perf_counter() - started, **summary}
+            )
             report(name, results[-1])
-    return {"model": name, "blocks": len(order), "iterations": cfg.feedback_iterations[0],
-            "noise": cfg.feedback_noise[0], "feedback_lr": dict(zip(order[1:], cfg.feedback_lr)),
-            "checkpoints": results, "final_blocks": rows}
+    return {
+        "model": name,
+        "blocks": len(order),
+        "iterations": cfg.feedback_iterations[0],
+        "noise": cfg.feedback_noise[0],
+        "feedback_lr": dict(zip(order[1:], cfg.feedback_lr)),
+        "checkpoints": results,
+        "final_blocks": rows,
+    }
 
 
 def report(name, r):
     u, n, w = r["update_angle"], r["norm_ratio"], r["weight_angle"]
-    print(f"{name:<14}{r['warmup_steps']:>6}{r['seconds']:>8.0f}  update vs BP {u['median']:5.1f}° "
-          f"[{u['min']:5.1f}, {u['max']:5.1f}]  norm ratio {n['median']:8.3g} [{n['min']:.3g}, {n['max']:.3g}]"
-          f"  weight angle {w['median']:5.1f}° (max {w['max']:5.1f})  output block {r['output_block_angle']:.1e}°",
-          flush=True)
+    print(
+        f"{name:<14}{r['warmup_steps']:>6}{r['seconds']:>8.0f}  update vs BP {u['median']:5.1f}° "
+        f"[{u['min']:5.1f}, {u['max']:5.1f}]  norm ratio {n['median']:8.3g} [{n['min']:.3g}, {n['max']:.3g}]"
+        f"  weight angle {w['median']:5.1f}° (max {w['max']:5.1f})  output block {r['output_block_angle']:.1e}°",
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -125,8 +157,11 @@ def main(argv=None):
     p.add_argument("--steps", default="5,20", help="warm-up steps at which to measure (comma list)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int)
-    p.add_argument("--lr-rate", type=float, help="feedback lr = RATE / (2 noise^2 P) per block "
-                   "(default: the train command's, 0.01)")
+    p.add_argument(
+        "--lr-rate",
+        type=float,
+        help="feedback lr = RATE / (2 noise^2 P) per block (default: the train command's, 0.01)",
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -134,13 +169,27 @@ def main(argv=None):
     steps = sorted(int(s) for s in args.steps.split(","))
     info = INFO["mnist"]
     data = load_split("mnist", None, "train")
-    print(f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)")
-    rows = [run(name, steps, args.batch, data, info, args.lr_rate) for name in args.models.split(",")]
+    print(
+        f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)"
+    )
+    rows = [
+        run(name, steps, args.batch, data, info, args.lr_rate) for name in args.models.split(",")
+    ]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "batch": args.batch,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

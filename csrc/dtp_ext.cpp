@@ -22,8 +22,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   const char* archs = "";
 #endif
   return Py_BuildValue("{s:O,s:s,s:s,s:i}", "cuda", with_cuda ? Py_True : Py_False,
-                       "cuda_arch_list", archs, "torch_version_built", DTP_TORCH_VERSION,
-                       "openmp",
+                       "cuda_arch_list", archs, "torch_version_built", DTP_TORCH_VERSION, "openmp",
 #ifdef _OPENMP
                        1
 #else

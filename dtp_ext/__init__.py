@@ -7,8 +7,13 @@ Fused C++ (and CUDA) kernels behind drop-in layers:
     out = model(x); trainer.step()                      # L-DRL feedback phase on this batch
     loss = F.cross_entropy(out, y); loss.backward(); opt.step()
 """
-from . import ops  # noqa: F401  (loads the compiled kernels; fails loudly if missing)
-from . import functional, metrics, reference  # noqa: F401
+
+from . import (  # noqa: F401
+    functional,
+    metrics,
+    ops,  # noqa: F401  (loads the compiled kernels; fails loudly if missing)
+    reference,
+)
 from .build import build_info
 from .convert import ConversionReport, convert
 from .loss_scaling import current_loss_scale, loss_scale
@@ -17,5 +22,19 @@ from .trainer import FeedbackReport, FeedbackTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["Linear", "Conv2d", "DTPBlock", "convert", "ConversionReport", "FeedbackTrainer",
-           "FeedbackReport", "build_info", "loss_scale", "current_loss_scale", "dtp_blocks", "functional", "metrics", "reference"]
+__all__ = [
+    "Linear",
+    "Conv2d",
+    "DTPBlock",
+    "convert",
+    "ConversionReport",
+    "FeedbackTrainer",
+    "FeedbackReport",
+    "build_info",
+    "loss_scale",
+    "current_loss_scale",
+    "dtp_blocks",
+    "functional",
+    "metrics",
+    "reference",
+]

@@ -1,4 +1,5 @@
 """build_info(): what this build of the kernels contains."""
+
 from __future__ import annotations
 
 import re
@@ -41,7 +42,9 @@ def kernel_image_for(capability: tuple[int, int], sass: list[str], ptx: list[str
             return f"{name} machine code"
     for name in sorted(ptx, key=_arch, reverse=True):
         a_major, a_minor, suffix = _arch(name)
-        if (a_major, a_minor) <= (major, minor) and (suffix == "" or (a_major, a_minor) == (major, minor)):
+        if (a_major, a_minor) <= (major, minor) and (
+            suffix == "" or (a_major, a_minor) == (major, minor)
+        ):
             return f"{name} PTX (compiled by the driver at first use)"
     return None
 
@@ -51,10 +54,13 @@ def build_info() -> dict:
     visible, also its compute capability and which of the build's device code it runs
     (`cuda_device_image`, None when the build has none for it)."""
     compiled = _C.build_info()
-    kernels = {key.lower(): [op for op in ops.OP_NAMES if ops.has_kernel(op, key)]
-               for key in ("CPU", "CUDA")}
+    kernels = {
+        key.lower(): [op for op in ops.OP_NAMES if ops.has_kernel(op, key)]
+        for key in ("CPU", "CUDA")
+    }
     sass, ptx = parse_arch_list(compiled["cuda_arch_list"])
     from . import __version__
+
     info = {
         "dtp_ext_version": __version__,
         "torch_version": torch.__version__,
@@ -74,6 +80,7 @@ def build_info() -> dict:
         capability = torch.cuda.get_device_capability()
         info["cuda_device"] = torch.cuda.get_device_name()
         info["cuda_device_capability"] = f"{capability[0]}.{capability[1]}"
-        info["cuda_device_image"] = (kernel_image_for(capability, sass, ptx)
-                                     if info["cuda_built"] else None)
+        info["cuda_device_image"] = (
+            kernel_image_for(capability, sass, ptx) if info["cuda_built"] else None
+        )
     return info

@@ -1,10 +1,10 @@
 """dtp_ext.convert: swap a model's nn.Linear / nn.Conv2d for DTP blocks."""
+
 from __future__ import annotations
 
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -19,10 +19,10 @@ class ConversionReport:
     through plain modules as a gradient would (SPEC §3); functional calls inside a module's
     forward() (torch.flatten, F.relu, residual `+`) are not modules and are not listed."""
 
-    converted: List[Tuple[str, str, List[str]]] = field(default_factory=list)  # name, type, folded
-    left: List[Tuple[str, str, str]] = field(default_factory=list)  # name, type, why
+    converted: list[tuple[str, str, list[str]]] = field(default_factory=list)  # name, type, folded
+    left: list[tuple[str, str, str]] = field(default_factory=list)  # name, type, why
 
-    def left_counts(self) -> Dict[str, int]:
+    def left_counts(self) -> dict[str, int]:
         """How many modules of each type stayed plain, most frequent first."""
         counts = Counter(kind for _, kind, _ in self.left)
         return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
@@ -34,8 +34,10 @@ class ConversionReport:
             lines.append(f"  {name}: {kind} -> dtp_ext.{kind}{extra}")
         if self.left:
             counts = ", ".join(f"{kind} {n}" for kind, n in self.left_counts().items())
-            lines.append(f"  left as plain modules: {len(self.left)} ({counts}); difference "
-                         "targets pass through them as a gradient")
+            lines.append(
+                f"  left as plain modules: {len(self.left)} ({counts}); difference "
+                "targets pass through them as a gradient"
+            )
             for name, kind, why in self.left:
                 lines.append(f"  {name}: {kind} ({why})")
         return "\n".join(lines)
@@ -52,10 +54,12 @@ def _pool_size(module):
     """k for a MaxPool2d with kernel = stride = k, no padding/dilation/ceil mode; else None."""
     if type(module) is not nn.MaxPool2d or module.return_indices or module.ceil_mode:
         return None
+
     def single(v):
         if isinstance(v, (tuple, list)):
             return v[0] if len(set(v)) == 1 else None
         return v
+
     k, s = single(module.kernel_size), single(module.stride)
     if k is None or k != s or single(module.padding) != 0 or single(module.dilation) != 1:
         return None
@@ -65,16 +69,34 @@ def _pool_size(module):
 def _convert_leaf(module, beta):
     """(dtp block, None) or (None, reason it stays as it is)."""
     if type(module) is nn.Linear:
-        block = Linear(module.in_features, module.out_features, module.bias is not None,
-                       device=module.weight.device, dtype=module.weight.dtype, beta=beta)
+        block = Linear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+            beta=beta,
+        )
     elif type(module) is nn.Conv2d:
         if module.padding_mode != "zeros":
-            return None, f"padding_mode={module.padding_mode!r}: only 'zeros' has an adjoint feedback"
+            return (
+                None,
+                f"padding_mode={module.padding_mode!r}: only 'zeros' has an adjoint feedback",
+            )
         try:
-            block = Conv2d(module.in_channels, module.out_channels, module.kernel_size,
-                           module.stride, module.padding, module.dilation, module.groups,
-                           module.bias is not None, device=module.weight.device,
-                           dtype=module.weight.dtype, beta=beta)
+            block = Conv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                module.bias is not None,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+                beta=beta,
+            )
         except ValueError as err:
             return None, str(err)
     else:
@@ -89,7 +111,12 @@ def _convert_leaf(module, beta):
 def _describe_pool(module) -> str:
     """MaxPool2d's settings, the ones that prevent folding included."""
     parts = [f"kernel_size={module.kernel_size}", f"stride={module.stride}"]
-    for key, default in (("padding", 0), ("dilation", 1), ("ceil_mode", False), ("return_indices", False)):
+    for key, default in (
+        ("padding", 0),
+        ("dilation", 1),
+        ("ceil_mode", False),
+        ("return_indices", False),
+    ):
         if getattr(module, key) not in (default, (default, default)):
             parts.append(f"{key}={getattr(module, key)}")
     return ", ".join(parts)
@@ -98,15 +125,23 @@ def _describe_pool(module) -> str:
 _FOLD_RULE = "only a ReLU/ELU(alpha=1)/Tanh directly after a converted Linear/Conv2d in an nn.Sequential is folded"
 
 
-def _plain_reason(module, parent, previous: Optional[nn.Module], fold: bool = True) -> str:
+def _plain_reason(module, parent, previous: nn.Module | None, fold: bool = True) -> str:
     """Why a leaf module with no conversion of its own stays a plain module. `previous`: the
     sibling before it in an nn.Sequential as it was before conversion, None when it is the
     first or its parent is not an nn.Sequential."""
     sequential = isinstance(parent, nn.Sequential)
-    where = (f"its parent {type(parent).__name__} is not an nn.Sequential, so convert cannot "
-             "see what it is applied to (forward() decides)") if not sequential else (
-        f"it follows {type(previous).__name__}" if previous is not None
-        else "it is the first module of its nn.Sequential")
+    where = (
+        (
+            f"its parent {type(parent).__name__} is not an nn.Sequential, so convert cannot "
+            "see what it is applied to (forward() decides)"
+        )
+        if not sequential
+        else (
+            f"it follows {type(previous).__name__}"
+            if previous is not None
+            else "it is the first module of its nn.Sequential"
+        )
+    )
     if parent is None:
         where = "it is the whole model"
     if not fold:
@@ -117,24 +152,50 @@ def _plain_reason(module, parent, previous: Optional[nn.Module], fold: bool = Tr
         return f"ELU alpha={module.alpha}: the kernels implement alpha=1 only"
     if type(module) is nn.MaxPool2d:
         if _pool_size(module) is None:
-            return (f"not folded: {_describe_pool(module)}; only kernel = stride without padding, "
-                    "dilation, ceil_mode or return_indices has a MaxUnpool feedback")
-        return (f"not folded: {where}; a max-pool is folded only after a converted Conv2d and its "
-                "folded activation in an nn.Sequential")
-    if isinstance(module, (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Hardswish,
-                           nn.Hardsigmoid, nn.Sigmoid, nn.Softplus, nn.Mish, nn.SELU, nn.CELU,
-                           nn.Hardtanh)):
+            return (
+                f"not folded: {_describe_pool(module)}; only kernel = stride without padding, "
+                "dilation, ceil_mode or return_indices has a MaxUnpool feedback"
+            )
+        return (
+            f"not folded: {where}; a max-pool is folded only after a converted Conv2d and its "
+            "folded activation in an nn.Sequential"
+        )
+    if isinstance(
+        module,
+        (
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.PReLU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Sigmoid,
+            nn.Softplus,
+            nn.Mish,
+            nn.SELU,
+            nn.CELU,
+            nn.Hardtanh,
+        ),
+    ):
         return "activation without a DTP counterpart (the blocks fold ReLU, ELU(alpha=1), Tanh)"
     if isinstance(module, (nn.Flatten, nn.Unflatten)):
         return "reshape"
     if isinstance(module, nn.modules.pooling._MaxPoolNd) or isinstance(
-            module, (nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                     nn.modules.pooling._AdaptiveAvgPoolNd)):
+        module,
+        (
+            nn.modules.pooling._AdaptiveMaxPoolNd,
+            nn.modules.pooling._AvgPoolNd,
+            nn.modules.pooling._AdaptiveAvgPoolNd,
+        ),
+    ):
         return "pooling without a DTP counterpart (only MaxPool2d with kernel = stride folds)"
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return "no DTP counterpart (parameter-free)"
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return f"a subclass ({type(module).__qualname__}), not torch.nn.{type(module).__name__} itself"
+        return (
+            f"a subclass ({type(module).__qualname__}), not torch.nn.{type(module).__name__} itself"
+        )
     if any(True for _ in module.parameters(recurse=False)):
         return "no DTP counterpart"
     return "no DTP counterpart (parameter-free)"
@@ -153,16 +214,30 @@ def _convert_children(parent, prefix, beta, fold, report, placeholders):
         if block is None:
             if why:
                 report.left.append((full, type(child).__name__, why))
-            elif child is not None and not isinstance(child, DTPBlock) and id(child) not in placeholders:
+            elif (
+                child is not None
+                and not isinstance(child, DTPBlock)
+                and id(child) not in placeholders
+            ):
                 if list(child.children()):
                     if any(True for _ in child.parameters(recurse=False)):
-                        report.left.append((full, type(child).__name__, "its own parameters (not "
-                                            "those of its children) have no DTP counterpart"))
+                        report.left.append(
+                            (
+                                full,
+                                type(child).__name__,
+                                "its own parameters (not "
+                                "those of its children) have no DTP counterpart",
+                            )
+                        )
                     _convert_children(child, full + ".", beta, fold, report, placeholders)
                 else:
-                    report.left.append((full, type(child).__name__,
-                                        _plain_reason(child, parent, previous if sequential else None,
-                                                      fold)))
+                    report.left.append(
+                        (
+                            full,
+                            type(child).__name__,
+                            _plain_reason(child, parent, previous if sequential else None, fold),
+                        )
+                    )
             previous = child
             i += 1
             continue
@@ -198,8 +273,15 @@ def _placeholder(placeholders: set) -> nn.Identity:
     return identity
 
 
-def convert(model: nn.Module, *, beta: float = 0.7, fold: bool = True, inplace: bool = False,
-            verbose: bool = False, return_report: bool = False):
+def convert(
+    model: nn.Module,
+    *,
+    beta: float = 0.7,
+    fold: bool = True,
+    inplace: bool = False,
+    verbose: bool = False,
+    return_report: bool = False,
+):
     """Return `model` with every nn.Linear / nn.Conv2d replaced by its DTP block.
 
     Forward weights are kept (the same values, so outputs are unchanged); feedback weights are

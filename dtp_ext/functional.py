@@ -5,9 +5,8 @@ with autograd: dtp_ext.Linear/Conv2d run `block_forward` as their forward, and t
 reference (reference.py) and the training command's baselines build on both. `ldrl_loss` is
 the fused L-DRL loss of one block, through the same kernels as FeedbackTrainer.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +24,19 @@ def _identity(z):
     return z
 
 
-def activation_fn(name: Optional[str]):
+def activation_fn(name: str | None):
     """The function phi of a block's `activation` (None, or the kernels' 'none': identity)."""
     return _identity if name in (None, "none") else _ACTIVATIONS[name][0]
 
 
-def activation_name(module: nn.Module) -> Optional[str]:
+def activation_name(module: nn.Module) -> str | None:
     """The `activation` whose torch.nn module `module` is an instance of (exactly), else None."""
     return next((name for name, (_, cls) in _ACTIVATIONS.items() if type(module) is cls), None)
 
 
-def block_forward(x, weight, bias=None, *, activation=None, pool=None, stride=1, padding=0,
-                  dilation=1, groups=1):
+def block_forward(
+    x, weight, bias=None, *, activation=None, pool=None, stride=1, padding=0, dilation=1, groups=1
+):
     """(s, pool indices or None, shape of phi(op(x))) of s = pool(phi(op(x))): op is F.linear
     for a 2-D weight (x: rows), else F.conv2d (x: NCHW, numeric padding); pool is a max-pool
     with kernel = stride = `pool` (None or 1: none)."""
@@ -51,9 +51,21 @@ def block_forward(x, weight, bias=None, *, activation=None, pool=None, stride=1,
     return h, None, h.shape
 
 
-def feedback_block(y, feedback_weight, feedback_bias, input_shape, indices=None,
-                   pre_pool_shape=None, *, activation=None, pool=None, stride=1, padding=0,
-                   dilation=1, groups=1):
+def feedback_block(
+    y,
+    feedback_weight,
+    feedback_bias,
+    input_shape,
+    indices=None,
+    pre_pool_shape=None,
+    *,
+    activation=None,
+    pool=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+):
     """G(y) = V phi(unpool(y)) + c (SPEC §1): MaxUnpool2d with the forward's indices, the
     activation, then the linear / transposed-conv map with the same stride, padding and
     dilation as the forward conv, its output sized to the forward input's `input_shape`."""
@@ -64,11 +76,19 @@ def feedback_block(y, feedback_weight, feedback_bias, input_shape, indices=None,
         return F.linear(u, feedback_weight, feedback_bias)
     stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
     kernel_size = feedback_weight.shape[2:]
-    output_padding = [input_shape[2 + d] - ((u.shape[2 + d] - 1) * stride[d] - 2 * padding[d]
-                                            + dilation[d] * (kernel_size[d] - 1) + 1)
-                      for d in range(2)]
-    return F.conv_transpose2d(u, feedback_weight, feedback_bias, stride, padding, output_padding,
-                              groups, dilation)
+    output_padding = [
+        input_shape[2 + d]
+        - (
+            (u.shape[2 + d] - 1) * stride[d]
+            - 2 * padding[d]
+            + dilation[d] * (kernel_size[d] - 1)
+            + 1
+        )
+        for d in range(2)
+    ]
+    return F.conv_transpose2d(
+        u, feedback_weight, feedback_bias, stride, padding, output_padding, groups, dilation
+    )
 
 
 def _pair(v):
@@ -83,7 +103,9 @@ def ldrl_loss(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tens
     FeedbackTrainer; the bias gradient is exactly zero (both loss terms are differences of G,
     so c cancels)."""
     if not hasattr(block, "geometry") or not hasattr(block, "feedback_weight"):
-        raise TypeError(f"ldrl_loss: layer must be a dtp_ext.Linear or dtp_ext.Conv2d, got {type(block).__name__}")
+        raise TypeError(
+            f"ldrl_loss: layer must be a dtp_ext.Linear or dtp_ext.Conv2d, got {type(block).__name__}"
+        )
     weight = block.weight
     if weight.dim() == 2:
         x = x.reshape(-1, weight.shape[1])
@@ -91,5 +113,6 @@ def ldrl_loss(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tens
         noise_y = noise_y.reshape(x.shape[0], weight.shape[0])
     elif x.dim() == 3:
         x, noise_x, noise_y = x.unsqueeze(0), noise_x.unsqueeze(0), noise_y.unsqueeze(0)
-    return ops.ldrl_loss(x, weight, block.bias, block.feedback_weight, noise_x, noise_y,
-                         block.geometry())
+    return ops.ldrl_loss(
+        x, weight, block.bias, block.feedback_weight, noise_x, noise_y, block.geometry()
+    )

@@ -10,13 +10,14 @@ The scale is process-wide, not thread-local, because autograd runs a CUDA backwa
 device threads; a backward started inside the `with` block sees it on any thread. Nested
 scales multiply.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from numbers import Real
-from typing import Iterator
 
 import torch
 
@@ -30,8 +31,10 @@ def _as_scale(k) -> float:
     if isinstance(k, torch.Tensor) and k.numel() == 1 and k.is_floating_point():
         k = float(k)
     if isinstance(k, bool) or not isinstance(k, Real) or not math.isfinite(k) or k <= 0:
-        raise ValueError(f"dtp_ext.loss_scale: k must be a finite number > 0 (the factor the loss "
-                         f"was multiplied by), got {k!r}")
+        raise ValueError(
+            f"dtp_ext.loss_scale: k must be a finite number > 0 (the factor the loss "
+            f"was multiplied by), got {k!r}"
+        )
     return float(k)
 
 
@@ -46,12 +49,12 @@ def _set(value: float):
 def loss_scale(k) -> Iterator[None]:
     """Backward passes inside this block come from a loss multiplied by `k`.
 
-        with dtp_ext.loss_scale(k):                       # manual scale
-            (k * loss).backward()
-        with dtp_ext.loss_scale(scaler.get_scale()):      # torch.amp.GradScaler
-            scaler.scale(loss).backward()
-        with dtp_ext.loss_scale(1 / n):                   # n accumulated micro-batches
-            (loss / n).backward()
+    with dtp_ext.loss_scale(k):                       # manual scale
+        (k * loss).backward()
+    with dtp_ext.loss_scale(scaler.get_scale()):      # torch.amp.GradScaler
+        scaler.scale(loss).backward()
+    with dtp_ext.loss_scale(1 / n):                   # n accumulated micro-batches
+        (loss / n).backward()
     """
     factor = _as_scale(k)
     previous = _scale

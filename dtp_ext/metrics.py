@@ -1,8 +1,8 @@
 """Alignment metrics between forward and feedback weights (SPEC §6)."""
+
 from __future__ import annotations
 
 import math
-from typing import Dict
 
 import torch
 from torch import nn
@@ -23,14 +23,16 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
 
 
-def weight_alignment(block) -> Dict[str, float]:
+def weight_alignment(block) -> dict[str, float]:
     """angle(W, V) in degrees and the relative distance |W - V| / |W| for one block."""
     w = block.weight.detach()
     v = feedback_in_forward_shape(block).detach()
-    return {"angle": angle_degrees(w, v),
-            "distance": float((w - v).double().norm() / w.double().norm())}
+    return {
+        "angle": angle_degrees(w, v),
+        "distance": float((w - v).double().norm() / w.double().norm()),
+    }
 
 
-def model_alignment(model: nn.Module) -> Dict[str, Dict[str, float]]:
+def model_alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     """weight_alignment for every DTP block of a model, by module name."""
     return {name: weight_alignment(block) for name, block in dtp_blocks(model)}

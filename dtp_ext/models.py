@@ -8,10 +8,11 @@ MNIST); for small images (below 64x64: all of MNIST, Fashion-MNIST, CIFAR-10 and
 32x32) the early downsampling that would shrink them to a few pixels is removed, as the usual
 CIFAR variants do: see ADAPTATIONS (also in docs/training.md).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -20,9 +21,13 @@ from .nn import Conv2d, Linear
 SIMPLE_VGG_CHANNELS = (128, 128, 256, 256, 512)
 
 
-def simple_vgg(num_classes: int = 10, in_channels: int = 3,
-               widths: Sequence[int] = SIMPLE_VGG_CHANNELS, beta: float = 0.7,
-               input_size: int = 32) -> nn.Sequential:
+def simple_vgg(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    widths: Sequence[int] = SIMPLE_VGG_CHANNELS,
+    beta: float = 0.7,
+    input_size: int = 32,
+) -> nn.Sequential:
     """SimpleVGG (SPEC §1): five conv3x3 (stride 1, padding 1) -> ELU -> maxpool 2x2 blocks
     named conv1..conv5, flatten, and `fc`: Linear(widths[-1] * (input_size/32)^2 -> classes).
     2,221,706 parameters for 10 classes on 32x32 inputs."""
@@ -36,29 +41,34 @@ def simple_vgg(num_classes: int = 10, in_channels: int = 3,
     return nn.Sequential(layers)
 
 
-def mnist_convnet(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
-                  beta: float = 0.7) -> nn.Sequential:
+def mnist_convnet(
+    num_classes: int = 10, in_channels: int = 1, input_size: int = 28, beta: float = 0.7
+) -> nn.Sequential:
     """conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear: the SPEC §4 "Stability" network."""
     side = ((input_size - 4) // 2 - 4) // 2
-    return nn.Sequential(OrderedDict([
-        ("conv1", Conv2d(in_channels, 16, 5, activation="elu", pool=2, beta=beta)),
-        ("conv2", Conv2d(16, 32, 5, activation="elu", pool=2, beta=beta)),
-        ("flatten", nn.Flatten()),
-        ("fc", Linear(32 * side * side, num_classes, beta=beta)),
-    ]))
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", Conv2d(in_channels, 16, 5, activation="elu", pool=2, beta=beta)),
+                ("conv2", Conv2d(16, 32, 5, activation="elu", pool=2, beta=beta)),
+                ("flatten", nn.Flatten()),
+                ("fc", Linear(32 * side * side, num_classes, beta=beta)),
+            ]
+        )
+    )
 
 
 SMALL = 64  # inputs below SMALL x SMALL get the small-image adaptations
 
-ADAPTATIONS: Dict[str, str] = {
+ADAPTATIONS: dict[str, str] = {
     "resnet18": "stem conv 7x7 stride 2 -> 3x3 stride 1 padding 1 and no max-pool (the CIFAR "
-                "ResNet stem); 28x28 and 32x32 inputs then reach the last stage at 4x4",
+    "ResNet stem); 28x28 and 32x32 inputs then reach the last stage at 4x4",
     "vgg11_bn": "average pool to 1x1 instead of 7x7 and a 512 -> 4096 first classifier layer "
-                "(instead of 25088 -> 4096, which would only see 49 copies of a 1x1 map); on "
-                "inputs below 32x32 the last max-pool is dropped (28 -> 1x1 after four pools)",
+    "(instead of 25088 -> 4096, which would only see 49 copies of a 1x1 map); on "
+    "inputs below 32x32 the last max-pool is dropped (28 -> 1x1 after four pools)",
     "mobilenet_v2": "stem conv stride 2 -> 1 (32x32 inputs reach the last stage at 2x2)",
     "squeezenet1_1": "stem conv stride 2 -> 1 with padding 1 (32x32 inputs reach the "
-                     "classifier at 3x3 instead of 1x1)",
+    "classifier at 3x3 instead of 1x1)",
     "resnet-small": "none needed: built for small images (3x3 stem, stride 1, no max-pool)",
 }
 
@@ -67,9 +77,11 @@ def _torchvision():
     try:
         import torchvision
     except ImportError:
-        raise ImportError("the torchvision models (" + "|".join(sorted(ADAPTATIONS)) + ") need "
-                          "torchvision, an optional extra: pip install torchvision (or "
-                          "pip install 'dtp_ext[vision]')") from None
+        raise ImportError(
+            "the torchvision models (" + "|".join(sorted(ADAPTATIONS)) + ") need "
+            "torchvision, an optional extra: pip install torchvision (or "
+            "pip install 'dtp_ext[vision]')"
+        ) from None
     return torchvision
 
 
@@ -113,8 +125,9 @@ def _mobilenet_v2(tv, channels: int, size: int, classes: int) -> nn.Module:
     model = tv.models.mobilenet_v2(weights=None, num_classes=classes)
     stem = model.features[0][0]
     if size < SMALL or channels != 3:
-        model.features[0][0] = _kaiming_conv(nn.Conv2d(channels, stem.out_channels, 3,
-                                                       1 if size < SMALL else 2, 1, bias=False))
+        model.features[0][0] = _kaiming_conv(
+            nn.Conv2d(channels, stem.out_channels, 3, 1 if size < SMALL else 2, 1, bias=False)
+        )
     return model
 
 
@@ -133,9 +146,12 @@ class SmallResNet(nn.Module):
     shortcut at the start of stages 2 and 3), global average pool, Linear. 16 DTP blocks
     once converted; about 25x fewer multiply-adds than resnet18's CIFAR variant."""
 
-    def __init__(self, tv, channels: int, classes: int, widths=(16, 32, 64), blocks_per_stage: int = 2):
+    def __init__(
+        self, tv, channels: int, classes: int, widths=(16, 32, 64), blocks_per_stage: int = 2
+    ):
         super().__init__()
         from torchvision.models.resnet import BasicBlock, conv1x1
+
         self.conv1 = _kaiming_conv(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False))
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -144,8 +160,9 @@ class SmallResNet(nn.Module):
             stride = 1 if i == 0 else 2
             downsample = None
             if stride != 1 or width_in != width:
-                downsample = nn.Sequential(_kaiming_conv(conv1x1(width_in, width, stride)),
-                                           nn.BatchNorm2d(width))
+                downsample = nn.Sequential(
+                    _kaiming_conv(conv1x1(width_in, width, stride)), nn.BatchNorm2d(width)
+                )
             layers = [BasicBlock(width_in, width, stride, downsample)]
             layers += [BasicBlock(width, width) for _ in range(blocks_per_stage - 1)]
             stages.append(nn.Sequential(*layers))
@@ -167,9 +184,13 @@ def _resnet_small(tv, channels: int, size: int, classes: int) -> nn.Module:
     return SmallResNet(tv, channels, classes)
 
 
-BUILDERS: Dict[str, Callable] = {"resnet18": _resnet18, "vgg11_bn": _vgg11_bn,
-                                 "mobilenet_v2": _mobilenet_v2, "squeezenet1_1": _squeezenet1_1,
-                                 "resnet-small": _resnet_small}
+BUILDERS: dict[str, Callable] = {
+    "resnet18": _resnet18,
+    "vgg11_bn": _vgg11_bn,
+    "mobilenet_v2": _mobilenet_v2,
+    "squeezenet1_1": _squeezenet1_1,
+    "resnet-small": _resnet_small,
+}
 
 
 def torchvision_model(name: str, channels: int, size: int, classes: int) -> nn.Module:

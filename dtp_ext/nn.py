@@ -10,10 +10,10 @@ A block computes s = pool(phi(op(x))). Its backward pass (SPEC §3) returns weig
 the block's own local vector-Jacobian product, and hands the previous block the difference
 target in gradient units, delta_in = (G(s) - G(s - beta*B*delta)) / (beta*B).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -31,8 +31,15 @@ def _check_block_options(cls_name: str, activation, pool, beta):
     if activation not in ACTIVATIONS:
         raise ValueError(f"{cls_name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-        raise ValueError(f"{cls_name}: pool must be None or an int >= 1 (max-pool kernel = stride), got {pool!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(
+            f"{cls_name}: pool must be None or an int >= 1 (max-pool kernel = stride), got {pool!r}"
+        )
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, (int, float))
+        or not math.isfinite(beta)
+        or beta <= 0
+    ):
         raise ValueError(f"{cls_name}: beta must be a finite number > 0, got {beta!r}")
 
 
@@ -59,8 +66,9 @@ class _DTPBlockFunction(torch.autograd.Function):
         delta = delta.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_bias = ops.block_weight_grad(x, output, indices, delta, weight,
-                                                           ctx.geometry)
+            grad_weight, grad_bias = ops.block_weight_grad(
+                x, output, indices, delta, weight, ctx.geometry
+            )
             if not ctx.needs_input_grad[2]:
                 grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -69,8 +77,15 @@ class _DTPBlockFunction(torch.autograd.Function):
             feedback_weight = ctx.block.feedback_weight
             if feedback_weight.dtype != delta.dtype:
                 feedback_weight = feedback_weight.to(delta.dtype)
-            grad_x = _propagate_target(output, indices, delta, feedback_weight,
-                                       ctx.beta * x.shape[0], x.shape, ctx.geometry)
+            grad_x = _propagate_target(
+                output,
+                indices,
+                delta,
+                feedback_weight,
+                ctx.beta * x.shape[0],
+                x.shape,
+                ctx.geometry,
+            )
         return grad_x, grad_weight, grad_bias, None
 
 
@@ -81,13 +96,24 @@ def _propagate_target(output, indices, delta, feedback_weight, step, input_shape
         # A compiled backward reads the scale from a tensor at run time (a Python float would
         # be frozen into the graph when it is traced).
         k = loss_scaling.scale_tensor()
-        return ops.propagate_target(output, indices, delta / k, feedback_weight, step,
-                                    input_shape, geometry) * k
-    return ops.propagate_target(output, indices, delta, feedback_weight,
-                                step / loss_scaling.current_loss_scale(), input_shape, geometry)
+        return (
+            ops.propagate_target(
+                output, indices, delta / k, feedback_weight, step, input_shape, geometry
+            )
+            * k
+        )
+    return ops.propagate_target(
+        output,
+        indices,
+        delta,
+        feedback_weight,
+        step / loss_scaling.current_loss_scale(),
+        input_shape,
+        geometry,
+    )
 
 
-def _autocast_dtype(x, weight) -> Optional[torch.dtype]:
+def _autocast_dtype(x, weight) -> torch.dtype | None:
     """The dtype a block's op runs in under torch.autocast on x's device (None: no autocast,
     or nothing to cast: autocast lowers only float32 tensors)."""
     device = x.device.type
@@ -102,8 +128,8 @@ def _autocast_dtype(x, weight) -> Optional[torch.dtype]:
 class DTPBlock:
     """Behaviour shared by dtp_ext.Linear and dtp_ext.Conv2d (a mixin over the nn module)."""
 
-    activation: Optional[str]
-    pool: Optional[int]
+    activation: str | None
+    pool: int | None
     beta: float
 
     def _init_dtp(self, activation, pool, beta, feedback_shape, feedback_bias_size, factory):
@@ -114,12 +140,12 @@ class DTPBlock:
         self.register_buffer("feedback_weight", torch.empty(feedback_shape, **factory))
         self.register_buffer("feedback_bias", torch.empty(feedback_bias_size, **factory))
         self.reset_feedback_parameters()
-        self._recorded_input: Optional[torch.Tensor] = None
+        self._recorded_input: torch.Tensor | None = None
         # Data flow of the latest training-mode forward: whether the input required grad (it
         # then needs a target, so FeedbackTrainer trains this block; None: not seen with
         # autograd on) and when the block ran (FeedbackTrainer orders blocks by it).
-        self._input_needs_target: Optional[bool] = None
-        self._forward_stamp: Optional[torch.Tensor] = None
+        self._input_needs_target: bool | None = None
+        self._forward_stamp: torch.Tensor | None = None
 
     # -- subclass hooks -------------------------------------------------------------------
     def functional_kwargs(self) -> dict:
@@ -135,9 +161,12 @@ class DTPBlock:
         layout, with autograd on whatever requires grad; the block's own weights unless others
         are given. The one forward of a block: the layer, the reference and the training
         command's baselines all run it."""
-        return functional.block_forward(x, self.weight if weight is None else weight,
-                                        self.bias if bias is None else bias,
-                                        **self.functional_kwargs())
+        return functional.block_forward(
+            x,
+            self.weight if weight is None else weight,
+            self.bias if bias is None else bias,
+            **self.functional_kwargs(),
+        )
 
     def forward_with_indices(self, x, weight=None, bias=None):
         """(s, pool indices or None): forward_block without the pre-pool shape."""
@@ -159,25 +188,26 @@ class DTPBlock:
             self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
             if torch.is_grad_enabled():
                 self._input_needs_target = x.requires_grad
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
             return _DTPBlockFunction.apply(x, weight, bias, self)
         return self.forward_with_indices(x, weight, bias)[0]
 
     @property
-    def recorded_input(self) -> Optional[torch.Tensor]:
+    def recorded_input(self) -> torch.Tensor | None:
         """Input of the latest training-mode forward pass (None before the first one)."""
         return self._recorded_input
 
     @property
-    def input_needs_target(self) -> Optional[bool]:
+    def input_needs_target(self) -> bool | None:
         """Whether the input of the latest training-mode forward pass with autograd on required
         grad, i.e. something trainable produced it and it needs a target (SPEC §10); None
         before such a pass."""
         return self._input_needs_target
 
     @property
-    def forward_stamp(self) -> Optional[int]:
+    def forward_stamp(self) -> int | None:
         """A process-wide counter value taken at this block's latest training-mode forward:
         blocks sorted by it are in forward execution order."""
         return None if self._forward_stamp is None else int(self._forward_stamp)
@@ -194,11 +224,26 @@ class DTPBlock:
 class Linear(DTPBlock, nn.Linear):
     """nn.Linear with a learned feedback block G(y) = V phi(y) + c, V of shape (in, out)."""
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 activation=None, beta=0.7):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        device=None,
+        dtype=None,
+        *,
+        activation=None,
+        beta=0.7,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_dtp(activation, None, beta, (in_features, out_features), in_features,
-                       {"device": device, "dtype": dtype})
+        self._init_dtp(
+            activation,
+            None,
+            beta,
+            (in_features, out_features),
+            in_features,
+            {"device": device, "dtype": dtype},
+        )
 
     def reset_feedback_parameters(self):
         # PyTorch's default init of nn.Linear(out_features, in_features), drawn independently.
@@ -214,8 +259,10 @@ class Linear(DTPBlock, nn.Linear):
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"dtp_ext.Linear: input must have {self.in_features} features in its "
-                             f"last dimension, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"dtp_ext.Linear: input must have {self.in_features} features in its "
+                f"last dimension, got shape {tuple(x.shape)}"
+            )
         rows = x.reshape(-1, self.in_features)  # every row is a sample of the batch mean
         return self._dtp_forward(rows).reshape(*x.shape[:-1], self.out_features)
 
@@ -226,8 +273,10 @@ def _numeric_padding(padding, kernel_size, dilation):
     if padding == "same":
         totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
         if any(t % 2 for t in totals):
-            raise ValueError("dtp_ext.Conv2d: padding='same' needs an odd effective kernel size "
-                             f"(symmetric padding), got kernel_size={kernel_size}, dilation={dilation}")
+            raise ValueError(
+                "dtp_ext.Conv2d: padding='same' needs an odd effective kernel size "
+                f"(symmetric padding), got kernel_size={kernel_size}, dilation={dilation}"
+            )
         return tuple(t // 2 for t in totals)
     return tuple(padding)
 
@@ -239,20 +288,53 @@ class Conv2d(DTPBlock, nn.Conv2d):
     identical tensor the feedback's linear part is the exact adjoint of the conv (SPEC §1).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 activation=None, pool=None, beta=0.7):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        activation=None,
+        pool=None,
+        beta=0.7,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         if padding_mode != "zeros":
-            raise ValueError("dtp_ext.Conv2d: padding_mode must be 'zeros' (the feedback block is "
-                             f"the adjoint of a zero-padded conv), got {padding_mode!r}")
+            raise ValueError(
+                "dtp_ext.Conv2d: padding_mode must be 'zeros' (the feedback block is "
+                f"the adjoint of a zero-padded conv), got {padding_mode!r}"
+            )
         # padding as numbers (nn.Conv2d also accepts 'same'/'valid'): what the feedback block's
         # transposed conv and the kernels take.
         self.numeric_padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
-        self._init_dtp(activation, pool, beta, self.weight.shape, in_channels,
-                       {"device": device, "dtype": dtype})
+        self._init_dtp(
+            activation,
+            pool,
+            beta,
+            self.weight.shape,
+            in_channels,
+            {"device": device, "dtype": dtype},
+        )
 
     def reset_feedback_parameters(self):
         # PyTorch's default init of the matching nn.ConvTranspose2d, drawn independently.
@@ -262,26 +344,50 @@ class Conv2d(DTPBlock, nn.Conv2d):
         nn.init.uniform_(self.feedback_bias, -bound, bound)
 
     def functional_kwargs(self):
-        return {"activation": self.activation, "pool": self.pool, "stride": self.stride,
-                "padding": self.numeric_padding, "dilation": self.dilation, "groups": self.groups}
+        return {
+            "activation": self.activation,
+            "pool": self.pool,
+            "stride": self.stride,
+            "padding": self.numeric_padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+        }
 
     def geometry(self):
-        return BlockGeometry(tuple(self.stride), tuple(self.numeric_padding), tuple(self.dilation),
-                             self.groups, self.activation or "none",
-                             self.pool if self.pool and self.pool > 1 else 0)
+        return BlockGeometry(
+            tuple(self.stride),
+            tuple(self.numeric_padding),
+            tuple(self.dilation),
+            self.groups,
+            self.activation or "none",
+            self.pool if self.pool and self.pool > 1 else 0,
+        )
 
     def forward(self, x):
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"dtp_ext.Conv2d: input must be (N, {self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"dtp_ext.Conv2d: input must be (N, {self.in_channels}, H, W), "
+                f"got shape {tuple(x.shape)}"
+            )
         if self.pool and self.pool > 1:
-            size = [(x.shape[2 + d] + 2 * self.numeric_padding[d] - self.dilation[d] * (self.kernel_size[d] - 1)
-                     - 1) // self.stride[d] + 1 for d in range(2)]
+            size = [
+                (
+                    x.shape[2 + d]
+                    + 2 * self.numeric_padding[d]
+                    - self.dilation[d] * (self.kernel_size[d] - 1)
+                    - 1
+                )
+                // self.stride[d]
+                + 1
+                for d in range(2)
+            ]
             if min(size) < self.pool:
-                raise ValueError(f"dtp_ext.Conv2d: pool={self.pool} is larger than the conv's output "
-                                 f"map ({size[0]}x{size[1]} for an input of {x.shape[2]}x{x.shape[3]})")
+                raise ValueError(
+                    f"dtp_ext.Conv2d: pool={self.pool} is larger than the conv's output "
+                    f"map ({size[0]}x{size[1]} for an input of {x.shape[2]}x{x.shape[3]})"
+                )
         return self._dtp_forward(x)
 
 

@@ -6,11 +6,12 @@ elementwise passes are private ops (torch.ops.dtp_ext._*) with one kernel per de
 (csrc/cpu/, csrc/cuda/); the dispatcher picks the kernels from the tensors' device. There is no Python fallback: if the compiled library
 is missing, importing dtp_ext fails.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -18,6 +19,7 @@ try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as exc:  # a source tree without its build, or a build for another torch
     import os as _os
+
     raise ImportError(
         f"dtp_ext: the compiled kernels (dtp_ext._C) cannot be loaded from "
         f"{_os.path.dirname(__file__)} ({exc}). Build them where this package lives: "
@@ -29,11 +31,20 @@ from . import fake_kernels
 
 _ops = torch.ops.dtp_ext
 
-OP_NAMES = ("ldrl_loss", "ldrl_feedback_loop", "reconstruction_feedback_loop", "propagate_target",
-            "block_weight_grad")
+OP_NAMES = (
+    "ldrl_loss",
+    "ldrl_feedback_loop",
+    "reconstruction_feedback_loop",
+    "propagate_target",
+    "block_weight_grad",
+)
 # The fused elementwise passes that the ops above call from C++, one kernel per device.
-PRIVATE_OP_NAMES = ("_phi_unpool_difference", "_noisy_difference", "_sgd_ldrl_update",
-                    "_activation_pool_backward")
+PRIVATE_OP_NAMES = (
+    "_phi_unpool_difference",
+    "_noisy_difference",
+    "_sgd_ldrl_update",
+    "_activation_pool_backward",
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,14 @@ class BlockGeometry:
     pool: int = 0
 
     def args(self):
-        return (list(self.stride), list(self.padding), list(self.dilation), self.groups,
-                self.activation, self.pool)
+        return (
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+            self.activation,
+            self.pool,
+        )
 
 
 def ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, geometry: BlockGeometry):
@@ -57,33 +74,95 @@ def ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, geometry: Bloc
     return _ops.ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, *geometry.args())
 
 
-def ldrl_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
-                       momentum_bias, iterations: int, noise_std: float, lr: float,
-                       momentum: float, weight_decay: float, chunk_iterations: int,
-                       geometry: BlockGeometry, noise_x=None, noise_y=None):
+def ldrl_feedback_loop(
+    x,
+    weight,
+    bias,
+    feedback_weight,
+    feedback_bias,
+    momentum_weight,
+    momentum_bias,
+    iterations: int,
+    noise_std: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    chunk_iterations: int,
+    geometry: BlockGeometry,
+    noise_x=None,
+    noise_y=None,
+):
     """Runs the K-iteration L-DRL loop in place on the feedback weights; returns the losses."""
     return _ops.ldrl_feedback_loop(
-        x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias,
-        int(iterations), float(noise_std), float(lr), float(momentum), float(weight_decay),
-        int(chunk_iterations), noise_x, noise_y, *geometry.args())
+        x,
+        weight,
+        bias,
+        feedback_weight,
+        feedback_bias,
+        momentum_weight,
+        momentum_bias,
+        int(iterations),
+        float(noise_std),
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        int(chunk_iterations),
+        noise_x,
+        noise_y,
+        *geometry.args(),
+    )
 
 
-def reconstruction_feedback_loop(x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
-                                 momentum_bias, iterations: int, noise_std: float, lr: float,
-                                 momentum: float, weight_decay: float, chunk_iterations: int,
-                                 geometry: BlockGeometry, noise_x=None):
+def reconstruction_feedback_loop(
+    x,
+    weight,
+    bias,
+    feedback_weight,
+    feedback_bias,
+    momentum_weight,
+    momentum_bias,
+    iterations: int,
+    noise_std: float,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    chunk_iterations: int,
+    geometry: BlockGeometry,
+    noise_x=None,
+):
     """Vanilla DTP's feedback training (reconstruction loss), in place; returns the losses."""
     return _ops.reconstruction_feedback_loop(
-        x, weight, bias, feedback_weight, feedback_bias, momentum_weight, momentum_bias,
-        int(iterations), float(noise_std), float(lr), float(momentum), float(weight_decay),
-        int(chunk_iterations), noise_x, *geometry.args())
+        x,
+        weight,
+        bias,
+        feedback_weight,
+        feedback_bias,
+        momentum_weight,
+        momentum_bias,
+        int(iterations),
+        float(noise_std),
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        int(chunk_iterations),
+        noise_x,
+        *geometry.args(),
+    )
 
 
-def propagate_target(output, indices, delta, feedback_weight, scale: float,
-                     input_sizes: Sequence[int], geometry: BlockGeometry):
+def propagate_target(
+    output,
+    indices,
+    delta,
+    feedback_weight,
+    scale: float,
+    input_sizes: Sequence[int],
+    geometry: BlockGeometry,
+):
     """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (SPEC §3, scale = beta * B)."""
-    return _ops.propagate_target(output, indices, delta, feedback_weight, float(scale),
-                                 list(input_sizes), *geometry.args())
+    return _ops.propagate_target(
+        output, indices, delta, feedback_weight, float(scale), list(input_sizes), *geometry.args()
+    )
 
 
 def block_weight_grad(x, output, indices, delta, weight, geometry: BlockGeometry):
@@ -112,7 +191,9 @@ def deferred_finite_checks(where: str = "everywhere") -> Iterator[None]:
     `check_non_finite()` yourself (e.g. before `optimizer.step()`) to catch a non-finite
     backward pass before the optimizer applies it, or let torch.amp.GradScaler skip the step."""
     if where not in _DEFER_MODES:
-        raise ValueError(f"deferred_finite_checks: where must be one of {sorted(_DEFER_MODES)}, got {where!r}")
+        raise ValueError(
+            f"deferred_finite_checks: where must be one of {sorted(_DEFER_MODES)}, got {where!r}"
+        )
     previous = _C.defer_finite_checks(_DEFER_MODES[where])
     try:
         yield
@@ -120,7 +201,7 @@ def deferred_finite_checks(where: str = "everywhere") -> Iterator[None]:
         _C.defer_finite_checks(previous)
 
 
-def pending_non_finite(device) -> "torch.Tensor | None":
+def pending_non_finite(device) -> torch.Tensor | None:
     """The device's deferred flag: an int32 0-d tensor, 0 or the code of an op that saw a
     non-finite input since the last check (None before any deferred check on that device)."""
     return _C.pending_non_finite(str(torch.device(device)))
@@ -142,8 +223,10 @@ def check_non_finite(device) -> None:
     code = 0 if flag is None else int(flag)
     clear_non_finite(device)
     if code:
-        raise ValueError(f"{non_finite_op(code)}: an input contained non-finite values (NaN or Inf) "
-                         "(a deferred check); every input of a fused op must be finite")
+        raise ValueError(
+            f"{non_finite_op(code)}: an input contained non-finite values (NaN or Inf) "
+            "(a deferred check); every input of a fused op must be finite"
+        )
 
 
 def finite_checks_enabled() -> bool:
@@ -162,8 +245,9 @@ def finite_checks(enabled: bool) -> Iterator[None]:
 
 def is_non_finite_input_error(exc: BaseException) -> bool:
     """Whether `exc` is a fused op refusing a NaN/Inf input (immediate or deferred check)."""
-    return isinstance(exc, ValueError) and ("contains non-finite values" in str(exc)
-                                            or "contained non-finite values" in str(exc))
+    return isinstance(exc, ValueError) and (
+        "contains non-finite values" in str(exc) or "contained non-finite values" in str(exc)
+    )
 
 
 def last_kernel() -> str:

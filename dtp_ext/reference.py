@@ -15,12 +15,13 @@ t_{n-1} = s_{n-1} + G(t_n) - G(s_n). Noise, when not given, is drawn per iterati
 (L-DRL only) eta from torch's default generator, the order the fused loops use, so the same
 seed gives the same noise.
 """
+
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,24 @@ from torch import nn
 from . import functional
 from .nn import DTPBlock, Linear
 
-__all__ = ["block_input", "forward_block", "feedback_block", "ldrl_loss", "ldrl_loss_and_grads",
-           "reconstruction_loss", "feedback_loop", "BlockRecord", "forward_records",
-           "first_target", "penultimate_gradient_target", "targets", "layer_loss_gradients",
-           "dtp_weight_gradients", "backprop_twin", "backprop_gradients"]
+__all__ = [
+    "block_input",
+    "forward_block",
+    "feedback_block",
+    "ldrl_loss",
+    "ldrl_loss_and_grads",
+    "reconstruction_loss",
+    "feedback_loop",
+    "BlockRecord",
+    "forward_records",
+    "first_target",
+    "penultimate_gradient_target",
+    "targets",
+    "layer_loss_gradients",
+    "dtp_weight_gradients",
+    "backprop_twin",
+    "backprop_gradients",
+]
 
 FEEDBACK_LOSSES = ("ldrl", "reconstruction")
 PENULTIMATE_TARGETS = ("feedback", "gradient")  # the first is SPEC §5's form (`targets`)
@@ -51,9 +66,15 @@ def forward_block(block, x, weight=None, bias=None):
 
 def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=None):
     """G(y) of `block` (its own feedback weights unless V, c are given), with autograd."""
-    return functional.feedback_block(y, block.feedback_weight if V is None else V,
-                                     block.feedback_bias if c is None else c, input_shape,
-                                     indices, pre_pool_shape, **block.functional_kwargs())
+    return functional.feedback_block(
+        y,
+        block.feedback_weight if V is None else V,
+        block.feedback_bias if c is None else c,
+        input_shape,
+        indices,
+        pre_pool_shape,
+        **block.functional_kwargs(),
+    )
 
 
 def ldrl_loss(block, x, noise_x, noise_y, V=None, c=None):
@@ -64,7 +85,9 @@ def ldrl_loss(block, x, noise_x, noise_y, V=None, c=None):
         y_noisy, indices_noisy, _ = forward_block(block, x + noise_x)
     r = feedback_block(block, y, indices, pre_shape, x.shape, V, c)
     r_noisy_x = feedback_block(block, y_noisy, indices_noisy, pre_shape, x.shape, V, c)
-    r_noisy_y = feedback_block(block, y + noise_y.reshape(y.shape), indices, pre_shape, x.shape, V, c)
+    r_noisy_y = feedback_block(
+        block, y + noise_y.reshape(y.shape), indices, pre_shape, x.shape, V, c
+    )
     noise_term = -2 * (noise_x * (r_noisy_x - r)).flatten(1).sum(1).mean()
     reconstruction = ((r_noisy_y - r) ** 2).flatten(1).sum(1).mean()
     return noise_term + reconstruction
@@ -88,9 +111,20 @@ def reconstruction_loss(block, x, eps, V=None, c=None):
     return ((x + eps - r) ** 2).flatten(1).sum(1).mean()
 
 
-def feedback_loop(block, x, iterations: int, noise_std: float, lr: float, momentum: float = 0.9,
-                  weight_decay: float = 0.0, noise_x=None, noise_y=None,
-                  optimizer_state: Optional[dict] = None, *, loss: str = "ldrl"):
+def feedback_loop(
+    block,
+    x,
+    iterations: int,
+    noise_std: float,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    noise_x=None,
+    noise_y=None,
+    optimizer_state: dict | None = None,
+    *,
+    loss: str = "ldrl",
+):
     """SPEC §2.2 (`loss="ldrl"`) or vanilla DTP's feedback training (`loss="reconstruction"`,
     SPEC §5; no noise_y) for one block with torch.optim.SGD, on copies of its feedback weights.
     Returns (V, c, losses, optimizer_state); pass optimizer_state back in to carry momentum
@@ -112,29 +146,42 @@ def feedback_loop(block, x, iterations: int, noise_std: float, lr: float, moment
             eta = None if noise_y is None else noise_y[k]
         else:
             eps = torch.randn(x.shape, dtype=x.dtype, device=x.device) * noise_std
-            eta = (torch.randn(y_shape, dtype=x.dtype, device=x.device) * noise_std
-                   if loss == "ldrl" else None)
-        value = (ldrl_loss(block, x, eps, eta, V, c) if loss == "ldrl"
-                 else reconstruction_loss(block, x, eps, V, c))
+            eta = (
+                torch.randn(y_shape, dtype=x.dtype, device=x.device) * noise_std
+                if loss == "ldrl"
+                else None
+            )
+        value = (
+            ldrl_loss(block, x, eps, eta, V, c)
+            if loss == "ldrl"
+            else reconstruction_loss(block, x, eps, V, c)
+        )
         opt.zero_grad()
         value.backward()
         opt.step()
         losses.append(value.detach())
-    return V.detach(), c.detach(), torch.stack(losses) if losses else x.new_empty(0), opt.state_dict()
+    return (
+        V.detach(),
+        c.detach(),
+        torch.stack(losses) if losses else x.new_empty(0),
+        opt.state_dict(),
+    )
 
 
 # -- a chain of blocks ----------------------------------------------------------------------
 @dataclass
 class BlockRecord:
     block: DTPBlock
-    position: int                 # index of the block among the chain's modules
-    input: torch.Tensor           # detached, in the block's op layout
-    output: torch.Tensor          # graph to this block's weights only
-    indices: Optional[torch.Tensor]
+    position: int  # index of the block among the chain's modules
+    input: torch.Tensor  # detached, in the block's op layout
+    output: torch.Tensor  # graph to this block's weights only
+    indices: torch.Tensor | None
     pre_pool_shape: torch.Size
 
 
-def forward_records(modules: Iterable[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, List[BlockRecord]]:
+def forward_records(
+    modules: Iterable[nn.Module], x: torch.Tensor
+) -> tuple[torch.Tensor, list[BlockRecord]]:
     """Output and per-block records of a chain of modules (DTP blocks, joined by reshapes),
     each block's input detached: layer-local losses train each block's own weights only."""
     records = []
@@ -157,8 +204,9 @@ def first_target(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> tor
     return (s - beta * grad).detach()
 
 
-def penultimate_gradient_target(records: List[BlockRecord], labels: torch.Tensor,
-                                beta: float) -> torch.Tensor:
+def penultimate_gradient_target(
+    records: list[BlockRecord], labels: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Lee et al. (2015)'s target for the last hidden block, t_{N-1} = s_{N-1} - beta *
     d(sum_b CE)/d s_{N-1}: one gradient step through the output block's own forward op (for
     the linear classifier, s_{N-1} - beta W^T (softmax - onehot))."""
@@ -170,15 +218,24 @@ def penultimate_gradient_target(records: List[BlockRecord], labels: torch.Tensor
     return (s - beta * grad).detach().reshape(records[-2].output.shape)
 
 
-def targets(logits: torch.Tensor, labels: torch.Tensor, records: List[BlockRecord], beta: float,
-            *, difference: bool = True, penultimate: str = "feedback") -> List[torch.Tensor]:
+def targets(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    records: list[BlockRecord],
+    beta: float,
+    *,
+    difference: bool = True,
+    penultimate: str = "feedback",
+) -> list[torch.Tensor]:
     """Targets t_1..t_N (paper form, SPEC §3) of DTP (`difference`: t_{n-1} = s_{n-1} +
     G_n(t_n) - G_n(s_n)) or TP (t_{n-1} = G_n(t_n)), all with clean pool indices. t_N = s_N -
     beta * grad of the sum-reduced CE; t_{N-1} through the output block's G ("feedback") or
     by `penultimate_gradient_target` ("gradient")."""
     if penultimate not in PENULTIMATE_TARGETS:
-        raise ValueError(f"penultimate target must be one of {PENULTIMATE_TARGETS}, got {penultimate!r}")
-    result: List[Optional[torch.Tensor]] = [None] * len(records)
+        raise ValueError(
+            f"penultimate target must be one of {PENULTIMATE_TARGETS}, got {penultimate!r}"
+        )
+    result: list[torch.Tensor | None] = [None] * len(records)
     result[-1] = first_target(logits, labels, beta)
     top = len(records) - 1  # the highest block whose feedback propagates a target down
     if penultimate == "gradient" and len(records) > 1:
@@ -189,18 +246,30 @@ def targets(logits: torch.Tensor, labels: torch.Tensor, records: List[BlockRecor
             r = records[n]
             t = feedback_block(r.block, result[n], r.indices, r.pre_pool_shape, r.input.shape)
             if difference:
-                t = r.input + t - feedback_block(r.block, r.output.detach(), r.indices,
-                                                 r.pre_pool_shape, r.input.shape)
+                t = (
+                    r.input
+                    + t
+                    - feedback_block(
+                        r.block, r.output.detach(), r.indices, r.pre_pool_shape, r.input.shape
+                    )
+                )
             result[n - 1] = t.reshape(records[n - 1].output.shape)
     return result
 
 
-def layer_loss_gradients(records: List[BlockRecord], targets: List[torch.Tensor], beta: float,
-                         *, accumulate: bool = False) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def layer_loss_gradients(
+    records: list[BlockRecord],
+    targets: list[torch.Tensor],
+    beta: float,
+    *,
+    accumulate: bool = False,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Gradients (weight, bias or None) of sum_n 1/2 mean_b |s_n - t_n|^2, divided by beta
     (this library's units). With `accumulate`, also added to the parameters' .grad."""
-    loss = sum(0.5 * ((r.output - t.reshape(r.output.shape)) ** 2).flatten(1).sum(1).mean()
-               for r, t in zip(records, targets))
+    loss = sum(
+        0.5 * ((r.output - t.reshape(r.output.shape)) ** 2).flatten(1).sum(1).mean()
+        for r, t in zip(records, targets)
+    )
     params = []
     for r in records:
         params += [r.block.weight] + ([r.block.bias] if r.block.bias is not None else [])
@@ -262,15 +331,17 @@ def backprop_twin(model: nn.Module) -> nn.Module:
             clone.train(module.training)
         else:
             clone = copy.copy(module)  # shares _parameters and _buffers (the same dicts)
-            clone._modules = OrderedDict((name, None if child is None else twin(child))
-                                         for name, child in module._modules.items())
+            clone._modules = OrderedDict(
+                (name, None if child is None else twin(child))
+                for name, child in module._modules.items()
+            )
         memo[id(module)] = clone
         return clone
 
     return twin(model)
 
 
-def backprop_gradients(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
+def backprop_gradients(model: nn.Module, blocks, x, y) -> list[torch.Tensor]:
     """Backprop's gradient of the batch-mean cross-entropy for each (name, block)'s weight,
     through `backprop_twin(model)`, so any model works. Eval mode: BatchNorm uses (and keeps)
     its running statistics."""

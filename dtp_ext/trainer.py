@@ -1,11 +1,12 @@
 """FeedbackTrainer: the L-DRL feedback phase (SPEC §2.2) for every trained block of a model."""
+
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,18 +14,18 @@ from torch import nn
 from . import ops
 from .nn import DTPBlock, dtp_blocks
 
-Number = Union[int, float]
+Number = int | float
 
 
 @dataclass
 class FeedbackReport:
     """What one FeedbackTrainer.step() did: per block, the loss of every iteration."""
 
-    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    kernels: Dict[str, str] = field(default_factory=dict)  # which compiled kernel ran, by block
-    _final_losses: Optional[Dict[str, float]] = field(default=None, repr=False)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)  # which compiled kernel ran, by block
+    _final_losses: dict[str, float] | None = field(default=None, repr=False)
 
-    def final_losses(self) -> Dict[str, float]:
+    def final_losses(self) -> dict[str, float]:
         """The last iteration's loss per block (read by the step's one synchronisation)."""
         if self._final_losses is None:
             self._final_losses = {n: float(l[-1]) for n, l in self.losses.items() if l.numel()}
@@ -33,6 +34,7 @@ class FeedbackReport:
 
 def _average_across_ranks(tensors, world: int):
     import torch.distributed as dist
+
     for t in tensors:
         dist.all_reduce(t)
         t.div_(world)
@@ -43,7 +45,7 @@ def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
     """Bytes one feedback iteration of `block` on input `x` holds while it is batched with
     others: what `memory_budget_mb` is divided by (docs/memory.md)."""
     out, _ = block.forward_with_indices(x[:1].to(block.weight.dtype))  # (x may be bfloat16)
-    pool_area = block.pool ** 2 if block.pool else 1
+    pool_area = block.pool**2 if block.pool else 1
     # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
     # input); the pooled output, eta and, with a pool, int64 indices.
     elements = 2 * x[0].numel() + 2 * out.numel() * pool_area + 2 * out.numel()
@@ -61,6 +63,7 @@ SYNC_MODES = (None, "gradients", "weights", "none")
 
 def _process_group_size() -> int:
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -71,7 +74,9 @@ def _check_values(name: str, value, *, integer: bool = False):
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"FeedbackTrainer: {name} entries must be finite numbers >= 0, got {v!r}")
+            raise ValueError(
+                f"FeedbackTrainer: {name} entries must be finite numbers >= 0, got {v!r}"
+            )
         if integer and int(v) != v:
             raise ValueError(f"FeedbackTrainer: {name} entries must be whole numbers, got {v!r}")
     cast = int if integer else float
@@ -134,39 +139,68 @@ class FeedbackTrainer:
     under torch.autocast that is the autocast dtype, again with float32 masters.
     """
 
-    def __init__(self, model: nn.Module, iterations, noise_std, lr, momentum: float = 0.9,
-                 weight_decay: float = 0.0, *, blocks: Optional[Sequence] = None,
-                 memory_budget_mb: float = 256.0, concurrent_blocks: bool = True,
-                 sync: Optional[str] = None, max_growth: Optional[float] = 100.0,
-                 compute_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        iterations,
+        noise_std,
+        lr,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        blocks: Sequence | None = None,
+        memory_budget_mb: float = 256.0,
+        concurrent_blocks: bool = True,
+        sync: str | None = None,
+        max_growth: float | None = 100.0,
+        compute_dtype: torch.dtype | None = None,
+    ):
         named = dtp_blocks(model)
         if not named:
-            raise ValueError("FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
-                             "build it from dtp_ext layers or call dtp_ext.convert(model) first")
+            raise ValueError(
+                "FeedbackTrainer: the model has no dtp_ext.Linear/Conv2d blocks; "
+                "build it from dtp_ext layers or call dtp_ext.convert(model) first"
+            )
         self._model_blocks = named
         self._chosen = None if blocks is None else self._select_blocks(named, blocks)
         self._spec = {}
-        self._bound: Optional[List] = None           # [(name, block)] the lists are bound to
-        self._hyper: Dict[str, tuple] = {}           # name -> (iterations, noise_std, lr)
+        self._bound: list | None = None  # [(name, block)] the lists are bound to
+        self._hyper: dict[str, tuple] = {}  # name -> (iterations, noise_std, lr)
         self.iterations = iterations
         self.noise_std = noise_std
         self.lr = lr
         if not (0 <= momentum < 1):
             raise ValueError(f"FeedbackTrainer: momentum must be in [0, 1), got {momentum!r}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}")
-        if (isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, Real)
-                or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0):
-            raise ValueError(f"FeedbackTrainer: memory_budget_mb must be a finite number > 0, got "
-                             f"{memory_budget_mb!r}")
-        if max_growth is not None and (isinstance(max_growth, bool) or not isinstance(max_growth, Real)
-                                       or not math.isfinite(max_growth) or max_growth <= 1):
-            raise ValueError(f"FeedbackTrainer: max_growth must be None or a finite number > 1, got "
-                             f"{max_growth!r}")
+            raise ValueError(
+                f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}"
+            )
+        if (
+            isinstance(memory_budget_mb, bool)
+            or not isinstance(memory_budget_mb, Real)
+            or not math.isfinite(memory_budget_mb)
+            or memory_budget_mb <= 0
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: memory_budget_mb must be a finite number > 0, got "
+                f"{memory_budget_mb!r}"
+            )
+        if max_growth is not None and (
+            isinstance(max_growth, bool)
+            or not isinstance(max_growth, Real)
+            or not math.isfinite(max_growth)
+            or max_growth <= 1
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: max_growth must be None or a finite number > 1, got "
+                f"{max_growth!r}"
+            )
         self.max_growth = None if max_growth is None else float(max_growth)
         if compute_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"FeedbackTrainer: compute_dtype must be None, torch.bfloat16 or "
-                             f"torch.float16, got {compute_dtype!r}")
+            raise ValueError(
+                f"FeedbackTrainer: compute_dtype must be None, torch.bfloat16 or "
+                f"torch.float16, got {compute_dtype!r}"
+            )
         # Mixed precision: the loops' products run in compute_dtype (None: the recorded
         # input's dtype, bfloat16 after an autocast forward, else the model's); the feedback
         # weights and momentum stay float32 masters, which the fused loop updates in float32.
@@ -179,8 +213,8 @@ class FeedbackTrainer:
             raise ValueError(f"FeedbackTrainer: sync must be one of {SYNC_MODES}, got {sync!r}")
         self.sync = sync
         self.concurrent_blocks = bool(concurrent_blocks)
-        self._streams: Dict[torch.device, list] = {}
-        self._momentum_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._streams: dict[torch.device, list] = {}
+        self._momentum_buffers: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
         if self._chosen is not None:
             self._bind(self._chosen)
@@ -193,12 +227,15 @@ class FeedbackTrainer:
         if self._bound is not None and len(self._spec) == len(HYPERPARAMETERS):
             self._bind(self._bound)
 
-    iterations = property(lambda self: self._spec["iterations"],
-                          lambda self, v: self._set_hyperparameter("iterations", v))
-    noise_std = property(lambda self: self._spec["noise_std"],
-                         lambda self, v: self._set_hyperparameter("noise_std", v))
-    lr = property(lambda self: self._spec["lr"],
-                  lambda self, v: self._set_hyperparameter("lr", v))
+    iterations = property(
+        lambda self: self._spec["iterations"],
+        lambda self, v: self._set_hyperparameter("iterations", v),
+    )
+    noise_std = property(
+        lambda self: self._spec["noise_std"],
+        lambda self, v: self._set_hyperparameter("noise_std", v),
+    )
+    lr = property(lambda self: self._spec["lr"], lambda self, v: self._set_hyperparameter("lr", v))
 
     def _bind(self, blocks):
         """Assign every hyperparameter to `blocks` (forward order) by name."""
@@ -210,7 +247,8 @@ class FeedbackTrainer:
                     raise ValueError(
                         f"FeedbackTrainer: {name} has {len(value)} entries, but {len(blocks)} DTP "
                         f"blocks are trained ({[n for n, _ in blocks]}, forward order; one entry "
-                        "per block)")
+                        "per block)"
+                    )
                 per_block.append(value)
             else:
                 per_block.append([value] * len(blocks))
@@ -226,18 +264,24 @@ class FeedbackTrainer:
         for b in blocks:
             if isinstance(b, str):
                 if b not in by_name:
-                    raise ValueError(f"FeedbackTrainer: blocks names {b!r}, which is not a DTP block "
-                                     f"of the model (those are {list(by_name)})")
+                    raise ValueError(
+                        f"FeedbackTrainer: blocks names {b!r}, which is not a DTP block "
+                        f"of the model (those are {list(by_name)})"
+                    )
                 chosen.append((b, by_name[b]))
             elif id(b) in by_module:
                 chosen.append((by_module[id(b)], b))
             else:
-                raise ValueError("FeedbackTrainer: blocks must hold DTP blocks of the model or their names")
+                raise ValueError(
+                    "FeedbackTrainer: blocks must hold DTP blocks of the model or their names"
+                )
         names = [n for n, _ in chosen]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"FeedbackTrainer: blocks lists {duplicates} more than once; each block "
-                             "has one feedback loop per step")
+            raise ValueError(
+                f"FeedbackTrainer: blocks lists {duplicates} more than once; each block "
+                "has one feedback loop per step"
+            )
         return chosen
 
     def _data_flow_blocks(self):
@@ -246,17 +290,21 @@ class FeedbackTrainer:
         needed = [(n, b) for n, b in self._model_blocks if b.input_needs_target]
         return sorted(needed, key=lambda nb: nb[1].forward_stamp)
 
-    def _skip_reason(self, name, block) -> Optional[str]:
+    def _skip_reason(self, name, block) -> str | None:
         if self._chosen is not None:
             return None if any(n == name for n, _ in self._chosen) else "not in blocks="
         if block.input_needs_target is None:
-            return ("no training-mode forward pass with autograd on has run through it yet"
-                    if block.recorded_input is None or block.forward_stamp is None
-                    else "its training forward passes ran without autograd (torch.no_grad), so "
-                         "the data flow is unknown")
+            return (
+                "no training-mode forward pass with autograd on has run through it yet"
+                if block.recorded_input is None or block.forward_stamp is None
+                else "its training forward passes ran without autograd (torch.no_grad), so "
+                "the data flow is unknown"
+            )
         if not block.input_needs_target:
-            return ("its input did not require grad in the latest training forward pass (it comes "
-                    "from the data or frozen modules only): no target is needed")
+            return (
+                "its input did not require grad in the latest training forward pass (it comes "
+                "from the data or frozen modules only): no target is needed"
+            )
         return None
 
     def _trained_now(self):
@@ -268,7 +316,8 @@ class FeedbackTrainer:
                 raise RuntimeError(
                     "FeedbackTrainer: no recorded forward pass with autograd on, so which blocks "
                     "need targets is unknown; run model(x) in training mode (model.train(), "
-                    "outside torch.no_grad) before step(), or pass blocks=")
+                    "outside torch.no_grad) before step(), or pass blocks="
+                )
             blocks = self._data_flow_blocks()
             if self._bound is None:
                 self._bind(blocks)
@@ -278,12 +327,13 @@ class FeedbackTrainer:
                 raise RuntimeError(
                     f"FeedbackTrainer.step: blocks {unbound} now need targets, but the per-block "
                     f"lists were bound to {[n for n, _ in self._bound]} when the trained blocks "
-                    "were first known; pass scalars, blocks=, or a new trainer")
+                    "were first known; pass scalars, blocks=, or a new trainer"
+                )
             self._hyper.update({n: tuple(self._spec[h] for h in HYPERPARAMETERS) for n in unbound})
         return [(n, b, self._hyper[n]) for n, b in blocks]
 
     @property
-    def blocks(self) -> List:
+    def blocks(self) -> list:
         """[(name, block)] trained at the next step, in forward order."""
         return [(n, b) for n, b, _ in self._trained_now()]
 
@@ -294,25 +344,37 @@ class FeedbackTrainer:
             trained = self._trained_now()
         except RuntimeError as exc:
             return f"FeedbackTrainer: nothing to train yet: {exc}"
-        how = "as chosen by blocks=" if self._chosen is not None else \
-            "their inputs need targets (data flow of the latest training forward pass), forward order"
-        lines = [f"FeedbackTrainer: {len(trained)} of {len(self._model_blocks)} DTP blocks trained, "
-                 f"{how}:"]
+        how = (
+            "as chosen by blocks="
+            if self._chosen is not None
+            else "their inputs need targets (data flow of the latest training forward pass), forward order"
+        )
+        lines = [
+            f"FeedbackTrainer: {len(trained)} of {len(self._model_blocks)} DTP blocks trained, "
+            f"{how}:"
+        ]
         for i, (name, block, (k, sigma, lr)) in enumerate(trained, 1):
-            lines.append(f"  {i}. {name} ({type(block).__name__}): iterations {k}, noise_std {sigma:g}, "
-                         f"lr {lr:g}")
+            lines.append(
+                f"  {i}. {name} ({type(block).__name__}): iterations {k}, noise_std {sigma:g}, "
+                f"lr {lr:g}"
+            )
         trained_names = {n for n, _, _ in trained}
-        skipped = [(n, self._skip_reason(n, b)) for n, b in self._model_blocks if n not in trained_names]
+        skipped = [
+            (n, self._skip_reason(n, b)) for n, b in self._model_blocks if n not in trained_names
+        ]
         if skipped:
             lines.append("skipped:")
             lines += [f"  {n}: {why}" for n, why in skipped]
         return "\n".join(lines)
 
-    def _buffers(self, name: str, block: DTPBlock) -> Dict[str, torch.Tensor]:
+    def _buffers(self, name: str, block: DTPBlock) -> dict[str, torch.Tensor]:
         buffers = self._momentum_buffers.get(name)
         fw = block.feedback_weight
         if buffers is None:
-            buffers = {"weight": torch.zeros_like(fw), "bias": torch.zeros_like(block.feedback_bias)}
+            buffers = {
+                "weight": torch.zeros_like(fw),
+                "bias": torch.zeros_like(block.feedback_bias),
+            }
         elif buffers["weight"].device != fw.device or buffers["weight"].dtype != fw.dtype:
             buffers = {k: v.to(device=fw.device, dtype=fw.dtype) for k, v in buffers.items()}
         self._momentum_buffers[name] = buffers
@@ -323,7 +385,7 @@ class FeedbackTrainer:
         return chunk_iterations(block, x, self.memory_budget_mb)
 
     @torch.no_grad()
-    def step(self, *, noise: Optional[Dict[str, tuple]] = None) -> FeedbackReport:
+    def step(self, *, noise: dict[str, tuple] | None = None) -> FeedbackReport:
         """Run the feedback iterations of every trained block; returns the per-iteration losses.
 
         A step is all or nothing: if any block diverges (a non-finite value, or feedback weights
@@ -347,23 +409,33 @@ class FeedbackTrainer:
                 x = block.recorded_input
                 buffers = self._buffers(name, block)
                 noise_x, noise_y = (noise or {}).get(name, (None, None))
-                saved = (block.feedback_weight.clone(), block.feedback_bias.clone(),
-                         buffers["weight"].clone(), buffers["bias"].clone())
+                saved = (
+                    block.feedback_weight.clone(),
+                    block.feedback_bias.clone(),
+                    buffers["weight"].clone(),
+                    buffers["bias"].clone(),
+                )
                 run = [name, block, buffers, None, saved]
                 runs.append(run)
                 # Blocks share no state during the feedback phase: on a GPU each runs on its
                 # own stream, so small blocks fill the device while large ones run.
                 try:
-                    with self._block_stream(x.device, len(runs) - 1) if sync == "none" else contextlib.nullcontext():
-                        run[3] = self._train_block(block, x, buffers, k, sigma, lr, noise_x,
-                                                   noise_y, sync, world)
+                    with (
+                        self._block_stream(x.device, len(runs) - 1)
+                        if sync == "none"
+                        else contextlib.nullcontext()
+                    ):
+                        run[3] = self._train_block(
+                            block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world
+                        )
                 except ValueError as exc:  # the op refused a non-finite input before touching V
                     if not ops.is_non_finite_input_error(exc):
                         raise
                     raise FloatingPointError(
                         f"FeedbackTrainer.step: block {name!r} was not trained: {exc} (its recorded "
                         "input is not finite when the forward pass diverged); every block's feedback "
-                        "weights and momentum were restored to their values before this step") from exc
+                        "weights and momentum were restored to their values before this step"
+                    ) from exc
                 report.losses[name] = run[3]
                 report.kernels[name] = ops.last_kernel()
             self._join_streams(runs)
@@ -380,26 +452,32 @@ class FeedbackTrainer:
         alias a forward parameter of the model."""
         x = block.recorded_input
         if x is None:
-            raise RuntimeError(f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
-                               "run model(x) in training mode (model.train()) before step()")
+            raise RuntimeError(
+                f"FeedbackTrainer.step: block {name!r} has no recorded forward pass; "
+                "run model(x) in training mode (model.train()) before step()"
+            )
         if x.shape[0] == 0:
-            raise ValueError(f"FeedbackTrainer.step: block {name!r} recorded an empty batch (input "
-                             f"shape {tuple(x.shape)}): there is nothing to train its feedback on; "
-                             "skip step() for empty batches")
+            raise ValueError(
+                f"FeedbackTrainer.step: block {name!r} recorded an empty batch (input "
+                f"shape {tuple(x.shape)}): there is nothing to train its feedback on; "
+                "skip step() for empty batches"
+            )
         w = block.weight
         autocast_input = x.dtype in (torch.bfloat16, torch.float16) and w.dtype == torch.float32
         if (x.dtype != w.dtype and not autocast_input) or x.device != w.device:
             raise RuntimeError(
                 f"FeedbackTrainer.step: block {name!r} recorded its input as {x.dtype} on {x.device}, "
                 f"but its weights are now {w.dtype} on {w.device} (the model was cast or moved "
-                "after its forward pass); run a training forward pass again before step()")
+                "after its forward pass); run a training forward pass again before step()"
+            )
         for buffer in ("feedback_weight", "feedback_bias"):
             shared = parameters.get(getattr(block, buffer).untyped_storage().data_ptr())
             if shared is not None:
                 raise ValueError(
                     f"FeedbackTrainer: block {name!r}'s {buffer} shares memory with the model's "
                     f"parameter {shared!r}; the feedback loop writes it in place and would overwrite "
-                    f"that parameter (give the buffer its own storage, e.g. .clone())")
+                    f"that parameter (give the buffer its own storage, e.g. .clone())"
+                )
 
     def _compute_dtype(self, block, x) -> torch.dtype:
         if self.compute_dtype is not None and block.weight.dtype == torch.float32:
@@ -417,9 +495,21 @@ class FeedbackTrainer:
             noise_y = None if noise_y is None else noise_y.to(dtype)
 
         def loop(iterations, nx, ny, chunk):
-            return ops.ldrl_feedback_loop(x, weight, bias, *state, iterations, sigma,
-                                          lr, self.momentum, self.weight_decay, chunk,
-                                          block.geometry(), nx, ny)
+            return ops.ldrl_feedback_loop(
+                x,
+                weight,
+                bias,
+                *state,
+                iterations,
+                sigma,
+                lr,
+                self.momentum,
+                self.weight_decay,
+                chunk,
+                block.geometry(),
+                nx,
+                ny,
+            )
 
         if sync == "gradients":
             # The SGD-momentum update is affine in the gradient, so averaging weights and
@@ -427,8 +517,14 @@ class FeedbackTrainer:
             # averaged gradient.
             losses = []
             for i in range(k):
-                losses.append(loop(1, None if noise_x is None else noise_x[i:i + 1],
-                                   None if noise_y is None else noise_y[i:i + 1], 1))
+                losses.append(
+                    loop(
+                        1,
+                        None if noise_x is None else noise_x[i : i + 1],
+                        None if noise_y is None else noise_y[i : i + 1],
+                        1,
+                    )
+                )
                 _average_across_ranks(state + (losses[-1],), world)
             return torch.cat(losses) if losses else x.new_empty(0)
         losses = loop(k, noise_x, noise_y, min(max(k, 1), self.chunk_iterations(block, x)))
@@ -457,8 +553,9 @@ class FeedbackTrainer:
     @staticmethod
     def _restore(runs):
         for _, b, buffers, _, saved in runs:
-            for target, value in zip((b.feedback_weight, b.feedback_bias,
-                                      buffers["weight"], buffers["bias"]), saved):
+            for target, value in zip(
+                (b.feedback_weight, b.feedback_bias, buffers["weight"], buffers["bias"]), saved
+            ):
                 target.copy_(value)
 
     def _refuse_divergence(self, runs):
@@ -471,23 +568,30 @@ class FeedbackTrainer:
             return {}
         checks, devices = [], []
         for _, block, _, losses, saved in runs:
-            finite = (torch.isfinite(losses).all() & torch.isfinite(block.feedback_weight).all()
-                      & torch.isfinite(block.feedback_bias).all())
+            finite = (
+                torch.isfinite(losses).all()
+                & torch.isfinite(block.feedback_weight).all()
+                & torch.isfinite(block.feedback_bias).all()
+            )
             reference = torch.maximum(saved[0].norm(), block.weight.detach().norm())
             growth = block.feedback_weight.norm() / reference
             last = losses[-1] if losses.numel() else growth.new_zeros(())
             # One device and dtype for the single read (a model may span devices).
-            checks.append(torch.stack([finite.to(growth.dtype), growth, last.to(growth.dtype)])
-                          .to(device=runs[0][3].device, dtype=torch.float64))
+            checks.append(
+                torch.stack([finite.to(growth.dtype), growth, last.to(growth.dtype)]).to(
+                    device=runs[0][3].device, dtype=torch.float64
+                )
+            )
             if losses.device not in devices:
                 devices.append(losses.device)
         # Deferred finite checks (CUDA): the flags the ops set since the last step.
         flags = [(d, ops.pending_non_finite(d)) for d in devices]
         flags = [(d, f) for d, f in flags if f is not None]
-        values = torch.cat([torch.stack(checks).flatten()]
-                           + [f.to(device=runs[0][3].device, dtype=torch.float64).reshape(1)
-                              for _, f in flags]).tolist()  # the one sync
-        codes = values[3 * len(checks):]
+        values = torch.cat(
+            [torch.stack(checks).flatten()]
+            + [f.to(device=runs[0][3].device, dtype=torch.float64).reshape(1) for _, f in flags]
+        ).tolist()  # the one sync
+        codes = values[3 * len(checks) :]
         for (device, _), code in zip(flags, codes):
             if code:
                 ops.clear_non_finite(device)
@@ -496,20 +600,28 @@ class FeedbackTrainer:
                     f"FeedbackTrainer.step: {op} received a non-finite input (NaN or Inf) during this "
                     "step or the backward pass before it (a deferred check); every block's feedback "
                     "weights and momentum were restored to their values before this step"
-                    + ("; the forward weights' last gradients were not finite either: restore them "
-                       "from a checkpoint" if op in ("dtp_ext.propagate_target",
-                                                     "dtp_ext.block_weight_grad") else ""))
-        values = [values[3 * i:3 * i + 3] for i in range(len(checks))]
+                    + (
+                        "; the forward weights' last gradients were not finite either: restore them "
+                        "from a checkpoint"
+                        if op in ("dtp_ext.propagate_target", "dtp_ext.block_weight_grad")
+                        else ""
+                    )
+                )
+        values = [values[3 * i : 3 * i + 3] for i in range(len(checks))]
         for (name, block, _, losses, saved), (finite, growth, _) in zip(runs, values):
             if not finite:
                 bad = (~torch.isfinite(losses)).nonzero()
                 where = f"iteration {int(bad[0])}" if bad.numel() else "its final update"
-                hint = ("its recorded input is not finite" if not torch.isfinite(block.recorded_input).all()
-                        else "lower its feedback lr or noise_std")
+                hint = (
+                    "its recorded input is not finite"
+                    if not torch.isfinite(block.recorded_input).all()
+                    else "lower its feedback lr or noise_std"
+                )
                 raise FloatingPointError(
                     f"FeedbackTrainer.step: block {name!r} diverged (non-finite loss or weights at "
                     f"{where}); every block's feedback weights and momentum were restored to their "
-                    f"values before this step ({hint})")
+                    f"values before this step ({hint})"
+                )
             if self.max_growth is not None and not growth <= self.max_growth:
                 raise FloatingPointError(
                     f"FeedbackTrainer.step: block {name!r} diverged: its feedback weight's norm grew "
@@ -517,7 +629,8 @@ class FeedbackTrainer:
                     f"{float(block.feedback_weight.norm()):.3g}, more than max_growth={self.max_growth:g} "
                     f"times the larger of that and its forward weight's norm); every block's feedback "
                     "weights and momentum were restored to their values before this step (lower its "
-                    "feedback lr or noise_std, or warm the feedback up first)")
+                    "feedback lr or noise_std, or warm the feedback up first)"
+                )
         return {run[0]: last for run, (_, _, last) in zip(runs, values) if run[3].numel()}
 
     def state_dict(self) -> dict:
@@ -525,30 +638,40 @@ class FeedbackTrainer:
         order; empty before the trained blocks are known)."""
         return {
             "steps": self.steps,
-            "momentum_buffers": {n: {k: v.clone() for k, v in b.items()}
-                                 for n, b in self._momentum_buffers.items()},
+            "momentum_buffers": {
+                n: {k: v.clone() for k, v in b.items()} for n, b in self._momentum_buffers.items()
+            },
             "blocks": [n for n, _ in self._bound or []],
         }
 
     def load_state_dict(self, state: dict):
         if not isinstance(state, dict) or "momentum_buffers" not in state:
-            raise ValueError("FeedbackTrainer.load_state_dict: expected a dict from FeedbackTrainer.state_dict()")
+            raise ValueError(
+                "FeedbackTrainer.load_state_dict: expected a dict from FeedbackTrainer.state_dict()"
+            )
         saved = list(state.get("blocks") or [])
         by_name = dict(self._model_blocks)
         if self._bound is None and all(n in by_name for n in saved):
             if saved:  # a trainer that has not seen a forward pass takes the saved binding
                 self._bind([(n, by_name[n]) for n in saved])
         elif saved != [n for n, _ in self._bound or []]:
-            raise ValueError(f"FeedbackTrainer.load_state_dict: state is for blocks {saved}, this "
-                             f"trainer trains {[n for n, _ in self._bound or []]} (forward order)")
+            raise ValueError(
+                f"FeedbackTrainer.load_state_dict: state is for blocks {saved}, this "
+                f"trainer trains {[n for n, _ in self._bound or []]} (forward order)"
+            )
         blocks = dict(self._bound or [])
         self._momentum_buffers = {}
         for name, buffers in state["momentum_buffers"].items():
             block = blocks[name]
             if buffers["weight"].shape != block.feedback_weight.shape:
-                raise ValueError(f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
-                                 f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}")
+                raise ValueError(
+                    f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
+                    f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}"
+                )
             self._momentum_buffers[name] = {
-                k: v.to(device=block.feedback_weight.device, dtype=block.feedback_weight.dtype).clone()
-                for k, v in buffers.items()}
+                k: v.to(
+                    device=block.feedback_weight.device, dtype=block.feedback_weight.dtype
+                ).clone()
+                for k, v in buffers.items()
+            }
         self.steps = int(state.get("steps", 0))

@@ -2,15 +2,21 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import dtp_ext
+
 # Property tests (test_property.py): the same examples on every run unless a profile is chosen
 # with --hypothesis-profile=thorough (500 random examples per property).
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=500, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("ci")
-
-import dtp_ext
 
 # Block configurations the kernel tests sweep: (name, constructor, input shape).
 BLOCKS = {
@@ -18,16 +24,37 @@ BLOCKS = {
     "linear-tanh": (lambda: dtp_ext.Linear(7, 5, activation="tanh"), (6, 7)),
     "linear-relu": (lambda: dtp_ext.Linear(7, 5, activation="relu"), (6, 7)),
     "linear-elu-nobias": (lambda: dtp_ext.Linear(7, 5, bias=False, activation="elu"), (6, 7)),
-    "conv-elu-pool2": (lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2), (5, 3, 8, 8)),
-    "conv-relu-pool2-odd": (lambda: dtp_ext.Conv2d(2, 3, 3, padding=1, activation="relu", pool=2), (4, 2, 7, 9)),
-    "conv-stride2-tanh": (lambda: dtp_ext.Conv2d(3, 4, 3, stride=2, padding=1, activation="tanh"), (3, 3, 9, 8)),
-    "conv-groups-dilation": (lambda: dtp_ext.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, activation="elu"), (3, 4, 6, 6)),
-    "conv-pool3-nobias": (lambda: dtp_ext.Conv2d(2, 3, 5, padding=2, bias=False, activation="elu", pool=3), (2, 2, 9, 9)),
+    "conv-elu-pool2": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
+        (5, 3, 8, 8),
+    ),
+    "conv-relu-pool2-odd": (
+        lambda: dtp_ext.Conv2d(2, 3, 3, padding=1, activation="relu", pool=2),
+        (4, 2, 7, 9),
+    ),
+    "conv-stride2-tanh": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, stride=2, padding=1, activation="tanh"),
+        (3, 3, 9, 8),
+    ),
+    "conv-groups-dilation": (
+        lambda: dtp_ext.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, activation="elu"),
+        (3, 4, 6, 6),
+    ),
+    "conv-pool3-nobias": (
+        lambda: dtp_ext.Conv2d(2, 3, 5, padding=2, bias=False, activation="elu", pool=3),
+        (2, 2, 9, 9),
+    ),
     "conv-linear": (lambda: dtp_ext.Conv2d(3, 4, 1), (3, 3, 5, 5)),
     # >= 128 output positions: the channels-last convolution path
-    "conv-elu-pool2-large": (lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2), (3, 3, 16, 16)),
+    "conv-elu-pool2-large": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
+        (3, 3, 16, 16),
+    ),
     # <= 4 output positions: the im2col + GEMM weight-gradient path
-    "conv-small-map": (lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2), (5, 3, 2, 2)),
+    "conv-small-map": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
+        (5, 3, 2, 2),
+    ),
 }
 
 
@@ -41,7 +68,9 @@ def make_block(name, dtype=torch.float64, seed=0):
 
 def output_shape(block, x):
     with torch.no_grad():
-        return dtp_ext.reference.forward_block(block, dtp_ext.reference.block_input(block, x))[0].shape
+        return dtp_ext.reference.forward_block(block, dtp_ext.reference.block_input(block, x))[
+            0
+        ].shape
 
 
 @pytest.fixture(params=sorted(BLOCKS))

@@ -17,14 +17,14 @@ The gradient H - E and the loss -2<V, E> + |Vu|^2 nearly cancel once V approache
 their errors are measured relative to the size of the two terms, which the roundings scale
 with.
 """
+
 import sys
 
 import pytest
 import torch
 
-from dtp_ext import ops, reference
-
 from conftest import make_block
+from dtp_ext import ops, reference
 from test_cuda import HAS_CUDA_KERNELS, HAS_GPU, MISSING
 
 BF16 = torch.bfloat16
@@ -34,11 +34,17 @@ LOW = BF16  # the dtype under test (test_float16_on_the_cpu sets float16)
 def tol(units):
     """`units` unit roundoffs of the dtype under test: 2^-9 for bfloat16, 2^-12 for float16
     (bounds: 8 for one product, 20 for the L-DRL terms and loops; see the docstring)."""
-    return units * (2.0 ** -9 if LOW == BF16 else 2.0 ** -12)
+    return units * (2.0**-9 if LOW == BF16 else 2.0**-12)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")])])
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]
+        ),
+    ]
+)
 def device(request):
     """Every test runs on the CPU, and on CUDA where there is a GPU (the CUDA twins)."""
     if request.param == "cuda" and not HAS_CUDA_KERNELS:
@@ -85,9 +91,15 @@ def test_propagate_target_bfloat16(block_name, device):
     s = rounded(s.detach())
     delta = rounded(torch.randn(s.shape, dtype=torch.float64))
     scale = 0.7 * x.shape[0]
-    got = ops.propagate_target(low(stored_output(block, s), device=device), on(idx, device),
-                               low(delta, device=device), low(block.feedback_weight, device=device),
-                               scale, x.shape, block.geometry())
+    got = ops.propagate_target(
+        low(stored_output(block, s), device=device),
+        on(idx, device),
+        low(delta, device=device),
+        low(block.feedback_weight, device=device),
+        scale,
+        x.shape,
+        block.geometry(),
+    )
     assert got.dtype == LOW
     g_s = reference.feedback_block(block, s, idx, pre, x.shape)
     g_t = reference.feedback_block(block, s - scale * delta, idx, pre, x.shape)
@@ -100,9 +112,14 @@ def test_block_weight_grad_bfloat16(block_name, device):
     delta = rounded(torch.randn(s.shape, dtype=torch.float64))
     params = [block.weight] + ([block.bias] if block.bias is not None else [])
     expected = torch.autograd.grad(s, params, delta)
-    gw, gb = ops.block_weight_grad(low(x, device=device), low(stored_output(block, s), device=device),
-                                   on(idx, device), low(delta, device=device),
-                                   low(block.weight, device=device), block.geometry())
+    gw, gb = ops.block_weight_grad(
+        low(x, device=device),
+        low(stored_output(block, s), device=device),
+        on(idx, device),
+        low(delta, device=device),
+        low(block.weight, device=device),
+        block.geometry(),
+    )
     assert gw.dtype == LOW and gb.dtype == LOW
     assert rel(gw, expected[0]) < tol(8)
     if block.bias is not None:
@@ -120,8 +137,12 @@ def test_block_weight_grad_bfloat16(block_name, device):
 def bf16_indices(block, x, noisy_float32, device):
     if not block.pool:
         return None
-    z = op(block, low(x, device=device), low(block.weight, device=device),
-           low(block.bias, device=device))
+    z = op(
+        block,
+        low(x, device=device),
+        low(block.weight, device=device),
+        low(block.bias, device=device),
+    )
     phi = reference_phi(block)
     h = phi(z.float()) if noisy_float32 else phi(z)
     return torch.nn.functional.max_pool2d(h, block.pool, block.pool, return_indices=True)[1].cpu()
@@ -129,13 +150,17 @@ def bf16_indices(block, x, noisy_float32, device):
 
 def reference_phi(block):
     from dtp_ext.functional import activation_fn
+
     return activation_fn(block.activation)
 
 
 def op(block, x, weight, bias):
     """The block's linear part alone, op(x)."""
     from dtp_ext.functional import block_forward
-    return block_forward(x, weight, bias, **dict(block.functional_kwargs(), activation=None, pool=None))[0]
+
+    return block_forward(
+        x, weight, bias, **dict(block.functional_kwargs(), activation=None, pool=None)
+    )[0]
 
 
 def pooled_at(block, x, idx):
@@ -165,17 +190,24 @@ def test_ldrl_loss_bfloat16(block_name, device):
     s = reference.forward_block(block, x)[0]
     nx = rounded(torch.randn_like(x) * 0.1)
     ny = rounded(torch.randn(s.shape, dtype=torch.float64) * 0.1)
-    loss, gv, gc = ops.ldrl_loss(*[low(t, device=device) for t in (
-        x, block.weight, block.bias, block.feedback_weight, nx, ny)], block.geometry())
+    loss, gv, gc = ops.ldrl_loss(
+        *[
+            low(t, device=device)
+            for t in (x, block.weight, block.bias, block.feedback_weight, nx, ny)
+        ],
+        block.geometry(),
+    )
     assert loss.dtype == torch.float32  # a reduction: float32
     assert gv.dtype == LOW
     V = block.feedback_weight.detach().clone().requires_grad_(True)
     noise_term, reconstruction = ldrl_loss_with_indices(block, x, nx, ny, V, device)
     g_e = torch.autograd.grad(noise_term, V, retain_graph=True)[0]  # -2 E / B
-    g_h = torch.autograd.grad(reconstruction, V)[0]                  # 2 H / B
+    g_h = torch.autograd.grad(reconstruction, V)[0]  # 2 H / B
     expected = (noise_term + reconstruction).item()
     # Relative to the size of the two terms (they partly cancel in the loss and in H - E).
-    assert abs(loss.item() - expected) < tol(20) * (abs(noise_term.item()) + abs(reconstruction.item()))
+    assert abs(loss.item() - expected) < tol(20) * (
+        abs(noise_term.item()) + abs(reconstruction.item())
+    )
     assert rel(gv, g_e + g_h, scale=g_e.norm() + g_h.norm()) < tol(20)
     assert gc.abs().max().item() == 0.0
 
@@ -206,8 +238,9 @@ def test_ldrl_feedback_loop_bfloat16(block_name, masters, device):
     fb = low(block.feedback_bias, state_dtype, device).clone()
     mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
     x_, w_, b_, nx_, ny_ = [low(t, device=device) for t in (x, block.weight, block.bias, nx, ny)]
-    losses = ops.ldrl_feedback_loop(x_, w_, b_, fw, fb, mw, mb, k, sigma, lr, mu, 0.0, 2,
-                                    block.geometry(), nx_, ny_)
+    losses = ops.ldrl_feedback_loop(
+        x_, w_, b_, fw, fb, mw, mb, k, sigma, lr, mu, 0.0, 2, block.geometry(), nx_, ny_
+    )
     assert losses.dtype == torch.float32 and fw.dtype == state_dtype and mw.dtype == state_dtype
     if masters:
         # What the loop changed, against what the reference changed: the steps carry the error.
@@ -249,8 +282,9 @@ def test_reconstruction_feedback_loop_bfloat16(block_name, device):
     fw, fb = V0.to(device, torch.float32), c0.to(device, torch.float32)
     mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
     x_, w_, b_, noise_ = [low(t, device=device) for t in (x, block.weight, block.bias, noise)]
-    losses = ops.reconstruction_feedback_loop(x_, w_, b_, fw, fb, mw, mb, k, 0.1, 0.01, 0.9, 0.0,
-                                              2, block.geometry(), noise_)
+    losses = ops.reconstruction_feedback_loop(
+        x_, w_, b_, fw, fb, mw, mb, k, 0.1, 0.01, 0.9, 0.0, 2, block.geometry(), noise_
+    )
     assert losses.dtype == torch.float32
     assert rel(fw.cpu().double() - V0, V - V0) < tol(20)
     assert rel(fb.cpu().double() - c0, c - c0) < tol(20)
@@ -260,12 +294,32 @@ def test_reconstruction_feedback_loop_bfloat16(block_name, device):
 def test_bfloat16_ops_refuse_other_dtypes_naming_the_op():
     block, x = rounded_block("conv-elu-pool2")
     s = reference.forward_block(block, x)[0]
-    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int"):
-        ops.ldrl_loss(x.int(), block.weight.detach(), block.bias.detach(), block.feedback_weight,
-                      x, s.detach(), block.geometry())
-    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype BFloat16 like x, got Float"):
-        ops.ldrl_loss(low(x), low(block.weight), low(block.bias), block.feedback_weight.float(),
-                      low(x), low(s), block.geometry())
+    with pytest.raises(
+        RuntimeError,
+        match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int",
+    ):
+        ops.ldrl_loss(
+            x.int(),
+            block.weight.detach(),
+            block.bias.detach(),
+            block.feedback_weight,
+            x,
+            s.detach(),
+            block.geometry(),
+        )
+    with pytest.raises(
+        RuntimeError,
+        match="dtp_ext.ldrl_loss: feedback_weight must have dtype BFloat16 like x, got Float",
+    ):
+        ops.ldrl_loss(
+            low(x),
+            low(block.weight),
+            low(block.bias),
+            block.feedback_weight.float(),
+            low(x),
+            low(s),
+            block.geometry(),
+        )
 
 
 def test_generator_noise_in_bfloat16_is_the_float32_stream_rounded():
@@ -283,16 +337,38 @@ def test_generator_noise_in_bfloat16_is_the_float32_stream_rounded():
         fw, fb = block.feedback_weight.float().clone(), block.feedback_bias.float().clone()
         mw, mb = torch.zeros_like(fw), torch.zeros_like(fb)
         torch.manual_seed(7)
-        losses = ops.ldrl_feedback_loop(low(x), low(block.weight), low(block.bias), fw, fb, mw, mb,
-                                        k, sigma, 0.05, 0.9, 0.0, 2, block.geometry(), *noise)
+        losses = ops.ldrl_feedback_loop(
+            low(x),
+            low(block.weight),
+            low(block.bias),
+            fw,
+            fb,
+            mw,
+            mb,
+            k,
+            sigma,
+            0.05,
+            0.9,
+            0.0,
+            2,
+            block.geometry(),
+            *noise,
+        )
         results.append((losses, fw))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("test", [test_propagate_target_bfloat16, test_block_weight_grad_bfloat16,
-                                  test_ldrl_loss_bfloat16, test_reconstruction_feedback_loop_bfloat16],
-                         ids=lambda t: t.__name__[5:-9])
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_propagate_target_bfloat16,
+        test_block_weight_grad_bfloat16,
+        test_ldrl_loss_bfloat16,
+        test_reconstruction_feedback_loop_bfloat16,
+    ],
+    ids=lambda t: t.__name__[5:-9],
+)
 def test_float16_on_the_cpu(block_name, test, monkeypatch):
     """float16 on the CPU, where ATen's convolutions and matmuls run it (torch 2.14.1): the
     bfloat16 tests with float16 inputs, bounds in float16's unit roundoff 2^-12 (measured worst

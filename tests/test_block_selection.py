@@ -1,4 +1,5 @@
 """Which blocks FeedbackTrainer trains: by data flow, in forward execution order (SPEC §10)."""
+
 import pytest
 import torch
 from torch import nn
@@ -8,10 +9,14 @@ import dtp_ext
 
 def stem_model():
     """A plain conv stem, then DTP blocks: block '2' is fed by something trainable."""
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                         dtp_ext.Conv2d(16, 32, 3, padding=1, activation="elu", pool=2),
-                         dtp_ext.Conv2d(32, 32, 3, padding=1, activation="elu", pool=2),
-                         nn.Flatten(), dtp_ext.Linear(1568, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        dtp_ext.Conv2d(16, 32, 3, padding=1, activation="elu", pool=2),
+        dtp_ext.Conv2d(32, 32, 3, padding=1, activation="elu", pool=2),
+        nn.Flatten(),
+        dtp_ext.Linear(1568, 10),
+    )
 
 
 class HeadFirst(nn.Module):
@@ -20,8 +25,14 @@ class HeadFirst(nn.Module):
     def __init__(self):
         super().__init__()
         self.head = nn.Linear(32, 10)
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+        )
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -48,7 +59,9 @@ def test_block_after_a_plain_stem_is_trained():
     assert "  2: its input did not require grad" in trainer.explain()
 
 
-@pytest.mark.parametrize("first", [nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")])
+@pytest.mark.parametrize(
+    "first", [nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")]
+)
 def test_converted_model_starting_with_a_plain_module(first):
     model = dtp_ext.convert(nn.Sequential(first, nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
     trainer = dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=1e-3)
@@ -67,7 +80,10 @@ def test_head_registered_first_is_trained_and_lists_follow_forward_order():
     assert "1. body.2 (Conv2d): iterations 0, noise_std 0.1, lr 0.5" in explained
     assert "2. head (Linear): iterations 4, noise_std 0.1, lr 0.02" in explained
     assert "body.0: its input did not require grad" in explained
-    conv_before, head_before = model.body[2].feedback_weight.clone(), model.head.feedback_weight.clone()
+    conv_before, head_before = (
+        model.body[2].feedback_weight.clone(),
+        model.head.feedback_weight.clone(),
+    )
     angle_before = dtp_ext.metrics.weight_alignment(model.head)["angle"]
     for _ in range(30):
         trainer.step()
@@ -79,7 +95,9 @@ def test_head_registered_first_is_trained_and_lists_follow_forward_order():
 def test_list_lengths_are_checked_when_the_model_has_run():
     model = dtp_ext.convert(HeadFirst())
     model(torch.randn(2, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"lr has 3 entries, but 2 DTP blocks are trained \(\['body.2', 'head'\]"):
+    with pytest.raises(
+        ValueError, match=r"lr has 3 entries, but 2 DTP blocks are trained \(\['body.2', 'head'\]"
+    ):
         dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=[1, 2, 3])
 
 
@@ -141,6 +159,8 @@ def test_lists_bound_by_name_survive_a_change_of_order_and_state_dict():
     fresh = dtp_ext.FeedbackTrainer(model, iterations=[1, 2], noise_std=0.1, lr=1e-3)
     fresh.load_state_dict(state)
     assert names(fresh) == ["body.2", "head"]
-    other = dtp_ext.FeedbackTrainer(model, iterations=[1, 2], noise_std=0.1, lr=1e-3, blocks=["head", "body.2"])
+    other = dtp_ext.FeedbackTrainer(
+        model, iterations=[1, 2], noise_std=0.1, lr=1e-3, blocks=["head", "body.2"]
+    )
     with pytest.raises(ValueError, match=r"state is for blocks \['body.2', 'head'\]"):
         other.load_state_dict(state)

@@ -4,6 +4,7 @@ DTP_EXT_CUDA=1 (the one CUDA switch, set by CI and benchmarks/gpu_check.sh) make
 required here: its kernels registered, and its device code (read with cuobjdump) exactly the
 machine code and PTX its recorded arch list promises.
 """
+
 import glob
 import os
 import re
@@ -19,13 +20,24 @@ from dtp_ext.build import kernel_image_for, parse_arch_list
 
 REQUIRE_CUDA = os.environ.get("DTP_EXT_CUDA") == "1"
 requires_cuda_build = pytest.mark.skipif(
-    not REQUIRE_CUDA, reason="set DTP_EXT_CUDA=1 where the build must contain the CUDA kernels (CI, GPU check)")
+    not REQUIRE_CUDA,
+    reason="set DTP_EXT_CUDA=1 where the build must contain the CUDA kernels (CI, GPU check)",
+)
 
 
 def test_build_info_reports_versions_and_kernels():
     info = dtp_ext.build_info()
-    for key in ("dtp_ext_version", "torch_version", "cpu_kernels", "cuda_built", "cuda_kernels",
-                "cuda_arch_list", "cuda_sass_archs", "cuda_ptx_archs", "openmp"):
+    for key in (
+        "dtp_ext_version",
+        "torch_version",
+        "cpu_kernels",
+        "cuda_built",
+        "cuda_kernels",
+        "cuda_arch_list",
+        "cuda_sass_archs",
+        "cuda_ptx_archs",
+        "openmp",
+    ):
         assert key in info
     assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
     if info["cuda_available"]:
@@ -81,7 +93,9 @@ def test_cuda_kernels_were_compiled_into_the_library():
     assert all(dtp_ext.ops.has_kernel(op, "CUDA") for op in dtp_ext.ops.PRIVATE_OP_NAMES)
     readelf = shutil.which("readelf")
     if readelf is not None:
-        sections = subprocess.run([readelf, "-SW", _C.__file__], capture_output=True, text=True).stdout
+        sections = subprocess.run(
+            [readelf, "-SW", _C.__file__], capture_output=True, text=True
+        ).stdout
         assert ".nv_fatbin" in sections, "no device code (.nv_fatbin) in the compiled library"
 
 
@@ -92,11 +106,15 @@ def test_fatbin_holds_the_machine_code_and_ptx_of_the_recorded_arch_list():
     info = dtp_ext.build_info()
     assert info["cuda_built"], "the library was built without its CUDA kernels"
     cuobjdump = find_cuobjdump()
-    assert cuobjdump, ("DTP_EXT_CUDA=1 but cuobjdump was not found (PATH, $CUDA_HOME/bin or the "
-                       "nvidia-cuda-cuobjdump wheel): it reads the device code this test checks")
+    assert cuobjdump, (
+        "DTP_EXT_CUDA=1 but cuobjdump was not found (PATH, $CUDA_HOME/bin or the "
+        "nvidia-cuda-cuobjdump wheel): it reads the device code this test checks"
+    )
     sass, ptx = fatbin_archs(cuobjdump, _C.__file__)
     assert info["cuda_sass_archs"], f"unreadable arch list {info['cuda_arch_list']!r}"
-    assert (sass, ptx) == (sorted(info["cuda_sass_archs"]), sorted(info["cuda_ptx_archs"])), info["cuda_arch_list"]
+    assert (sass, ptx) == (sorted(info["cuda_sass_archs"]), sorted(info["cuda_ptx_archs"])), info[
+        "cuda_arch_list"
+    ]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not info["cuda_available"]:
         assert info["cuda_arch_list"] == "9.0+PTX"
         assert (sass, ptx) == (["sm_90"], ["compute_90"])

@@ -2,6 +2,7 @@
 (one line each), data errors that say where the official files come from, the README's
 conversion example runs as written, `dtp-ext figure` writes under runs/ (ignored by git, as is
 a stray ./figures), and the README says how to see which kernels a build has."""
+
 import re
 import shutil
 import subprocess
@@ -23,7 +24,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.strip() == f"dtp-ext {dtp_ext.__version__} (torch {torch.__version__})"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"dtp-ext {dtp_ext.__version__} (torch {torch.__version__})"
+    )
 
 
 def test_presets_one_line_each(capsys):
@@ -35,17 +39,22 @@ def test_presets_one_line_each(capsys):
         first, description = line.split(None, 1)
         assert first == name
         preset = PRESETS[name]
-        assert description.startswith(f"{preset['algorithm']}, {preset['dataset']}, {preset['model']}, "
-                                      f"{preset['epochs']} epochs, batch {preset['batch_size']}, lr {preset['lr']:g}")
+        assert description.startswith(
+            f"{preset['algorithm']}, {preset['dataset']}, {preset['model']}, "
+            f"{preset['epochs']} epochs, batch {preset['batch_size']}, lr {preset['lr']:g}"
+        )
     assert "K 20/30/35/55/20" in next(l for l in lines if l.split()[0] == "cifar10-simplevgg-ldrl")
 
 
-@pytest.mark.parametrize("dataset, source", [
-    ("mnist", "https://yann.lecun.com/exdb/mnist/"),
-    ("fashion-mnist", "https://github.com/zalandoresearch/fashion-mnist"),
-    ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    ("imagenet32", "https://image-net.org/download-images"),
-])
+@pytest.mark.parametrize(
+    "dataset, source",
+    [
+        ("mnist", "https://yann.lecun.com/exdb/mnist/"),
+        ("fashion-mnist", "https://github.com/zalandoresearch/fashion-mnist"),
+        ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar.html"),
+        ("imagenet32", "https://image-net.org/download-images"),
+    ],
+)
 def test_data_errors_say_where_the_official_files_are(tmp_path, dataset, source):
     with pytest.raises(DatasetNotFound) as info:
         load_split(dataset, str(tmp_path), "train")
@@ -82,14 +91,22 @@ def test_figure_writes_under_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["figure", "jmc", "--iterations", "50", "--batch-size", "8", "--threads", "1"]) == 0
     assert "wrote runs/figures/jmc.png and jmc.json" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "runs" / "figures").iterdir()) == ["jmc.json", "jmc.png"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "figures").iterdir()) == [
+        "jmc.json",
+        "jmc.png",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # nothing in the current folder itself
 
 
-@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout")
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git checkout"
+)
 def test_git_ignores_run_outputs_but_not_the_documented_figures():
     def ignored(path):
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
-    assert ignored("runs/figures/jmc.png") and ignored("runs/mnist-ldrl-20260101-000000/summary.json")
+
+    assert ignored("runs/figures/jmc.png") and ignored(
+        "runs/mnist-ldrl-20260101-000000/summary.json"
+    )
     assert ignored("figures/jmc.png")  # where `dtp-ext figure` used to write
     assert not ignored("docs/figures/jmc.png")

@@ -1,5 +1,6 @@
 """torch.compile (inductor, CPU) on models with DTP blocks: forward, DTP backward and
 FeedbackTrainer.step() equal eager mode, with no graph break inside the blocks."""
+
 import copy
 
 import pytest
@@ -29,8 +30,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = (
+            None
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -39,10 +43,18 @@ class BasicBlock(nn.Module):
 
 
 def residual_net():
-    return dtp_ext.convert(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        BasicBlock(8, 8, 1), BasicBlock(8, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 10)))
+    return dtp_ext.convert(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            BasicBlock(8, 8, 1),
+            BasicBlock(8, 16, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
+    )
 
 
 MODELS = {"simplevgg": simple_vgg_small, "residual-bn": residual_net}
@@ -77,9 +89,16 @@ def test_compiled_training_step_equals_eager(name):
         grads_first = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         second = train_step(run, trainer, x, y, scale=256.0)
-        results.append((first, second, grads_first, [p.grad / 256.0 for p in model.parameters()],
-                        [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)],
-                        [n for n, _ in trainer.blocks]))
+        results.append(
+            (
+                first,
+                second,
+                grads_first,
+                [p.grad / 256.0 for p in model.parameters()],
+                [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)],
+                [n for n, _ in trainer.blocks],
+            )
+        )
     (e1, e2, eg1, eg2, efw, enames), (c1, c2, cg1, cg2, cfw, cnames) = results
     assert enames == cnames
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -103,6 +122,7 @@ def test_no_graph_break(name):
 def test_forward_order_is_recorded_under_compile():
     """Per-block lists follow forward order also when only compiled forwards ran."""
     from test_block_selection import HeadFirst
+
     model = dtp_ext.convert(HeadFirst())
     compiled = torch.compile(model, backend="inductor")
     for _ in range(2):

@@ -1,4 +1,5 @@
 """dtp_ext.convert's report: every module left plain is listed, with the reason."""
+
 from collections import OrderedDict
 
 import pytest
@@ -12,10 +13,16 @@ def plain_leaves(original, converted, report):
     """Names of the converted model's leaf modules that are neither DTP blocks nor the
     nn.Identity placeholders left where modules were folded into a block."""
     before = dict(original.named_modules(remove_duplicate=False))
-    leaves = {n: m for n, m in converted.named_modules(remove_duplicate=False)
-              if n and not list(m.children()) and not isinstance(m, dtp_ext.DTPBlock)}
-    placeholders = {n for n, m in leaves.items()
-                    if type(m) is torch.nn.Identity and type(before[n]) is not torch.nn.Identity}
+    leaves = {
+        n: m
+        for n, m in converted.named_modules(remove_duplicate=False)
+        if n and not list(m.children()) and not isinstance(m, dtp_ext.DTPBlock)
+    }
+    placeholders = {
+        n
+        for n, m in leaves.items()
+        if type(m) is torch.nn.Identity and type(before[n]) is not torch.nn.Identity
+    }
     assert len(placeholders) == sum(len(folded) for _, _, folded in report.converted)
     return set(leaves) - placeholders
 
@@ -33,17 +40,30 @@ class Residual(nn.Module):
 
 
 def model():
-    return nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("bn1", nn.BatchNorm2d(4)),
-        ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),               # after a BatchNorm
-        ("conv2", nn.Conv2d(4, 4, 3, padding=1)), ("act2", nn.ReLU()),
-        ("pool2", nn.MaxPool2d(3, 2, 1)),                                # kernel != stride
-        ("block", Residual()),
-        ("conv3", nn.Conv2d(4, 4, 1)), ("act3", nn.ReLU6()),
-        ("conv4", nn.Conv2d(4, 4, 1)), ("act4", nn.ELU(alpha=0.5)),
-        ("gap", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("drop", nn.Dropout(0.2)),
-        ("fc", nn.Linear(4, 3)), ("relu_fc", nn.ReLU()), ("relu_again", nn.ReLU()),
-    ]))
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(3, 4, 3, padding=1)),
+                ("bn1", nn.BatchNorm2d(4)),
+                ("relu1", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(2)),  # after a BatchNorm
+                ("conv2", nn.Conv2d(4, 4, 3, padding=1)),
+                ("act2", nn.ReLU()),
+                ("pool2", nn.MaxPool2d(3, 2, 1)),  # kernel != stride
+                ("block", Residual()),
+                ("conv3", nn.Conv2d(4, 4, 1)),
+                ("act3", nn.ReLU6()),
+                ("conv4", nn.Conv2d(4, 4, 1)),
+                ("act4", nn.ELU(alpha=0.5)),
+                ("gap", nn.AdaptiveAvgPool2d(1)),
+                ("flat", nn.Flatten()),
+                ("drop", nn.Dropout(0.2)),
+                ("fc", nn.Linear(4, 3)),
+                ("relu_fc", nn.ReLU()),
+                ("relu_again", nn.ReLU()),
+            ]
+        )
+    )
 
 
 def test_report_lists_every_plain_module_with_its_reason():
@@ -65,11 +85,24 @@ def test_report_lists_every_plain_module_with_its_reason():
     # What was folded is not listed as plain: act2 into conv2, relu_fc into fc.
     assert "act2" not in left and "relu_fc" not in left
     converted_names = {name: folded for name, _, folded in report.converted}
-    assert converted_names == {"conv1": [], "conv2": ["ReLU"], "block.conv": [], "conv3": [],
-                               "conv4": [], "fc": ["ReLU"]}
-    assert report.left_counts() == {"ReLU": 3, "MaxPool2d": 2, "AdaptiveAvgPool2d": 1,
-                                    "BatchNorm2d": 1, "Dropout": 1, "ELU": 1, "Flatten": 1,
-                                    "ReLU6": 1}
+    assert converted_names == {
+        "conv1": [],
+        "conv2": ["ReLU"],
+        "block.conv": [],
+        "conv3": [],
+        "conv4": [],
+        "fc": ["ReLU"],
+    }
+    assert report.left_counts() == {
+        "ReLU": 3,
+        "MaxPool2d": 2,
+        "AdaptiveAvgPool2d": 1,
+        "BatchNorm2d": 1,
+        "Dropout": 1,
+        "ELU": 1,
+        "Flatten": 1,
+        "ReLU6": 1,
+    }
     text = str(report)
     assert "left as plain modules: 11 (ReLU 3, MaxPool2d 2," in text
     assert all(f"  {name}: {kind} ({why})" in text for name, kind, why in report.left)
@@ -83,14 +116,17 @@ def test_outputs_unchanged_with_the_plain_modules():
 
 
 def test_fold_false_says_so():
-    _, report = dtp_ext.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), fold=False,
-                                return_report=True)
+    _, report = dtp_ext.convert(
+        nn.Sequential(nn.Linear(3, 3), nn.ReLU()), fold=False, return_report=True
+    )
     assert report.left == [("1", "ReLU", report.left[0][2])]
     assert "fold=False" in report.left[0][2]
 
 
-@pytest.mark.parametrize("module, reason", [(nn.ReLU(), "not folded: it is the whole model"),
-                                            (nn.BatchNorm1d(3), "no DTP counterpart")])
+@pytest.mark.parametrize(
+    "module, reason",
+    [(nn.ReLU(), "not folded: it is the whole model"), (nn.BatchNorm1d(3), "no DTP counterpart")],
+)
 def test_a_bare_plain_module_is_reported(module, reason):
     converted, report = dtp_ext.convert(module, return_report=True)
     assert type(converted) is type(module)

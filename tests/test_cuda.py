@@ -4,6 +4,7 @@ Skips where no GPU is visible (CI). Where one is, every test runs: a build witho
 kernels, or without device code this GPU can run, fails them (whatever DTP_EXT_CUDA says),
 instead of skipping to a green run.
 """
+
 import copy
 import functools
 import os
@@ -13,23 +14,26 @@ import torch
 import torch.nn.functional as F
 
 import dtp_ext
-from dtp_ext import functional, ops, reference
-
 from conftest import BLOCKS, make_block, output_shape
+from dtp_ext import functional, ops, reference
 
 HAS_GPU = torch.cuda.is_available()
 HAS_CUDA_KERNELS = ops.has_kernel("ldrl_feedback_loop", "CUDA")
 
 
-MISSING = ("a GPU is visible but dtp_ext was built without its CUDA kernels: rebuild with "
-           "DTP_EXT_CUDA=1 pip install --no-build-isolation -e .")
+MISSING = (
+    "a GPU is visible but dtp_ext was built without its CUDA kernels: rebuild with "
+    "DTP_EXT_CUDA=1 pip install --no-build-isolation -e ."
+)
 
 
 def test_cuda_kernels_present_and_runnable_on_this_gpu():
     if not HAS_GPU:
         reason = "no GPU visible"
         if os.environ.get("DTP_EXT_CUDA") == "1":
-            reason += " (DTP_EXT_CUDA=1: the build is checked by test_build.py; these tests need a GPU)"
+            reason += (
+                " (DTP_EXT_CUDA=1: the build is checked by test_build.py; these tests need a GPU)"
+            )
         pytest.skip(reason)
     info = dtp_ext.build_info()
     assert HAS_CUDA_KERNELS, MISSING
@@ -37,17 +41,20 @@ def test_cuda_kernels_present_and_runnable_on_this_gpu():
     assert info["cuda_device_image"], (
         f"the build's device code ({info['cuda_arch_list']}) has no kernel image for this GPU "
         f"(compute capability {info['cuda_device_capability']}): rebuild with "
-        f"TORCH_CUDA_ARCH_LIST={info['cuda_device_capability']}")
+        f"TORCH_CUDA_ARCH_LIST={info['cuda_device_capability']}"
+    )
 
 
 def needs_cuda(test):
     """Skipped without a GPU; with one, fails (never skips) when the CUDA kernels are missing.
     (A wrapper, not a fixture, so that other test modules can import it.)"""
+
     @functools.wraps(test)
     def run(*args, **kwargs):
         if not HAS_CUDA_KERNELS:
             pytest.fail(MISSING)
         return test(*args, **kwargs)
+
     return pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")(run)
 
 
@@ -55,7 +62,9 @@ pytestmark = [pytest.mark.cuda]
 
 
 def on_cuda(block, *tensors):
-    return (copy.deepcopy(block).cuda(),) + tuple(t.cuda() if t is not None else None for t in tensors)
+    return (copy.deepcopy(block).cuda(),) + tuple(
+        t.cuda() if t is not None else None for t in tensors
+    )
 
 
 @needs_cuda
@@ -84,14 +93,30 @@ def test_cuda_feedback_loop_targets_and_weight_grads_equal_cpu(name):
     results = []
     for b, xi, n1, n2 in ((block, xin, nx, ny), (gblock, gx, gnx, gny)):
         buffers = (torch.zeros_like(b.feedback_weight), torch.zeros_like(b.feedback_bias))
-        losses = ops.ldrl_feedback_loop(xi, b.weight.detach(), None if b.bias is None else b.bias.detach(),
-                                        b.feedback_weight, b.feedback_bias, *buffers, k, 0.2, 0.05, 0.9,
-                                        1e-3, 2, b.geometry(), n1, n2)
+        losses = ops.ldrl_feedback_loop(
+            xi,
+            b.weight.detach(),
+            None if b.bias is None else b.bias.detach(),
+            b.feedback_weight,
+            b.feedback_bias,
+            *buffers,
+            k,
+            0.2,
+            0.05,
+            0.9,
+            1e-3,
+            2,
+            b.geometry(),
+            n1,
+            n2,
+        )
         s, idx, _ = reference.forward_block(b, xi)
         s = s.detach()
         delta = torch.linspace(-1, 1, s.numel(), dtype=x.dtype, device=s.device).reshape(s.shape)
         keep = s if b.activation or b.pool else None
-        target = ops.propagate_target(keep, idx, delta, b.feedback_weight, 0.7 * xi.shape[0], xi.shape, b.geometry())
+        target = ops.propagate_target(
+            keep, idx, delta, b.feedback_weight, 0.7 * xi.shape[0], xi.shape, b.geometry()
+        )
         grads = ops.block_weight_grad(xi, keep, idx, delta, b.weight.detach(), b.geometry())
         results.append([losses, b.feedback_weight, b.feedback_bias, target, *grads])
     for c, g in zip(*results):
@@ -109,8 +134,21 @@ def test_cuda_reconstruction_loop_equals_cpu(name):
     for b, xi, n in ((block, xin, noise), (gblock, gx, gnoise)):
         buffers = (torch.zeros_like(b.feedback_weight), torch.zeros_like(b.feedback_bias))
         losses = ops.reconstruction_feedback_loop(
-            xi, b.weight.detach(), None if b.bias is None else b.bias.detach(), b.feedback_weight,
-            b.feedback_bias, *buffers, 3, 0.2, 0.01, 0.9, 1e-3, 2, b.geometry(), n)
+            xi,
+            b.weight.detach(),
+            None if b.bias is None else b.bias.detach(),
+            b.feedback_weight,
+            b.feedback_bias,
+            *buffers,
+            3,
+            0.2,
+            0.01,
+            0.9,
+            1e-3,
+            2,
+            b.geometry(),
+            n,
+        )
         results.append([losses, b.feedback_weight, b.feedback_bias, *buffers])
     for c, g in zip(*results):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-10)
@@ -119,6 +157,7 @@ def test_cuda_reconstruction_loop_equals_cpu(name):
 @needs_cuda
 def test_cuda_simplevgg_training_step_agrees_with_cpu():
     from dtp_ext.models import simple_vgg
+
     torch.manual_seed(0)
     model = simple_vgg(widths=(8, 8, 16, 16, 32)).double()
     gmodel = copy.deepcopy(model).cuda()
@@ -131,11 +170,15 @@ def test_cuda_simplevgg_training_step_agrees_with_cpu():
         xi = b.recorded_input
         ys = reference.forward_block(b, reference.block_input(b, xi))[0].shape
         k = its[len(noise)]
-        noise[name] = (torch.randn(k, *reference.block_input(b, xi).shape, dtype=x.dtype) * 0.1,
-                       torch.randn(k, *ys, dtype=x.dtype) * 0.1)
+        noise[name] = (
+            torch.randn(k, *reference.block_input(b, xi).shape, dtype=x.dtype) * 0.1,
+            torch.randn(k, *ys, dtype=x.dtype) * 0.1,
+        )
     states = []
     for m, dev in ((model, "cpu"), (gmodel, "cuda")):
-        trainer = dtp_ext.FeedbackTrainer(m, iterations=its, noise_std=0.1, lr=[1e-3, 1e-3, 1e-2, 1e-2, 0.1])
+        trainer = dtp_ext.FeedbackTrainer(
+            m, iterations=its, noise_std=0.1, lr=[1e-3, 1e-3, 1e-2, 1e-2, 0.1]
+        )
         opt = torch.optim.SGD(m.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4)
         out = m(x.to(dev))
         report = trainer.step(noise={n: (a.to(dev), b.to(dev)) for n, (a, b) in noise.items()})
@@ -150,12 +193,15 @@ def test_cuda_simplevgg_training_step_agrees_with_cpu():
 @needs_cuda
 def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
     from test_finite_checks import op_calls
+
     for op, args, call in op_calls("cuda"):
         call({n: t.clone() for n, t in args.items()})  # valid inputs pass
         for name in args:
             bad = {n: t.clone() for n, t in args.items()}
             bad[name].view(-1)[0] = float("nan")
-            with pytest.raises(ValueError, match=f"dtp_ext.{op}: {name} contains non-finite values"):
+            with pytest.raises(
+                ValueError, match=f"dtp_ext.{op}: {name} contains non-finite values"
+            ):
                 call(bad)
             if name not in ("x", "delta"):  # a CPU tensor among CUDA ones is named too
                 mixed = dict(args, **{name: args[name].cpu()})
@@ -164,10 +210,13 @@ def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["conv-elu-pool2", "linear-tanh", "conv-elu-pool2-large", "conv-small-map"])
+@pytest.mark.parametrize(
+    "name", ["conv-elu-pool2", "linear-tanh", "conv-elu-pool2-large", "conv-small-map"]
+)
 @pytest.mark.parametrize("op", ops.OP_NAMES)
 def test_cuda_opcheck_every_op(name, op):
     from test_fake_kernels import op_args
+
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in op_args(name, k=2)[op]]
     torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args))
 
@@ -179,24 +228,33 @@ def test_cuda_private_elementwise_ops_opcheck_and_match_the_cpu(op, pool):
     """Each elementwise pass's CUDA kernel passes opcheck and computes what the CPU kernel does
     (the per-element maths is one header), the in-place SGD step included."""
     from test_ops import private_op_args
+
     assert ops.has_kernel(op, "CUDA")
+
     def args(device):
-        return [a.to(device) if isinstance(a, torch.Tensor) else a for a in private_op_args(pool)[op]]
+        return [
+            a.to(device) if isinstance(a, torch.Tensor) else a for a in private_op_args(pool)[op]
+        ]
+
     torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args("cuda")))
     cpu_args, cuda_args = args("cpu"), args("cuda")
     cpu_out = getattr(torch.ops.dtp_ext, op)(*cpu_args)
     cuda_out = getattr(torch.ops.dtp_ext, op)(*cuda_args)
     if op == "_sgd_ldrl_update":  # in place: the weight and momentum buffer
         cpu_out, cuda_out = cpu_args[:2], cuda_args[:2]
-    for c, g in zip(cpu_out if isinstance(cpu_out, list) else [cpu_out],
-                    cuda_out if isinstance(cuda_out, list) else [cuda_out]):
+    for c, g in zip(
+        cpu_out if isinstance(cpu_out, list) else [cpu_out],
+        cuda_out if isinstance(cuda_out, list) else [cuda_out],
+    ):
         torch.testing.assert_close(g.cpu(), c)
 
 
 @needs_cuda
 def test_cuda_window_max_takes_nan_as_the_maximum_like_max_pool2d():
-    z = torch.tensor([[[[1.0, float("nan"), 3.0, 2.0],
-                        [4.0, 0.5, float("nan"), float("nan")]]]], dtype=torch.float64).cuda()
+    z = torch.tensor(
+        [[[[1.0, float("nan"), 3.0, 2.0], [4.0, 0.5, float("nan"), float("nan")]]]],
+        dtype=torch.float64,
+    ).cuda()
     _, expected = F.max_pool2d_with_indices(z, 2, 2)
     out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
     assert out.flatten(2).isnan().nonzero()[:, 2].tolist() == expected.flatten().tolist()
@@ -206,6 +264,7 @@ def test_cuda_window_max_takes_nan_as_the_maximum_like_max_pool2d():
 @pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
 def test_cuda_ties_after_saturation_equal_the_reference(kind):
     from test_hardening import saturated_block
+
     block, x = saturated_block(kind)
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(4, 3, 4, 4, dtype=x.dtype) * 0.1
     ref = reference.ldrl_loss_and_grads(block, x, nx, ny)
@@ -227,9 +286,17 @@ def test_cuda_nan_follows_atens_rules_like_the_cpu(activation):
     with ops.finite_checks(False):
         for dev in ("cpu", "cuda"):
             bb = copy.deepcopy(b).to(dev)
-            results.append(ops._ops.ldrl_loss(x.to(dev), bb.weight.detach(), bb.bias.detach(),
-                                              bb.feedback_weight, nx.to(dev), ny.to(dev),
-                                              *bb.geometry().args()))
+            results.append(
+                ops._ops.ldrl_loss(
+                    x.to(dev),
+                    bb.weight.detach(),
+                    bb.bias.detach(),
+                    bb.feedback_weight,
+                    nx.to(dev),
+                    ny.to(dev),
+                    *bb.geometry().args(),
+                )
+            )
     for a, c in zip(*results):
         torch.testing.assert_close(c.cpu(), a, equal_nan=True, rtol=1e-10, atol=1e-12)
 
@@ -239,6 +306,7 @@ def test_cuda_bad_pool_index_is_a_device_side_assert():
     """Run in a fresh process: a device-side assert leaves that process's CUDA context unusable."""
     import subprocess
     import sys
+
     code = (
         "import torch, dtp_ext\n"
         "b = dtp_ext.Conv2d(3, 4, 3, padding=1, activation='relu', pool=2).cuda()\n"
@@ -246,7 +314,8 @@ def test_cuda_bad_pool_index_is_a_device_side_assert():
         "out, idx = b.forward_with_indices(x)\n"
         "idx = idx.clone(); idx.view(-1)[0] = 10**9\n"
         "g = dtp_ext.ops.propagate_target(out.detach(), idx, torch.randn_like(out), b.feedback_weight, 1.4, x.shape, b.geometry())\n"
-        "torch.cuda.synchronize()\n")
+        "torch.cuda.synchronize()\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "device-side assert" in done.stderr or "pool indices outside" in done.stderr

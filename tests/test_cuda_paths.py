@@ -1,16 +1,15 @@
 """CUDA paths the float64 NCHW agreement tests do not reach (issue 14.7): float32, other
 layouts, generator noise, concurrent streams, refused maps, grid-stride loops. They skip
 without a GPU and run in benchmarks/gpu_check.sh."""
+
 import copy
 
 import pytest
 import torch
-from torch import nn
 
 import dtp_ext
-from dtp_ext import ops, reference
-
 from conftest import make_block, output_shape
+from dtp_ext import ops, reference
 from test_cuda import needs_cuda, on_cuda
 
 pytestmark = [pytest.mark.cuda]
@@ -25,12 +24,16 @@ def no_tf32():
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["conv-elu-pool2", "conv-elu-pool2-large", "linear-tanh", "conv-stride2-tanh"])
+@pytest.mark.parametrize(
+    "name", ["conv-elu-pool2", "conv-elu-pool2-large", "linear-tanh", "conv-stride2-tanh"]
+)
 def test_float32_agrees_with_float64_reference_with_tf32_off(name, no_tf32):
     block, x = make_block(name, dtype=torch.float32)
     nx = torch.randn(reference.block_input(block, x).shape) * 0.3
     ny = torch.randn(output_shape(block, x)) * 0.3
-    ref = reference.ldrl_loss_and_grads(copy.deepcopy(block).double(), x.double(), nx.double(), ny.double())
+    ref = reference.ldrl_loss_and_grads(
+        copy.deepcopy(block).double(), x.double(), nx.double(), ny.double()
+    )
     got = dtp_ext.functional.ldrl_loss(*on_cuda(block, x, nx, ny))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.cpu().double(), r, rtol=2e-4, atol=2e-5)
@@ -52,7 +55,10 @@ def test_other_input_layouts_agree(layout):
     expected = dtp_ext.functional.ldrl_loss(*on_cuda(block, x, nx, ny))
     gblock, gx, gnx, gny = on_cuda(block, x, nx, ny)
     if layout == "channels_last":
-        gx, gnx = gx.contiguous(memory_format=torch.channels_last), gnx.contiguous(memory_format=torch.channels_last)
+        gx, gnx = (
+            gx.contiguous(memory_format=torch.channels_last),
+            gnx.contiguous(memory_format=torch.channels_last),
+        )
     else:
         gx = torch.cat([gx, gx], dim=3)[..., ::2]  # same values, stride 2 in W
         gnx = torch.cat([gnx, gnx], dim=3)[..., ::2]
@@ -63,10 +69,25 @@ def test_other_input_layouts_agree(layout):
 
 def run_loop(block, x, k, chunk, seed):
     torch.manual_seed(seed)
-    state = [block.feedback_weight.clone(), block.feedback_bias.clone(),
-             torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias)]
-    losses = ops.ldrl_feedback_loop(x, block.weight.detach(), block.bias.detach(), *state, k, 0.1,
-                                    1e-2, 0.9, 0.0, chunk, block.geometry())
+    state = [
+        block.feedback_weight.clone(),
+        block.feedback_bias.clone(),
+        torch.zeros_like(block.feedback_weight),
+        torch.zeros_like(block.feedback_bias),
+    ]
+    losses = ops.ldrl_feedback_loop(
+        x,
+        block.weight.detach(),
+        block.bias.detach(),
+        *state,
+        k,
+        0.1,
+        1e-2,
+        0.9,
+        0.0,
+        chunk,
+        block.geometry(),
+    )
     return [losses] + state
 
 
@@ -90,18 +111,31 @@ def test_concurrent_streams_equal_serial_bitwise():
     results = []
     for concurrent in (True, False):
         m = copy.deepcopy(model)
-        trainer = dtp_ext.FeedbackTrainer(m, iterations=[40, 40, 60, 60, 40], noise_std=0.1, lr=1e-3,
-                                          concurrent_blocks=concurrent, blocks=[n for n, _ in dtp_ext.dtp_blocks(m)[1:]])
+        trainer = dtp_ext.FeedbackTrainer(
+            m,
+            iterations=[40, 40, 60, 60, 40],
+            noise_std=0.1,
+            lr=1e-3,
+            concurrent_blocks=concurrent,
+            blocks=[n for n, _ in dtp_ext.dtp_blocks(m)[1:]],
+        )
         m(x)
         noise = {}
         gen = torch.Generator(device="cuda").manual_seed(1)
         for (name, b), k in zip(trainer.blocks, [40, 40, 60, 60, 40]):
             xi = reference.block_input(b, b.recorded_input)
             ys = reference.forward_block(b, xi)[0].shape
-            noise[name] = (torch.randn(k, *xi.shape, device="cuda", generator=gen) * 0.1,
-                           torch.randn(k, *ys, device="cuda", generator=gen) * 0.1)
+            noise[name] = (
+                torch.randn(k, *xi.shape, device="cuda", generator=gen) * 0.1,
+                torch.randn(k, *ys, device="cuda", generator=gen) * 0.1,
+            )
         report = trainer.step(noise=noise)
-        results.append(([report.losses[n] for n in report.losses], [b.feedback_weight.clone() for _, b in trainer.blocks]))
+        results.append(
+            (
+                [report.losses[n] for n in report.losses],
+                [b.feedback_weight.clone() for _, b in trainer.blocks],
+            )
+        )
     for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
         assert torch.equal(a, b)
 
@@ -110,11 +144,26 @@ def test_concurrent_streams_equal_serial_bitwise():
 def test_map_smaller_than_the_pool_is_refused():
     block = dtp_ext.Conv2d(3, 4, 3, activation="relu", pool=2).cuda()
     x = torch.randn(2, 3, 3, 3, device="cuda")
-    state = [block.feedback_weight, block.feedback_bias, torch.zeros_like(block.feedback_weight),
-             torch.zeros_like(block.feedback_bias)]
+    state = [
+        block.feedback_weight,
+        block.feedback_bias,
+        torch.zeros_like(block.feedback_weight),
+        torch.zeros_like(block.feedback_bias),
+    ]
     with pytest.raises(RuntimeError, match="the pool .* is larger than the conv's output map"):
-        ops.ldrl_feedback_loop(x, block.weight.detach(), block.bias.detach(), *state, 2, 0.1, 1e-3,
-                               0.9, 0.0, 1, block.geometry())
+        ops.ldrl_feedback_loop(
+            x,
+            block.weight.detach(),
+            block.bias.detach(),
+            *state,
+            2,
+            0.1,
+            1e-3,
+            0.9,
+            0.0,
+            1,
+            block.geometry(),
+        )
 
 
 @needs_cuda
@@ -123,7 +172,9 @@ def test_grid_stride_loops_cover_large_tensors():
     grid-stride loop runs more than once: the result still equals the CPU."""
     torch.manual_seed(0)
     block = dtp_ext.Conv2d(4, 64, 3, padding=1, activation="elu", pool=2).double()
-    x = torch.randn(64, 4, 64, 64, dtype=torch.float64)  # 4.2 M pooled elements, > 4096 x 256 threads
+    x = torch.randn(
+        64, 4, 64, 64, dtype=torch.float64
+    )  # 4.2 M pooled elements, > 4096 x 256 threads
     nx = torch.randn_like(x) * 0.1
     ny = torch.randn(output_shape(block, x), dtype=x.dtype) * 0.1
     cpu = dtp_ext.functional.ldrl_loss(block, x, nx, ny)

@@ -1,4 +1,5 @@
 """FeedbackTrainer and DTP blocks under DistributedDataParallel: 2 processes, gloo, CPU."""
+
 import os
 
 import pytest
@@ -19,18 +20,32 @@ def build_model():
     return nn.Sequential(
         dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
         dtp_ext.Conv2d(4, 6, 3, padding=1, activation="tanh", pool=2),
-        nn.Flatten(), dtp_ext.Linear(6 * 2 * 2, 5)).double()
+        nn.Flatten(),
+        dtp_ext.Linear(6 * 2 * 2, 5),
+    ).double()
 
 
 def batches():
     """The same full batches and full noise for every process; rank r uses its slice."""
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(WORLD * BATCH, 3, 8, 8, generator=g, dtype=torch.float64),
-             torch.randint(0, 5, (WORLD * BATCH,), generator=g)) for _ in range(STEPS)]
+    data = [
+        (
+            torch.randn(WORLD * BATCH, 3, 8, 8, generator=g, dtype=torch.float64),
+            torch.randint(0, 5, (WORLD * BATCH,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
     shapes = {"1": ((4, 4, 4), (6, 2, 2)), "3": ((24,), (5,))}
-    noise = [{name: (torch.randn(k, WORLD * BATCH, *sx, generator=g, dtype=torch.float64) * 0.1,
-                     torch.randn(k, WORLD * BATCH, *sy, generator=g, dtype=torch.float64) * 0.1)
-              for (name, (sx, sy)), k in zip(shapes.items(), ITERATIONS)} for _ in range(STEPS)]
+    noise = [
+        {
+            name: (
+                torch.randn(k, WORLD * BATCH, *sx, generator=g, dtype=torch.float64) * 0.1,
+                torch.randn(k, WORLD * BATCH, *sy, generator=g, dtype=torch.float64) * 0.1,
+            )
+            for (name, (sx, sy)), k in zip(shapes.items(), ITERATIONS)
+        }
+        for _ in range(STEPS)
+    ]
     return data, noise
 
 
@@ -51,8 +66,9 @@ def worker(rank, init_file, sync, out_dir):
     try:
         model = build_model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        trainer = dtp_ext.FeedbackTrainer(model, iterations=ITERATIONS, noise_std=0.1,
-                                          lr=[1e-2, 5e-2], sync=sync)
+        trainer = dtp_ext.FeedbackTrainer(
+            model, iterations=ITERATIONS, noise_std=0.1, lr=[1e-2, 5e-2], sync=sync
+        )
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         state = train(model, trainer, opt, rank, WORLD, sync_model=ddp)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -86,7 +102,9 @@ def test_weight_sync_keeps_ranks_identical(tmp_path):
     ranks = run_ranks(tmp_path, "weights")
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs between ranks"
-    assert not torch.equal(ranks[0]["1.feedback_weight"], build_model().state_dict()["1.feedback_weight"])
+    assert not torch.equal(
+        ranks[0]["1.feedback_weight"], build_model().state_dict()["1.feedback_weight"]
+    )
 
 
 def test_bad_sync_mode():

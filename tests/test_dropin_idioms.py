@@ -1,4 +1,5 @@
 """torch.nn idioms on converted models: memory formats and in-place ops on block outputs."""
+
 import copy
 
 import pytest
@@ -13,9 +14,19 @@ def two_convs():
     torch.manual_seed(0)
     # A trainable first conv (the stem) so both DTP blocks need targets.
     stem = nn.Conv2d(3, 3, 1)
-    return nn.Sequential(stem, *dtp_ext.convert(nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ELU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.Flatten(),
-        nn.Linear(8 * 5 * 5, 4)))).double()
+    return nn.Sequential(
+        stem,
+        *dtp_ext.convert(
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3),
+                nn.ELU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 8, 3),
+                nn.Flatten(),
+                nn.Linear(8 * 5 * 5, 4),
+            )
+        ),
+    ).double()
 
 
 def train_step(model, x, y):
@@ -38,7 +49,9 @@ def test_channels_last_model_trains_like_the_contiguous_one():
     assert list(report.losses) == list(report_cl.losses) == ["1", "4", "6"]
     torch.testing.assert_close(out_cl, out, rtol=1e-10, atol=1e-12)
     for name in report.losses:
-        torch.testing.assert_close(report_cl.losses[name], report.losses[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            report_cl.losses[name], report.losses[name], rtol=1e-10, atol=1e-12
+        )
     for (k, a), (_, b) in zip(model.state_dict().items(), cl.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=k)
     for (k, a), (_, b) in zip(model.named_parameters(), cl.named_parameters()):
@@ -49,10 +62,16 @@ def test_channels_last_model_trains_like_the_contiguous_one():
 def test_feedback_loop_writes_back_into_non_contiguous_state():
     block = dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    state = [block.feedback_weight.clone(), block.feedback_bias.clone(),
-             torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias)]
-    strided = [t.clone().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
-               for t in state]
+    state = [
+        block.feedback_weight.clone(),
+        block.feedback_bias.clone(),
+        torch.zeros_like(block.feedback_weight),
+        torch.zeros_like(block.feedback_bias),
+    ]
+    strided = [
+        t.clone().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
+        for t in state
+    ]
     args = (5, 0.1, 0.01, 0.9, 1e-3, 2, block.geometry())
     torch.manual_seed(0)
     dtp_ext.ops.ldrl_feedback_loop(x, block.weight, block.bias, *state, *args)
@@ -84,7 +103,8 @@ def test_ldrl_loss_with_a_channels_last_feedback_weight():
     w, b = block.weight.detach(), block.bias.detach()
     v = block.feedback_weight
     expected = dtp_ext.ops.ldrl_loss(x, w, b, v, nx, ny, block.geometry())
-    got = dtp_ext.ops.ldrl_loss(x, w, b, v.contiguous(memory_format=torch.channels_last), nx, ny,
-                                block.geometry())
+    got = dtp_ext.ops.ldrl_loss(
+        x, w, b, v.contiguous(memory_format=torch.channels_last), nx, ny, block.geometry()
+    )
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)

@@ -1,19 +1,39 @@
 """The fused K-iteration feedback loop (SPEC §2.2) against torch.optim.SGD on the reference."""
+
 import pytest
 import torch
 
 import dtp_ext
+from conftest import make_block, output_shape
 from dtp_ext import metrics, ops, reference
 
-from conftest import make_block, output_shape
 
-
-def run_fused(block, x, k, sigma, lr, momentum, wd, noise_x=None, noise_y=None, buffers=None, chunk=3):
-    buffers = buffers or (torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias))
+def run_fused(
+    block, x, k, sigma, lr, momentum, wd, noise_x=None, noise_y=None, buffers=None, chunk=3
+):
+    buffers = buffers or (
+        torch.zeros_like(block.feedback_weight),
+        torch.zeros_like(block.feedback_bias),
+    )
     x = reference.block_input(block, x)
-    losses = ops.ldrl_feedback_loop(x, block.weight.detach(), None if block.bias is None else block.bias.detach(),
-                                    block.feedback_weight, block.feedback_bias, buffers[0], buffers[1],
-                                    k, sigma, lr, momentum, wd, chunk, block.geometry(), noise_x, noise_y)
+    losses = ops.ldrl_feedback_loop(
+        x,
+        block.weight.detach(),
+        None if block.bias is None else block.bias.detach(),
+        block.feedback_weight,
+        block.feedback_bias,
+        buffers[0],
+        buffers[1],
+        k,
+        sigma,
+        lr,
+        momentum,
+        wd,
+        chunk,
+        block.geometry(),
+        noise_x,
+        noise_y,
+    )
     return losses, buffers
 
 
@@ -24,18 +44,23 @@ def test_loop_with_explicit_noise_equals_reference_sgd(block_name, wd):
     xin = reference.block_input(block, x)
     noise_x = torch.randn(k, *xin.shape, dtype=x.dtype) * sigma
     noise_y = torch.randn(k, *output_shape(block, x), dtype=x.dtype) * sigma
-    ref_v, ref_c, ref_losses, state = reference.feedback_loop(block, x, k, sigma, lr, momentum, wd, noise_x, noise_y)
+    ref_v, ref_c, ref_losses, state = reference.feedback_loop(
+        block, x, k, sigma, lr, momentum, wd, noise_x, noise_y
+    )
     losses, buffers = run_fused(block, x, k, sigma, lr, momentum, wd, noise_x, noise_y)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(block.feedback_weight, ref_v, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(block.feedback_bias, ref_c, rtol=1e-9, atol=1e-11)
     # A second batch continues from the momentum buffers, as SGD's state does.
-    losses2, _ = run_fused(block, x, k, sigma, lr, momentum, wd, noise_x.flip(0), noise_y.flip(0), buffers)
+    losses2, _ = run_fused(
+        block, x, k, sigma, lr, momentum, wd, noise_x.flip(0), noise_y.flip(0), buffers
+    )
     block_ref = make_block(block_name)[0]
     block_ref.feedback_weight.copy_(ref_v)
     block_ref.feedback_bias.copy_(ref_c)
-    ref_v2, ref_c2, ref_losses2, _ = reference.feedback_loop(block_ref, x, k, sigma, lr, momentum, wd,
-                                                             noise_x.flip(0), noise_y.flip(0), state)
+    ref_v2, ref_c2, ref_losses2, _ = reference.feedback_loop(
+        block_ref, x, k, sigma, lr, momentum, wd, noise_x.flip(0), noise_y.flip(0), state
+    )
     torch.testing.assert_close(losses2, ref_losses2, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(block.feedback_weight, ref_v2, rtol=1e-9, atol=1e-11)
 
@@ -57,6 +82,7 @@ def test_generator_noise_matches_reference_draws_and_is_chunk_independent(block_
         torch.testing.assert_close(block.feedback_weight, ref_v, rtol=1e-9, atol=1e-11)
     # The same seed gives bitwise the same run whatever the chunking.
     for losses, v in results[1:]:
+        assert torch.equal(losses, results[0][0])
         assert torch.equal(v, results[0][1])
 
 

@@ -1,5 +1,6 @@
 """Adversarial inputs to the ops and the trainer: bad indices, aliasing, saturated pools, long
 loops, impossible sizes and explosions that stay finite."""
+
 import os
 import signal
 import subprocess
@@ -31,9 +32,14 @@ def test_pool_indices_outside_the_map_are_refused(bad):
     idx = idx.clone()
     idx.view(-1)[0] = bad
     delta = torch.randn_like(out)
-    with pytest.raises(IndexError, match=r"dtp_ext.propagate_target: indices must lie in \[0, 64\).*got " + str(bad)):
+    with pytest.raises(
+        IndexError,
+        match=r"dtp_ext.propagate_target: indices must lie in \[0, 64\).*got " + str(bad),
+    ):
         ops.propagate_target(out, idx, delta, b.feedback_weight, 1.4, x.shape, b.geometry())
-    with pytest.raises(IndexError, match=r"dtp_ext.block_weight_grad: indices must lie in \[0, 64\)"):
+    with pytest.raises(
+        IndexError, match=r"dtp_ext.block_weight_grad: indices must lie in \[0, 64\)"
+    ):
         ops.block_weight_grad(x, out, idx, delta, b.weight, b.geometry())
     idx.view(-1)[0] = 63  # the last position of the plane is valid
     ops.propagate_target(out, idx, delta, b.feedback_weight, 1.4, x.shape, b.geometry())
@@ -47,12 +53,15 @@ def loop_args(block, x, **state):
     return (x, state.get("w", block.weight.detach()), block.bias.detach(), fw, fb, mw, mb)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("feedback_weight is weight", "feedback_weight and weight share memory"),
-    ("momentum is feedback_weight", "feedback_weight and momentum_weight share memory"),
-    ("expanded momentum_bias", "momentum_bias has elements that share memory"),
-    ("feedback_bias inside x", "feedback_bias and x share memory"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("feedback_weight is weight", "feedback_weight and weight share memory"),
+        ("momentum is feedback_weight", "feedback_weight and momentum_weight share memory"),
+        ("expanded momentum_bias", "momentum_bias has elements that share memory"),
+        ("feedback_bias inside x", "feedback_bias and x share memory"),
+    ],
+)
 def test_overlapping_in_place_arguments_are_refused(case, match):
     b, x, _, _ = pooled_block()
     w = b.weight.detach()
@@ -71,14 +80,18 @@ def test_overlapping_in_place_arguments_are_refused(case, match):
 
 def test_trainer_refuses_feedback_buffers_that_alias_parameters():
     """The reference code's tied initialisation shares storage between W and V."""
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), dtp_ext.Conv2d(3, 3, 3, padding=1),
-                          dtp_ext.Conv2d(3, 3, 3, padding=1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 3, 1), dtp_ext.Conv2d(3, 3, 3, padding=1), dtp_ext.Conv2d(3, 3, 3, padding=1)
+    )
     model[2].feedback_weight = model[1].weight.data  # another block's forward weight
     trainer = dtp_ext.FeedbackTrainer(model, 2, 0.1, 0.1)
     model(torch.randn(2, 3, 6, 6))
     before = model[1].weight.detach().clone()
-    with pytest.raises(ValueError, match=r"block '2'.s feedback_weight shares memory with the model's "
-                                         r"parameter '1.weight'"):
+    with pytest.raises(
+        ValueError,
+        match=r"block '2'.s feedback_weight shares memory with the model's "
+        r"parameter '1.weight'",
+    ):
         trainer.step()
     assert torch.equal(model[1].weight, before)
 
@@ -132,8 +145,9 @@ def test_nan_follows_atens_rules_with_checks_off(activation):
     x[1, 0, 3, 3] = float("nan")
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(2, 3, 4, 4, dtype=x.dtype) * 0.1
     with ops.finite_checks(False):
-        a = ops._ops.ldrl_loss(x, b.weight.detach(), b.bias.detach(), b.feedback_weight, nx, ny,
-                               *b.geometry().args())
+        a = ops._ops.ldrl_loss(
+            x, b.weight.detach(), b.bias.detach(), b.feedback_weight, nx, ny, *b.geometry().args()
+        )
     ref = reference.ldrl_loss_and_grads(b, x, nx, ny)
     assert torch.isnan(a[0]) and torch.isnan(ref[0])
     torch.testing.assert_close(a[1], ref[1], equal_nan=True, rtol=1e-10, atol=1e-12)
@@ -156,8 +170,9 @@ LONG_LOOP = textwrap.dedent("""
 
 
 def test_a_long_loop_stops_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-c", LONG_LOOP], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LONG_LOOP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "started"
     time.sleep(1.0)
     sent = time.monotonic()
@@ -170,7 +185,9 @@ def test_a_long_loop_stops_on_ctrl_c():
 
 def test_an_interrupted_trainer_step_restores_every_block():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), dtp_ext.Linear(8, 8, activation="tanh"), dtp_ext.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(4, 8), dtp_ext.Linear(8, 8, activation="tanh"), dtp_ext.Linear(8, 3)
+    )
     trainer = dtp_ext.FeedbackTrainer(model, iterations=[5, 10**8], noise_std=0.1, lr=1e-3)
     model(torch.randn(2, 4))
     before = [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)]
@@ -189,16 +206,34 @@ def test_an_interrupted_trainer_step_restores_every_block():
 def test_impossible_iteration_count_names_the_argument():
     b = dtp_ext.Linear(4, 4)
     state = [b.feedback_weight, b.feedback_bias, torch.zeros(4, 4), torch.zeros(4)]
-    with pytest.raises(RuntimeError, match=r"dtp_ext.ldrl_feedback_loop: iterations asks for a tensor "
-                                           r"of shape \[1000000000000\] that cannot be allocated"):
-        ops.ldrl_feedback_loop(torch.randn(2, 4), b.weight.detach(), b.bias.detach(), *state,
-                               10**12, 0.1, 1e-3, 0.9, 0.0, 1, b.geometry())
+    with pytest.raises(
+        RuntimeError,
+        match=r"dtp_ext.ldrl_feedback_loop: iterations asks for a tensor "
+        r"of shape \[1000000000000\] that cannot be allocated",
+    ):
+        ops.ldrl_feedback_loop(
+            torch.randn(2, 4),
+            b.weight.detach(),
+            b.bias.detach(),
+            *state,
+            10**12,
+            0.1,
+            1e-3,
+            0.9,
+            0.0,
+            1,
+            b.geometry(),
+        )
 
 
 def small_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 1), dtp_ext.Conv2d(4, 4, 3, padding=1, activation="elu", pool=2),
-                         nn.Flatten(), dtp_ext.Linear(16, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        dtp_ext.Conv2d(4, 4, 3, padding=1, activation="elu", pool=2),
+        nn.Flatten(),
+        dtp_ext.Linear(16, 3),
+    )
 
 
 @pytest.mark.parametrize("budget", [float("inf"), float("nan"), 0, -1, "256"])
@@ -219,8 +254,11 @@ def test_cast_after_forward_and_empty_batch_are_explained():
     trainer = dtp_ext.FeedbackTrainer(model, 1, 0.1, 0.1)
     model(torch.randn(2, 3, 4, 4))
     model.double()
-    with pytest.raises(RuntimeError, match=r"block '1' recorded its input as torch.float32 on cpu, but "
-                                           r"its weights are now torch.float64"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block '1' recorded its input as torch.float32 on cpu, but "
+        r"its weights are now torch.float64",
+    ):
         trainer.step()
     model(torch.randn(0, 3, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"block '1' recorded an empty batch"):
@@ -229,7 +267,9 @@ def test_cast_after_forward_and_empty_batch_are_explained():
 
 def test_pool_larger_than_the_map_names_the_layer():
     block = dtp_ext.Conv2d(3, 4, 3, activation="relu", pool=2)
-    with pytest.raises(ValueError, match=r"dtp_ext.Conv2d: pool=2 is larger than the conv's output map \(1x1"):
+    with pytest.raises(
+        ValueError, match=r"dtp_ext.Conv2d: pool=2 is larger than the conv's output map \(1x1"
+    ):
         block(torch.randn(1, 3, 3, 3))
 
 
@@ -238,13 +278,17 @@ def test_finite_explosion_is_refused_and_restored():
     trainer = dtp_ext.FeedbackTrainer(model, iterations=[3, 2], noise_std=1.0, lr=[10.0, 1e-3])
     model(torch.randn(4, 3, 4, 4))
     before = [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)]
-    with pytest.raises(FloatingPointError, match=r"block '1' diverged: its feedback weight's norm grew .* times in one step"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"block '1' diverged: its feedback weight's norm grew .* times in one step",
+    ):
         trainer.step()
     for a, (_, b) in zip(before, dtp_ext.dtp_blocks(model)):
         assert torch.equal(a, b.feedback_weight)
     # The same step without the bound keeps finite (huge) weights: the guard is what refused it.
-    unbounded = dtp_ext.FeedbackTrainer(model, iterations=[3, 2], noise_std=1.0, lr=[10.0, 1e-3],
-                                        max_growth=None)
+    unbounded = dtp_ext.FeedbackTrainer(
+        model, iterations=[3, 2], noise_std=1.0, lr=[10.0, 1e-3], max_growth=None
+    )
     unbounded.step()
     assert torch.isfinite(model[1].feedback_weight).all()
     assert model[1].feedback_weight.norm() > 100 * before[0].norm()
@@ -252,7 +296,9 @@ def test_finite_explosion_is_refused_and_restored():
 
 def test_report_names_the_kernel_that_ran():
     b, x, out, idx = pooled_block()
-    ops.propagate_target(out, idx, torch.randn_like(out), b.feedback_weight, 1.4, x.shape, b.geometry())
+    ops.propagate_target(
+        out, idx, torch.randn_like(out), b.feedback_weight, 1.4, x.shape, b.geometry()
+    )
     assert ops.last_kernel() == "dtp_ext::propagate_target[CPU]"
     ops.block_weight_grad(x, out, idx, torch.randn_like(out), b.weight, b.geometry())
     assert ops.last_kernel() == "dtp_ext::block_weight_grad[CPU]"

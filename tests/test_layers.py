@@ -1,4 +1,5 @@
 """dtp_ext.Linear / Conv2d as drop-in torch.nn layers, and dtp_ext.convert."""
+
 import io
 
 import pytest
@@ -8,11 +9,19 @@ from torch import nn
 
 import dtp_ext
 
-
 LINEAR_ARGS = [dict(in_features=5, out_features=3), dict(in_features=4, out_features=6, bias=False)]
 CONV_ARGS = [
     dict(in_channels=3, out_channels=4, kernel_size=3),
-    dict(in_channels=4, out_channels=6, kernel_size=(3, 5), stride=2, padding=(1, 2), dilation=1, groups=2, bias=False),
+    dict(
+        in_channels=4,
+        out_channels=6,
+        kernel_size=(3, 5),
+        stride=2,
+        padding=(1, 2),
+        dilation=1,
+        groups=2,
+        bias=False,
+    ),
     dict(in_channels=2, out_channels=3, kernel_size=3, padding="same", dilation=2),
     dict(in_channels=2, out_channels=3, kernel_size=3, padding="valid"),
 ]
@@ -23,8 +32,14 @@ def test_linear_defaults_match_torch_exactly(kwargs):
     torch.manual_seed(0)
     ours = dtp_ext.Linear(**kwargs)
     theirs = nn.Linear(**kwargs)
-    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("feedback")})
-    for shape in [(7, kwargs["in_features"]), (2, 3, kwargs["in_features"]), (kwargs["in_features"],)]:
+    theirs.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if not k.startswith("feedback")}
+    )
+    for shape in [
+        (7, kwargs["in_features"]),
+        (2, 3, kwargs["in_features"]),
+        (kwargs["in_features"],),
+    ]:
         x = torch.randn(shape)
         assert torch.equal(ours(x), theirs(x))
     assert set(ours.state_dict()) == set(theirs.state_dict()) | {"feedback_weight", "feedback_bias"}
@@ -37,7 +52,9 @@ def test_conv_defaults_match_torch_exactly(kwargs):
     torch.manual_seed(0)
     ours = dtp_ext.Conv2d(**kwargs)
     theirs = nn.Conv2d(**kwargs)
-    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("feedback")})
+    theirs.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if not k.startswith("feedback")}
+    )
     x = torch.randn(2, kwargs["in_channels"], 9, 10, requires_grad=True)
     assert torch.equal(ours(x), theirs(x))
     assert torch.equal(ours(x[0]), theirs(x[0]))  # unbatched input
@@ -73,11 +90,19 @@ def test_feedback_weights_are_not_parameters_and_survive_optimizers():
 
 def test_state_dict_round_trip_includes_feedback_weights():
     torch.manual_seed(0)
-    model = nn.Sequential(dtp_ext.Conv2d(1, 2, 3, activation="relu", pool=2), nn.Flatten(), dtp_ext.Linear(2 * 3 * 3, 4))
+    model = nn.Sequential(
+        dtp_ext.Conv2d(1, 2, 3, activation="relu", pool=2),
+        nn.Flatten(),
+        dtp_ext.Linear(2 * 3 * 3, 4),
+    )
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     torch.manual_seed(1)
-    fresh = nn.Sequential(dtp_ext.Conv2d(1, 2, 3, activation="relu", pool=2), nn.Flatten(), dtp_ext.Linear(2 * 3 * 3, 4))
+    fresh = nn.Sequential(
+        dtp_ext.Conv2d(1, 2, 3, activation="relu", pool=2),
+        nn.Flatten(),
+        dtp_ext.Linear(2 * 3 * 3, 4),
+    )
     assert not torch.equal(fresh[0].feedback_weight, model[0].feedback_weight)
     buf.seek(0)
     fresh.load_state_dict(torch.load(buf))
@@ -102,18 +127,23 @@ def test_eval_mode_records_nothing_and_train_mode_records_input():
 
 def test_to_moves_and_casts_feedback_weights():
     block = dtp_ext.Conv2d(2, 3, 3).to(torch.float64)
-    assert block.feedback_weight.dtype == torch.float64 and block.feedback_bias.dtype == torch.float64
+    assert (
+        block.feedback_weight.dtype == torch.float64 and block.feedback_bias.dtype == torch.float64
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(activation="gelu"), "activation"),
-    (dict(pool=0), "pool"),
-    (dict(pool=2.5), "pool"),
-    (dict(beta=0.0), "beta"),
-    (dict(beta=float("nan")), "beta"),
-    (dict(padding_mode="reflect"), "padding_mode"),
-    (dict(padding="same", kernel_size=2), "same"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(activation="gelu"), "activation"),
+        (dict(pool=0), "pool"),
+        (dict(pool=2.5), "pool"),
+        (dict(beta=0.0), "beta"),
+        (dict(beta=float("nan")), "beta"),
+        (dict(padding_mode="reflect"), "padding_mode"),
+        (dict(padding="same", kernel_size=2), "same"),
+    ],
+)
 def test_bad_constructor_arguments_are_rejected(kwargs, match):
     args = dict(in_channels=2, out_channels=3, kernel_size=3)
     args.update(kwargs)
@@ -130,11 +160,18 @@ def test_bad_inputs_are_rejected_with_shapes():
 
 def conv_net():
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ELU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ELU(),
         nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2, 2)),
         nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect"),
-        nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.ReLU(), nn.Linear(5, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 5),
+        nn.ReLU(),
+        nn.Linear(5, 3),
     )
 
 

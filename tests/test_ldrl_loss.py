@@ -1,11 +1,11 @@
 """The fused L-DRL loss and gradient (SPEC §2.1) against the autograd reference."""
+
 import pytest
 import torch
 
 import dtp_ext
-from dtp_ext import functional, reference
-
 from conftest import make_block, output_shape
+from dtp_ext import functional, reference
 
 
 def noise_for(block, x, sigma=0.3, seed=1):
@@ -43,10 +43,17 @@ def test_non_contiguous_inputs_give_the_same_result(block_name):
     noise_x, noise_y = noise_for(block, x)
     expected = functional.ldrl_loss(block, x, noise_x, noise_y)
     if x.dim() == 4:
-        strided = (x.to(memory_format=torch.channels_last), noise_x.to(memory_format=torch.channels_last),
-                   noise_y.to(memory_format=torch.channels_last))
+        strided = (
+            x.to(memory_format=torch.channels_last),
+            noise_x.to(memory_format=torch.channels_last),
+            noise_y.to(memory_format=torch.channels_last),
+        )
     else:
-        strided = (x.t().contiguous().t(), noise_x.t().contiguous().t(), noise_y.t().contiguous().t())
+        strided = (
+            x.t().contiguous().t(),
+            noise_x.t().contiguous().t(),
+            noise_y.t().contiguous().t(),
+        )
     assert not strided[0].is_contiguous()
     got = functional.ldrl_loss(block, *strided)
     for a, b in zip(got, expected):

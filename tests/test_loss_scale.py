@@ -1,5 +1,6 @@
 """dtp_ext.loss_scale: scaled losses, GradScaler and gradient accumulation give backprop's
 relation to the unscaled gradients (SPEC §10), float64, linear and conv networks."""
+
 import threading
 
 import pytest
@@ -15,9 +16,17 @@ def linear_net():
 
 
 def conv_net():
-    return dtp_ext.convert(nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ELU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
-        nn.Tanh(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))).double()
+    return dtp_ext.convert(
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 5),
+        )
+    ).double()
 
 
 NETS = {"linear": (linear_net, (12, 8), 4), "conv": (conv_net, (12, 2, 8, 8), 5)}

@@ -4,6 +4,7 @@
 Measured as the peak resident memory (VmHWM, reset through /proc/self/clear_refs) of one
 FeedbackTrainer.step() in a fresh process, so earlier tests' allocations do not interfere.
 """
+
 import json
 import os
 import subprocess
@@ -46,12 +47,21 @@ def measure(budget_mb: float, workdir) -> dict:
     # from an empty folder so that the current directory cannot shadow it.
     root = os.path.dirname(os.path.dirname(os.path.abspath(dtp_ext.__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(budget_mb)], env=env, check=True,
-                         capture_output=True, text=True, timeout=300, cwd=workdir)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(budget_mb)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=workdir,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs"
+)
 def test_memory_budget_bounds_the_feedback_phase(tmp_path):
     small, large = measure(32, tmp_path), measure(4096, tmp_path)
     per_iteration = small["per_iteration_mb"]

@@ -1,5 +1,6 @@
 """Mixed precision (issue 10) above the ops: FeedbackTrainer(compute_dtype=...) with float32
 master feedback weights, and DTP blocks under torch.autocast."""
+
 import copy
 import time
 
@@ -19,8 +20,9 @@ def jmc_angle(block, x, compute_dtype, iterations=2000, sigma=0.1, lr=0.02):
     batch; angle(W, V) afterwards."""
     block = copy.deepcopy(block).train()
     block(x)  # records the input
-    trainer = dtp_ext.FeedbackTrainer(block, iterations, sigma, lr, blocks=[block],
-                                      compute_dtype=compute_dtype)
+    trainer = dtp_ext.FeedbackTrainer(
+        block, iterations, sigma, lr, blocks=[block], compute_dtype=compute_dtype
+    )
     torch.manual_seed(1)
     report = trainer.step()
     assert block.feedback_weight.dtype == torch.float32  # float32 masters
@@ -49,8 +51,10 @@ def test_jmc_in_bfloat16_within_one_degree_of_float32(kind):
     t1 = time.perf_counter()
     angle16 = jmc_angle(block, x, BF16, lr=lr)
     t2 = time.perf_counter()
-    print(f"{kind}: start {start:.1f} deg, float32 {angle32:.3f} deg ({t1 - t0:.1f} s), "
-          f"bfloat16 {angle16:.3f} deg ({t2 - t1:.1f} s)")
+    print(
+        f"{kind}: start {start:.1f} deg, float32 {angle32:.3f} deg ({t1 - t0:.1f} s), "
+        f"bfloat16 {angle16:.3f} deg ({t2 - t1:.1f} s)"
+    )
     assert start > 60
     assert angle32 < 1.5
     assert abs(angle16 - angle32) < 1.0, (angle16, angle32)
@@ -58,7 +62,9 @@ def test_jmc_in_bfloat16_within_one_degree_of_float32(kind):
 
 def test_compute_dtype_is_validated():
     model = nn.Sequential(dtp_ext.Linear(4, 3))
-    with pytest.raises(ValueError, match="compute_dtype must be None, torch.bfloat16 or torch.float16"):
+    with pytest.raises(
+        ValueError, match="compute_dtype must be None, torch.bfloat16 or torch.float16"
+    ):
         dtp_ext.FeedbackTrainer(model, 1, 0.1, 0.1, compute_dtype=torch.float64)
 
 
@@ -67,7 +73,9 @@ def small_net():
     return nn.Sequential(
         dtp_ext.Conv2d(3, 6, 3, padding=1, activation="elu", pool=2),
         dtp_ext.Conv2d(6, 8, 3, padding=1, activation="elu", pool=2),
-        nn.Flatten(), dtp_ext.Linear(8 * 4 * 4, 10))
+        nn.Flatten(),
+        dtp_ext.Linear(8 * 4 * 4, 10),
+    )
 
 
 def plain_twin(model):
@@ -118,10 +126,14 @@ def test_autocast_runs_blocks_like_nn_modules_and_trainer_steps_after_it():
     twin32.zero_grad()
     F.cross_entropy(model32(x), y).backward()
     F.cross_entropy(twin32(x), y).backward()
-    dtp = [metrics.angle_degrees(a.grad, b.grad)
-           for a, b in zip(model.parameters(), model32.parameters())]
-    bp = [metrics.angle_degrees(a.grad, b.grad)
-          for a, b in zip(twin.parameters(), twin32.parameters())]
+    dtp = [
+        metrics.angle_degrees(a.grad, b.grad)
+        for a, b in zip(model.parameters(), model32.parameters())
+    ]
+    bp = [
+        metrics.angle_degrees(a.grad, b.grad)
+        for a, b in zip(twin.parameters(), twin32.parameters())
+    ]
     for d, b in zip(dtp, bp):
         assert d < 2 * b + 1.0, (dtp, bp)
 
@@ -153,11 +165,15 @@ def test_compute_dtype_bfloat16_step_close_to_float32_step():
         trainer = dtp_ext.FeedbackTrainer(m, 5, 0.1, 0.05, compute_dtype=dtype)
         torch.manual_seed(seed)
         trainer.step()
-        changes.append([b.feedback_weight - model.get_submodule(n).feedback_weight
-                        for n, b in trainer.blocks])
+        changes.append(
+            [b.feedback_weight - model.get_submodule(n).feedback_weight for n, b in trainer.blocks]
+        )
         assert all(b.feedback_weight.dtype == torch.float32 for _, b in trainer.blocks)
     for d32, d16, other_noise in zip(*changes):
-        print(((d16 - d32).norm() / d32.norm()).item(), ((other_noise - d32).norm() / d32.norm()).item())
+        print(
+            ((d16 - d32).norm() / d32.norm()).item(),
+            ((other_noise - d32).norm() / d32.norm()).item(),
+        )
         assert (d16 - d32).norm() < 0.25 * (other_noise - d32).norm()
 
 
@@ -165,10 +181,13 @@ def gmp_angle(activation, beta, dtype):
     """SPEC §8.4/8.5's network (V = W^T) in `dtype`: the first layer's DTP update against
     backprop's, computed in float64 on the same (rounded) weights and input."""
     from test_targets import dtp_and_bp_grads
+
     torch.manual_seed(3)
-    model = nn.Sequential(dtp_ext.Linear(10, 9, activation=activation, beta=beta),
-                          dtp_ext.Linear(9, 8, activation=activation, beta=beta),
-                          dtp_ext.Linear(8, 4, beta=beta)).to(dtype)
+    model = nn.Sequential(
+        dtp_ext.Linear(10, 9, activation=activation, beta=beta),
+        dtp_ext.Linear(9, 8, activation=activation, beta=beta),
+        dtp_ext.Linear(8, 4, beta=beta),
+    ).to(dtype)
     for _, b in dtp_ext.dtp_blocks(model):
         b.feedback_weight.copy_(b.weight.detach().t())
     x, y = torch.randn(16, 10).to(dtype), torch.randint(0, 4, (16,))
@@ -179,8 +198,9 @@ def gmp_angle(activation, beta, dtype):
     return [metrics.angle_degrees(a, b) for a, b in zip(dtp, bp)]
 
 
-@pytest.mark.parametrize("activation, beta", [(None, 0.7), (None, 5.0), ("tanh", 3.0),
-                                              ("tanh", 0.3), ("tanh", 0.03)])
+@pytest.mark.parametrize(
+    "activation, beta", [(None, 0.7), (None, 5.0), ("tanh", 3.0), ("tanh", 0.3), ("tanh", 0.03)]
+)
 def test_gmp_angles_in_bfloat16_within_two_degrees_of_float64(activation, beta):
     """SPEC §8.4 (linear net, V = W^T: DTP equals backprop for any beta) and §8.5 (tanh: the
     angle shrinks with beta): the same angles with every block in bfloat16, within 2 degrees.
@@ -197,6 +217,7 @@ def test_float16_autocast_with_grad_scaler_needs_and_uses_the_loss_scale_api():
     float16 loss (to float16 rounding); without it the scale changes the target step (SPEC §10)
     and the hidden blocks' updates are wrong. (Measured: 0.000 degrees with the API, a power-of-two
     scale being exact; 69 and 94 degrees on the first block's weight and bias without it.)"""
+
     def grads(scale, tell_blocks):
         model = small_net()
         torch.manual_seed(5)
@@ -220,4 +241,7 @@ def test_float16_autocast_with_grad_scaler_needs_and_uses_the_loss_scale_api():
         assert got.dtype == torch.float32
         assert metrics.angle_degrees(got, want) < 0.5
     # The first block's update is wrong when the blocks are not told the scale.
-    assert metrics.angle_degrees(unaware[0], expected[0]) > 5 * metrics.angle_degrees(scaled[0], expected[0]) + 1
+    assert (
+        metrics.angle_degrees(unaware[0], expected[0])
+        > 5 * metrics.angle_degrees(scaled[0], expected[0]) + 1
+    )

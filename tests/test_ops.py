@@ -1,12 +1,12 @@
 """The registered ops: dispatcher registration, opcheck, and argument checks in C++."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dtp_ext
-from dtp_ext import ops
-
 from conftest import make_block, output_shape
+from dtp_ext import ops
 
 
 def test_every_op_has_a_compiled_cpu_kernel_and_build_info_says_so():
@@ -35,12 +35,31 @@ def test_opcheck_every_op(name):
     fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(y_shape, dtype=x.dtype) * 0.1
     torch.library.opcheck(torch.ops.dtp_ext.ldrl_loss.default, (x, w, b, fw, nx, ny, *geo))
-    torch.library.opcheck(torch.ops.dtp_ext.ldrl_feedback_loop.default,
-                          (x, w, b, fw, fb, torch.zeros_like(fw), torch.zeros_like(fb), 3, 0.1, 0.01,
-                           0.9, 0.0, 2, torch.stack([nx] * 3), torch.stack([ny] * 3), *geo))
+    torch.library.opcheck(
+        torch.ops.dtp_ext.ldrl_feedback_loop.default,
+        (
+            x,
+            w,
+            b,
+            fw,
+            fb,
+            torch.zeros_like(fw),
+            torch.zeros_like(fb),
+            3,
+            0.1,
+            0.01,
+            0.9,
+            0.0,
+            2,
+            torch.stack([nx] * 3),
+            torch.stack([ny] * 3),
+            *geo,
+        ),
+    )
     delta = torch.randn(y_shape, dtype=x.dtype)
-    torch.library.opcheck(torch.ops.dtp_ext.propagate_target.default,
-                          (s, idx, delta, fw, 1.4, list(x.shape), *geo))
+    torch.library.opcheck(
+        torch.ops.dtp_ext.propagate_target.default, (s, idx, delta, fw, 1.4, list(x.shape), *geo)
+    )
     torch.library.opcheck(torch.ops.dtp_ext.block_weight_grad.default, (x, s, idx, delta, w, *geo))
 
 
@@ -49,11 +68,18 @@ def test_cpp_checks_name_op_argument_and_expectation():
     fw = block.feedback_weight
     nx, ny = torch.zeros_like(x), torch.zeros(y_shape, dtype=x.dtype)
     loss = torch.ops.dtp_ext.ldrl_loss
-    with pytest.raises(RuntimeError, match=r"dtp_ext.ldrl_loss: noise_y must have shape \[5, 4, 4, 4\]"):
+    with pytest.raises(
+        RuntimeError, match=r"dtp_ext.ldrl_loss: noise_y must have shape \[5, 4, 4, 4\]"
+    ):
         loss(x, w, b, fw, nx, torch.zeros(5, 4, 8, 8, dtype=x.dtype), *geo)
-    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int"):
+    with pytest.raises(
+        RuntimeError,
+        match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int",
+    ):
         loss(x.int(), w, b, fw, nx, ny, *geo)
-    with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype Double like x"):
+    with pytest.raises(
+        RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype Double like x"
+    ):
         loss(x, w, b, fw.float(), nx, ny, *geo)
     with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must have 3 channels"):
         loss(x[:, :2], w, b, fw, nx[:, :2], ny, *geo)
@@ -63,16 +89,33 @@ def test_cpp_checks_name_op_argument_and_expectation():
         loss(x, w, b, fw, nx, ny, [1], *geo[1:])
     loop = torch.ops.dtp_ext.ldrl_feedback_loop
     z = torch.zeros_like(fw), torch.zeros_like(block.feedback_bias)
-    for bad, match in [((-1, 0.1, 0.1, 0.9, 0.0, 1), "iterations must be >= 0"),
-                       ((1, -0.1, 0.1, 0.9, 0.0, 1), "noise_std must be finite and >= 0"),
-                       ((1, 0.1, float("nan"), 0.9, 0.0, 1), "lr must be finite"),
-                       ((1, 0.1, 0.1, 1.5, 0.0, 1), r"momentum must be in \[0, 1\)"),
-                       ((1, 0.1, 0.1, 0.9, 0.0, 0), "chunk_iterations must be >= 1")]:
+    for bad, match in [
+        ((-1, 0.1, 0.1, 0.9, 0.0, 1), "iterations must be >= 0"),
+        ((1, -0.1, 0.1, 0.9, 0.0, 1), "noise_std must be finite and >= 0"),
+        ((1, 0.1, float("nan"), 0.9, 0.0, 1), "lr must be finite"),
+        ((1, 0.1, 0.1, 1.5, 0.0, 1), r"momentum must be in \[0, 1\)"),
+        ((1, 0.1, 0.1, 0.9, 0.0, 0), "chunk_iterations must be >= 1"),
+    ]:
         with pytest.raises(RuntimeError, match="dtp_ext.ldrl_feedback_loop: " + match):
             loop(x, w, b, fw.clone(), block.feedback_bias.clone(), *z, *bad, None, None, *geo)
     with pytest.raises(RuntimeError, match=r"noise_x must have shape \[2, 5, 3, 8, 8\]"):
-        loop(x, w, b, fw.clone(), block.feedback_bias.clone(), *z, 2, 0.1, 0.1, 0.9, 0.0, 1,
-             torch.zeros(1, *x.shape, dtype=x.dtype), torch.zeros(2, *y_shape, dtype=x.dtype), *geo)
+        loop(
+            x,
+            w,
+            b,
+            fw.clone(),
+            block.feedback_bias.clone(),
+            *z,
+            2,
+            0.1,
+            0.1,
+            0.9,
+            0.0,
+            1,
+            torch.zeros(1, *x.shape, dtype=x.dtype),
+            torch.zeros(2, *y_shape, dtype=x.dtype),
+            *geo,
+        )
     target = torch.ops.dtp_ext.propagate_target
     with pytest.raises(RuntimeError, match="dtp_ext.propagate_target: output is required"):
         target(None, idx, torch.zeros(y_shape, dtype=x.dtype), fw, 1.0, list(x.shape), *geo)
@@ -86,7 +129,8 @@ def test_the_compiled_kernel_is_what_runs():
     """No Python fallback: the op resolves to the C++ kernel registered for CPU."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dtp_ext::ldrl_feedback_loop", "CPU")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "dtp_ext::ldrl_feedback_loop", "CompositeImplicitAutograd")
+        "dtp_ext::ldrl_feedback_loop", "CompositeImplicitAutograd"
+    )
 
 
 def private_op_args(pool=2, activation="elu", dtype=torch.float64):
@@ -102,11 +146,30 @@ def private_op_args(pool=2, activation="elu", dtype=torch.float64):
     weight = torch.randn(4, 3, 3, 3, dtype=dtype, generator=gen)
     pairing = torch.randn(weight.shape, dtype=dtype, generator=gen)
     return {
-        "_phi_unpool_difference": ["dtp_ext.test", s, noise, 0.5, idx, torch.tanh(s), idx,
-                                   list(z.shape), activation, 1.5, False],
+        "_phi_unpool_difference": [
+            "dtp_ext.test",
+            s,
+            noise,
+            0.5,
+            idx,
+            torch.tanh(s),
+            idx,
+            list(z.shape),
+            activation,
+            1.5,
+            False,
+        ],
         "_noisy_difference": [z, torch.tanh(s), idx, activation, pool, False],
-        "_sgd_ldrl_update": [weight, torch.zeros_like(weight), pairing, pairing * 0.5, 0.25, 1e-3,
-                             0.9, 0.1],
+        "_sgd_ldrl_update": [
+            weight,
+            torch.zeros_like(weight),
+            pairing,
+            pairing * 0.5,
+            0.25,
+            1e-3,
+            0.9,
+            0.1,
+        ],
         "_activation_pool_backward": ["dtp_ext.test", s, idx, noise, list(z.shape), activation],
     }
 
@@ -122,8 +185,10 @@ def test_opcheck_private_elementwise_ops(op, pool):
 def test_window_max_takes_nan_as_the_maximum_like_max_pool2d():
     """ATen's rule (max_pool2d): a NaN anywhere in a window is its maximum (of several, the
     last), and it is what the noisy difference scatters (per-element maths shared with CUDA)."""
-    z = torch.tensor([[[[1.0, float("nan"), 3.0, 2.0],
-                        [4.0, 0.5, float("nan"), float("nan")]]]], dtype=torch.float64)
+    z = torch.tensor(
+        [[[[1.0, float("nan"), 3.0, 2.0], [4.0, 0.5, float("nan"), float("nan")]]]],
+        dtype=torch.float64,
+    )
     _, expected = F.max_pool2d_with_indices(z, 2, 2)
     out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
     got = out.flatten(2).isnan().nonzero()[:, 2]

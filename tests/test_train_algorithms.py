@@ -1,4 +1,5 @@
 """Each training algorithm's step on tiny networks against hand-derived expectations."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,8 +7,8 @@ from torch import nn
 
 import dtp_ext
 from dtp_ext.metrics import angle_degrees
-from dtp_ext.train.algorithms import FeedbackSettings, make_algorithm
 from dtp_ext.reference import backprop_gradients, backprop_twin
+from dtp_ext.train.algorithms import FeedbackSettings, make_algorithm
 from dtp_ext.train.algorithms.feedback_sgd import MomentumSGD
 
 BETA = 0.7
@@ -15,8 +16,15 @@ BETA = 0.7
 
 def linear_chain(widths=(4, 6, 6, 3), activation=None, seed=0):
     torch.manual_seed(seed)
-    layers = [dtp_ext.Linear(widths[i], widths[i + 1], activation=activation if i < len(widths) - 2 else None,
-                             beta=BETA) for i in range(len(widths) - 1)]
+    layers = [
+        dtp_ext.Linear(
+            widths[i],
+            widths[i + 1],
+            activation=activation if i < len(widths) - 2 else None,
+            beta=BETA,
+        )
+        for i in range(len(widths) - 1)
+    ]
     return nn.Sequential(*layers).double()
 
 
@@ -26,7 +34,9 @@ def settings(count, k=0, sigma=0.1, lr=0.0):
 
 def batch(n=8, features=4, classes=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, features, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, features, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (n,), generator=g
+    )
 
 
 def test_bp_step_is_plain_backprop():
@@ -90,8 +100,12 @@ def _random_feedback_chain():
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for layer in model:
-            layer.feedback_weight.copy_(torch.randn(layer.feedback_weight.shape, generator=g, dtype=torch.float64))
-            layer.feedback_bias.copy_(0.3 * torch.randn(layer.feedback_bias.shape, generator=g, dtype=torch.float64))
+            layer.feedback_weight.copy_(
+                torch.randn(layer.feedback_weight.shape, generator=g, dtype=torch.float64)
+            )
+            layer.feedback_bias.copy_(
+                0.3 * torch.randn(layer.feedback_bias.shape, generator=g, dtype=torch.float64)
+            )
     return model
 
 
@@ -101,12 +115,12 @@ def _hand_targets(model, x, y, *, difference, penultimate):
     s1 = torch.tanh(F.linear(x, l1.weight, l1.bias))
     s2 = torch.tanh(F.linear(s1, l2.weight, l2.bias))
     s3 = F.linear(s2, l3.weight, l3.bias)
-    e = torch.softmax(s3, 1) - F.one_hot(y, 3).double()   # grad of the sum-reduced CE at s3
+    e = torch.softmax(s3, 1) - F.one_hot(y, 3).double()  # grad of the sum-reduced CE at s3
     t3 = s3 - BETA * e
-    G3 = lambda v: F.linear(v, l3.feedback_weight, l3.feedback_bias)            # no activation
+    G3 = lambda v: F.linear(v, l3.feedback_weight, l3.feedback_bias)  # no activation
     G2 = lambda v: F.linear(torch.tanh(v), l2.feedback_weight, l2.feedback_bias)  # block 2's tanh
     if penultimate == "gradient":
-        t2 = s2 - BETA * e @ l3.weight            # Lee et al. 2015: s2 - beta W3^T e
+        t2 = s2 - BETA * e @ l3.weight  # Lee et al. 2015: s2 - beta W3^T e
     else:
         t2 = s2 + G3(t3) - G3(s3) if difference else G3(t3)
     t1 = s1 + G2(t2) - G2(s2) if difference else G2(t2)
@@ -164,16 +178,20 @@ def test_tp_targets_differ_between_the_two_penultimate_choices():
 def test_dtp_explicit_targets_equal_the_fused_backward():
     """SPEC's vanilla DTP by the DTP blocks' fused backward = the explicit paper-form targets."""
     from dtp_ext.train.algorithms.base import target_update_directions
+
     model = _random_feedback_chain()
     x, y = batch()
     algo = make_algorithm("dtp", model, settings(3), (4,), 3)
     algo.penultimate_target = "feedback"
-    for g_fused, g_explicit in zip(algo.update_directions(x, y), target_update_directions(algo, x, y)):
+    for g_fused, g_explicit in zip(
+        algo.update_directions(x, y), target_update_directions(algo, x, y)
+    ):
         torch.testing.assert_close(g_fused, g_explicit)
 
 
 def test_unknown_penultimate_target_is_refused():
     from dtp_ext.train.algorithms.reconstruction import TargetProp
+
     with pytest.raises(ValueError, match="penultimate"):
         TargetProp(linear_chain(), settings(2), (4,), 3, penultimate_target="inverse")
 
@@ -196,6 +214,7 @@ def test_drl_q_gradient_matches_autograd():
     algo.feedback.momentum = 0.0
     q0 = algo.Q[0].clone()
     from dtp_ext.train.chain import forward_records
+
     logits, records = forward_records(model, x)
     torch.manual_seed(5)
     algo.train_feedback(records, logits, step=0)
@@ -205,7 +224,7 @@ def test_drl_q_gradient_matches_autograd():
     with torch.no_grad():
         d = model[1](h + noise) - logits.detach()
     q = q0.clone().requires_grad_(True)
-    loss = ((d @ q.t() - noise) ** 2).sum(1).mean() / 0.3 ** 2
+    loss = ((d @ q.t() - noise) ** 2).sum(1).mean() / 0.3**2
     (grad,) = torch.autograd.grad(loss, q)
     torch.testing.assert_close(algo.Q[0], q0 - 0.1 * grad)
 
@@ -215,7 +234,9 @@ def test_vanilla_dtp_feedback_converges_to_the_inverse():
     torch.manual_seed(0)
     block = dtp_ext.Linear(3, 3).double()
     with torch.no_grad():
-        block.weight.copy_(torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(3, 3, dtype=torch.float64))
+        block.weight.copy_(
+            torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(3, 3, dtype=torch.float64)
+        )
     x = torch.randn(64, 3, dtype=torch.float64)
     V, _, _, _ = dtp_ext.reference.feedback_loop(block, x, 1500, 0.5, 0.02, loss="reconstruction")
     block.feedback_weight.copy_(V)
@@ -229,7 +250,7 @@ def test_momentum_sgd_matches_torch_optim():
     p2 = p1.detach().clone()
     opt = torch.optim.SGD([p1], lr=0.1, momentum=0.9)
     ours = MomentumSGD(0.9)
-    for i in range(3):
+    for _ in range(3):
         g = torch.randn(4)
         p1.grad = g.clone()
         opt.step()
@@ -248,11 +269,18 @@ def test_figure_commands_small(tmp_path, capsys):
     import json
 
     from dtp_ext.cli import main
-    assert main(["figure", "jmc", "--iterations", "300", "--batch-size", "64", "--out", str(tmp_path)]) == 0
+
+    assert (
+        main(["figure", "jmc", "--iterations", "300", "--batch-size", "64", "--out", str(tmp_path)])
+        == 0
+    )
     jmc = json.loads((tmp_path / "jmc.json").read_text())
     assert jmc["ldrl_angle"][0] > 80 and jmc["ldrl_angle"][-1] < jmc["ldrl_angle"][0]
     assert (tmp_path / "jmc.png").stat().st_size > 0
-    assert main(["figure", "gmp", "--iterations", "20", "--batch-size", "32", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["figure", "gmp", "--iterations", "20", "--batch-size", "32", "--out", str(tmp_path)])
+        == 0
+    )
     gmp = json.loads((tmp_path / "gmp.json").read_text())
     assert set(gmp["angles"]) == {"ldrl", "ldrl-random", "drl"}
     assert gmp["angles"]["ldrl"]["fc"] < 1e-3
@@ -261,7 +289,7 @@ def test_figure_commands_small(tmp_path, capsys):
 
 
 def test_drl_s_variant_alternates_feedback_and_forward_epochs():
-    """"s": epochs 1, 3, ... train Q only (no forward gradient); epochs 2, 4, ... take the
+    """ "s": epochs 1, 3, ... train Q only (no forward gradient); epochs 2, 4, ... take the
     forward step with the frozen Q, the same gradients as "p" with that Q."""
     model = linear_chain(widths=(4, 6, 6, 3), activation="tanh")
     x, y = batch()

@@ -1,5 +1,6 @@
 """`dtp-ext train --resume` with a checkpoint that is damaged, foreign, or from another run: a
 clear error naming the file (exit code 2), never a pickle or zip traceback, and no code run."""
+
 import json
 import shutil
 from pathlib import Path
@@ -12,8 +13,21 @@ from dtp_ext.train import CheckpointError, TrainConfig, resolve
 from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train.runner import Run
 
-TINY = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "64",
+    "--test-subset",
+    "32",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +64,14 @@ def test_good_checkpoint_resumes(good_run, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["global_step"] == 2
 
 
-@pytest.mark.parametrize("cut, words", [(0.5, ["truncated"]), (0.999, ["truncated"]), (0.0, ["empty"])])
+@pytest.mark.parametrize(
+    "cut, words", [(0.5, ["truncated"]), (0.999, ["truncated"]), (0.0, ["empty"])]
+)
 def test_truncated_checkpoint(good_run, tmp_path, capsys, cut, words):
     out = _copy(good_run, tmp_path)
     path = out / "checkpoint.pt"
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * cut)])
+    path.write_bytes(data[: int(len(data) * cut)])
     _expect_error(out, capsys, *words)
 
 
@@ -64,7 +80,9 @@ def test_corrupted_bytes_inside_the_archive(good_run, tmp_path, capsys):
     path = out / "checkpoint.pt"
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(64)  # inside a tensor's bytes: torch.load alone would not notice
+    data[middle : middle + 64] = bytes(
+        64
+    )  # inside a tensor's bytes: torch.load alone would not notice
     path.write_bytes(bytes(data))
     _expect_error(out, capsys, "damaged", "CRC")
 
@@ -75,10 +93,16 @@ def test_non_torch_file(good_run, tmp_path, capsys):
     _expect_error(out, capsys, "not a PyTorch checkpoint")
 
 
-@pytest.mark.parametrize("content, words", [
-    ({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, ["not a dtp-ext train checkpoint", "lacks", "'config'"]),
-    ([torch.zeros(2)], ["holds a list"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (
+            {"state_dict": {"w": torch.zeros(3)}, "epoch": 2},
+            ["not a dtp-ext train checkpoint", "lacks", "'config'"],
+        ),
+        ([torch.zeros(2)], ["holds a list"]),
+    ],
+)
 def test_foreign_torch_file(good_run, tmp_path, capsys, content, words):
     out = _copy(good_run, tmp_path)
     torch.save(content, out / "checkpoint.pt")
@@ -138,9 +162,19 @@ def test_resume_with_another_algorithm_on_the_command_line(good_run, tmp_path, c
 def test_run_restore_checks_the_configuration(good_run):
     """The library path: Run.restore refuses a checkpoint of another configuration."""
     state = ckpt.read(good_run / "checkpoint.pt")
-    cfg = resolve(TrainConfig(algorithm="bp", train_subset=64, test_subset=32, batch_size=32,
-                              progress=False, out=str(good_run)))
-    with pytest.raises(CheckpointError, match=r"algorithm: checkpoint 'ldrl', this run 'bp'") as info:
+    cfg = resolve(
+        TrainConfig(
+            algorithm="bp",
+            train_subset=64,
+            test_subset=32,
+            batch_size=32,
+            progress=False,
+            out=str(good_run),
+        )
+    )
+    with pytest.raises(
+        CheckpointError, match=r"algorithm: checkpoint 'ldrl', this run 'bp'"
+    ) as info:
         Run(cfg, log=lambda *a: None).restore(state, source=good_run / "checkpoint.pt")
     assert str(good_run / "checkpoint.pt") in str(info.value)
     assert isinstance(info.value, ValueError)

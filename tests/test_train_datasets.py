@@ -1,4 +1,5 @@
 """Dataset readers on small synthetic files written in the real formats, and the batch pipeline."""
+
 import gzip
 import pickle
 
@@ -11,7 +12,9 @@ from dtp_ext.train.datasets import DatasetNotFound, load_split, read_idx
 
 
 def write_idx(path, array, compress):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
     raw = header + array.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(raw) if compress else raw)
 
@@ -122,6 +125,10 @@ def test_random_crop_flip_is_a_shifted_window():
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
     for n in range(2):  # every output image is some crop of the padded one, maybe flipped
-        found = any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1))
-                    for i in range(5) for j in range(5) for w in [padded[n, :, i:i + 6, j:j + 6]])
+        found = any(
+            torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1))
+            for i in range(5)
+            for j in range(5)
+            for w in [padded[n, :, i : i + 6, j : j + 6]]
+        )
         assert found

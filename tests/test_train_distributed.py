@@ -5,6 +5,7 @@ CLI entry point, `dtp_ext.cli.main(["train", ...])`, in both ranks; a test-only 
 Run.finish dumps each rank's state after each job, and an audit hook on rank 1 records any file
 it opens for writing under the run folders. One more test goes through torchrun itself.
 """
+
 import json
 import os
 import signal
@@ -26,8 +27,21 @@ pytestmark = pytest.mark.integration  # 2-process spawns
 
 WORLD = 2
 # 96 images, global batch 32 (16 per rank): 3 steps per epoch.
-TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def jobs(out):
@@ -39,12 +53,32 @@ def jobs(out):
         ("ldrl-part3", ["--resume", "--out", f"{out}/parts", "--no-progress"]),
         # One step, no feedback iterations (no noise): exactly one process on the global batch;
         # batch 31 gives uneven shards (15 + 16 images), so the gradient weighting matters.
-        ("ldrl-k0", ["--algorithm", "ldrl", "--feedback-iterations", "0", "--max-steps", "1", *TINY,
-                     "--batch-size", "31", "--out", f"{out}/ldrl-k0"]),
+        (
+            "ldrl-k0",
+            [
+                "--algorithm",
+                "ldrl",
+                "--feedback-iterations",
+                "0",
+                "--max-steps",
+                "1",
+                *TINY,
+                "--batch-size",
+                "31",
+                "--out",
+                f"{out}/ldrl-k0",
+            ],
+        ),
         ("bp", ["--algorithm", "bp", "--max-steps", "1", *TINY, "--out", f"{out}/bp"]),
-        *((a, ["--algorithm", a, "--max-steps", "2", *TINY, "--out", f"{out}/{a}"]) for a in ("dtp", "tp", "drl")),
+        *(
+            (a, ["--algorithm", a, "--max-steps", "2", *TINY, "--out", f"{out}/{a}"])
+            for a in ("dtp", "tp", "drl")
+        ),
         # a checkpoint written by one process (the fixture), continued by two
-        ("from-1-process", ["--resume", "--out", f"{out}/from-1-process", "--max-steps", "2", "--no-progress"]),
+        (
+            "from-1-process",
+            ["--resume", "--out", f"{out}/from-1-process", "--max-steps", "2", "--no-progress"],
+        ),
         # SIGTERM to rank 1 alone during step 1 (SIGNALLED): both ranks stop after step 2, then resume
         ("sigterm-rank1", ldrl + ["--out", f"{out}/signalled", "--log-every", "4"]),
         ("sigterm-resume", ["--resume", "--out", f"{out}/signalled", "--no-progress"]),
@@ -68,6 +102,7 @@ def _write_recorder(root: str, writes: list):
             return
         if writing and os.path.abspath(path).startswith(root):
             writes.append((event, path))
+
     return hook
 
 
@@ -77,8 +112,18 @@ def _nonfinite_gradient_on_rank_1(rank, out):
     from dtp_ext.train.batches import train_batches
     from dtp_ext.train.runner import Run
 
-    cfg = resolve(TrainConfig(algorithm="ldrl", train_subset=96, test_subset=64, batch_size=32,
-                              probe_batch_size=16, progress=False, threads=1, out=out))
+    cfg = resolve(
+        TrainConfig(
+            algorithm="ldrl",
+            train_subset=96,
+            test_subset=64,
+            batch_size=32,
+            probe_batch_size=16,
+            progress=False,
+            threads=1,
+            out=out,
+        )
+    )
     run = Run(cfg, log=lambda *a: None)
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     inner = run.algorithm.train_step
@@ -90,24 +135,46 @@ def _nonfinite_gradient_on_rank_1(rank, out):
         return result
 
     run.algorithm.train_step = poisoned
-    _, x, y = next(train_batches(run.train_set, 32, cfg.seed, 0, 0, run.info.mean, run.info.std,
-                                 False, "cpu", rank, WORLD))
+    _, x, y = next(
+        train_batches(
+            run.train_set,
+            32,
+            cfg.seed,
+            0,
+            0,
+            run.info.mean,
+            run.info.std,
+            False,
+            "cpu",
+            rank,
+            WORLD,
+        )
+    )
     try:
         run._train_step(x, y, 32)
         message = None
     except TrainingDiverged as exc:
         message = str(exc)
     unchanged = all(torch.equal(before[n], p) for n, p in run.model.named_parameters())
-    return {"message": message, "unchanged": unchanged, "global_step": run.global_step,
-            "momentum": len(run.optimizer.state)}
+    return {
+        "message": message,
+        "unchanged": unchanged,
+        "global_step": run.global_step,
+        "momentum": len(run.optimizer.state),
+    }
 
 
 def _worker(rank, init_file, out, dump_dir):
     from dtp_ext.train import checkpoint as ckpt
     from dtp_ext.train import runner
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
     writes, results = [], {}
     if rank:
         sys.addaudithook(_write_recorder(os.path.abspath(out), writes))
@@ -116,10 +183,17 @@ def _worker(rank, init_file, out, dump_dir):
 
     def dumping_finish(self):  # test-only: each rank's state once the job is done
         summary = finish(self)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "algorithm": self.algorithm.state_dict(), "rng": ckpt.rng_states(),
-                    "global_step": self.global_step, "summary_processes": summary["processes"]},
-                   os.path.join(dump_dir, f"{current['name']}-rank{rank}.pt"))
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "algorithm": self.algorithm.state_dict(),
+                "rng": ckpt.rng_states(),
+                "global_step": self.global_step,
+                "summary_processes": summary["processes"],
+            },
+            os.path.join(dump_dir, f"{current['name']}-rank{rank}.pt"),
+        )
         return summary
 
     runner.Run.finish = dumping_finish
@@ -130,6 +204,7 @@ def _worker(rank, init_file, out, dump_dir):
         if self.global_step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return value
+
     try:
         for name, argv in jobs(out):
             current["name"] = name
@@ -148,12 +223,27 @@ def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     out, dumps = root / "runs", root / "dumps"
     dumps.mkdir()
-    assert main(["train", "--algorithm", "drl", "--max-steps", "1", *TINY, "--out", str(out / "from-1-process")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--algorithm",
+                "drl",
+                "--max-steps",
+                "1",
+                *TINY,
+                "--out",
+                str(out / "from-1-process"),
+            ]
+        )
+        == 0
+    )
     mp.spawn(_worker, args=(str(root / "init"), str(out), str(dumps)), nprocs=WORLD, join=True)
     info = [torch.load(dumps / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     def dump(name, rank):
         return torch.load(dumps / f"{name}-rank{rank}.pt", weights_only=False)
+
     return {"out": out, "info": info, "dump": dump}
 
 
@@ -168,7 +258,10 @@ def _same(a, b, path=""):
             return path + "{keys}"
         return next((d for k in a for d in [_same(a[k], b[k], f"{path}/{k}")] if d), None)
     if isinstance(a, (list, tuple)):
-        return next((d for i, (x, y) in enumerate(zip(a, b)) for d in [_same(x, y, f"{path}[{i}]")] if d), None)
+        return next(
+            (d for i, (x, y) in enumerate(zip(a, b)) for d in [_same(x, y, f"{path}[{i}]")] if d),
+            None,
+        )
     return None if a == b else path
 
 
@@ -184,21 +277,38 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(ranks):
     ranks' RNG states, and resuming it ends bitwise like the uninterrupted 2-process run."""
     assert False not in [ranks["info"][r]["results"]["sigterm-rank1"] == 143 for r in range(WORLD)]
     for r in range(WORLD):
-        assert _same(ranks["dump"]("ldrl-full", r)["model"], ranks["dump"]("sigterm-resume", r)["model"]) is None
+        assert (
+            _same(
+                ranks["dump"]("ldrl-full", r)["model"], ranks["dump"]("sigterm-resume", r)["model"]
+            )
+            is None
+        )
     a = torch.load(ranks["out"] / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(ranks["out"] / "signalled" / "checkpoint.pt", weights_only=False)
     assert b["global_step"] == 6 and len(b["rank_rng"]) == 2
     for key in ("model", "optimizer", "algorithm", "counter", "rank_rng"):
         assert _same(a[key], b[key]) is None, f"{key}: {_same(a[key], b[key])}"
-    steps = [json.loads(line) for line in (ranks["out"] / "signalled" / "steps.jsonl").read_text().splitlines()]
-    assert [(r["step"], r.get("kind")) for r in steps] == [(2, "stop"), (3, "epoch"), (4, None), (6, "epoch")]
+    steps = [
+        json.loads(line)
+        for line in (ranks["out"] / "signalled" / "steps.jsonl").read_text().splitlines()
+    ]
+    assert [(r["step"], r.get("kind")) for r in steps] == [
+        (2, "stop"),
+        (3, "epoch"),
+        (4, None),
+        (6, "epoch"),
+    ]
 
 
-@pytest.mark.parametrize("job", ["ldrl-full", "ldrl-part3", "ldrl-k0", "bp", "dtp", "tp", "drl", "from-1-process"])
+@pytest.mark.parametrize(
+    "job", ["ldrl-full", "ldrl-part3", "ldrl-k0", "bp", "dtp", "tp", "drl", "from-1-process"]
+)
 def test_ranks_end_with_identical_weights_and_feedback(ranks, job):
     r0, r1 = ranks["dump"](job, 0), ranks["dump"](job, 1)
     for key in ("model", "optimizer", "algorithm"):
-        assert _same(r0[key], r1[key]) is None, f"{job}: {key} differs between ranks at {_same(r0[key], r1[key])}"
+        assert _same(r0[key], r1[key]) is None, (
+            f"{job}: {key} differs between ranks at {_same(r0[key], r1[key])}"
+        )
     assert r0["global_step"] == r1["global_step"] > 0
     # the feedback noise streams differ between ranks (independent noise per image)
     assert not torch.equal(r0["rng"]["torch"], r1["rng"]["torch"])
@@ -210,10 +320,18 @@ def test_ranks_end_with_identical_weights_and_feedback(ranks, job):
 def test_only_rank_0_writes(ranks):
     assert ranks["info"][1]["writes"] == []
     full = ranks["out"] / "full"
-    assert {p.name for p in full.iterdir()} == {"metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png",
-                                                "alignment.png", "checkpoint.pt"}
+    assert {p.name for p in full.iterdir()} == {
+        "metrics.jsonl",
+        "steps.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "alignment.png",
+        "checkpoint.pt",
+    }
     summary = json.loads((full / "summary.json").read_text())
-    assert summary["processes"]["world_size"] == 2 and summary["processes"]["per_process_batch_size"] == [16, 16]
+    assert summary["processes"]["world_size"] == 2 and summary["processes"][
+        "per_process_batch_size"
+    ] == [16, 16]
     assert summary["global_step"] == 6 and summary["finished"]
 
 
@@ -231,9 +349,14 @@ def test_distributed_resume_is_bitwise_identical(ranks):
     for key in ("model", "optimizer", "algorithm", "counter", "rank_rng"):
         assert _same(a[key], b[key]) is None, f"{key}: {_same(a[key], b[key])}"
     for r in range(WORLD):
-        assert _same(ranks["dump"]("ldrl-full", r)["model"], ranks["dump"]("ldrl-part3", r)["model"]) is None
+        assert (
+            _same(ranks["dump"]("ldrl-full", r)["model"], ranks["dump"]("ldrl-part3", r)["model"])
+            is None
+        )
     strip = lambda line: {k: v for k, v in json.loads(line).items() if "time" not in k}  # noqa: E731
-    lines = [(ranks["out"] / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "parts")]
+    lines = [
+        (ranks["out"] / d / "metrics.jsonl").read_text().splitlines() for d in ("full", "parts")
+    ]
     assert [strip(x) for x in lines[0]] == [strip(x) for x in lines[1]] and len(lines[0]) == 2
 
 
@@ -243,10 +366,26 @@ def _single_process(tmp_path, argv):
     return torch.load(out / "checkpoint.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("job, argv", [
-    ("ldrl-k0", ["--algorithm", "ldrl", "--feedback-iterations", "0", "--max-steps", "1", *TINY, "--batch-size", "31"]),
-    ("bp", ["--algorithm", "bp", "--max-steps", "1", *TINY]),
-])
+@pytest.mark.parametrize(
+    "job, argv",
+    [
+        (
+            "ldrl-k0",
+            [
+                "--algorithm",
+                "ldrl",
+                "--feedback-iterations",
+                "0",
+                "--max-steps",
+                "1",
+                *TINY,
+                "--batch-size",
+                "31",
+            ],
+        ),
+        ("bp", ["--algorithm", "bp", "--max-steps", "1", *TINY]),
+    ],
+)
 def test_one_step_on_2_ranks_equals_one_process_on_the_global_batch(ranks, tmp_path, job, argv):
     """The averaged gradient is the global batch's (shards weighted by size), up to float32
     summation order: within 1e-6. With feedback iterations, L-DRL's forward step uses feedback
@@ -280,7 +419,9 @@ def test_shards_of_every_global_batch_are_the_single_process_batch(augment):
     args = (0.1, 0.3, augment, "cpu")
     single = list(train_batches(data, 7, 5, 1, 0, *args))
     for world in (2, 3):
-        shards = [list(train_batches(data, 7, 5, 1, 0, *args, rank=r, world=world)) for r in range(world)]
+        shards = [
+            list(train_batches(data, 7, 5, 1, 0, *args, rank=r, world=world)) for r in range(world)
+        ]
         steps = 4 if world == 2 else 3  # 7, 7, 7 and 2 images: 3 processes cannot share the last 2
         assert len(single) == 4 and all(len(s) == steps for s in shards)
         for step in range(steps):
@@ -289,18 +430,45 @@ def test_shards_of_every_global_batch_are_the_single_process_batch(augment):
             assert torch.equal(x, single[step][1]) and torch.equal(y, single[step][2])
         resumed = list(train_batches(data, 7, 5, 1, 2, *args, rank=1, world=world))
         assert torch.equal(resumed[0][1], shards[1][2][1])
-    assert steps_per_epoch(23, 7, 1) == 4 and steps_per_epoch(23, 7, 2) == 4 and steps_per_epoch(23, 7, 3) == 3
+    assert (
+        steps_per_epoch(23, 7, 1) == 4
+        and steps_per_epoch(23, 7, 2) == 4
+        and steps_per_epoch(23, 7, 3) == 3
+    )
 
 
 def test_torchrun_entry_point(tmp_path):
     """The real launcher: `python -m torch.distributed.run --nproc_per_node 2 -m dtp_ext.train`."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(Path(dtp_ext.__file__).resolve().parent.parent),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dtp_ext.train", "--algorithm", "ldrl", "--max-steps", "2", *TINY,
-                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(Path(dtp_ext.__file__).resolve().parent.parent),
+        OMP_NUM_THREADS="1",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dtp_ext.train",
+            "--algorithm",
+            "ldrl",
+            "--max-steps",
+            "2",
+            *TINY,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("test accuracy") == 1  # rank 0 alone prints
     assert "16/16 per process, 2 processes, gloo" in done.stdout

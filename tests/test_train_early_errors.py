@@ -3,7 +3,7 @@ expected, never a traceback: --out that cannot be a run folder (before any data 
 damaged data files and out-of-range labels (naming the file and where good copies come from),
 hand-edited checkpoints with impossible counters (refused, not reported as finished), and
 `dtp-ext figure` options it cannot honour (before any data is read)."""
-import gzip
+
 import os
 import pickle
 import shutil
@@ -16,11 +16,23 @@ import torch
 
 from dtp_ext.cli import main
 from dtp_ext.train import figures, runner
-
 from test_train_datasets import fake_mnist, write_idx
 
-TINY = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "64",
+    "--test-subset",
+    "32",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def one_line_error(capsys, *words):
@@ -35,8 +47,10 @@ def one_line_error(capsys, *words):
 @pytest.fixture
 def no_data_read(monkeypatch):
     """Fails the test if the command reads any data before refusing."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("data was read before the error")
+
     monkeypatch.setattr(runner, "load_split", refuse)
     monkeypatch.setattr(figures, "load_split", refuse)
 
@@ -66,7 +80,9 @@ def test_out_in_a_read_only_folder(tmp_path, capsys, no_data_read):
         folder.chmod(0o755)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/sys/kernel").is_dir(), reason="needs sysfs")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not Path("/sys/kernel").is_dir(), reason="needs sysfs"
+)
 def test_out_where_no_folder_can_be_made(capsys, no_data_read):
     """/sys refuses new folders to every user (root included: EPERM)."""
     assert main(["train", *TINY, "--out", "/sys/dtp-ext-run"]) == 2
@@ -76,8 +92,24 @@ def test_out_where_no_folder_can_be_made(capsys, no_data_read):
 
 # -- data files --------------------------------------------------------------------------------
 def _train_on(data_dir, capsys, dataset="mnist"):
-    code = main(["train", "--dataset", dataset, "--data-dir", str(data_dir), "--batch-size", "4",
-                 "--max-steps", "1", "--no-progress", "--threads", "1", "--out", str(data_dir.parent / "run")])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            dataset,
+            "--data-dir",
+            str(data_dir),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(data_dir.parent / "run"),
+        ]
+    )
     assert code == 2
     return capsys.readouterr().err
 
@@ -112,15 +144,23 @@ def test_idx_shorter_than_its_header_says(tmp_path, capsys):
     fake_mnist(tmp_path / "d", compress=False)
     path = tmp_path / "d" / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-28])
-    _damaged(_train_on(tmp_path / "d", capsys), path, "header says shape (5, 28, 28)", "holds 3892 values")
+    _damaged(
+        _train_on(tmp_path / "d", capsys),
+        path,
+        "header says shape (5, 28, 28)",
+        "holds 3892 values",
+    )
 
 
 def test_mnist_labels_outside_the_classes(tmp_path, capsys):
     fake_mnist(tmp_path / "d")
     labels = np.array([1, 2, 12, 3, 4], dtype=np.uint8)
     write_idx(tmp_path / "d" / "t10k-labels-idx1-ubyte.gz", labels, True)
-    _damaged(_train_on(tmp_path / "d", capsys), tmp_path / "d" / "t10k-labels-idx1-ubyte.gz",
-             "1 label(s) outside the 10 classes 0..9 (e.g. 12)")
+    _damaged(
+        _train_on(tmp_path / "d", capsys),
+        tmp_path / "d" / "t10k-labels-idx1-ubyte.gz",
+        "1 label(s) outside the 10 classes 0..9 (e.g. 12)",
+    )
 
 
 def _cifar(tmp_path, rows=3072, labels=(1, 2, 3)):
@@ -145,34 +185,58 @@ def test_cifar_truncated_pickle(tmp_path, capsys):
 def test_cifar_not_a_pickle(tmp_path, capsys):
     folder = _cifar(tmp_path)
     (folder / "test_batch").write_bytes(b"<html>404 not found</html>")
-    _damaged(_train_on(tmp_path / "c", capsys, "cifar10"), folder / "test_batch",
-             "not a readable cifar10 pickle", CIFAR_SOURCE)
+    _damaged(
+        _train_on(tmp_path / "c", capsys, "cifar10"),
+        folder / "test_batch",
+        "not a readable cifar10 pickle",
+        CIFAR_SOURCE,
+    )
 
 
 def test_cifar_wrong_row_size(tmp_path, capsys):
     folder = _cifar(tmp_path, rows=3000)
-    _damaged(_train_on(tmp_path / "c", capsys, "cifar10"), folder / "data_batch_1",
-             "its 'data' has shape (3, 3000), expected rows of 3072 bytes")
+    _damaged(
+        _train_on(tmp_path / "c", capsys, "cifar10"),
+        folder / "data_batch_1",
+        "its 'data' has shape (3, 3000), expected rows of 3072 bytes",
+    )
 
 
 def test_cifar_labels_outside_the_classes(tmp_path, capsys):
     folder = _cifar(tmp_path, labels=(0, 10, 9))
-    _damaged(_train_on(tmp_path / "c", capsys, "cifar10"), folder / "data_batch_1",
-             "outside the 10 classes 0..9 (e.g. 10)")
+    _damaged(
+        _train_on(tmp_path / "c", capsys, "cifar10"),
+        folder / "data_batch_1",
+        "outside the 10 classes 0..9 (e.g. 10)",
+    )
 
 
 def test_imagenet32_damaged_npz_and_labels(tmp_path, capsys):
     root = tmp_path / "i" / "Imagenet32_train"
     root.mkdir(parents=True)
     for i in range(1, 11):
-        np.savez(root / f"train_data_batch_{i}.npz", data=np.zeros((2, 3072), np.uint8), labels=np.array([1, 1000]))
-    np.savez(tmp_path / "i" / "val_data.npz", data=np.zeros((2, 3072), np.uint8), labels=np.array([0, 5]))
+        np.savez(
+            root / f"train_data_batch_{i}.npz",
+            data=np.zeros((2, 3072), np.uint8),
+            labels=np.array([1, 1000]),
+        )
+    np.savez(
+        tmp_path / "i" / "val_data.npz", data=np.zeros((2, 3072), np.uint8), labels=np.array([0, 5])
+    )
     bad = root / "train_data_batch_4.npz"
     bad.write_bytes(bad.read_bytes()[:50])
-    _damaged(_train_on(tmp_path / "i", capsys, "imagenet32"), bad, "not a readable .npz file", "image-net.org")
+    _damaged(
+        _train_on(tmp_path / "i", capsys, "imagenet32"),
+        bad,
+        "not a readable .npz file",
+        "image-net.org",
+    )
     np.savez(bad, data=np.zeros((2, 3072), np.uint8), labels=np.array([3, 4]))
-    _damaged(_train_on(tmp_path / "i", capsys, "imagenet32"), tmp_path / "i" / "val_data.npz",
-             "outside the 1000 classes 1..1000 (e.g. 0)")
+    _damaged(
+        _train_on(tmp_path / "i", capsys, "imagenet32"),
+        tmp_path / "i" / "val_data.npz",
+        "outside the 1000 classes 1..1000 (e.g. 0)",
+    )
 
 
 # -- checkpoints with impossible counters -----------------------------------------------------
@@ -183,17 +247,30 @@ def good_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("edit, words, before_data", [
-    ({"epoch": 99}, "epoch 99 is past the run's last epoch (1)", True),
-    ({"global_step": -1}, "global_step is -1, below 0", True),
-    ({"step_in_epoch": -4}, "step_in_epoch is -4, below 0", True),
-    ({"epoch": 1, "step_in_epoch": 1}, "epoch 1 is the run's last, so no step of a further epoch (1) can follow", True),
-    ({"global_step": 2.5}, "global_step is 2.5, not a whole number", True),
-    ({"elapsed": float("nan")}, "elapsed nan is not a time in seconds", True),
-    ({"step_in_epoch": 5, "global_step": 5}, "step_in_epoch 5 is past the 2 steps of an epoch", False),
-    ({"global_step": 7}, "global_step 7 is not epoch 0 x 2 steps per epoch + step 1", False),
-])
-def test_impossible_counters_are_refused(good_run, tmp_path, capsys, monkeypatch, edit, words, before_data):
+@pytest.mark.parametrize(
+    "edit, words, before_data",
+    [
+        ({"epoch": 99}, "epoch 99 is past the run's last epoch (1)", True),
+        ({"global_step": -1}, "global_step is -1, below 0", True),
+        ({"step_in_epoch": -4}, "step_in_epoch is -4, below 0", True),
+        (
+            {"epoch": 1, "step_in_epoch": 1},
+            "epoch 1 is the run's last, so no step of a further epoch (1) can follow",
+            True,
+        ),
+        ({"global_step": 2.5}, "global_step is 2.5, not a whole number", True),
+        ({"elapsed": float("nan")}, "elapsed nan is not a time in seconds", True),
+        (
+            {"step_in_epoch": 5, "global_step": 5},
+            "step_in_epoch 5 is past the 2 steps of an epoch",
+            False,
+        ),
+        ({"global_step": 7}, "global_step 7 is not epoch 0 x 2 steps per epoch + step 1", False),
+    ],
+)
+def test_impossible_counters_are_refused(
+    good_run, tmp_path, capsys, monkeypatch, edit, words, before_data
+):
     out = tmp_path / "run"
     shutil.copytree(good_run, out)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -201,25 +278,39 @@ def test_impossible_counters_are_refused(good_run, tmp_path, capsys, monkeypatch
     torch.save(state, out / "checkpoint.pt")
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     if before_data:
-        monkeypatch.setattr(runner, "load_split", lambda *a: (_ for _ in ()).throw(AssertionError("data read")))
+        monkeypatch.setattr(
+            runner, "load_split", lambda *a: (_ for _ in ()).throw(AssertionError("data read"))
+        )
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 2
     one_line_error(capsys, f"{out / 'checkpoint.pt'}: its counters are impossible (", words)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing rewritten
 
 
 # -- options ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, words", [
-    (["jmc", "--batch-size", "0"], "--batch-size must be >= 1 (images in the fixed batch), got 0"),
-    (["gmp", "--batch-size", "-3"], "--batch-size must be >= 1 (images in the fixed batch), got -3"),
-    (["jmc", "--threads", "0"], "--threads must be >= 1, got 0"),
-    (["gmp", "--threads", "-2"], "--threads must be >= 1, got -2"),
-    (["jmc", "--seed", "-1"], "--seed must be >= 0, got -1"),
-    (["jmc", "--iterations", "10"], "--iterations for jmc must be a positive multiple of 50"),
-    (["jmc", "--iterations", "120"], "--iterations for jmc must be a positive multiple of 50"),
-    (["jmc", "--iterations", "0"], "--iterations for jmc must be a positive multiple of 50"),
-    (["gmp", "--iterations", "0"], "--iterations must be >= 1, got 0"),
-    (["gmp", "--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: not an existing folder"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["jmc", "--batch-size", "0"],
+            "--batch-size must be >= 1 (images in the fixed batch), got 0",
+        ),
+        (
+            ["gmp", "--batch-size", "-3"],
+            "--batch-size must be >= 1 (images in the fixed batch), got -3",
+        ),
+        (["jmc", "--threads", "0"], "--threads must be >= 1, got 0"),
+        (["gmp", "--threads", "-2"], "--threads must be >= 1, got -2"),
+        (["jmc", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["jmc", "--iterations", "10"], "--iterations for jmc must be a positive multiple of 50"),
+        (["jmc", "--iterations", "120"], "--iterations for jmc must be a positive multiple of 50"),
+        (["jmc", "--iterations", "0"], "--iterations for jmc must be a positive multiple of 50"),
+        (["gmp", "--iterations", "0"], "--iterations must be >= 1, got 0"),
+        (
+            ["gmp", "--data-dir", "/no/such/folder"],
+            "--data-dir /no/such/folder: not an existing folder",
+        ),
+    ],
+)
 def test_figure_options_it_cannot_honour(tmp_path, capsys, no_data_read, argv, words):
     assert main(["figure", *argv, "--out", str(tmp_path / "fig")]) == 2
     one_line_error(capsys, "dtp-ext figure: error: ", words)
@@ -227,7 +318,21 @@ def test_figure_options_it_cannot_honour(tmp_path, capsys, no_data_read, argv, w
 
 
 def test_figure_batch_larger_than_the_data(tmp_path, capsys):
-    assert main(["figure", "gmp", "--batch-size", "70000", "--iterations", "1", "--out", str(tmp_path / "fig")]) == 2
+    assert (
+        main(
+            [
+                "figure",
+                "gmp",
+                "--batch-size",
+                "70000",
+                "--iterations",
+                "1",
+                "--out",
+                str(tmp_path / "fig"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "--batch-size 70000 is more than the 60000 training images of mnist")
 
 

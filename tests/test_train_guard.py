@@ -1,6 +1,7 @@
 """The forward-step divergence guard of `dtp-ext train`: a non-finite loss or forward gradient
 refuses the step (forward weights and optimizer state untouched) with a clear error. The
 2-process version (one rank's gradient poisoned) is in test_train_distributed.py."""
+
 import pytest
 import torch
 
@@ -12,13 +13,25 @@ from dtp_ext.train.runner import Run
 
 
 def _run(tmp_path, algorithm):
-    cfg = resolve(TrainConfig(algorithm=algorithm, train_subset=64, test_subset=32, batch_size=32,
-                              probe_batch_size=16, progress=False, threads=1, out=str(tmp_path / "r")))
+    cfg = resolve(
+        TrainConfig(
+            algorithm=algorithm,
+            train_subset=64,
+            test_subset=32,
+            batch_size=32,
+            probe_batch_size=16,
+            progress=False,
+            threads=1,
+            out=str(tmp_path / "r"),
+        )
+    )
     return Run(cfg, log=lambda *a: None)
 
 
 def _batch(run):
-    _, x, y = next(train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu"))
+    _, x, y = next(
+        train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu")
+    )
     return x, y
 
 
@@ -29,7 +42,10 @@ def test_non_finite_gradient_refuses_the_step(tmp_path, algorithm, bad):
     x, y = _batch(run)
     run._train_step(x, y)  # one good step: the optimizer now has momentum
     weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    momentum = {n: run.optimizer.state[p]["momentum_buffer"].clone() for n, p in run.model.named_parameters()}
+    momentum = {
+        n: run.optimizer.state[p]["momentum_buffer"].clone()
+        for n, p in run.model.named_parameters()
+    }
     inner = run.algorithm.train_step
 
     def poisoned(x, y, step):
@@ -38,7 +54,9 @@ def test_non_finite_gradient_refuses_the_step(tmp_path, algorithm, bad):
         return out
 
     run.algorithm.train_step = poisoned
-    with pytest.raises(TrainingDiverged, match=r"forward gradient became non-finite \(fc.bias\) at step 1") as info:
+    with pytest.raises(
+        TrainingDiverged, match=r"forward gradient became non-finite \(fc.bias\) at step 1"
+    ) as info:
         run._train_step(x, y)
     assert "refused" in str(info.value) and "lower the forward lr" in str(info.value)
     for n, p in run.model.named_parameters():
@@ -59,8 +77,27 @@ def test_cli_stops_with_exit_code_1_and_no_checkpoint(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(Backprop, "train_step", poisoned)
     out = tmp_path / "r"
-    assert main(["train", "--algorithm", "bp", "--train-subset", "96", "--test-subset", "32", "--batch-size", "32",
-                 "--no-progress", "--threads", "1", "--out", str(out)]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--algorithm",
+                "bp",
+                "--train-subset",
+                "96",
+                "--test-subset",
+                "32",
+                "--batch-size",
+                "32",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "diverged: a forward gradient became non-finite (conv1.weight) at step 1" in err, err
     assert not (out / "checkpoint.pt").exists()

@@ -2,6 +2,7 @@
 a resumed run says from which step it continues and when there is nothing left to do (then it
 rewrites nothing); resuming with another --threads is accepted with a note that the result is
 not bitwise that of an uninterrupted run."""
+
 import json
 from pathlib import Path
 
@@ -10,8 +11,23 @@ import torch
 
 from dtp_ext.cli import main
 
-TINY = ["--algorithm", "bp", "--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]  # 3 steps per epoch
+TINY = [
+    "--algorithm",
+    "bp",
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]  # 3 steps per epoch
 
 
 def resume(out, capsys, *extra):
@@ -33,8 +49,10 @@ def test_max_steps_is_a_total_and_resume_says_where_it_stands(tmp_path, capsys):
     before = snapshot(out)
     printed = resume(out, capsys, "--max-steps", "2")
     assert "resumed from step 2 (epoch 1, 2 of its 3 steps done)" in printed
-    assert ("nothing left to do: the run is at step 2 and --max-steps 2 counts the run's steps from its "
-            "start, not this invocation's") in printed
+    assert (
+        "nothing left to do: the run is at step 2 and --max-steps 2 counts the run's steps from its "
+        "start, not this invocation's"
+    ) in printed
     assert "nothing was rewritten" in printed and "test accuracy" not in printed
     assert snapshot(out) == before  # summary.json, checkpoint, logs: untouched
 
@@ -49,7 +67,10 @@ def test_max_steps_is_a_total_and_resume_says_where_it_stands(tmp_path, capsys):
     before = snapshot(out)
     for extra in ([], ["--epochs", "1"], ["--max-steps", "5"]):
         printed = resume(out, capsys, *extra)
-        assert "resumed from step 6 (2 of " in printed and "nothing left to do: the run has completed 2 epoch(s)" in printed
+        assert (
+            "resumed from step 6 (2 of " in printed
+            and "nothing left to do: the run has completed 2 epoch(s)" in printed
+        )
     assert snapshot(out) == before
 
 
@@ -75,10 +96,14 @@ def test_resume_with_other_threads_is_noted(tmp_path, capsys):
         assert main(["train", *TINY, "--max-steps", "1", "--out", str(out)]) == 0
         capsys.readouterr()
         printed = resume(out, capsys, "--max-steps", "2", "--threads", "2")
-        assert ("note: the checkpoint was written with 1 CPU thread(s), this run uses 2: it continues, but is not "
-                "bitwise identical to an uninterrupted run") in printed
+        assert (
+            "note: the checkpoint was written with 1 CPU thread(s), this run uses 2: it continues, but is not "
+            "bitwise identical to an uninterrupted run"
+        ) in printed
         assert "--threads 1 for that" in printed
-        printed = resume(out, capsys, "--max-steps", "3", "--threads", "2")  # written with 2 this time
+        printed = resume(
+            out, capsys, "--max-steps", "3", "--threads", "2"
+        )  # written with 2 this time
         assert "note: the checkpoint was written" not in printed
         assert "resumed from step 2 " in printed
     finally:
@@ -89,7 +114,10 @@ def test_help_and_docs_say_total(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "stop once the run has N optimizer steps in total, counted from its start (also with --resume)" in help_text
+    assert (
+        "stop once the run has N optimizer steps in total, counted from its start (also with --resume)"
+        in help_text
+    )
     docs = Path(__file__).resolve().parent.parent / "docs" / "training.md"
     if docs.exists():
         text = " ".join(docs.read_text().split())

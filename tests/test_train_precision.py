@@ -4,6 +4,7 @@ bf16: the forward pass under autocast, the feedback phase in bfloat16 (float32 m
 the same in float16 plus a GradScaler whose scale reaches the DTP blocks through
 dtp_ext.loss_scale, overflowing steps skipped (weights untouched) and the scaler's state in the
 checkpoint. The one-epoch MNIST comparison against fp32 is in README.md ("Mixed precision")."""
+
 import json
 
 import pytest
@@ -14,19 +15,44 @@ from dtp_ext.train import ConfigError, TrainConfig, TrainingDiverged, resolve
 from dtp_ext.train.batches import train_batches
 from dtp_ext.train.runner import Run
 
-TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32",
-        "--probe-batch-size", "16", "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def _run(tmp_path, algorithm, precision):
-    cfg = resolve(TrainConfig(algorithm=algorithm, precision=precision, train_subset=64,
-                              test_subset=32, batch_size=32, probe_batch_size=16, progress=False,
-                              threads=1, out=str(tmp_path / "r")))
+    cfg = resolve(
+        TrainConfig(
+            algorithm=algorithm,
+            precision=precision,
+            train_subset=64,
+            test_subset=32,
+            batch_size=32,
+            probe_batch_size=16,
+            progress=False,
+            threads=1,
+            out=str(tmp_path / "r"),
+        )
+    )
     return Run(cfg, log=lambda *a: None)
 
 
 def _batch(run):
-    _, x, y = next(train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu"))
+    _, x, y = next(
+        train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu")
+    )
     return x, y
 
 
@@ -35,8 +61,10 @@ def test_bad_precision_and_unsupported_algorithms_are_refused(capsys):
         main(["train", "--precision", "fp8"])
     assert "--precision: invalid choice: 'fp8'" in capsys.readouterr().err
     for algorithm in ("dtp", "tp", "drl"):
-        with pytest.raises(ConfigError, match=f"precision 'bf16' applies to bp and ldrl only; "
-                                              f"{algorithm} trains in fp32"):
+        with pytest.raises(
+            ConfigError,
+            match=f"precision 'bf16' applies to bp and ldrl only; {algorithm} trains in fp32",
+        ):
             resolve(TrainConfig(algorithm=algorithm, precision="bf16"))
 
 
@@ -72,7 +100,8 @@ def test_short_run_finishes_and_reports_its_precision(tmp_path, capsys, precisio
     assert summary["precision"]["name"] == precision
     assert (summary["precision"]["loss_scale"] is None) == (precision == "bf16")
     assert summary["test_accuracy"] > 0 and all(
-        torch.isfinite(torch.tensor(v)) for v in summary["alignment"]["update_angle"].values())
+        torch.isfinite(torch.tensor(v)) for v in summary["alignment"]["update_angle"].values()
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "bp"])
@@ -84,10 +113,10 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, algorithm):
     x, y = _batch(run)
     run._train_step(x, y)  # a good step first: the optimizer has momentum
     scaler = run.precision.scaler
-    scaler.update(new_scale=2.0 ** 40)
+    scaler.update(new_scale=2.0**40)
     weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     run._train_step(x, y)
-    assert run.precision.skipped_steps == 1 and scaler.get_scale() == 2.0 ** 39
+    assert run.precision.skipped_steps == 1 and scaler.get_scale() == 2.0**39
     for n, p in run.model.named_parameters():
         assert torch.equal(p, weights[n]), n
     assert run.global_step == 2
@@ -95,19 +124,22 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, algorithm):
         run._train_step(x, y)
         if run.precision.consecutive_overflows == 0:
             break
-    assert run.precision.consecutive_overflows == 0 and scaler.get_scale() < 2.0 ** 39
+    assert run.precision.consecutive_overflows == 0 and scaler.get_scale() < 2.0**39
     assert any(not torch.equal(p, weights[n]) for n, p in run.model.named_parameters())
 
 
 @pytest.mark.integration
 def test_fp16_gives_up_after_overflowing_steps_in_a_row(tmp_path, monkeypatch):
     import dtp_ext.train.runner as runner
+
     monkeypatch.setattr(runner, "MAX_CONSECUTIVE_OVERFLOWS", 3)
     run = _run(tmp_path, "bp", "fp16")
     x, y = _batch(run)
     run._train_step(x, y)  # the scaler's state exists once it has scaled a loss
-    run.precision.scaler.update(new_scale=2.0 ** 100)
-    with pytest.raises(TrainingDiverged, match="fp16: the scaled gradients overflowed 3 steps in a row"):
+    run.precision.scaler.update(new_scale=2.0**100)
+    with pytest.raises(
+        TrainingDiverged, match="fp16: the scaled gradients overflowed 3 steps in a row"
+    ):
         for _ in range(3):
             run._train_step(x, y)
 

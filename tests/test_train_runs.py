@@ -1,4 +1,5 @@
 """End-to-end runs of `dtp-ext train` on tiny subsets: outputs, resume identity, divergence."""
+
 import json
 import math
 
@@ -7,8 +8,21 @@ import torch
 
 from dtp_ext.cli import main
 
-TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def train(*argv):
@@ -18,14 +32,28 @@ def train(*argv):
 @pytest.mark.integration
 def test_default_command_smoke(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train("--max-steps", "5", "--out", str(out), "--no-progress", "--threads", "1",
-                 "--test-subset", "500") == 0
+    assert (
+        train(
+            "--max-steps",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+            "--test-subset",
+            "500",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "weight angle" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 5 and not summary["finished"]
     assert 0 <= summary["test_accuracy"] <= 100
-    assert summary["config"]["algorithm"] == "ldrl" and summary["config"]["model"] == "mnist-convnet"
+    assert (
+        summary["config"]["algorithm"] == "ldrl" and summary["config"]["model"] == "mnist-convnet"
+    )
     assert summary["build_info"]["dtp_ext_version"] and summary["versions"]["torch"]
     assert set(summary["alignment"]["weight_angle"]) == {"conv2", "fc"}
     assert summary["alignment"]["update_angle"]["fc"] < 1e-3  # output block: exactly backprop
@@ -97,15 +125,22 @@ def test_python_m_entry_point(tmp_path):
     from pathlib import Path
 
     import dtp_ext
+
     # The package this test imported (installed, or an in-place build), not a source tree in cwd.
     env = dict(os.environ, PYTHONPATH=str(Path(dtp_ext.__file__).resolve().parent.parent))
-    done = subprocess.run([sys.executable, "-m", "dtp_ext.train", "--help"], capture_output=True,
-                          text=True, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "dtp_ext.train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0 and "--feedback-iterations" in done.stdout, done.stderr
 
 
 def test_feedback_warmup_multiplies_iterations():
     from dtp_ext.train.algorithms import FeedbackSettings
+
     s = FeedbackSettings([2, 3], [0.1, 0.1], [0.1, 0.1], warmup_steps=5, warmup_factor=4)
     assert s.iterations_at(4) == [8, 12] and s.iterations_at(5) == [2, 3]
 
@@ -125,18 +160,30 @@ def test_feedback_memory_cap_changes_batching_not_results(tmp_path, algorithm, m
     """--feedback-memory-mb reaches the fused loops (one iteration per chunk at 0.01 MB, all of
     them by default) and, the noise being drawn in the same order, leaves the run bitwise equal."""
     from dtp_ext import trainer as trainer_module
+
     chunks = []
     original = trainer_module.chunk_iterations
-    monkeypatch.setattr(trainer_module, "chunk_iterations",
-                        lambda *a: chunks.append(original(*a)) or chunks[-1])
+    monkeypatch.setattr(
+        trainer_module, "chunk_iterations", lambda *a: chunks.append(original(*a)) or chunks[-1]
+    )
     import dtp_ext.train.algorithms.reconstruction as reconstruction
+
     monkeypatch.setattr(reconstruction, "chunk_iterations", trainer_module.chunk_iterations)
     states = {}
     for cap in ("0.01", None):
         out = tmp_path / f"cap-{cap}"
         chunks.clear()
-        argv = ["--algorithm", algorithm, "--max-steps", "2", "--feedback-iterations", "3",
-                "--out", str(out), *TINY] + (["--feedback-memory-mb", cap] if cap else [])
+        argv = [
+            "--algorithm",
+            algorithm,
+            "--max-steps",
+            "2",
+            "--feedback-iterations",
+            "3",
+            "--out",
+            str(out),
+            *TINY,
+        ] + (["--feedback-memory-mb", cap] if cap else [])
         assert train(*argv) == 0
         assert chunks and (set(chunks) == {1} if cap else min(chunks) >= 3), chunks
         states[cap] = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
@@ -149,14 +196,49 @@ def test_drl_s_variant_end_to_end(tmp_path):
     """Two epochs of DRL "s": the first trains Q only (the forward weights keep their initial
     values), the second the forward weights only."""
     out = tmp_path / "s"
-    assert train("--algorithm", "drl", "--drl-variant", "s", "--epochs", "1", "--out", str(out),
-                 "--feedback-iterations", "2", "--scheduler", "none", *TINY) == 0
+    assert (
+        train(
+            "--algorithm",
+            "drl",
+            "--drl-variant",
+            "s",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--feedback-iterations",
+            "2",
+            "--scheduler",
+            "none",
+            *TINY,
+        )
+        == 0
+    )
     after_q_epoch = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert train("--resume", "--out", str(out), "--epochs", "2", "--no-progress", "--threads", "1") == 0
+    assert (
+        train("--resume", "--out", str(out), "--epochs", "2", "--no-progress", "--threads", "1")
+        == 0
+    )
     after_forward_epoch = torch.load(out / "checkpoint.pt", weights_only=False)
     fresh = tmp_path / "fresh"
-    assert train("--algorithm", "drl", "--drl-variant", "s", "--max-steps", "1", "--out", str(fresh),
-                 "--feedback-iterations", "0", "--scheduler", "none", *TINY) == 0
+    assert (
+        train(
+            "--algorithm",
+            "drl",
+            "--drl-variant",
+            "s",
+            "--max-steps",
+            "1",
+            "--out",
+            str(fresh),
+            "--feedback-iterations",
+            "0",
+            "--scheduler",
+            "none",
+            *TINY,
+        )
+        == 0
+    )
     init = torch.load(fresh / "checkpoint.pt", weights_only=False)["model"]
     for name, value in after_q_epoch["model"].items():
         assert torch.equal(value, init[name]), name  # epoch 1: forward weights untouched

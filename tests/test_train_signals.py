@@ -4,6 +4,7 @@ identical (on the CPU, same --threads) to an uninterrupted run. Real signals to 
 (`python -m dtp_ext.train`), plus in-process checks of a signal arriving while the checkpoint is
 written and of --checkpoint-every. The torchrun version (one rank signalled, all ranks stop at
 the same step) is in test_train_distributed.py."""
+
 import json
 import os
 import signal
@@ -21,16 +22,37 @@ from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train import runner
 
 # 640 images, batch 32: 20 steps in one epoch; a steps.jsonl line after every step.
-ARGS = ["--train-subset", "640", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-        "--eval-batch-size", "64", "--no-progress", "--threads", "1", "--log-every", "1"]
+ARGS = [
+    "--train-subset",
+    "640",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--log-every",
+    "1",
+]
 STEPS = 20
 ROOT = Path(dtp_ext.__file__).resolve().parent.parent
 
 
 def launch(out: Path, *extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "dtp_ext.train", *ARGS, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtp_ext.train", *ARGS, "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=out.parent,
+        env=env,
+    )
 
 
 def wait_for_lines(out: Path, proc: subprocess.Popen, count: int, timeout: float = 180.0):
@@ -52,8 +74,11 @@ def final_state(out: Path) -> dict:
 
 def strip(path: Path, drop_stops=False):
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "time" not in k} for r in records
-            if not (drop_stops and r.get("kind") == "stop")]
+    return [
+        {k: v for k, v in r.items() if "time" not in k}
+        for r in records
+        if not (drop_stops and r.get("kind") == "stop")
+    ]
 
 
 def assert_same_run(a: Path, b: Path):
@@ -66,7 +91,9 @@ def assert_same_run(a: Path, b: Path):
                 assert torch.equal(sa[key][name], sb[key][name]), (key, name)
     assert str(sa["algorithm"]) == str(sb["algorithm"])
     for k, state in sa["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]), k
+        assert torch.equal(
+            state["momentum_buffer"], sb["optimizer"]["state"][k]["momentum_buffer"]
+        ), k
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
     assert sa["counter"] == sb["counter"]
     assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")
@@ -86,10 +113,14 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("signals, code", [
-    ((signal.SIGINT, signal.SIGTERM), 130),  # Ctrl-C, then a second signal while stopping
-    ((signal.SIGTERM,), 143),                # a cluster's preemption
-], ids=["sigint-then-sigterm", "sigterm"])
+@pytest.mark.parametrize(
+    "signals, code",
+    [
+        ((signal.SIGINT, signal.SIGTERM), 130),  # Ctrl-C, then a second signal while stopping
+        ((signal.SIGTERM,), 143),  # a cluster's preemption
+    ],
+    ids=["sigint-then-sigterm", "sigterm"],
+)
 @pytest.mark.integration
 def test_a_real_signal_saves_and_resume_is_bitwise(reference, tmp_path, capsys, signals, code):
     out = tmp_path / "run"
@@ -104,8 +135,10 @@ def test_a_real_signal_saves_and_resume_is_bitwise(reference, tmp_path, capsys, 
     name = signal.Signals(signals[0]).name
     stopped = final_state(out)["global_step"]
     assert 2 <= stopped < STEPS
-    assert (f"interrupted by {name} at step {stopped} (epoch 1, step {stopped} of {STEPS}); checkpoint saved in "
-            f"{out}; continue with: dtp-ext train --resume --out {out}") in stderr, stderr
+    assert (
+        f"interrupted by {name} at step {stopped} (epoch 1, step {stopped} of {STEPS}); checkpoint saved in "
+        f"{out}; continue with: dtp-ext train --resume --out {out}"
+    ) in stderr, stderr
     assert not (out / ".lock").exists()  # released on the way out
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     assert f"resumed from step {stopped} " in capsys.readouterr().out
@@ -128,7 +161,9 @@ def test_a_killed_run_leaves_no_stale_lock(reference, tmp_path, capsys):
     assert (out / ".lock").exists()
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     assert f"resumed from step {saved} " in capsys.readouterr().out
-    assert_same_run(reference, out)  # --checkpoint-every changes when it saves, not what it computes
+    assert_same_run(
+        reference, out
+    )  # --checkpoint-every changes when it saves, not what it computes
 
 
 @pytest.mark.integration
@@ -136,8 +171,23 @@ def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     """SIGTERM during step 2 (the run stops after step 3, the last of the first epoch of 3 steps
     here), then SIGINT while the checkpoint is being written: the save completes, the file is
     sound, the exit code is SIGTERM's, and --resume ends bitwise like an uninterrupted run."""
-    tiny = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-            "--eval-batch-size", "64", "--no-progress", "--threads", "1", "--epochs", "2"]
+    tiny = [
+        "--train-subset",
+        "96",
+        "--test-subset",
+        "64",
+        "--batch-size",
+        "32",
+        "--probe-batch-size",
+        "16",
+        "--eval-batch-size",
+        "64",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--epochs",
+        "2",
+    ]
     full = tmp_path / "full"
     assert main(["train", *tiny, "--out", str(full)]) == 0
     inner_step, inner_save = runner.Run._train_step, ckpt.save_atomic
@@ -176,15 +226,65 @@ def test_checkpoint_every(tmp_path, monkeypatch):
     epoch's end (3, 6, 9), once each, and not otherwise."""
     saved = []
     inner = ckpt.save_atomic
-    monkeypatch.setattr(ckpt, "save_atomic", lambda state, path: saved.append(state["global_step"]) or inner(state, path))
-    assert main(["train", "--train-subset", "96", "--test-subset", "32", "--batch-size", "32", "--epochs", "3",
-                 "--probe-batch-size", "16", "--no-progress", "--threads", "1", "--algorithm", "bp",
-                 "--checkpoint-every", "2", "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.setattr(
+        ckpt,
+        "save_atomic",
+        lambda state, path: saved.append(state["global_step"]) or inner(state, path),
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--train-subset",
+                "96",
+                "--test-subset",
+                "32",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "3",
+                "--probe-batch-size",
+                "16",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--algorithm",
+                "bp",
+                "--checkpoint-every",
+                "2",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert saved == [2, 3, 4, 6, 8, 9]
     saved.clear()
-    assert main(["train", "--train-subset", "96", "--test-subset", "32", "--batch-size", "32", "--epochs", "3",
-                 "--probe-batch-size", "16", "--no-progress", "--threads", "1", "--algorithm", "bp",
-                 "--out", str(tmp_path / "plain")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train-subset",
+                "96",
+                "--test-subset",
+                "32",
+                "--batch-size",
+                "32",
+                "--epochs",
+                "3",
+                "--probe-batch-size",
+                "16",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--algorithm",
+                "bp",
+                "--out",
+                str(tmp_path / "plain"),
+            ]
+        )
+        == 0
+    )
     assert saved == [3, 6, 9]
 
 

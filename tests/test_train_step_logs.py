@@ -2,6 +2,7 @@
 steps (loss, accuracy, feedback loss per block, alignment), the plots are drawn against
 optimizer steps, metrics.jsonl is not left empty, and the run's last line lists only the files
 that exist."""
+
 import json
 import math
 import re
@@ -15,8 +16,21 @@ from dtp_ext.train import plots
 
 pytestmark = pytest.mark.integration  # every test runs `dtp-ext train` end to end
 
-SIX = ["--train-subset", "192", "--test-subset", "64", "--batch-size", "32", "--probe-batch-size", "16",
-       "--eval-batch-size", "64", "--no-progress", "--threads", "1"]  # 6 steps per epoch
+SIX = [
+    "--train-subset",
+    "192",
+    "--test-subset",
+    "64",
+    "--batch-size",
+    "32",
+    "--probe-batch-size",
+    "16",
+    "--eval-batch-size",
+    "64",
+    "--no-progress",
+    "--threads",
+    "1",
+]  # 6 steps per epoch
 
 
 def lines(out, name="steps.jsonl"):
@@ -38,11 +52,21 @@ def test_a_max_steps_run_logs_every_step_and_plots(tmp_path, capsys):
     for r in records:
         assert r["steps"] == 1 and r["epoch"] == 1 and math.isfinite(r["train_loss"])
         assert 0 <= r["train_top1"] <= 100 and set(r["feedback_loss"]) == {"conv2", "fc"}
-        assert set(r["weight_angle"]) == {"conv2", "fc"} and set(r["update_angle"]) == {"conv1", "conv2", "fc"}
+        assert set(r["weight_angle"]) == {"conv2", "fc"} and set(r["update_angle"]) == {
+            "conv1",
+            "conv2",
+            "fc",
+        }
     assert not (out / "metrics.jsonl").exists()  # no epoch completed: no (empty) epoch log
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
     files = listed_files(printed, out)
-    assert files == ["steps.jsonl", "summary.json", "accuracy.png", "alignment.png", "checkpoint.pt"]
+    assert files == [
+        "steps.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "alignment.png",
+        "checkpoint.pt",
+    ]
     assert sorted(files) == sorted(p.name for p in out.iterdir())
 
 
@@ -54,18 +78,45 @@ def test_windows_epochs_and_stops(tmp_path):
     assert main(["train", *SIX, "--epochs", "2", "--log-every", "4", "--out", str(out)]) == 0
     records = lines(out)
     assert [(r["step"], r["steps"], r.get("kind")) for r in records] == [
-        (4, 4, None), (6, 2, "epoch"), (8, 2, None), (12, 4, "epoch")]
+        (4, 4, None),
+        (6, 2, "epoch"),
+        (8, 2, None),
+        (12, 4, "epoch"),
+    ]
     epochs = lines(out, "metrics.jsonl")
     for epoch, part in ((1, records[:2]), (2, records[2:])):
         mean = sum(r["train_loss"] * r["steps"] for r in part) / sum(r["steps"] for r in part)
         assert mean == pytest.approx(epochs[epoch - 1]["train_loss"], rel=1e-9)
-        assert part[-1]["update_angle"] == epochs[epoch - 1]["update_angle"]  # measured once at the end
+        assert (
+            part[-1]["update_angle"] == epochs[epoch - 1]["update_angle"]
+        )  # measured once at the end
     stopped = tmp_path / "stopped"
-    assert main(["train", *SIX, "--epochs", "2", "--log-every", "4", "--max-steps", "7", "--out", str(stopped)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *SIX,
+                "--epochs",
+                "2",
+                "--log-every",
+                "4",
+                "--max-steps",
+                "7",
+                "--out",
+                str(stopped),
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--resume", "--out", str(stopped), "--no-progress"]) == 0
     resumed = lines(stopped)
     assert [(r["step"], r["steps"], r.get("kind")) for r in resumed] == [
-        (4, 4, None), (6, 2, "epoch"), (7, 1, "stop"), (8, 2, None), (12, 4, "epoch")]
+        (4, 4, None),
+        (6, 2, "epoch"),
+        (7, 1, "stop"),
+        (8, 2, None),
+        (12, 4, "epoch"),
+    ]
     strip = lambda r: {k: v for k, v in r.items() if k != "time_s"}  # noqa: E731
     assert [strip(r) for r in resumed if r.get("kind") != "stop"] == [strip(r) for r in records]
 
@@ -82,7 +133,9 @@ def test_plots_are_against_steps(tmp_path, monkeypatch):
     assert loss_ax.get_xlabel() == "optimizer step"
     named = {l.get_label(): l for l in top1_ax.get_lines() if not l.get_label().startswith("_")}
     train, test = named["train"], named["test (epoch end)"]
-    assert [list(l.get_xdata()) for l in top1_ax.get_lines() if l not in (train, test)] == [[6, 6]]  # epoch end
+    assert [list(l.get_xdata()) for l in top1_ax.get_lines() if l not in (train, test)] == [
+        [6, 6]
+    ]  # epoch end
     assert list(train.get_xdata()) == [2, 4, 6]  # one point per steps.jsonl line, not one per epoch
     assert list(test.get_xdata()) == [6]
     weight_ax, update_ax = alignment.axes
@@ -100,21 +153,59 @@ def test_overwrite_removes_what_an_earlier_run_left(tmp_path, capsys):
     assert main(["train", *SIX, "--algorithm", "bp", "--out", str(out)]) == 0
     assert (out / "metrics.jsonl").exists()
     capsys.readouterr()
-    assert main(["train", *SIX, "--algorithm", "bp", "--max-steps", "1", "--out", str(out), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *SIX,
+                "--algorithm",
+                "bp",
+                "--max-steps",
+                "1",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert not (out / "metrics.jsonl").exists()  # the earlier run's, gone with the rest
     assert [r["step"] for r in lines(out)] == [1]
-    assert listed_files(printed, out) == ["steps.jsonl", "summary.json", "accuracy.png", "alignment.png",
-                                          "checkpoint.pt"]
+    assert listed_files(printed, out) == [
+        "steps.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "alignment.png",
+        "checkpoint.pt",
+    ]
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "dtp", "tp", "drl"])
 def test_measuring_at_a_stop_changes_nothing(tmp_path, algorithm):
     """The alignment measured for a "stop" line (a step no uninterrupted run measures at) has
     no side effect: stopped at step 2 and resumed equals 6 uninterrupted steps, bitwise."""
-    common = ["--algorithm", algorithm, "--epochs", "2", "--log-every", "1000", "--feedback-iterations", "3",
-              "--train-subset", "96", "--test-subset", "32", "--batch-size", "32", "--probe-batch-size", "16",
-              "--no-progress", "--threads", "1"]
+    common = [
+        "--algorithm",
+        algorithm,
+        "--epochs",
+        "2",
+        "--log-every",
+        "1000",
+        "--feedback-iterations",
+        "3",
+        "--train-subset",
+        "96",
+        "--test-subset",
+        "32",
+        "--batch-size",
+        "32",
+        "--probe-batch-size",
+        "16",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
     assert main(["train", *common, "--max-steps", "2", "--out", str(tmp_path / "b")]) == 0
     assert [r.get("kind") for r in lines(tmp_path / "b")] == ["stop"]

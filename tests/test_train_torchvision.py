@@ -1,5 +1,6 @@
 """`dtp-ext train --model resnet18` (and the other torchvision names): converted, adapted to
 MNIST's 1x28x28 images, trained by bp and ldrl end to end, resumed bitwise."""
+
 import json
 import sys
 
@@ -9,9 +10,25 @@ import torch
 import dtp_ext
 from dtp_ext.cli import main
 
-TINY = ["--model", "resnet18", "--train-subset", "12", "--test-subset", "16", "--batch-size", "4",
-        "--probe-batch-size", "4", "--eval-batch-size", "16", "--feedback-iterations", "1",
-        "--no-progress", "--threads", "1"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--train-subset",
+    "12",
+    "--test-subset",
+    "16",
+    "--batch-size",
+    "4",
+    "--probe-batch-size",
+    "4",
+    "--eval-batch-size",
+    "16",
+    "--feedback-iterations",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture
@@ -34,13 +51,13 @@ def test_resnet18_on_mnist(tmp_path, torchvision, algorithm):
     assert state["conv1.weight"].shape == (64, 1, 3, 3)  # stem adapted to MNIST (CIFAR-style)
     assert state["fc.weight"].shape == (10, 512)
     angles = summary["alignment"]["update_angle"]
-    blocks = [k[:-len(".feedback_weight")] for k in state if k.endswith(".feedback_weight")]
+    blocks = [k[: -len(".feedback_weight")] for k in state if k.endswith(".feedback_weight")]
     assert sorted(angles) == sorted(blocks) and len(blocks) == 21
     assert all(torch.isfinite(v.double()).all() for v in state.values())
     if algorithm == "bp":
-        assert max(angles.values()) < 1e-3   # bp's own update is backprop's gradient
+        assert max(angles.values()) < 1e-3  # bp's own update is backprop's gradient
     else:
-        assert angles["fc"] < 1e-3           # the output block's gradient is exactly backprop's
+        assert angles["fc"] < 1e-3  # the output block's gradient is exactly backprop's
         assert min(angles[b] for b in blocks if b != "fc") > 1  # the others go through feedback
         assert sorted(summary["alignment"]["weight_angle"]) == sorted(set(blocks) - {"conv1"})
 
@@ -51,8 +68,19 @@ def test_resnet18_resume_equals_an_uninterrupted_run(tmp_path, torchvision, algo
     common = ["--algorithm", algorithm, *TINY]  # 3 steps per epoch
     assert train(*common, "--max-steps", "4", "--epochs", "2", "--out", str(tmp_path / "a")) == 0
     assert train(*common, "--max-steps", "2", "--epochs", "2", "--out", str(tmp_path / "b")) == 0
-    assert train("--resume", "--out", str(tmp_path / "b"), "--max-steps", "4", "--no-progress",
-                 "--threads", "1") == 0
+    assert (
+        train(
+            "--resume",
+            "--out",
+            str(tmp_path / "b"),
+            "--max-steps",
+            "4",
+            "--no-progress",
+            "--threads",
+            "1",
+        )
+        == 0
+    )
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 4
@@ -64,7 +92,10 @@ def test_resnet18_resume_equals_an_uninterrupted_run(tmp_path, torchvision, algo
 
 @pytest.mark.parametrize("algorithm", ["dtp", "tp", "drl"])
 def test_chain_algorithms_refuse_torchvision_models(tmp_path, capsys, algorithm):
-    assert train("--algorithm", algorithm, "--max-steps", "1", "--out", str(tmp_path / "r"), *TINY) == 2
+    assert (
+        train("--algorithm", algorithm, "--max-steps", "1", "--out", str(tmp_path / "r"), *TINY)
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"algorithm '{algorithm}' cannot train model 'resnet18'" in err
     assert "chain" in err and "bp or ldrl" in err
@@ -78,10 +109,13 @@ def test_without_torchvision_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "need torchvision" in err and "pip install torchvision" in err
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1", "resnet-small"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1", "resnet-small"]
+)
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
 def test_every_torchvision_model_builds_for_small_images(torchvision, name, channels, size):
     from dtp_ext.train.catalog import build_model, trained_block_count
+
     torch.manual_seed(0)
     model = build_model(name, channels, size, 10, 0.5)
     blocks = dtp_ext.dtp_blocks(model)
@@ -102,21 +136,31 @@ def test_every_torchvision_model_builds_for_small_images(torchvision, name, chan
 def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvision):
     """lr x noise^2 x P is the same for every trained block, P read here from a real forward
     pass; an explicit --feedback-lr stays one value for all."""
-    from dtp_ext.train.config import TrainConfig
     from dtp_ext.train.catalog import build_model, model_spec
+    from dtp_ext.train.config import TrainConfig
     from dtp_ext.train.resolve import resolve
+
     cfg = resolve(TrainConfig(model="resnet-small", feedback_noise=0.2, out="unused"))
     model = build_model("resnet-small", 1, 28, 10, 0.7)
     seen = []
-    hooks = [b.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o[0, 0].numel())))
-             for n, b in dtp_ext.dtp_blocks(model)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o[0, 0].numel())))
+        for n, b in dtp_ext.dtp_blocks(model)
+    ]
     model(torch.randn(2, 1, 28, 28))
     for h in hooks:
         h.remove()
     trained = seen[1:]  # the stem conv sees the data
-    assert [n for n, _ in trained][:2] == ["layer1.0.conv1", "layer1.0.conv2"] and trained[-1][0] == "fc"
-    assert len(cfg.feedback_lr) == len(trained) and len({p for _, p in trained}) == 4  # 28², 14², 7², 1
-    products = [lr * 0.2 ** 2 * p for lr, (_, p) in zip(cfg.feedback_lr, trained)]
+    assert [n for n, _ in trained][:2] == ["layer1.0.conv1", "layer1.0.conv2"] and trained[-1][
+        0
+    ] == "fc"
+    assert (
+        len(cfg.feedback_lr) == len(trained) and len({p for _, p in trained}) == 4
+    )  # 28², 14², 7², 1
+    products = [lr * 0.2**2 * p for lr, (_, p) in zip(cfg.feedback_lr, trained)]
     rate = model_spec("resnet-small").scaled_lr
     assert max(products) == pytest.approx(min(products)) and products[0] == pytest.approx(rate / 2)
-    assert resolve(TrainConfig(model="resnet-small", feedback_lr=1e-3, out="unused")).feedback_lr == [1e-3] * 15
+    assert (
+        resolve(TrainConfig(model="resnet-small", feedback_lr=1e-3, out="unused")).feedback_lr
+        == [1e-3] * 15
+    )

@@ -1,4 +1,5 @@
 """FeedbackTrainer and a full L-DRL training step against the reference."""
+
 import copy
 
 import pytest
@@ -19,8 +20,11 @@ def simple_vgg_small(classes=10, channels=(4, 4, 6, 6, 8)):
     return nn.Sequential(*layers, nn.Flatten(), dtp_ext.Linear(cin, classes)).double()
 
 
-PAPER = dict(iterations=[2, 3, 3, 4, 2], noise_std=[0.4, 0.4, 0.2, 0.2, 0.08],
-             lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18])
+PAPER = dict(
+    iterations=[2, 3, 3, 4, 2],
+    noise_std=[0.4, 0.4, 0.2, 0.2, 0.08],
+    lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
+)
 
 
 def test_full_training_step_equals_reference_step():
@@ -50,8 +54,9 @@ def test_full_training_step_equals_reference_step():
                 inputs.append(s)
             s = m(s)
     for i, block in enumerate(blocks[1:]):
-        v, c, losses, _ = reference.feedback_loop(block, inputs[i + 1], PAPER["iterations"][i],
-                                                  PAPER["noise_std"][i], PAPER["lr"][i], 0.9)
+        v, c, losses, _ = reference.feedback_loop(
+            block, inputs[i + 1], PAPER["iterations"][i], PAPER["noise_std"][i], PAPER["lr"][i], 0.9
+        )
         block.feedback_weight.copy_(v)
         block.feedback_bias.copy_(c)
         name = [n for n, m in dtp_ext.dtp_blocks(model)][i + 1]
@@ -91,14 +96,17 @@ def test_first_block_is_not_trained_and_lists_follow_trained_blocks():
     assert torch.equal(first, model[0].feedback_weight)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(iterations=[1, 2]), "iterations has 2 entries"),
-    (dict(lr=-1.0), "lr entries must be finite numbers >= 0"),
-    (dict(noise_std=[0.1] * 4 + [float("nan")]), "noise_std"),
-    (dict(iterations=1.5), "whole numbers"),
-    (dict(momentum=1.0), "momentum"),
-    (dict(weight_decay=-1.0), "weight_decay"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(iterations=[1, 2]), "iterations has 2 entries"),
+        (dict(lr=-1.0), "lr entries must be finite numbers >= 0"),
+        (dict(noise_std=[0.1] * 4 + [float("nan")]), "noise_std"),
+        (dict(iterations=1.5), "whole numbers"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+    ],
+)
 def test_bad_trainer_arguments(kwargs, match):
     args = dict(iterations=1, noise_std=0.1, lr=0.01)
     args.update(kwargs)
@@ -138,13 +146,16 @@ def test_trainer_state_dict_round_trip_continues_identically():
     for a, (_, b) in zip(expected, dtp_ext.dtp_blocks(model2)):
         assert torch.equal(a, b.feedback_weight)
     with pytest.raises(ValueError, match="blocks"):
-        dtp_ext.FeedbackTrainer(model2, iterations=1, noise_std=0.1, lr=0.1,
-                                blocks=["1", "2"]).load_state_dict(saved_trainer)
+        dtp_ext.FeedbackTrainer(
+            model2, iterations=1, noise_std=0.1, lr=0.1, blocks=["1", "2"]
+        ).load_state_dict(saved_trainer)
 
 
 def test_choose_blocks_explicitly():
     model = simple_vgg_small()
-    trainer = dtp_ext.FeedbackTrainer(model, iterations=[1, 1], noise_std=0.1, lr=0.01, blocks=[model[2], "6"])
+    trainer = dtp_ext.FeedbackTrainer(
+        model, iterations=[1, 1], noise_std=0.1, lr=0.01, blocks=[model[2], "6"]
+    )
     assert [n for n, _ in trainer.blocks] == ["2", "6"]
     with pytest.raises(ValueError, match="not a DTP block"):
         dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=0.01, blocks=["5"])
@@ -153,8 +164,9 @@ def test_choose_blocks_explicitly():
 def test_divergence_is_refused_and_weights_restored():
     torch.manual_seed(0)
     model = simple_vgg_small()
-    trainer = dtp_ext.FeedbackTrainer(model, iterations=[2, 3, 3, 200, 2], noise_std=0.1,
-                                      lr=[1e-3, 1e-3, 1e-3, 1e6, 1e-3])
+    trainer = dtp_ext.FeedbackTrainer(
+        model, iterations=[2, 3, 3, 200, 2], noise_std=0.1, lr=[1e-3, 1e-3, 1e-3, 1e6, 1e-3]
+    )
     model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     before = {n: b.feedback_weight.clone() for n, b in trainer.blocks}
     with pytest.raises(FloatingPointError, match=r"block '4' diverged .* iteration \d+"):
@@ -190,5 +202,7 @@ def test_mismatched_state_dicts_are_refused_with_the_reason():
     with pytest.raises(RuntimeError, match="size mismatch for 6.feedback_weight"):
         wider.load_state_dict(model.state_dict())
     # A plain torch.nn checkpoint lacks the feedback weights: strict loading says so.
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"0.feedback_weight\""):
+    with pytest.raises(
+        RuntimeError, match=r"Missing key\(s\) in state_dict: \"0.feedback_weight\""
+    ):
         model.load_state_dict({k: v for k, v in model.state_dict().items() if "feedback" not in k})

@@ -4,15 +4,13 @@
 
 namespace dtp_ext {
 
-
-
 Activation parse_activation(const char* op, const std::string& name) {
   if (name == "none" || name == "identity") return Activation::Identity;
   if (name == "relu") return Activation::ReLU;
   if (name == "elu") return Activation::ELU;
   if (name == "tanh") return Activation::Tanh;
-  TORCH_CHECK(false, op, ": activation must be one of 'none', 'relu', 'elu', 'tanh', got '",
-              name, "'");
+  TORCH_CHECK(false, op, ": activation must be one of 'none', 'relu', 'elu', 'tanh', got '", name,
+              "'");
 }
 
 const char* activation_name(Activation activation) {
@@ -38,9 +36,10 @@ BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntAr
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              const std::string& activation, int64_t pool) {
   BlockGeometry g;
-  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4, op,
-              ": weight must be 2-D (linear, out x in) or 4-D (conv, Cout x Cin/groups x kH x kW), got ",
-              weight.dim(), "-D");
+  TORCH_CHECK(
+      weight.dim() == 2 || weight.dim() == 4, op,
+      ": weight must be 2-D (linear, out x in) or 4-D (conv, Cout x Cin/groups x kH x kW), got ",
+      weight.dim(), "-D");
   g.is_conv = weight.dim() == 4;
   g.activation = parse_activation(op, activation);
   TORCH_CHECK(pool >= 0, op, ": pool must be 0 (none) or a kernel size >= 1, got ", pool);
@@ -50,8 +49,8 @@ BlockGeometry parse_geometry(const char* op, const at::Tensor& weight, at::IntAr
     g.padding = pair_arg(op, "padding", padding, 0);
     g.dilation = pair_arg(op, "dilation", dilation, 1);
     TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op,
-                ": groups must be >= 1 and divide the output channels (", weight.size(0),
-                "), got ", groups);
+                ": groups must be >= 1 and divide the output channels (", weight.size(0), "), got ",
+                groups);
     g.groups = groups;
   } else {
     TORCH_CHECK(g.pool == 0, op, ": pool is only defined for conv blocks, got pool=", pool);
@@ -93,8 +92,8 @@ void check_block_tensors(const char* op, const BlockGeometry& g, const at::Tenso
   check_same_device_dtype(op, "weight", weight, x);
   if (bias.has_value() && bias->defined()) {
     check_same_device_dtype(op, "bias", *bias, x);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
-                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape [",
+                weight.size(0), "], got ", bias->sizes());
   }
   if (g.is_conv) {
     TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W) for a conv block, got ", x.dim(),
@@ -119,12 +118,9 @@ void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef inp
               input_sizes[2], "x", input_sizes[3], " with kernel ", weight.size(2), "x",
               weight.size(3), ", padding ", at::IntArrayRef(g.padding), ", dilation ",
               at::IntArrayRef(g.dilation), " and stride ", at::IntArrayRef(g.stride));
-  TORCH_CHECK(g.pool == 0 || (pre[2] >= g.pool && pre[3] >= g.pool), op,
-              ": the pool (", g.pool, "x", g.pool, ") is larger than the conv's output map (",
-              pre[2], "x", pre[3], ")");
+  TORCH_CHECK(g.pool == 0 || (pre[2] >= g.pool && pre[3] >= g.pool), op, ": the pool (", g.pool,
+              "x", g.pool, ") is larger than the conv's output map (", pre[2], "x", pre[3], ")");
 }
-
-
 
 std::vector<int64_t> pre_pool_sizes(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                     const at::Tensor& weight) {

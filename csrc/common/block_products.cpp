@@ -78,13 +78,12 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
   std::vector<int64_t> output_padding(2);
   for (const auto d : c10::irange(2)) {
     const int64_t k = feedback_weight.size(2 + d);
-    const int64_t reached = (u.size(2 + d) - 1) * g.stride[d] - 2 * g.padding[d] +
-                            g.dilation[d] * (k - 1) + 1;
+    const int64_t reached =
+        (u.size(2 + d) - 1) * g.stride[d] - 2 * g.padding[d] + g.dilation[d] * (k - 1) + 1;
     output_padding[d] = input_sizes[2 + d] - reached;
   }
-  return at::convolution(conv_layout(g, u), conv_layout(g, feedback_weight), c10::nullopt,
-                         g.stride, g.padding, g.dilation, /*transposed=*/true, output_padding,
-                         g.groups);
+  return at::convolution(conv_layout(g, u), conv_layout(g, feedback_weight), c10::nullopt, g.stride,
+                         g.padding, g.dilation, /*transposed=*/true, output_padding, g.groups);
 }
 
 // Whether this CPU has AMX-BF16 tiles, where oneDNN's bfloat16 weight-gradient convolution
@@ -129,9 +128,9 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
   if (small_map_pairing(g, p, q, feedback_weight)) {
     // Tiny output maps (deep blocks): an explicit im2col and one GEMM beat the library's
     // weight-gradient kernel, whose per-call cost dominates at a few positions.
-    const auto cols = at::im2col(p, {feedback_weight.size(2), feedback_weight.size(3)},
-                                 g.dilation, g.padding, g.stride);  // (B, Cin*kH*kW, L)
-    const auto q_flat = q.reshape({q.size(0), q.size(1), -1});      // (B, Cout, L)
+    const auto cols = at::im2col(p, {feedback_weight.size(2), feedback_weight.size(3)}, g.dilation,
+                                 g.padding, g.stride);          // (B, Cin*kH*kW, L)
+    const auto q_flat = q.reshape({q.size(0), q.size(1), -1});  // (B, Cout, L)
     return at::tensordot(q_flat, cols, {0, 2}, {0, 2}).view(feedback_weight.sizes());
   }
   if (pairs_in_float32(g, p, q, feedback_weight)) {
@@ -146,17 +145,17 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     // dtype (cuBLAS/cuDNN accumulate in float32).
     // The weight gradient reads only the weight's shape (and layout): an uninitialised float32
     // tensor in the convolutions' layout stands in for it, without a copy.
-    const auto stand_in = at::empty(
-        feedback_weight.sizes(),
-        p.options().dtype(at::kFloat).memory_format(g.channels_last
-                                                        ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous));
+    const auto stand_in =
+        at::empty(feedback_weight.sizes(),
+                  p.options()
+                      .dtype(at::kFloat)
+                      .memory_format(g.channels_last ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous));
     return feedback_pairing(g, p.to(at::kFloat), q.to(at::kFloat), stand_in);
   }
-  auto grads = at::convolution_backward(conv_layout(g, q), conv_layout(g, p),
-                                        conv_layout(g, feedback_weight), c10::nullopt, g.stride,
-                                        g.padding, g.dilation, /*transposed=*/false, {0, 0},
-                                        g.groups, {false, true, false});
+  auto grads = at::convolution_backward(
+      conv_layout(g, q), conv_layout(g, p), conv_layout(g, feedback_weight), c10::nullopt, g.stride,
+      g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups, {false, true, false});
   return std::get<1>(grads).contiguous();
 }
 

@@ -117,24 +117,24 @@ C10_HOST_DEVICE inline void sgd_ldrl_step(T& v, T& buf, T h, const T* e, T grad_
 }  // namespace dtp_ext
 
 // Runs BODY with a constexpr `kAct` bound to the runtime activation.
-#define DTP_DISPATCH_ACTIVATION(ACT, ...)                                   \
-  [&] {                                                                     \
-    switch (ACT) {                                                          \
-      case ::dtp_ext::Activation::ReLU: {                                   \
-        constexpr auto kAct = ::dtp_ext::Activation::ReLU;                  \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-      case ::dtp_ext::Activation::ELU: {                                    \
-        constexpr auto kAct = ::dtp_ext::Activation::ELU;                   \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-      case ::dtp_ext::Activation::Tanh: {                                   \
-        constexpr auto kAct = ::dtp_ext::Activation::Tanh;                  \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-      default: {                                                            \
-        constexpr auto kAct = ::dtp_ext::Activation::Identity;              \
-        return __VA_ARGS__();                                               \
-      }                                                                     \
-    }                                                                       \
+#define DTP_DISPATCH_ACTIVATION(ACT, ...)                      \
+  [&] {                                                        \
+    switch (ACT) {                                             \
+      case ::dtp_ext::Activation::ReLU: {                      \
+        constexpr auto kAct = ::dtp_ext::Activation::ReLU;     \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+      case ::dtp_ext::Activation::ELU: {                       \
+        constexpr auto kAct = ::dtp_ext::Activation::ELU;      \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+      case ::dtp_ext::Activation::Tanh: {                      \
+        constexpr auto kAct = ::dtp_ext::Activation::Tanh;     \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+      default: {                                               \
+        constexpr auto kAct = ::dtp_ext::Activation::Identity; \
+        return __VA_ARGS__();                                  \
+      }                                                        \
+    }                                                          \
   }()

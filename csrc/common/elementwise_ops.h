@@ -23,9 +23,8 @@ using PhiUnpoolDifferenceKernel = at::Tensor (*)(
     at::IntArrayRef out_sizes, Activation activation, double scale, bool channels_last);
 using NoisyDifferenceKernel = at::Tensor (*)(const at::Tensor& z_noisy,
                                              const at::Tensor& clean_phi_output,
-                                             const at::Tensor& clean_indices,
-                                             Activation activation, int64_t pool,
-                                             bool channels_last);
+                                             const at::Tensor& clean_indices, Activation activation,
+                                             int64_t pool, bool channels_last);
 using SgdLdrlUpdateKernel = void (*)(at::Tensor& weight, at::Tensor& momentum_buffer,
                                      const at::Tensor& reconstruction_pairing,
                                      const at::Tensor& noise_pairing, double grad_scale,
@@ -55,8 +54,8 @@ at::Tensor phi_unpool_difference(c10::string_view op, const at::Tensor& a,
                                  c10::string_view activation, double scale, bool channels_last) {
   const std::string name(op);
   return K(name.c_str(), a, or_undefined(a_noise), alpha, or_undefined(a_indices), phi_b,
-           or_undefined(b_indices), out_sizes, parse_activation(name.c_str(), std::string(activation)),
-           scale, channels_last);
+           or_undefined(b_indices), out_sizes,
+           parse_activation(name.c_str(), std::string(activation)), scale, channels_last);
 }
 
 template <NoisyDifferenceKernel K>
@@ -120,8 +119,8 @@ inline at::Tensor phi_unpool_difference(const char* op, const at::Tensor& a,
 inline at::Tensor noisy_difference(const at::Tensor& z_noisy, const at::Tensor& clean_phi_output,
                                    const at::Tensor& clean_indices, Activation activation,
                                    int64_t pool, bool channels_last) {
-  static const auto op_handle = schema::handle<decltype(schema::noisy_difference<nullptr>)>(
-      "dtp_ext::_noisy_difference");
+  static const auto op_handle =
+      schema::handle<decltype(schema::noisy_difference<nullptr>)>("dtp_ext::_noisy_difference");
   return op_handle.call(z_noisy, schema::as_optional(clean_phi_output),
                         schema::as_optional(clean_indices), activation_name(activation), pool,
                         channels_last);
@@ -129,10 +128,10 @@ inline at::Tensor noisy_difference(const at::Tensor& z_noisy, const at::Tensor& 
 
 inline void sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
                             const at::Tensor& reconstruction_pairing,
-                            const at::Tensor& noise_pairing, double grad_scale,
-                            double weight_decay, double momentum, double lr) {
-  static const auto op_handle = schema::handle<decltype(schema::sgd_ldrl_update<nullptr>)>(
-      "dtp_ext::_sgd_ldrl_update");
+                            const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
+                            double momentum, double lr) {
+  static const auto op_handle =
+      schema::handle<decltype(schema::sgd_ldrl_update<nullptr>)>("dtp_ext::_sgd_ldrl_update");
   op_handle.call(weight, momentum_buffer, reconstruction_pairing,
                  schema::as_optional(noise_pairing), grad_scale, weight_decay, momentum, lr);
 }

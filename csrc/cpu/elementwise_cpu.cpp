@@ -29,8 +29,8 @@ struct PlaneLayout {
 };
 
 PlaneLayout layout_of(const at::Tensor& t) {
-  const bool cl = t.dim() == 4 && !t.is_contiguous() &&
-                  t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool cl =
+      t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
   return {t.size(1), t.size(2) * t.size(3), cl};
 }
 
@@ -85,10 +85,10 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
   const auto b_idx = has_b ? b_idx_in.contiguous() : at::Tensor();
   // Channels-last planes interleave, so the whole tensor is zeroed up front (at::zeros would
   // ignore the memory format).
-  auto out = channels_last
-                 ? at::empty(out_sizes, a.options().memory_format(at::MemoryFormat::ChannelsLast))
-                       .zero_()
-                 : at::empty(out_sizes, a.options());
+  auto out =
+      channels_last
+          ? at::empty(out_sizes, a.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_()
+          : at::empty(out_sizes, a.options());
   const int64_t planes = a.size(0) * a.size(1);
   IndexGuard index_guard{op, out.size(2) * out.size(3)};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
@@ -121,14 +121,14 @@ void window_max_2x2(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height,
 }
 
 template <typename T>
-void window_max_generic(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height,
-                        int64_t width, int64_t k) {
+void window_max_generic(const T* zp, int64_t es, T* op, int64_t* ip, int64_t height, int64_t width,
+                        int64_t k) {
   const int64_t out_h = height / k, out_w = width / k;
   for (int64_t oh = 0; oh < out_h; ++oh) {
     for (int64_t ow = 0; ow < out_w; ++ow) {
       // zp holds phi(z) already: ranked as it is.
-      ip[oh * out_w + ow] = window_argmax<Activation::Identity>(
-          zp, es, oh * k * width + ow * k, width, k, op[oh * out_w + ow]);
+      ip[oh * out_w + ow] = window_argmax<Activation::Identity>(zp, es, oh * k * width + ow * k,
+                                                                width, k, op[oh * out_w + ow]);
     }
   }
 }
@@ -162,10 +162,10 @@ std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k)
 }
 
 at::Tensor phi_unpool_difference_cpu(const char* op, const at::Tensor& a, const at::Tensor& a_noise,
-                                     double alpha,
-                                     const at::Tensor& a_indices, const at::Tensor& phi_b,
-                                     const at::Tensor& b_indices, at::IntArrayRef out_sizes,
-                                     Activation activation, double scale, bool channels_last) {
+                                     double alpha, const at::Tensor& a_indices,
+                                     const at::Tensor& phi_b, const at::Tensor& b_indices,
+                                     at::IntArrayRef out_sizes, Activation activation, double scale,
+                                     bool channels_last) {
   if (is_reduced_float(a)) {
     // bfloat16/float16: the pass runs on float32 copies (phi, the differences and the scatter
     // in float32; one rounding to a's dtype at the end), which ATen's vectorised activations
@@ -202,9 +202,8 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
 }
 
 void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
-                         const at::Tensor& reconstruction_pairing,
-                         const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
-                         double momentum, double lr) {
+                         const at::Tensor& reconstruction_pairing, const at::Tensor& noise_pairing,
+                         double grad_scale, double weight_decay, double momentum, double lr) {
   if (is_reduced_float(weight)) {
     // A bfloat16/float16 weight without a float32 master: the step in float32, rounded once.
     auto w = weight.to(at::kFloat), buf = momentum_buffer.to(at::kFloat);
@@ -222,32 +221,31 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
               "sgd_ldrl_update: the two pairings must share a dtype");
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
     using weight_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(),
-                                    "sgd_ldrl_update_cpu_pairing", [&] {
-      using pairing_t = scalar_t;
-      weight_t* v = weight.mutable_data_ptr<weight_t>();
-      weight_t* buf = momentum_buffer.mutable_data_ptr<weight_t>();
-      const pairing_t* hp = h.const_data_ptr<pairing_t>();
-      const pairing_t* ep = e.defined() ? e.const_data_ptr<pairing_t>() : nullptr;
-      const auto scale = static_cast<weight_t>(grad_scale);
-      const auto wd = static_cast<weight_t>(weight_decay);
-      const auto mu = static_cast<weight_t>(momentum);
-      const auto step = static_cast<weight_t>(lr);
-      at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const auto ei = ep ? static_cast<weight_t>(ep[i]) : weight_t(0);
-          sgd_ldrl_step(v[i], buf[i], static_cast<weight_t>(hp[i]), ep ? &ei : nullptr, scale, wd,
-                        mu, step);
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, h.scalar_type(), "sgd_ldrl_update_cpu_pairing", [&] {
+          using pairing_t = scalar_t;
+          weight_t* v = weight.mutable_data_ptr<weight_t>();
+          weight_t* buf = momentum_buffer.mutable_data_ptr<weight_t>();
+          const pairing_t* hp = h.const_data_ptr<pairing_t>();
+          const pairing_t* ep = e.defined() ? e.const_data_ptr<pairing_t>() : nullptr;
+          const auto scale = static_cast<weight_t>(grad_scale);
+          const auto wd = static_cast<weight_t>(weight_decay);
+          const auto mu = static_cast<weight_t>(momentum);
+          const auto step = static_cast<weight_t>(lr);
+          at::parallel_for(0, weight.numel(), 4096, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              const auto ei = ep ? static_cast<weight_t>(ep[i]) : weight_t(0);
+              sgd_ldrl_step(v[i], buf[i], static_cast<weight_t>(hp[i]), ep ? &ei : nullptr, scale,
+                            wd, mu, step);
+            }
+          });
+        });
   });
 }
 
 at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output_in,
-                                        const at::Tensor& indices_in,
-                                        const at::Tensor& delta_in, at::IntArrayRef out_sizes,
-                                        Activation activation) {
+                                        const at::Tensor& indices_in, const at::Tensor& delta_in,
+                                        at::IntArrayRef out_sizes, Activation activation) {
   if (is_reduced_float(output_in)) {  // in float32, rounded once at the end
     return activation_pool_backward_cpu(op, output_in.to(at::kFloat), indices_in,
                                         to_opmath(delta_in), out_sizes, activation)
@@ -274,7 +272,8 @@ at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output
             scalar_t* plane_out = o + p * full_plane;
             std::fill(plane_out, plane_out + full_plane, scalar_t(0));
             for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-              if (index_guard.ok(idx[j])) plane_out[idx[j]] += activation_backward<kAct>(d[j], s[j]);
+              if (index_guard.ok(idx[j]))
+                plane_out[idx[j]] += activation_backward<kAct>(d[j], s[j]);
             }
           }
         });

@@ -4,8 +4,8 @@
 // full-resolution positions it scatters to: no atomics are needed.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include "../common/elementwise_math.h"
 #include "../common/elementwise_ops.h"
@@ -24,17 +24,17 @@ int64_t blocks_for(int64_t n) {
 
 template <Activation A, typename T>
 __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha,
-                                             const int64_t* a_idx, const T* b,
-                                             const int64_t* b_idx, T* out, int64_t n,
-                                             int64_t pooled_plane, int64_t full_plane, T scale) {
+                                             const int64_t* a_idx, const T* b, const int64_t* b_idx,
+                                             T* out, int64_t n, int64_t pooled_plane,
+                                             int64_t full_plane, T scale) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
     const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
     const bool a_ok = index_in_plane(a_idx[j], full_plane);
     const bool b_ok = index_in_plane(b_idx[j], full_plane);
     CUDA_KERNEL_ASSERT(a_ok && b_ok && "dtp_ext: pool indices outside the pool's input plane");
-    unpool_difference(out + (j / pooled_plane) * full_plane, int64_t(1), a_ok, a_idx[j],
-                      phi<A>(av), b_ok, b_idx[j], &b[j], scale);
+    unpool_difference(out + (j / pooled_plane) * full_plane, int64_t(1), a_ok, a_idx[j], phi<A>(av),
+                      b_ok, b_idx[j], &b[j], scale);
   }
 }
 
@@ -49,8 +49,8 @@ __global__ void phi_difference_kernel(const T* a, const T* a_noise, T alpha, con
 }
 
 template <Activation A, typename T>
-__global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, const T* d,
-                                                T* out, int64_t n, int64_t pooled_plane,
+__global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, const T* d, T* out,
+                                                int64_t n, int64_t pooled_plane,
                                                 int64_t full_plane) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
@@ -103,8 +103,8 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
   auto z = z_in.contiguous();
   const auto s = s_in.defined() ? s_in.contiguous() : at::Tensor();
   auto out = pool > 0 ? at::zeros(z.sizes(), z.options()) : at::empty(z.sizes(), z.options());
-  const int64_t n = pool > 0 ? z.size(0) * z.size(1) * (z.size(2) / pool) * (z.size(3) / pool)
-                             : z.numel();
+  const int64_t n =
+      pool > 0 ? z.size(0) * z.size(1) * (z.size(2) / pool) * (z.size(3) / pool) : z.numel();
   if (n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cuda", [&] {
@@ -113,8 +113,8 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
         const auto idx = s.defined() ? idx_in.contiguous() : at::Tensor();
         noisy_difference_pooled_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
             z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
-            s.defined() ? idx.const_data_ptr<int64_t>() : nullptr,
-            out.mutable_data_ptr<scalar_t>(), n, z.size(2), z.size(3), pool);
+            s.defined() ? idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+            n, z.size(2), z.size(3), pool);
       } else {
         noisy_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
             z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
@@ -136,14 +136,13 @@ __global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, int
 }
 
 void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
-                          const at::Tensor& reconstruction_pairing,
-                          const at::Tensor& noise_pairing, double grad_scale,
-                          double weight_decay, double momentum, double lr) {
+                          const at::Tensor& reconstruction_pairing, const at::Tensor& noise_pairing,
+                          double grad_scale, double weight_decay, double momentum, double lr) {
   if (is_reduced_float(weight)) {  // no float32 master: the step in float32, rounded once
     auto w = weight.to(at::kFloat);
     auto buf = momentum_buffer.to(at::kFloat);
-    sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
-                         weight_decay, momentum, lr);
+    sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale, weight_decay,
+                         momentum, lr);
     weight.copy_(w);
     momentum_buffer.copy_(buf);
     return;
@@ -151,8 +150,8 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   const c10::cuda::CUDAGuard guard(weight.device());
   // Pairings in a lower dtype (bfloat16 products, float32 masters) are read in the weight's.
   const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous();
-  const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous()
-                                         : at::Tensor();
+  const auto e =
+      noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous() : at::Tensor();
   const int64_t n = weight.numel();
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -167,11 +166,10 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
 }
 
 at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
-                                      const at::Tensor& a_noise_in,
-                                      double alpha, const at::Tensor& a_indices_in,
-                                      const at::Tensor& b_in, const at::Tensor& b_indices_in,
-                                      at::IntArrayRef out_sizes, Activation activation,
-                                      double scale, bool channels_last) {
+                                      const at::Tensor& a_noise_in, double alpha,
+                                      const at::Tensor& a_indices_in, const at::Tensor& b_in,
+                                      const at::Tensor& b_indices_in, at::IntArrayRef out_sizes,
+                                      Activation activation, double scale, bool channels_last) {
   TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
   if (is_reduced_float(a_in)) {  // bfloat16/float16: in float32, rounded once at the end
     return phi_unpool_difference_cuda(op, a_in.to(at::kFloat), to_opmath(a_noise_in), alpha,
@@ -213,9 +211,8 @@ at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
 }
 
 at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& output_in,
-                                         const at::Tensor& indices_in,
-                                         const at::Tensor& delta_in, at::IntArrayRef out_sizes,
-                                         Activation activation) {
+                                         const at::Tensor& indices_in, const at::Tensor& delta_in,
+                                         at::IntArrayRef out_sizes, Activation activation) {
   if (is_reduced_float(output_in)) {  // bfloat16/float16: in float32, rounded once at the end
     return activation_pool_backward_cuda(op, output_in.to(at::kFloat), indices_in,
                                          to_opmath(delta_in), out_sizes, activation)
@@ -226,8 +223,8 @@ at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& outpu
   auto delta = delta_in.contiguous();
   const bool pooled = indices_in.defined();
   auto indices = pooled ? indices_in.contiguous() : at::Tensor();
-  auto out = pooled ? at::zeros(out_sizes, output.options())
-                    : at::empty(out_sizes, output.options());
+  auto out =
+      pooled ? at::zeros(out_sizes, output.options()) : at::empty(out_sizes, output.options());
   const int64_t n = output.numel();
   if (n == 0) return out;
   const int64_t planes = pooled ? output.size(0) * output.size(1) : 1;
@@ -235,9 +232,9 @@ at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& outpu
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "activation_pool_backward_cuda", [&] {
     DTP_DISPATCH_ACTIVATION(activation, [&] {
       activation_pool_backward_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          output.const_data_ptr<scalar_t>(),
-          pooled ? indices.const_data_ptr<int64_t>() : nullptr, delta.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), n, n / planes, out.numel() / planes);
+          output.const_data_ptr<scalar_t>(), pooled ? indices.const_data_ptr<int64_t>() : nullptr,
+          delta.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, n / planes,
+          out.numel() / planes);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

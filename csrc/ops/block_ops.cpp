@@ -33,8 +33,7 @@ BlockGeometry start_op(const char* op, const at::Device& device, const at::Tenso
                         pool);
 }
 
-void check_shape(const char* op, const char* name, const at::Tensor& t,
-                 at::IntArrayRef expected) {
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ",
               t.sizes());
 }
@@ -70,15 +69,14 @@ at::Tensor flat(const at::Tensor& t) {
 }
 
 struct LdrlTerms {
-  at::Tensor batch_loss;  // B * loss
+  at::Tensor batch_loss;              // B * loss
   at::Tensor reconstruction_pairing;  // H
   at::Tensor noise_pairing;           // E
 };
 
 // `feedback_weight` is V in the products' dtype and layout; `loss_weight` is V as the loss's
 // dot reads it (a contiguous float32 master when the products run in bfloat16/float16).
-LdrlTerms ldrl_terms(const BlockGeometry& g,
-                     const CleanPass& clean, at::IntArrayRef x_sizes,
+LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArrayRef x_sizes,
                      const at::Tensor& feedback_weight, const at::Tensor& loss_weight,
                      const at::Tensor& eps, const at::Tensor& noisy_preactivation,
                      const at::Tensor& eta) {
@@ -88,13 +86,12 @@ LdrlTerms ldrl_terms(const BlockGeometry& g,
     // elementwise passes into the pairings (no rounding to the low dtype and back); only u is
     // rounded for the transposed conv, and V u is converted once for its pairing and the dot.
     const auto a = noisy_difference(noisy_preactivation.to(at::kFloat), clean.phi_output,
-                                            clean.block.indices, g.activation, g.pool,
-                                            g.channels_last);
+                                    clean.block.indices, g.activation, g.pool, g.channels_last);
     terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
-    const auto u = phi_unpool_difference(
-        "dtp_ext.ldrl_loss", to_opmath(clean.block.output), to_opmath(eta), 1.0,
-        clean.block.indices, clean.phi_output, clean.block.indices, clean.block.pre_pool_sizes,
-        g.activation, 1.0, g.channels_last);
+    const auto u =
+        phi_unpool_difference("dtp_ext.ldrl_loss", to_opmath(clean.block.output), to_opmath(eta),
+                              1.0, clean.block.indices, clean.phi_output, clean.block.indices,
+                              clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
     const auto feedback_u =
         apply_feedback(g, u.to(feedback_weight.scalar_type()), feedback_weight, x_sizes)
             .to(at::kFloat);
@@ -102,16 +99,16 @@ LdrlTerms ldrl_terms(const BlockGeometry& g,
     const auto fu = flat(feedback_u);
     terms.batch_loss = at::sub(
         at::dot(fu, fu),
-        at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))), 2.0);
+        at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))),
+        2.0);
     return terms;
   }
-  const auto a = noisy_difference(noisy_preactivation, clean.phi_output,
-                                          clean.block.indices, g.activation, g.pool,
-                                          g.channels_last);
+  const auto a = noisy_difference(noisy_preactivation, clean.phi_output, clean.block.indices,
+                                  g.activation, g.pool, g.channels_last);
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = phi_unpool_difference(
-      "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output, clean.block.indices,
-      clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
+      "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output,
+      clean.block.indices, clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
   // The loss's two dots are reductions: float32 when the products ran in bfloat16/float16
@@ -132,10 +129,9 @@ void check_noise(const char* op, const char* name, const at::Tensor& noise,
 // SPEC §2.1 for one block with explicit (already scaled) noise: the loss and its gradient with
 // respect to the feedback weight and bias, in closed form (no autograd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
-    const at::Tensor& x, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
-    const at::Tensor& noise_x, const at::Tensor& noise_y, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& feedback_weight, const at::Tensor& noise_x, const at::Tensor& noise_y,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.ldrl_loss";
   auto g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool);
@@ -144,8 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   use_channels_last(g, x.sizes(), x.device());
   check_noise(op, "noise_x", noise_x, x.sizes(), x);
   check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.sizes(), weight), x);
-  check_finite(op, {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
-                    {"feedback_weight", &feedback_weight}, {"noise_x", &noise_x},
+  check_finite(op, {{"x", &x},
+                    {"weight", &weight},
+                    {"bias", optional_ptr(bias)},
+                    {"feedback_weight", &feedback_weight},
+                    {"noise_x", &noise_x},
                     {"noise_y", &noise_y}});
 
   const auto clean = clean_pass(g, x, weight, bias);
@@ -222,11 +221,11 @@ void check_state(const char* op, const char* name, const at::Tensor& t, const at
     check_same_device_dtype(op, name, t, x);
     return;
   }
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
-              " like x, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == feedback_weight.scalar_type(), op, ": ", name,
-              " must have dtype ", feedback_weight.scalar_type(),
-              " like feedback_weight (a float32 master copy), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == feedback_weight.scalar_type(), op, ": ", name, " must have dtype ",
+              feedback_weight.scalar_type(), " like feedback_weight (a float32 master copy), got ",
+              t.scalar_type());
 }
 
 // Validates every argument of a feedback loop and picks the convolutions' layout.
@@ -268,14 +267,24 @@ void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Ten
   TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
   check_no_overlap(op,
-                   {{"feedback_weight", &feedback_weight}, {"feedback_bias", &feedback_bias},
-                    {"momentum_weight", &momentum_weight}, {"momentum_bias", &momentum_bias}},
-                   {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
-                    {"noise_x", optional_ptr(noise_x)}, {"noise_y", optional_ptr(noise_y)}});
-  check_finite(op, {{"x", &x}, {"weight", &weight}, {"bias", optional_ptr(bias)},
-                    {"feedback_weight", &feedback_weight}, {"feedback_bias", &feedback_bias},
-                    {"momentum_weight", &momentum_weight}, {"momentum_bias", &momentum_bias},
-                    {"noise_x", optional_ptr(noise_x)}, {"noise_y", optional_ptr(noise_y)}});
+                   {{"feedback_weight", &feedback_weight},
+                    {"feedback_bias", &feedback_bias},
+                    {"momentum_weight", &momentum_weight},
+                    {"momentum_bias", &momentum_bias}},
+                   {{"x", &x},
+                    {"weight", &weight},
+                    {"bias", optional_ptr(bias)},
+                    {"noise_x", optional_ptr(noise_x)},
+                    {"noise_y", optional_ptr(noise_y)}});
+  check_finite(op, {{"x", &x},
+                    {"weight", &weight},
+                    {"bias", optional_ptr(bias)},
+                    {"feedback_weight", &feedback_weight},
+                    {"feedback_bias", &feedback_bias},
+                    {"momentum_weight", &momentum_weight},
+                    {"momentum_bias", &momentum_bias},
+                    {"noise_x", optional_ptr(noise_x)},
+                    {"noise_y", optional_ptr(noise_y)}});
 }
 
 // The loop itself, on arguments check_feedback_loop accepted.
@@ -309,16 +318,14 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
       // same noise as randn(...) * sigma, drawn into slices to keep the same stream.
       // bfloat16/float16: drawn in float32 and rounded, so a seed gives the same noise as in a
       // float32 run (normal_ on a low-precision tensor draws another stream).
-      const auto noise_options = x.options().dtype(
-          is_reduced_float(x) ? at::kFloat : x.scalar_type());
-      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count),
-                           noise_options);
+      const auto noise_options =
+          x.options().dtype(is_reduced_float(x) ? at::kFloat : x.scalar_type());
+      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count), noise_options);
       for (const auto i : c10::irange(count)) {
         eps_chunk[i].normal_(0.0, a.noise_std);
         if (a.draws_eta) {
-          eta[i] = at::empty(output_sizes, noise_options)
-                       .normal_(0.0, a.noise_std)
-                       .to(x.scalar_type());
+          eta[i] =
+              at::empty(output_sizes, noise_options).normal_(0.0, a.noise_std).to(x.scalar_type());
         }
       }
       eps_chunk = eps_chunk.to(x.scalar_type());
@@ -382,18 +389,23 @@ void sgd_momentum_decay(at::Tensor& param, at::Tensor& buffer, int64_t iteration
 // feedback weight and bias (updated in place with their momentum buffers). Returns the loss of
 // every iteration. Noise comes from torch's default generator, or from noise_x / noise_y
 // (shapes [iterations, *x.shape] and [iterations, *output.shape]) when given.
-at::Tensor ldrl_feedback_loop(
-    const at::Tensor& x, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
-    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
-    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
-    const c10::optional<at::Tensor>& noise_x, const c10::optional<at::Tensor>& noise_y,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, int64_t pool) {
+at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight,
+                              at::Tensor& feedback_bias, at::Tensor& momentum_weight,
+                              at::Tensor& momentum_bias, int64_t iterations, double noise_std,
+                              double lr, double momentum, double weight_decay,
+                              int64_t chunk_iterations, const c10::optional<at::Tensor>& noise_x,
+                              const c10::optional<at::Tensor>& noise_y, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
   FeedbackLoopArgs args{
-      op, start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
-      iterations, chunk_iterations, noise_std, /*draws_eta=*/true};
+      op,
+      start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
+      iterations,
+      chunk_iterations,
+      noise_std,
+      /*draws_eta=*/true};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
   const auto clean = clean_pass(args.g, x.contiguous(), weight, bias);
@@ -414,11 +426,9 @@ at::Tensor ldrl_feedback_loop(
                                                                    : at::MemoryFormat::Contiguous))
                                     .copy_(state.weight)
                               : state.weight;
-        auto terms =
-            ldrl_terms(args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
-        sgd_ldrl_update(state.weight, state.momentum_weight,
-                                terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
-                                weight_decay, momentum, lr);
+        auto terms = ldrl_terms(args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
+        sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
+                        terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
         return terms.batch_loss;
       });
   // dloss/dc is exactly zero: only momentum and weight decay move the feedback bias.
@@ -431,16 +441,20 @@ at::Tensor ldrl_feedback_loop(
 // mean_b sum ((x + eps) - G(F(x + eps)))^2, G unpooling with the noisy pass's indices. Noise
 // eps_k from torch's default generator, or noise_x ([iterations, *x.shape]) when given.
 at::Tensor reconstruction_feedback_loop(
-    const at::Tensor& x, const at::Tensor& weight,
-    const c10::optional<at::Tensor>& bias, at::Tensor& feedback_weight, at::Tensor& feedback_bias,
-    at::Tensor& momentum_weight, at::Tensor& momentum_bias, int64_t iterations, double noise_std,
-    double lr, double momentum, double weight_decay, int64_t chunk_iterations,
-    const c10::optional<at::Tensor>& noise_x, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, int64_t pool) {
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::Tensor& feedback_weight, at::Tensor& feedback_bias, at::Tensor& momentum_weight,
+    at::Tensor& momentum_bias, int64_t iterations, double noise_std, double lr, double momentum,
+    double weight_decay, int64_t chunk_iterations, const c10::optional<at::Tensor>& noise_x,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.reconstruction_feedback_loop";
   FeedbackLoopArgs args{
-      op, start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
-      iterations, chunk_iterations, noise_std, /*draws_eta=*/false};
+      op,
+      start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
+      iterations,
+      chunk_iterations,
+      noise_std,
+      /*draws_eta=*/false};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
@@ -454,19 +468,17 @@ at::Tensor reconstruction_feedback_loop(
         const auto v = master ? state.weight.to(x.scalar_type()) : state.weight;
         const auto c = master ? state.bias.to(x.scalar_type()) : state.bias;
         // q = phi(unpool(F(x + eps))) with the noisy pass's indices; r = V q + c.
-        const auto q = noisy_difference(z_noisy, at::Tensor(), at::Tensor(),
-                                                g.activation, g.pool, g.channels_last);
+        const auto q = noisy_difference(z_noisy, at::Tensor(), at::Tensor(), g.activation, g.pool,
+                                        g.channels_last);
         const auto fq = apply_feedback(g, q, v, x.sizes());
-        const auto residual = g.is_conv ? fq + c.view({1, -1, 1, 1}) - x_noisy
-                                        : fq + c - x_noisy;
+        const auto residual = g.is_conv ? fq + c.view({1, -1, 1, 1}) - x_noisy : fq + c - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
-        sgd_ldrl_update(state.weight, state.momentum_weight,
-                                feedback_pairing(g, residual, q, v), at::Tensor(),
-                                grad_scale, weight_decay, momentum, lr);
+        sgd_ldrl_update(state.weight, state.momentum_weight, feedback_pairing(g, residual, q, v),
+                        at::Tensor(), grad_scale, weight_decay, momentum, lr);
         sgd_ldrl_update(state.bias, state.momentum_bias,
-                                g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0),
-                                at::Tensor(), grad_scale, weight_decay, momentum, lr);
+                        g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0), at::Tensor(),
+                        grad_scale, weight_decay, momentum, lr);
         const auto r = to_opmath(flat(residual));  // the loss: a float32 reduction
         return at::dot(r, r);
       });
@@ -477,8 +489,8 @@ at::Tensor reconstruction_feedback_loop(
 // A block without activation and pool needs no stored output: its feedback difference is
 // linear in delta. Otherwise the output and (with a pool) the clean indices are required.
 void check_stored_output(const char* op, const BlockGeometry& g, const at::Tensor& output,
-                                const at::Tensor& indices, const at::Tensor& delta,
-                                at::IntArrayRef expected) {
+                         const at::Tensor& indices, const at::Tensor& delta,
+                         at::IntArrayRef expected) {
   check_shape(op, "delta", delta, expected);
   TORCH_CHECK(output.defined() || (g.activation == Activation::Identity && g.pool == 0), op,
               ": output is required for a block with an activation or a pool");
@@ -532,18 +544,16 @@ at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
   const auto u = phi_unpool_difference(
       op, output, delta, -scale, idx, activate(g.activation, to_opmath(output)), idx,
-      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale,
-      g.channels_last);
+      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale, g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
 }
 
 // The block's own weight gradients: the local vector-Jacobian product of delta through
 // pool(phi(op(x))), using the stored output and pool indices instead of the pre-activation.
 std::tuple<at::Tensor, at::Tensor> block_weight_grad(
-    const at::Tensor& x,
-    const c10::optional<at::Tensor>& output_opt, const c10::optional<at::Tensor>& indices,
-    const at::Tensor& delta, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const at::Tensor& x, const c10::optional<at::Tensor>& output_opt,
+    const c10::optional<at::Tensor>& indices, const at::Tensor& delta, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.block_weight_grad";
   auto g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool);
@@ -554,10 +564,10 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   check_stored_output(op, g, output, idx, delta, block_output_sizes(g, x.sizes(), weight));
   check_finite(op, {{"x", &x}, {"output", &output}, {"delta", &delta}, {"weight", &weight}});
   use_channels_last(g, x.sizes(), x.device());
-  const auto grad_pre =
-      output.defined() ? activation_pool_backward(
-                             op, output, idx, delta, pre_pool_sizes(g, x.sizes(), weight), g.activation)
-                       : delta;
+  const auto grad_pre = output.defined() ? activation_pool_backward(
+                                               op, output, idx, delta,
+                                               pre_pool_sizes(g, x.sizes(), weight), g.activation)
+                                         : delta;
   if (!g.is_conv) {
     // The bias gradient is a reduction: float32 for bfloat16/float16, returned in their dtype.
     return {at::mm(grad_pre.t(), x), to_opmath(grad_pre).sum(0).to(weight.scalar_type())};
@@ -568,8 +578,8 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   const bool upcast = is_reduced_float(x) && x.device().is_cpu();
   auto grads = at::convolution_backward(
       upcast ? grad_pre.to(at::kFloat) : grad_pre, upcast ? x.to(at::kFloat) : x,
-      upcast ? weight.to(at::kFloat) : weight, c10::nullopt, g.stride, g.padding, g.dilation,
-      false, {0, 0}, g.groups, {false, true, true});
+      upcast ? weight.to(at::kFloat) : weight, c10::nullopt, g.stride, g.padding, g.dilation, false,
+      {0, 0}, g.groups, {false, true, true});
   return {std::get<1>(grads).to(weight.scalar_type()).contiguous(),
           std::get<2>(grads).to(weight.scalar_type()).contiguous()};
 }

@@ -1,8 +1,9 @@
 """`dtp-ext train`: train a network with L-DRL or a baseline and log alignment (issue 4).
 
-    from dtp_ext.train import TrainConfig, train
-    summary = train(TrainConfig(algorithm="ldrl", dataset="mnist", max_steps=100))
+from dtp_ext.train import TrainConfig, train
+summary = train(TrainConfig(algorithm="ldrl", dataset="mnist", max_steps=100))
 """
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .datasets import DatasetNotFound
@@ -16,5 +17,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return Run(resolve(cfg), log=log).train()
 
 
-__all__ = ["TrainConfig", "ConfigError", "CheckpointError", "DatasetNotFound", "TrainingDiverged",
-           "PRESETS", "Run", "resolve", "train"]
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "CheckpointError",
+    "DatasetNotFound",
+    "TrainingDiverged",
+    "PRESETS",
+    "Run",
+    "resolve",
+    "train",
+]

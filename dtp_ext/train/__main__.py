@@ -1,4 +1,5 @@
 """`python -m dtp_ext.train [options]` is `dtp-ext train [options]`."""
+
 import sys
 
 from .command import main

@@ -8,9 +8,10 @@ the augmentation drawn for the whole global batch, so the union of the shards is
 single-process batch whatever the number of processes. An epoch's last, smaller batch is
 dropped when it has fewer images than there are processes (a rank would get none).
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ def batch_count(count: int, batch_size: int, step: int) -> int:
     return max(0, min(batch_size, count - step * batch_size))
 
 
-def shard(count: int, rank: int, world: int) -> Tuple[int, int]:
+def shard(count: int, rank: int, world: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous share of `count` items (sizes differ by at most one)."""
     return count * rank // world, count * (rank + 1) // world
 
@@ -81,13 +82,23 @@ def crop_flip(x: torch.Tensor, top, left, flip, pad: int = 4) -> torch.Tensor:
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def train_batches(data: ImageSet, batch_size: int, seed: int, epoch: int, start_step: int,
-                  mean, std, augment: bool, device, rank: int = 0,
-                  world: int = 1) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+def train_batches(
+    data: ImageSet,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int,
+    mean,
+    std,
+    augment: bool,
+    device,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(step, inputs, labels) for steps start_step.. of the epoch: rank's shard of each batch."""
     order = epoch_order(len(data), seed, epoch)
     for step in range(start_step, steps_per_epoch(len(data), batch_size, world)):
-        index = order[step * batch_size:(step + 1) * batch_size]
+        index = order[step * batch_size : (step + 1) * batch_size]
         lo, hi = shard(len(index), rank, world)
         x = normalise(data.images[index[lo:hi]].to(device), mean, std)
         if augment:
@@ -98,5 +109,5 @@ def train_batches(data: ImageSet, batch_size: int, seed: int, epoch: int, start_
 
 def eval_batches(data: ImageSet, batch_size: int, mean, std, device):
     for start in range(0, len(data), batch_size):
-        x = normalise(data.images[start:start + batch_size].to(device), mean, std)
-        yield x, data.labels[start:start + batch_size].to(device)
+        x = normalise(data.images[start : start + batch_size].to(device), mean, std)
+        yield x, data.labels[start : start + batch_size].to(device)

@@ -8,10 +8,11 @@ checkpoints and metrics have the same names whatever the algorithm. Each model a
 feedback hyper-parameters known to work for it (per trained block, forward order; the
 torchvision models take one value for every trained block).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,17 +25,17 @@ from .config import ConfigError
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[..., nn.Module]         # (channels, size, classes, beta) -> model
+    build: Callable[..., nn.Module]  # (channels, size, classes, beta) -> model
     # Default (iterations, noise, lr) per trained block (a list) or for every trained block (a
     # scalar), by feedback loss: "ldrl", the reconstruction loss of "dtp"/"tp", and "drl"'s
     # direct output->layer feedback.
-    feedback: Dict[str, Tuple[Union[int, List[int]], Union[float, List[float]], Union[float, List[float]]]]
-    min_size: int                           # smallest square input it accepts
+    feedback: dict[str, tuple[int | list[int], float | list[float], float | list[float]]]
+    min_size: int  # smallest square input it accepts
     about: str
-    chain: bool = True                      # an nn.Sequential of DTP blocks joined by Flatten
+    chain: bool = True  # an nn.Sequential of DTP blocks joined by Flatten
     # Default feedback lr when its entry in `feedback` is None: per trained block,
     # scaled_lr / (2 sigma^2 P), P the block's output positions (position_scaled_lr).
-    scaled_lr: Optional[float] = None
+    scaled_lr: float | None = None
 
     def feedback_defaults(self, algorithm: str):
         family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
@@ -49,24 +50,40 @@ def _simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequen
     return simple_vgg(classes, channels, beta=beta, input_size=size)
 
 
-MODELS: Dict[str, ModelSpec] = {
+MODELS: dict[str, ModelSpec] = {
     # L-DRL values: SPEC §4. The baselines' values were only checked to train stably on MNIST
     # for a few hundred steps (the reconstruction loss and DRL's Q diverge at L-DRL's lrs).
     "mnist-convnet": ModelSpec(
         _mnist_convnet,
-        {"ldrl": ([20, 20], [0.2, 0.08], [1e-3, 0.18]),
-         # reconstruction: conv2's G reaches its reconstruction floor within ~20 batches at lr
-         # 1e-4 already; at 1e-3 a one-epoch TP run diverged after ~400 steps (its SGD becomes
-         # unstable as conv1's activity grows), at 3e-3 even the feedback-only loop did.
-         "reconstruction": ([20, 20], [0.2, 0.08], [1e-4, 1e-3]),
-         "drl": ([20, 20], [0.1, 0.1], [1e-4, 1e-4])},
-        16, "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear"),
+        {
+            "ldrl": ([20, 20], [0.2, 0.08], [1e-3, 0.18]),
+            # reconstruction: conv2's G reaches its reconstruction floor within ~20 batches at lr
+            # 1e-4 already; at 1e-3 a one-epoch TP run diverged after ~400 steps (its SGD becomes
+            # unstable as conv1's activity grows), at 3e-3 even the feedback-only loop did.
+            "reconstruction": ([20, 20], [0.2, 0.08], [1e-4, 1e-3]),
+            "drl": ([20, 20], [0.1, 0.1], [1e-4, 1e-4]),
+        },
+        16,
+        "conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear",
+    ),
     "simplevgg": ModelSpec(
         _simplevgg,
-        {"ldrl": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18]),
-         "reconstruction": ([20, 30, 35, 55, 20], [0.4, 0.4, 0.2, 0.2, 0.08], [1e-5, 3.5e-5, 8e-4, 8e-4, 1e-3]),
-         "drl": ([20, 30, 35, 55, 20], [0.1] * 5, [1e-5] * 5)},
-        32, "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear"),
+        {
+            "ldrl": (
+                [20, 30, 35, 55, 20],
+                [0.4, 0.4, 0.2, 0.2, 0.08],
+                [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
+            ),
+            "reconstruction": (
+                [20, 30, 35, 55, 20],
+                [0.4, 0.4, 0.2, 0.2, 0.08],
+                [1e-5, 3.5e-5, 8e-4, 8e-4, 1e-3],
+            ),
+            "drl": ([20, 30, 35, 55, 20], [0.1] * 5, [1e-5] * 5),
+        },
+        32,
+        "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear",
+    ),
 }
 
 
@@ -76,23 +93,44 @@ def _torchvision_spec(name: str, about: str) -> ModelSpec:
     # after 5 feedback-only steps the updates were 24° from backprop's (median over blocks),
     # against 59° with 0.05 and 77° with 0.2 (momentum 0.9 converges about as fast at any of
     # these rates; a larger one only amplifies the noise). Measured: docs/training.md.
-    return ModelSpec(lambda channels, size, classes, beta: build_torchvision(name, channels, size, classes, beta),
-                     {"ldrl": (5, 0.1, None)}, 28,
-                     f"torchvision {name}, converted ({about}; small images: {ADAPTATIONS[name]})",
-                     chain=False, scaled_lr=0.01)
+    return ModelSpec(
+        lambda channels, size, classes, beta: build_torchvision(
+            name, channels, size, classes, beta
+        ),
+        {"ldrl": (5, 0.1, None)},
+        28,
+        f"torchvision {name}, converted ({about}; small images: {ADAPTATIONS[name]})",
+        chain=False,
+        scaled_lr=0.01,
+    )
 
 
-MODELS.update({
-    "resnet18": _torchvision_spec("resnet18", "21 DTP blocks, BatchNorm and residual adds between them"),
-    "vgg11_bn": _torchvision_spec("vgg11_bn", "11 DTP blocks, BatchNorm between them"),
-    "mobilenet_v2": _torchvision_spec("mobilenet_v2", "53 DTP blocks, BatchNorm, ReLU6 and residual adds"),
-    "squeezenet1_1": _torchvision_spec("squeezenet1_1", "26 DTP blocks, concatenated Fire branches"),
-    "resnet-small": _torchvision_spec("resnet-small", "torchvision BasicBlocks 16/32/64 wide, two per "
-                                      "stage: 16 DTP blocks, BatchNorm and residual adds"),
-})
+MODELS.update(
+    {
+        "resnet18": _torchvision_spec(
+            "resnet18", "21 DTP blocks, BatchNorm and residual adds between them"
+        ),
+        "vgg11_bn": _torchvision_spec("vgg11_bn", "11 DTP blocks, BatchNorm between them"),
+        "mobilenet_v2": _torchvision_spec(
+            "mobilenet_v2", "53 DTP blocks, BatchNorm, ReLU6 and residual adds"
+        ),
+        "squeezenet1_1": _torchvision_spec(
+            "squeezenet1_1", "26 DTP blocks, concatenated Fire branches"
+        ),
+        "resnet-small": _torchvision_spec(
+            "resnet-small",
+            "torchvision BasicBlocks 16/32/64 wide, two per "
+            "stage: 16 DTP blocks, BatchNorm and residual adds",
+        ),
+    }
+)
 
-DEFAULT_MODEL = {"mnist": "mnist-convnet", "fashion-mnist": "mnist-convnet",
-                 "cifar10": "simplevgg", "imagenet32": "simplevgg"}
+DEFAULT_MODEL = {
+    "mnist": "mnist-convnet",
+    "fashion-mnist": "mnist-convnet",
+    "cifar10": "simplevgg",
+    "imagenet32": "simplevgg",
+}
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -104,8 +142,10 @@ def model_spec(name: str) -> ModelSpec:
 def build_model(name: str, channels: int, size: int, classes: int, beta: float) -> nn.Module:
     spec = model_spec(name)
     if size < spec.min_size:
-        raise ConfigError(f"model {name!r} needs inputs of at least {spec.min_size}x{spec.min_size}, "
-                          f"the dataset has {size}x{size}")
+        raise ConfigError(
+            f"model {name!r} needs inputs of at least {spec.min_size}x{spec.min_size}, "
+            f"the dataset has {size}x{size}"
+        )
     return spec.build(channels, size, classes, beta)
 
 
@@ -128,7 +168,7 @@ def build_torchvision(name: str, channels: int, size: int, classes: int, beta: f
     return dtp_ext.convert(plain, beta=beta, inplace=True)
 
 
-def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
+def block_positions(model: nn.Module, input_shape) -> list[tuple[str, int]]:
     """(name, P) for every DTP block in forward execution order, from one eval-mode pass on
     an input of `input_shape` (C, H, W) on the model's device (the meta device works): P is the
     block's output positions per sample (H x W of a conv block's output, after its pool; 1 for
@@ -141,11 +181,15 @@ def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
         def hook(module, inputs, output):
             features = output.shape[1] if output.dim() == 4 else output.shape[-1]
             order.append((name, output.numel() // (output.shape[0] * features)))
+
         return hook
 
     blocks = {id(block) for _, block in dtp_ext.dtp_blocks(model)}
-    hooks = [m.register_forward_hook(record(name)) for name, m in twin.named_modules()
-             if id(getattr(m, "block", None)) in blocks]
+    hooks = [
+        m.register_forward_hook(record(name))
+        for name, m in twin.named_modules()
+        if id(getattr(m, "block", None)) in blocks
+    ]
     try:
         with torch.no_grad():
             twin(torch.zeros((1, *input_shape), device=next(model.parameters()).device))
@@ -155,7 +199,9 @@ def block_positions(model: nn.Module, input_shape) -> List[Tuple[str, int]]:
     return order
 
 
-def trained_block_positions(name: str, channels: int, size: int, classes: int) -> List[Tuple[str, int]]:
+def trained_block_positions(
+    name: str, channels: int, size: int, classes: int
+) -> list[tuple[str, int]]:
     """block_positions of the blocks whose feedback is trained: every block after the first
     one executed, the stem conv, the only block these networks feed with the data. Built on
     the meta device: no memory, no init cost."""
@@ -164,7 +210,7 @@ def trained_block_positions(name: str, channels: int, size: int, classes: int) -
         return block_positions(model, (channels, size, size))[1:]
 
 
-def position_scaled_lr(rate: float, noise: List[float], positions: List[int]) -> List[float]:
+def position_scaled_lr(rate: float, noise: list[float], positions: list[int]) -> list[float]:
     """Feedback lr per block, rate / (2 sigma^2 P). For a block with a linear feedback path the
     expected L-DRL loss is sigma^2 P (|V - W|^2 - |W|^2) (SPEC §2.1, summed over the P output
     positions), a quadratic of curvature 2 sigma^2 P in V, so `rate` is the fraction of the

@@ -6,9 +6,8 @@ its own weights only, and its pool indices (dtp_ext.reference.forward_records). 
 runs the blocks' forward as plain torch ops, so it never overwrites the inputs the DTP blocks
 recorded for FeedbackTrainer.
 """
-from __future__ import annotations
 
-from typing import List, Tuple
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -20,17 +19,19 @@ from dtp_ext.reference import BlockRecord, block_input, forward_block
 _RESHAPES = (nn.Flatten, nn.Identity)
 
 
-def chain_modules(model: nn.Module) -> List[nn.Module]:
+def chain_modules(model: nn.Module) -> list[nn.Module]:
     if not isinstance(model, nn.Sequential):
         raise TypeError("this algorithm needs an nn.Sequential of dtp_ext blocks joined by Flatten")
     modules = list(model)
     for m in modules:
         if not isinstance(m, DTPBlock) and not isinstance(m, _RESHAPES):
-            raise TypeError(f"this algorithm needs DTP blocks joined only by Flatten/Identity, found {type(m).__name__}")
+            raise TypeError(
+                f"this algorithm needs DTP blocks joined only by Flatten/Identity, found {type(m).__name__}"
+            )
     return modules
 
 
-def forward_records(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[BlockRecord]]:
+def forward_records(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[BlockRecord]]:
     """Output and per-block records, each block's input detached (layer-local losses)."""
     return reference.forward_records(chain_modules(model), x)
 
@@ -38,6 +39,6 @@ def forward_records(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Li
 @torch.no_grad()
 def forward_from(model: nn.Module, position: int, x: torch.Tensor) -> torch.Tensor:
     """Runs the modules after `position` on x (no graph): the rest of the network."""
-    for m in chain_modules(model)[position + 1:]:
+    for m in chain_modules(model)[position + 1 :]:
         x = forward_block(m, block_input(m, x))[0] if isinstance(m, DTPBlock) else m(x)
     return x

@@ -9,6 +9,7 @@ Forward learning rates are in this library's gradient units (SPEC §3): for the 
 lr_here = beta * lr_paper, and weight decay wd_here = wd_paper / beta keeps the paper's decay
 per step (the DTP layers return grad/beta while decay is added to the gradient as is).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from dtp_ext.reference import PENULTIMATE_TARGETS  # dtp/tp; the first is the default
 
@@ -29,7 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # precision.py
 MIXED_PRECISION_ALGORITHMS = ("bp", "ldrl")  # the others train in float32 only
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
-PerLayer = Union[float, List[float], None]
+PerLayer = float | list[float] | None
 
 # Options that may differ when resuming: they do not change the computation already done.
 RESUMABLE = {"epochs", "max_steps", "progress", "threads", "log_every", "checkpoint_every"}
@@ -43,26 +44,26 @@ class ConfigError(ValueError):
 class TrainConfig:
     algorithm: str = "ldrl"
     dataset: str = "mnist"
-    data_dir: Optional[str] = None       # None: the MNIST shipped with dtp_ext (mnist only)
-    model: Optional[str] = None          # None: mnist-convnet for (fashion-)mnist, simplevgg otherwise
+    data_dir: str | None = None  # None: the MNIST shipped with dtp_ext (mnist only)
+    model: str | None = None  # None: mnist-convnet for (fashion-)mnist, simplevgg otherwise
     epochs: int = 1
-    max_steps: Optional[int] = None      # stop after this many optimizer steps in total
-    batch_size: int = 64                 # the global batch, split across processes under torchrun
-    train_subset: Optional[int] = None   # first N training images (None: all)
-    test_subset: Optional[int] = None
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    batch_size: int = 64  # the global batch, split across processes under torchrun
+    train_subset: int | None = None  # first N training images (None: all)
+    test_subset: int | None = None
     seed: int = 0
     device: str = "cpu"
-    threads: Optional[int] = None        # torch.set_num_threads; None leaves torch's default
-    precision: str = "fp32"              # fp32, bf16 or fp16 (precision.py)
-    out: Optional[str] = None            # None: runs/<dataset>-<algorithm>-<time>
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    precision: str = "fp32"  # fp32, bf16 or fp16 (precision.py)
+    out: str | None = None  # None: runs/<dataset>-<algorithm>-<time>
     # forward optimizer (SGD) and schedule
-    lr: Optional[float] = None           # None: see resolve.DEFAULT_LR
+    lr: float | None = None  # None: see resolve.DEFAULT_LR
     momentum: float = 0.9
     weight_decay: float = 0.0
-    scheduler: str = "cosine"            # per epoch; cosine holds eta_min after t_max (SPEC §9)
-    t_max: Optional[int] = None          # cosine length in epochs (None: epochs)
+    scheduler: str = "cosine"  # per epoch; cosine holds eta_min after t_max (SPEC §9)
+    t_max: int | None = None  # cosine length in epochs (None: epochs)
     eta_min: float = 0.0
-    step_size: int = 30                  # StepLR
+    step_size: int = 30  # StepLR
     gamma: float = 0.1
     # target propagation
     beta: float = 0.7
@@ -70,29 +71,33 @@ class TrainConfig:
     feedback_noise: PerLayer = None
     feedback_lr: PerLayer = None
     feedback_momentum: float = 0.9
-    feedback_warmup_steps: int = 0        # first steps train feedback weights longer ...
-    feedback_warmup_factor: int = 1       # ... with this many times the iterations
-    feedback_only_steps: int = 0          # the first N steps train the feedback weights only
-    feedback_sync: str = "gradients"      # ldrl under several processes (distributed.py)
-    feedback_memory_mb: float = 256.0     # per block: caps batching across iterations
-    penultimate_target: Optional[str] = None
-    drl_variant: Optional[str] = None     # drl: None = "p" (per batch) or "s" (alternate epochs)  # dtp/tp: None = "feedback" (SPEC), or "gradient"
+    feedback_warmup_steps: int = 0  # first steps train feedback weights longer ...
+    feedback_warmup_factor: int = 1  # ... with this many times the iterations
+    feedback_only_steps: int = 0  # the first N steps train the feedback weights only
+    feedback_sync: str = "gradients"  # ldrl under several processes (distributed.py)
+    feedback_memory_mb: float = 256.0  # per block: caps batching across iterations
+    penultimate_target: str | None = None
+    drl_variant: str | None = (
+        None  # drl: None = "p" (per batch) or "s" (alternate epochs)  # dtp/tp: None = "feedback" (SPEC), or "gradient"
+    )
     # data pipeline and logging
-    augment: Optional[bool] = None        # None: the paper's crop+flip for cifar10/imagenet32
+    augment: bool | None = None  # None: the paper's crop+flip for cifar10/imagenet32
     eval_batch_size: int = 1000
-    probe_batch_size: int = 128           # fixed batch for the update-vs-backprop angles
+    probe_batch_size: int = 128  # fixed batch for the update-vs-backprop angles
     progress: bool = True
-    log_every: Optional[int] = None       # steps.jsonl: a line every N steps (None: ~20 per run, <= 50)
-    checkpoint_every: Optional[int] = None  # also save the checkpoint every N steps (None: epochs, stops)
+    log_every: int | None = None  # steps.jsonl: a line every N steps (None: ~20 per run, <= 50)
+    checkpoint_every: int | None = (
+        None  # also save the checkpoint every N steps (None: epochs, stops)
+    )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def load_config_file(path: Path) -> Dict[str, Any]:
+def load_config_file(path: Path) -> dict[str, Any]:
     """Keys of a YAML or JSON file, with '-' accepted for '_' (the CLI spelling)."""
     text = path.read_text()
     try:
@@ -100,22 +105,27 @@ def load_config_file(path: Path) -> Dict[str, Any]:
             data = json.loads(text)
         else:
             import yaml
+
             data = yaml.safe_load(text)
     except Exception as exc:  # both parsers raise their own types
         raise ConfigError(f"--config {path}: cannot parse it: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise ConfigError(
+            f"--config {path}: expected a mapping of option: value, got {type(data).__name__}"
+        )
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def merge(*layers: Dict[str, Any], source: str = "configuration") -> TrainConfig:
-    values: Dict[str, Any] = {}
+def merge(*layers: dict[str, Any], source: str = "configuration") -> TrainConfig:
+    values: dict[str, Any] = {}
     for layer in layers:
         unknown = sorted(set(layer) - FIELDS)
         if unknown:
-            raise ConfigError(f"{source}: unknown option(s) {unknown}; valid options are {sorted(FIELDS)}")
+            raise ConfigError(
+                f"{source}: unknown option(s) {unknown}; valid options are {sorted(FIELDS)}"
+            )
         values.update(layer)
     return TrainConfig(**values)
 
@@ -141,12 +151,14 @@ def _number(name, v, *, integer=False, minimum=None, positive=False, allow_none=
         raise ConfigError(f"{name} must be >= {minimum}, got {v!r}")
 
 
-def per_layer(name: str, value, count: int, *, integer=False) -> List:
+def per_layer(name: str, value, count: int, *, integer=False) -> list:
     """A scalar broadcast to `count` trained blocks, or a list that must have `count` entries."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     if len(values) != count:
-        raise ConfigError(f"{name} has {len(values)} entries but the model has {count} trained "
-                          f"feedback blocks (one entry per block after the first, forward order)")
+        raise ConfigError(
+            f"{name} has {len(values)} entries but the model has {count} trained "
+            f"feedback blocks (one entry per block after the first, forward order)"
+        )
     for v in values:
         _number(f"{name} entry", v, integer=integer, minimum=0)
     return [int(v) for v in values] if integer else [float(v) for v in values]
@@ -154,35 +166,59 @@ def per_layer(name: str, value, count: int, *, integer=False) -> List:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need neither the data nor the model (those come in `resolve`)."""
-    for name, choices in (("algorithm", ALGORITHMS), ("dataset", DATASETS),
-                          ("scheduler", SCHEDULERS), ("feedback_sync", FEEDBACK_SYNCS),
-                          ("precision", PRECISIONS)):
+    for name, choices in (
+        ("algorithm", ALGORITHMS),
+        ("dataset", DATASETS),
+        ("scheduler", SCHEDULERS),
+        ("feedback_sync", FEEDBACK_SYNCS),
+        ("precision", PRECISIONS),
+    ):
         check_choice(name, getattr(cfg, name), choices)
     if cfg.precision != "fp32" and cfg.algorithm not in MIXED_PRECISION_ALGORITHMS:
-        raise ConfigError(f"precision {cfg.precision!r} applies to "
-                          f"{' and '.join(MIXED_PRECISION_ALGORITHMS)} only; {cfg.algorithm} "
-                          "trains in fp32")
+        raise ConfigError(
+            f"precision {cfg.precision!r} applies to "
+            f"{' and '.join(MIXED_PRECISION_ALGORITHMS)} only; {cfg.algorithm} "
+            "trains in fp32"
+        )
     # Options of one family of algorithms: None means that algorithm's default.
-    for name, choices, algorithms in (("penultimate_target", PENULTIMATE_TARGETS, ("dtp", "tp")),
-                                      ("drl_variant", DRL_VARIANTS, ("drl",))):
+    for name, choices, algorithms in (
+        ("penultimate_target", PENULTIMATE_TARGETS, ("dtp", "tp")),
+        ("drl_variant", DRL_VARIANTS, ("drl",)),
+    ):
         value = getattr(cfg, name)
         if value is not None:
             check_choice(name, value, choices)
             if cfg.algorithm not in algorithms:
-                raise ConfigError(f"{name} applies to {' and '.join(algorithms)} only, "
-                                  f"not {cfg.algorithm!r}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "probe_batch_size", "step_size",
-                 "feedback_warmup_factor"):
+                raise ConfigError(
+                    f"{name} applies to {' and '.join(algorithms)} only, not {cfg.algorithm!r}"
+                )
+    for name in (
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "probe_batch_size",
+        "step_size",
+        "feedback_warmup_factor",
+    ):
         _number(name, getattr(cfg, name), integer=True, minimum=1)
-    for name in ("max_steps", "train_subset", "test_subset", "t_max", "threads", "log_every",
-                 "checkpoint_every"):
+    for name in (
+        "max_steps",
+        "train_subset",
+        "test_subset",
+        "t_max",
+        "threads",
+        "log_every",
+        "checkpoint_every",
+    ):
         _number(name, getattr(cfg, name), integer=True, minimum=1, allow_none=True)
     _number("seed", cfg.seed, integer=True, minimum=0)
     _number("feedback_warmup_steps", cfg.feedback_warmup_steps, integer=True, minimum=0)
     _number("feedback_only_steps", cfg.feedback_only_steps, integer=True, minimum=0)
     if cfg.feedback_only_steps and cfg.algorithm == "bp":
-        raise ConfigError(f"feedback_only_steps ({cfg.feedback_only_steps}) trains feedback weights "
-                          "before the forward weights; bp has none: use 0 with bp")
+        raise ConfigError(
+            f"feedback_only_steps ({cfg.feedback_only_steps}) trains feedback weights "
+            "before the forward weights; bp has none: use 0 with bp"
+        )
     _number("feedback_memory_mb", cfg.feedback_memory_mb, positive=True)
     _number("lr", cfg.lr, minimum=0, allow_none=True)
     for name in ("weight_decay", "eta_min", "gamma"):
@@ -202,5 +238,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     if cfg.device.startswith("cuda"):
         import torch
+
         if not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for, but torch sees no CUDA device")

@@ -12,6 +12,7 @@ Layouts accepted (DIR is --data-dir; the first match wins):
   pickles or their `.npz` versions, in DIR or any folder one level below (Imagenet32_train,
   Imagenet32_val, ...). Labels 1..1000 become 0..999.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,7 +21,6 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,33 +33,61 @@ class DatasetInfo:
     channels: int
     size: int
     classes: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    augment: bool          # the paper's random crop (pad 4, edge) + horizontal flip by default
-    where: str             # what to put in --data-dir, for the error message
-    source: str = ""       # where the official files come from, for the error messages
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # the paper's random crop (pad 4, edge) + horizontal flip by default
+    where: str  # what to put in --data-dir, for the error message
+    source: str = ""  # where the official files come from, for the error messages
 
 
-INFO: Dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(1, 28, 10, (0.1307,), (0.3081,), False,
-                         "the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
-                         "the official files are at https://yann.lecun.com/exdb/mnist/ (torchvision's "
-                         "datasets.MNIST(DIR, download=True) fetches them into DIR/MNIST/raw); dtp_ext "
-                         "ships a copy, used when --data-dir is not given"),
-    "fashion-mnist": DatasetInfo(1, 28, 10, (0.2860,), (0.3530,), False,
-                                 "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
-                                 "the official files are listed at https://github.com/zalandoresearch/fashion-mnist "
-                                 "(torchvision's datasets.FashionMNIST(DIR, download=True) fetches them)"),
-    "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
-                           "torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch)",
-                           "the official file is cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-                           "(unpack it in DIR; torchvision's datasets.CIFAR10(DIR, download=True) does both)"),
-    "imagenet32": DatasetInfo(3, 32, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True,
-                              "the downsampled ImageNet 32x32 files train_data_batch_1..10 and "
-                              "val_data (official pickles or .npz), e.g. Imagenet32_train/ and Imagenet32_val/",
-                              "the official files are Imagenet32_train.zip and Imagenet32_val.zip (pickles) or "
-                              "their _npz versions, from https://image-net.org/download-images (Downsampled "
-                              "ImageNet 32x32, free account needed; Chrabaszcz et al. 2017)"),
+INFO: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        1,
+        28,
+        10,
+        (0.1307,),
+        (0.3081,),
+        False,
+        "the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
+        "the official files are at https://yann.lecun.com/exdb/mnist/ (torchvision's "
+        "datasets.MNIST(DIR, download=True) fetches them into DIR/MNIST/raw); dtp_ext "
+        "ships a copy, used when --data-dir is not given",
+    ),
+    "fashion-mnist": DatasetInfo(
+        1,
+        28,
+        10,
+        (0.2860,),
+        (0.3530,),
+        False,
+        "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...)",
+        "the official files are listed at https://github.com/zalandoresearch/fashion-mnist "
+        "(torchvision's datasets.FashionMNIST(DIR, download=True) fetches them)",
+    ),
+    "cifar10": DatasetInfo(
+        3,
+        32,
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        True,
+        "torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch)",
+        "the official file is cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+        "(unpack it in DIR; torchvision's datasets.CIFAR10(DIR, download=True) does both)",
+    ),
+    "imagenet32": DatasetInfo(
+        3,
+        32,
+        1000,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        True,
+        "the downsampled ImageNet 32x32 files train_data_batch_1..10 and "
+        "val_data (official pickles or .npz), e.g. Imagenet32_train/ and Imagenet32_val/",
+        "the official files are Imagenet32_train.zip and Imagenet32_val.zip (pickles) or "
+        "their _npz versions, from https://image-net.org/download-images (Downsampled "
+        "ImageNet 32x32, free account needed; Chrabaszcz et al. 2017)",
+    ),
 }
 
 
@@ -75,16 +103,18 @@ class ImageSet:
     def __len__(self):
         return self.labels.shape[0]
 
-    def subset(self, count: Optional[int]) -> "ImageSet":
+    def subset(self, count: int | None) -> ImageSet:
         if count is None or count >= len(self):
             return self
         return ImageSet(self.images[:count], self.labels[:count])
 
 
 def _missing(name: str, root: Path, detail: str) -> DatasetNotFound:
-    return DatasetNotFound(f"{name}: {detail} under {root}. Put {INFO[name].where} in a folder "
-                           f"and pass it as --data-dir (datasets are never downloaded; "
-                           f"{INFO[name].source})")
+    return DatasetNotFound(
+        f"{name}: {detail} under {root}. Put {INFO[name].where} in a folder "
+        f"and pass it as --data-dir (datasets are never downloaded; "
+        f"{INFO[name].source})"
+    )
 
 
 def _damaged(name: str, path: Path, what: str) -> DatasetNotFound:
@@ -99,8 +129,12 @@ def _check_labels(name: str, path: Path, labels: np.ndarray, low: int = 0):
     labels = np.asarray(labels)
     if labels.size and (labels.min() < low or labels.max() > low + classes - 1):
         bad = labels[(labels < low) | (labels > low + classes - 1)]
-        raise _damaged(name, path, f"{bad.size} label(s) outside the {classes} classes {low}..{low + classes - 1} "
-                                   f"(e.g. {bad.flat[0]})")
+        raise _damaged(
+            name,
+            path,
+            f"{bad.size} label(s) outside the {classes} classes {low}..{low + classes - 1} "
+            f"(e.g. {bad.flat[0]})",
+        )
 
 
 # -- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------------
@@ -111,24 +145,34 @@ def read_idx(path: Path, name: str = "mnist") -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except EOFError:
-            raise _damaged(name, path, "truncated gzip file (it ends before the end of its compressed "
-                                       "data: a download cut short?)") from None
+            raise _damaged(
+                name,
+                path,
+                "truncated gzip file (it ends before the end of its compressed "
+                "data: a download cut short?)",
+            ) from None
         except (gzip.BadGzipFile, zlib.error) as exc:
             raise _damaged(name, path, f"corrupt gzip file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise _damaged(name, path, "not an unsigned-byte IDX file (bad magic number)")
     dims = raw[3]
     if len(raw) < 4 + 4 * dims:
-        raise _damaged(name, path, f"truncated IDX file ({len(raw)} bytes, shorter than its header)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+        raise _damaged(
+            name, path, f"truncated IDX file ({len(raw)} bytes, shorter than its header)"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
     if data.size != int(np.prod(shape)):
-        raise _damaged(name, path, f"its header says shape {shape} ({int(np.prod(shape))} values), the file "
-                                   f"holds {data.size} values (truncated or not an IDX file)")
+        raise _damaged(
+            name,
+            path,
+            f"its header says shape {shape} ({int(np.prod(shape))} values), the file "
+            f"holds {data.size} values (truncated or not an IDX file)",
+        )
     return data.reshape(shape)
 
 
-def _find_idx(name: str, folders: List[Path], stem: str) -> Optional[Path]:
+def _find_idx(name: str, folders: list[Path], stem: str) -> Path | None:
     for folder in folders:
         for candidate in (folder / stem, folder / f"{stem}.gz"):
             if candidate.is_file():
@@ -143,13 +187,19 @@ def read_mnist_like(name: str, root: Path, split: str) -> ImageSet:
     images_path = _find_idx(name, folders, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(name, folders, f"{prefix}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
-        raise _missing(name, root, f"no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]")
+        raise _missing(
+            name, root, f"no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]"
+        )
     images, labels = read_idx(images_path, name), read_idx(labels_path, name)
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise DatasetNotFound(f"{name}: {images_path} {images.shape} and {labels_path.name} "
-                              f"{labels.shape} do not form an image/label pair ({INFO[name].source})")
+        raise DatasetNotFound(
+            f"{name}: {images_path} {images.shape} and {labels_path.name} "
+            f"{labels.shape} do not form an image/label pair ({INFO[name].source})"
+        )
     _check_labels(name, labels_path, labels)
-    return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return ImageSet(
+        torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    )
 
 
 # -- CIFAR-10 ---------------------------------------------------------------------------------
@@ -159,16 +209,23 @@ def _unpickle(path: Path, name: str) -> dict:
             data = pickle.load(f, encoding="latin1")
     except Exception as exc:  # EOFError, UnpicklingError, ValueError, ... on damaged bytes
         if isinstance(exc, EOFError) or "truncated" in str(exc):
-            raise _damaged(name, path, "truncated pickle (the file ends before its data: a download or "
-                                       "unpacking cut short?)") from None
-        raise _damaged(name, path, f"not a readable {name} pickle ({type(exc).__name__}: "
-                                   f"{str(exc)[:200]})") from None
+            raise _damaged(
+                name,
+                path,
+                "truncated pickle (the file ends before its data: a download or "
+                "unpacking cut short?)",
+            ) from None
+        raise _damaged(
+            name, path, f"not a readable {name} pickle ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not isinstance(data, dict):
-        raise _damaged(name, path, f"a {name} pickle holds a dict, this one a {type(data).__name__}")
+        raise _damaged(
+            name, path, f"a {name} pickle holds a dict, this one a {type(data).__name__}"
+        )
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 
-def _part(name: str, path: Path, data, labels) -> Tuple[torch.Tensor, torch.Tensor]:
+def _part(name: str, path: Path, data, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of one CIFAR-10 / ImageNet32 file. Both store each image as one row of
     3072 bytes: R plane, G plane, B plane (32x32 each)."""
     try:
@@ -177,8 +234,11 @@ def _part(name: str, path: Path, data, labels) -> Tuple[torch.Tensor, torch.Tens
         rows = None
     if rows is None or rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
         shape = getattr(rows, "shape", None)
-        raise _damaged(name, path, f"its 'data' has shape {shape}, expected rows of 3072 bytes "
-                                   "(3 x 32 x 32 images)")
+        raise _damaged(
+            name,
+            path,
+            f"its 'data' has shape {shape}, expected rows of 3072 bytes (3 x 32 x 32 images)",
+        )
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != rows.shape[0]:
         raise _damaged(name, path, f"{rows.shape[0]} images but labels of shape {labels.shape}")
@@ -204,13 +264,19 @@ def read_cifar10(root: Path, split: str) -> ImageSet:
     parts = []
     for n in names:
         data = _unpickle(folder / n, "cifar10")
-        parts.append(_part("cifar10", folder / n, _field("cifar10", folder / n, data, "data"),
-                           _field("cifar10", folder / n, data, "labels")))
+        parts.append(
+            _part(
+                "cifar10",
+                folder / n,
+                _field("cifar10", folder / n, data, "data"),
+                _field("cifar10", folder / n, data, "labels"),
+            )
+        )
     return ImageSet(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
 # -- ImageNet 32x32 ---------------------------------------------------------------------------
-def _find_file(root: Path, stem: str) -> Optional[Path]:
+def _find_file(root: Path, stem: str) -> Path | None:
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     for folder in folders:
         for candidate in (folder / stem, folder / f"{stem}.npz"):
@@ -219,14 +285,17 @@ def _find_file(root: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _read_imagenet_part(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+def _read_imagenet_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npz":
         try:
             with np.load(path) as z:
                 part = {k: z[k] for k in z.files}
         except Exception as exc:  # BadZipFile, EOFError, ValueError, ...
-            raise _damaged("imagenet32", path, f"not a readable .npz file ({type(exc).__name__}: "
-                                               f"{str(exc)[:200]})") from None
+            raise _damaged(
+                "imagenet32",
+                path,
+                f"not a readable .npz file ({type(exc).__name__}: {str(exc)[:200]})",
+            ) from None
     else:
         part = _unpickle(path, "imagenet32")
     return _field("imagenet32", path, part, "data"), _field("imagenet32", path, part, "labels")
@@ -252,7 +321,7 @@ def _packaged_mnist(split: str) -> ImageSet:
     return read_mnist_like("mnist", PACKAGED_MNIST, split)
 
 
-def load_split(name: str, data_dir: Optional[str], split: str) -> ImageSet:
+def load_split(name: str, data_dir: str | None, split: str) -> ImageSet:
     """`split` is "train" or "test" (ImageNet32's val_data serves as its test set)."""
     if name == "mnist" and data_dir is None:
         return _packaged_mnist(split)
@@ -260,15 +329,19 @@ def load_split(name: str, data_dir: Optional[str], split: str) -> ImageSet:
         raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(INFO)}")
     if data_dir is None:
         if name != "mnist":
-            raise DatasetNotFound(f"{name}: no --data-dir given. Put {INFO[name].where} in a folder "
-                                  f"and pass it as --data-dir (datasets are never downloaded; "
-                                  f"{INFO[name].source})")
+            raise DatasetNotFound(
+                f"{name}: no --data-dir given. Put {INFO[name].where} in a folder "
+                f"and pass it as --data-dir (datasets are never downloaded; "
+                f"{INFO[name].source})"
+            )
         root = PACKAGED_MNIST
     else:
         root = Path(data_dir)
         if not root.is_dir():
-            raise DatasetNotFound(f"{name}: --data-dir {root} is not a folder. Put {INFO[name].where} "
-                                  f"there (datasets are never downloaded; {INFO[name].source})")
+            raise DatasetNotFound(
+                f"{name}: --data-dir {root} is not a folder. Put {INFO[name].where} "
+                f"there (datasets are never downloaded; {INFO[name].source})"
+            )
     if name in ("mnist", "fashion-mnist"):
         data = read_mnist_like(name, root, split)
     elif name == "cifar10":
@@ -277,6 +350,8 @@ def load_split(name: str, data_dir: Optional[str], split: str) -> ImageSet:
         data = read_imagenet32(root, split)
     info = INFO[name]
     if tuple(data.images.shape[1:]) != (info.channels, info.size, info.size):
-        raise DatasetNotFound(f"{name}: images under {root} have shape {tuple(data.images.shape[1:])}, "
-                              f"expected {(info.channels, info.size, info.size)}")
+        raise DatasetNotFound(
+            f"{name}: images under {root} have shape {tuple(data.images.shape[1:])}, "
+            f"expected {(info.channels, info.size, info.size)}"
+        )
     return data

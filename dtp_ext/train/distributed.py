@@ -21,14 +21,16 @@ What is synchronised, per optimizer step:
 Feedback noise differs per rank (rank 0 keeps the single-process stream, rank r > 0 reseeds
 with `rank_seed`), as the images of one big batch would get independent noise.
 """
+
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +131,7 @@ class Context:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
-    backend: Optional[str] = None
+    backend: str | None = None
 
     @property
     def main(self) -> bool:
@@ -155,8 +157,13 @@ class Context:
                 t.copy_(v.view_as(t))
 
     # -- per step -------------------------------------------------------------------------
-    def step_totals(self, params: Sequence[torch.nn.Parameter], local: torch.Tensor,
-                    share: float, stop: bool = False) -> StepTotals:
+    def step_totals(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        local: torch.Tensor,
+        share: float,
+        stop: bool = False,
+    ) -> StepTotals:
         """`local` = [loss * n, top1, top5, n, loss not finite] of this rank's shard. With
         several ranks, every gradient becomes sum_r share_r * grad_r (share_r = rank r's images
         / global batch), in one all-reduce that also sums `local`, the ranks' non-finite
@@ -165,23 +172,30 @@ class Context:
         grads = [p.grad for p in params if p.grad is not None]
         local = torch.cat([local, local.new_tensor([float(stop)])])
         if self.world == 1:
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
-                torch.tensor(True, device=local.device)
+            finite = (
+                torch.stack([torch.isfinite(g).all() for g in grads]).all()
+                if grads
+                else torch.tensor(True, device=local.device)
+            )
             values = torch.cat([local, (~finite).to(local.dtype).reshape(1)]).tolist()
             values = values[:5] + [values[6], values[5]]
         else:
             dtype = params[0].dtype
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                              for p in params])
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                    for p in params
+                ]
+            )
             local_bad = (~torch.isfinite(flat).all()).to(dtype).reshape(1)
             buffer = torch.cat([flat.mul_(share), local.to(dtype), local_bad])
             dist.all_reduce(buffer)
-            flat = buffer[:flat.numel()]
+            flat = buffer[: flat.numel()]
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 if p.grad is not None:
                     p.grad.copy_(g.view_as(p))
             reduced_bad = (~torch.isfinite(flat).all()).to(dtype).reshape(1)
-            values = torch.cat([buffer[flat.numel():].double(), reduced_bad.double()]).tolist()
+            values = torch.cat([buffer[flat.numel() :].double(), reduced_bad.double()]).tolist()
             # [loss*n, top1, top5, n, bad loss, stop, local bad grads, reduced bad grads]
             values = values[:5] + [values[6] + values[7], values[5]]
         loss_sum, top1, top5, seen, bad_loss, bad_grad, stop_votes = values
@@ -193,7 +207,7 @@ class Context:
             return bool(flag)
         return self.sum_floats([float(bool(flag))])[0] > 0
 
-    def sum_floats(self, values: List[float]) -> List[float]:
+    def sum_floats(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -201,7 +215,7 @@ class Context:
         return t.tolist()
 
     # -- checkpoints ----------------------------------------------------------------------
-    def gather(self, obj: Any) -> Optional[List[Any]]:
+    def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         if self.world == 1:
             return [obj]
@@ -219,8 +233,10 @@ class Context:
         dist.all_gather_object(digests, h.hexdigest())
         if len(set(digests)) > 1:
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
-            raise RuntimeError(f"ranks {differ} hold {what} different from rank 0's: the processes "
-                               "went out of sync (a bug: please report it with the command line)")
+            raise RuntimeError(
+                f"ranks {differ} hold {what} different from rank 0's: the processes "
+                "went out of sync (a bug: please report it with the command line)"
+            )
 
     def barrier(self):
         if self.world > 1:
@@ -235,8 +251,10 @@ def context(device: str) -> Context:
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
         if device != "cuda":
-            raise ConfigError(f"with several processes pass --device cuda, not {device!r}: "
-                              "each rank uses cuda:LOCAL_RANK")
+            raise ConfigError(
+                f"with several processes pass --device cuda, not {device!r}: "
+                "each rank uses cuda:LOCAL_RANK"
+            )
         device = f"cuda:{_local_rank()}"
     return Context(rank, world, device, dist.get_backend())
 
@@ -266,9 +284,13 @@ def synchronise_algorithm(algorithm, ctx: Context):
     trainer = getattr(algorithm, "trainer", None)
     if trainer is not None:  # ldrl: FeedbackTrainer synchronises inside its step
         if trainer.sync == "none":
-            raise ConfigError("FeedbackTrainer(sync='none') would let the ranks' feedback weights drift apart")
+            raise ConfigError(
+                "FeedbackTrainer(sync='none') would let the ranks' feedback weights drift apart"
+            )
     elif hasattr(algorithm, "train_feedback"):
         average_after_feedback(algorithm, ctx)
     elif algorithm.feedback_state():
-        raise NotImplementedError(f"{type(algorithm).__name__}: no way to keep its feedback "
-                                  "weights identical across processes")
+        raise NotImplementedError(
+            f"{type(algorithm).__name__}: no way to keep its feedback "
+            "weights identical across processes"
+        )

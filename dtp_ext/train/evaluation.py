@@ -1,8 +1,8 @@
 """Running train metrics and the test evaluation of `dtp-ext train` (loss, top-1, top-5)."""
+
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from .datasets import ImageSet
 class Counter:
     """Running train loss and top-1/top-5 over an epoch (plain floats: saved in checkpoints)."""
 
-    def __init__(self, state: Optional[dict] = None):
+    def __init__(self, state: dict | None = None):
         self.state = dict(state or {"loss": 0.0, "top1": 0, "top5": 0, "seen": 0})
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor):
@@ -31,27 +31,39 @@ class Counter:
         self.state["top5"] += int(top5)
         self.state["seen"] += int(seen)
 
-    def means(self, prefix: str) -> Dict[str, float]:
+    def means(self, prefix: str) -> dict[str, float]:
         n = max(self.state["seen"], 1)
-        return {f"{prefix}_loss": self.state["loss"] / n, f"{prefix}_top1": 100 * self.state["top1"] / n,
-                f"{prefix}_top5": 100 * self.state["top5"] / n}
+        return {
+            f"{prefix}_loss": self.state["loss"] / n,
+            f"{prefix}_top1": 100 * self.state["top1"] / n,
+            f"{prefix}_top5": 100 * self.state["top5"] / n,
+        }
 
 
-def batch_totals(loss: Optional[torch.Tensor], logits: Optional[torch.Tensor],
-                 labels: torch.Tensor) -> torch.Tensor:
+def batch_totals(
+    loss: torch.Tensor | None, logits: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """[loss * n, top-1 hits, top-5 hits, n, loss not finite] as float64, without a device sync."""
     n = labels.shape[0]
     if loss is None:  # the step failed before producing a loss
         return torch.tensor([math.nan, 0, 0, n, 1], dtype=torch.float64, device=labels.device)
     hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
     loss = loss.double()
-    return torch.stack([loss * n, hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                        loss.new_tensor(float(n)), (~torch.isfinite(loss)).double()])
+    return torch.stack(
+        [
+            loss * n,
+            hit[:, 0].sum().double(),
+            hit.any(1).sum().double(),
+            loss.new_tensor(float(n)),
+            (~torch.isfinite(loss)).double(),
+        ]
+    )
 
 
 @torch.no_grad()
-def evaluate(model, data: ImageSet, cfg: TrainConfig, info, ctx: Optional[distributed.Context] = None
-             ) -> Dict[str, float]:
+def evaluate(
+    model, data: ImageSet, cfg: TrainConfig, info, ctx: distributed.Context | None = None
+) -> dict[str, float]:
     """Test metrics; with several processes each rank evaluates its shard and the sums are reduced."""
     ctx = ctx or distributed.Context(device=cfg.device)
     lo, hi = shard(len(data), ctx.rank, ctx.world)

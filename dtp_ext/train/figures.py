@@ -9,12 +9,12 @@ gmp: on one fixed batch, train the feedback of every block, then measure per lay
      feedback, and DRL (the Gradient Matching Property).
 Each writes <out>/<name>.json and <out>/<name>.png.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
 
 import matplotlib
 
@@ -28,20 +28,21 @@ from dtp_ext.reference import backprop_gradients  # noqa: E402
 
 from .algorithms import FeedbackSettings, make_algorithm  # noqa: E402
 from .batches import normalise  # noqa: E402
+from .catalog import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
 from .chain import forward_records  # noqa: E402
 from .config import ConfigError  # noqa: E402
 from .datasets import INFO, load_split  # noqa: E402
-from .catalog import DEFAULT_MODEL, build_model, model_spec  # noqa: E402
-
 
 JMC_EVERY = 50  # jmc measures the alignment every this many feedback iterations
 
 
-def fixed_batch(dataset: str, data_dir: Optional[str], size: int):
+def fixed_batch(dataset: str, data_dir: str | None, size: int):
     info = INFO[dataset]
     data = load_split(dataset, data_dir, "train")
     if size > len(data):
-        raise ConfigError(f"--batch-size {size} is more than the {len(data)} training images of {dataset}")
+        raise ConfigError(
+            f"--batch-size {size} is more than the {len(data)} training images of {dataset}"
+        )
     data = data.subset(size)
     return normalise(data.images, info.mean, info.std), data.labels, info
 
@@ -57,8 +58,18 @@ def _alignment(w: torch.Tensor, v: torch.Tensor):
     return angle_degrees(w, v), float((w - v).norm() / w.norm())
 
 
-def jmc(dataset="mnist", data_dir=None, iterations=3000, every=JMC_EVERY, batch_size=128, seed=0,
-        ldrl_noise=0.08, ldrl_lr=0.05, drl_noise=0.1, drl_lr=0.02) -> Dict:
+def jmc(
+    dataset="mnist",
+    data_dir=None,
+    iterations=3000,
+    every=JMC_EVERY,
+    batch_size=128,
+    seed=0,
+    ldrl_noise=0.08,
+    ldrl_lr=0.05,
+    drl_noise=0.1,
+    drl_lr=0.02,
+) -> dict:
     x, y, info = fixed_batch(dataset, data_dir, batch_size)
     name, model = _model(dataset, seed)
     last_name, last = dtp_ext.dtp_blocks(model)[-1]
@@ -66,12 +77,22 @@ def jmc(dataset="mnist", data_dir=None, iterations=3000, every=JMC_EVERY, batch_
     with torch.no_grad():
         model(x)  # records the output block's input
     trainer = dtp_ext.FeedbackTrainer(model, every, ldrl_noise, ldrl_lr, blocks=[last_name])
-    settings = FeedbackSettings([every] * (len(dtp_ext.dtp_blocks(model)) - 1), [drl_noise] * 9, [drl_lr] * 9)
-    drl = make_algorithm("drl", model, settings, (info.channels, info.size, info.size), info.classes)
+    settings = FeedbackSettings(
+        [every] * (len(dtp_ext.dtp_blocks(model)) - 1), [drl_noise] * 9, [drl_lr] * 9
+    )
+    drl = make_algorithm(
+        "drl", model, settings, (info.channels, info.size, info.size), info.classes
+    )
     with torch.no_grad():
         logits, records = forward_records(model, x)
     w = last.weight.detach()
-    curves = {"iteration": [0], "ldrl_angle": [], "ldrl_distance": [], "drl_angle": [], "drl_distance": []}
+    curves = {
+        "iteration": [0],
+        "ldrl_angle": [],
+        "ldrl_distance": [],
+        "drl_angle": [],
+        "drl_distance": [],
+    }
 
     def measure():
         for key, v in (("ldrl", last.feedback_weight.t()), ("drl", drl.Q[-1].t())):
@@ -88,18 +109,28 @@ def jmc(dataset="mnist", data_dir=None, iterations=3000, every=JMC_EVERY, batch_
         trainer.lr = [ldrl_lr * decay]
         drl.feedback.lr = [drl_lr * decay] * len(drl.Q)
         trainer.step()
-        drl.train_feedback(records, logits, step=0, layers=[len(drl.Q) - 1])  # penultimate layer's Q only
+        drl.train_feedback(
+            records, logits, step=0, layers=[len(drl.Q) - 1]
+        )  # penultimate layer's Q only
         curves["iteration"].append(done)
         measure()
-    return {"figure": "jmc", "dataset": dataset, "model": name, "block": last_name,
-            "batch_size": batch_size, "seed": seed, "ldrl": {"noise": ldrl_noise, "lr": ldrl_lr},
-            "drl": {"noise": drl_noise, "lr": drl_lr}, **curves}
+    return {
+        "figure": "jmc",
+        "dataset": dataset,
+        "model": name,
+        "block": last_name,
+        "batch_size": batch_size,
+        "seed": seed,
+        "ldrl": {"noise": ldrl_noise, "lr": ldrl_lr},
+        "drl": {"noise": drl_noise, "lr": drl_lr},
+        **curves,
+    }
 
 
-def gmp(dataset="mnist", data_dir=None, iterations=1000, batch_size=128, seed=0) -> Dict:
+def gmp(dataset="mnist", data_dir=None, iterations=1000, batch_size=128, seed=0) -> dict:
     x, y, info = fixed_batch(dataset, data_dir, batch_size)
     shape = (info.channels, info.size, info.size)
-    results: Dict[str, Dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     for variant in ("ldrl", "ldrl-random", "drl"):
         name, model = _model(dataset, seed)  # the same weights for every variant
         algorithm = "drl" if variant == "drl" else "ldrl"
@@ -118,12 +149,21 @@ def gmp(dataset="mnist", data_dir=None, iterations=1000, batch_size=128, seed=0)
             algo.trainer.step()
         ours = algo.update_directions(x, y)
         bp = backprop_gradients(model, algo.blocks, x, y)
-        results[variant] = {n: angle_degrees(g, g_bp) for (n, _), g, g_bp in zip(algo.blocks, ours, bp)}
-    return {"figure": "gmp", "dataset": dataset, "model": name, "iterations": iterations,
-            "batch_size": batch_size, "seed": seed, "angles": results}
+        results[variant] = {
+            n: angle_degrees(g, g_bp) for (n, _), g, g_bp in zip(algo.blocks, ours, bp)
+        }
+    return {
+        "figure": "gmp",
+        "dataset": dataset,
+        "model": name,
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "seed": seed,
+        "angles": results,
+    }
 
 
-def plot_jmc(data: Dict, path: Path):
+def plot_jmc(data: dict, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, label in (("ldrl", "L-DRL"), ("drl", "DRL")):
         axes[0].plot(data["iteration"], data[f"{key}_angle"], label=label)
@@ -137,14 +177,18 @@ def plot_jmc(data: Dict, path: Path):
     plt.close(fig)
 
 
-def plot_gmp(data: Dict, path: Path):
+def plot_gmp(data: dict, path: Path):
     variants = list(data["angles"])
     layers = list(data["angles"][variants[0]])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
-        ax.bar([j + i * width for j in range(len(layers))], [data["angles"][variant][n] for n in layers],
-               width, label=variant)
+        ax.bar(
+            [j + i * width for j in range(len(layers))],
+            [data["angles"][variant][n] for n in layers],
+            width,
+            label=variant,
+        )
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(layers))], layers)
     ax.set(ylabel="angle to backprop gradient (deg)", title="GMP: per-layer update angle")
     ax.legend()
@@ -153,7 +197,7 @@ def plot_gmp(data: Dict, path: Path):
     plt.close(fig)
 
 
-def write_figure(kind: str, out: Path, **options) -> Dict:
+def write_figure(kind: str, out: Path, **options) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = jmc(**options) if kind == "jmc" else gmp(**options)
     (out / f"{kind}.json").write_text(json.dumps(data, indent=2))

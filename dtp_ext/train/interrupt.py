@@ -12,17 +12,18 @@ A signal that is ignored when the command starts (`nohup`, a background job of a
 ignored. Outside `stop_signals()` (library use of `Run`) nothing changes: Ctrl-C raises
 KeyboardInterrupt as usual.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
 import threading
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_received: Optional[int] = None   # the first signal received while active
+_received: int | None = None  # the first signal received while active
 _count = 0
 _active = False
 _announce = True
@@ -44,7 +45,7 @@ def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def requested() -> Optional[int]:
+def requested() -> int | None:
     """The signal number received since `stop_signals()` began, or None."""
     return _received
 
@@ -54,11 +55,15 @@ def _handler(signum, frame):
     _count += 1
     if _received is None:
         _received = signum
-        note = (f"\ndtp-ext train: {name(signum)} received: stopping at the end of the current step; "
-                "the checkpoint will be saved\n")
+        note = (
+            f"\ndtp-ext train: {name(signum)} received: stopping at the end of the current step; "
+            "the checkpoint will be saved\n"
+        )
     else:
-        note = (f"\ndtp-ext train: {name(signum)} received: already stopping (the step in progress ends, "
-                "then the checkpoint is written; SIGKILL would abandon the step, the last checkpoint stays intact)\n")
+        note = (
+            f"\ndtp-ext train: {name(signum)} received: already stopping (the step in progress ends, "
+            "then the checkpoint is written; SIGKILL would abandon the step, the last checkpoint stays intact)\n"
+        )
     if _announce:
         try:  # os.write: safe here, unlike print (the handler may interrupt a print)
             os.write(2, note.encode())

@@ -5,12 +5,12 @@ The lock is an exclusive `fcntl.flock` on OUT/.lock, held until the run ends. Th
 it when the process dies, so a run killed with SIGKILL leaves no stale lock (at most an
 unlocked .lock file, which the next run takes over). A clean exit removes the file.
 """
+
 from __future__ import annotations
 
 import errno
 import os
 from pathlib import Path
-from typing import Optional
 
 from .config import ConfigError
 
@@ -26,18 +26,23 @@ def check(out: str, option: str = "--out") -> Path:
     """`out` is, or can become, a writable folder: not a file, not under a file."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {out}: is a file, expected a folder (or a path where one can be created)")
+        raise ConfigError(
+            f"{option} {out}: is a file, expected a folder (or a path where one can be created)"
+        )
     existing = path
     while not existing.exists():
         if existing.parent == existing:
             break
         existing = existing.parent
     if existing != path and existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{option} {out}: {existing} is a file, so no folder can be created under it")
+        raise ConfigError(
+            f"{option} {out}: {existing} is a file, so no folder can be created under it"
+        )
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
         what = "the folder" if existing == path else f"its parent {existing}"
-        raise ConfigError(f"{option} {out}: {what} is not writable (permission denied); "
-                          "choose another --out")
+        raise ConfigError(
+            f"{option} {out}: {what} is not writable (permission denied); choose another --out"
+        )
     return path
 
 
@@ -47,22 +52,26 @@ class RunLock:
     def __init__(self, out: str, option: str = "--out"):
         self.out, self.option = Path(out), option
         self.path = self.out / LOCK_NAME
-        self.fd: Optional[int] = None
+        self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         check(str(self.out), self.option)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"{self.option} {self.out}: cannot create the folder ({exc.strerror})") from None
+            raise ConfigError(
+                f"{self.option} {self.out}: cannot create the folder ({exc.strerror})"
+            ) from None
         if fcntl is None:
             return self
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise ConfigError(f"{self.option} {self.out}: cannot create {LOCK_NAME} there "
-                                  f"({exc.strerror}); the folder must be writable") from None
+                raise ConfigError(
+                    f"{self.option} {self.out}: cannot create {LOCK_NAME} there "
+                    f"({exc.strerror}); the folder must be writable"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -70,10 +79,14 @@ class RunLock:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     pid = f" (pid {holder})" if holder.isdigit() else ""
-                    raise ConfigError(f"{self.option} {self.out}: another dtp-ext train process{pid} is writing "
-                                      f"this folder (it holds {self.path}); wait for it to end or choose "
-                                      "another --out") from None
-                raise ConfigError(f"{self.option} {self.out}: cannot lock {self.path} ({exc.strerror})") from None
+                    raise ConfigError(
+                        f"{self.option} {self.out}: another dtp-ext train process{pid} is writing "
+                        f"this folder (it holds {self.path}); wait for it to end or choose "
+                        "another --out"
+                    ) from None
+                raise ConfigError(
+                    f"{self.option} {self.out}: cannot lock {self.path} ({exc.strerror})"
+                ) from None
             # The holder before us may have removed the file after we opened it: then our lock
             # is on a deleted inode, so start again on the current file.
             try:

@@ -6,10 +6,10 @@ alignment.png: per-layer forward-feedback weight angle and update-vs-backprop an
 at each steps.jsonl line (or each epoch's end for runs logged before steps.jsonl existed).
 Epoch ends are dotted vertical lines. Returns the names of the files written.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import matplotlib
 
@@ -46,8 +46,9 @@ def _finish(fig, axes_labels, epochs, title, out_dir, name, written):
     written.append(name)
 
 
-def write_plots(records: List[dict], out_dir: Path, title: str,
-                steps: Optional[List[dict]] = None) -> List[str]:
+def write_plots(
+    records: list[dict], out_dir: Path, title: str, steps: list[dict] | None = None
+) -> list[str]:
     """`records`: metrics.jsonl (one per epoch); `steps`: steps.jsonl. Nothing is written when
     both are empty."""
     steps = list(steps or [])
@@ -67,19 +68,40 @@ def write_plots(records: List[dict], out_dir: Path, title: str,
         x = [r["step"] for r in epochs]
         ax_loss.plot(x, [r["test_loss"] for r in epochs], "s--", label="test (epoch end)")
         ax_acc.plot(x, [r["test_top1"] for r in epochs], "s--", label="test (epoch end)")
-    _finish(fig, ((ax_loss, "cross-entropy"), (ax_acc, "top-1 accuracy (%)")), epochs, title,
-            out_dir, "accuracy.png", written)
+    _finish(
+        fig,
+        ((ax_loss, "cross-entropy"), (ax_acc, "top-1 accuracy (%)")),
+        epochs,
+        title,
+        out_dir,
+        "accuracy.png",
+        written,
+    )
 
     source = steps if any("update_angle" in r for r in steps) else epochs
-    panels = [(key, label) for key, label in (("weight_angle", "forward-feedback weight angle (deg)"),
-                                              ("update_angle", "update vs backprop angle (deg)"))
-              if _layer_names(source, key)]
+    panels = [
+        (key, label)
+        for key, label in (
+            ("weight_angle", "forward-feedback weight angle (deg)"),
+            ("update_angle", "update vs backprop angle (deg)"),
+        )
+        if _layer_names(source, key)
+    ]
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, (key, label) in zip(axes[0], panels):
+        for ax, (key, _label) in zip(axes[0], panels):
             for name in _layer_names(source, key):
                 points = [(r["step"], r[key][name]) for r in source if name in (r.get(key) or {})]
-                ax.plot(*zip(*points), label=name, marker="o", markersize=3 if len(points) > 1 else 6)
-        _finish(fig, [(ax, label) for ax, (_, label) in zip(axes[0], panels)], epochs, title,
-                out_dir, "alignment.png", written)
+                ax.plot(
+                    *zip(*points), label=name, marker="o", markersize=3 if len(points) > 1 else 6
+                )
+        _finish(
+            fig,
+            [(ax, label) for ax, (_, label) in zip(axes[0], panels)],
+            epochs,
+            title,
+            out_dir,
+            "alignment.png",
+            written,
+        )
     return written

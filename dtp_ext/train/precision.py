@@ -6,11 +6,12 @@ the same in float16 and adds a torch.amp.GradScaler: the scaled loss's backward 
 dtp_ext.loss_scale(scale), without which the DTP blocks' targets would move by the scale
 (README, "Loss scaling"). Forward weights and the optimizer stay float32 in every mode.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -25,10 +26,10 @@ MAX_CONSECUTIVE_OVERFLOWS = 40
 class Precision:
     def __init__(self, name: str, device: str):
         self.name = name
-        self.dtype: Optional[torch.dtype] = DTYPES[name]
+        self.dtype: torch.dtype | None = DTYPES[name]
         self.device_type = torch.device(device).type
         self.scaler = torch.amp.GradScaler(self.device_type) if name == "fp16" else None
-        self.skipped_steps = 0       # fp16: steps whose scaled gradients overflowed
+        self.skipped_steps = 0  # fp16: steps whose scaled gradients overflowed
         self.consecutive_overflows = 0
 
     def autocast(self):
@@ -65,8 +66,8 @@ class Precision:
         if not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
             return True  # a feedback-only step: no forward gradient, nothing to unscale
         self.scaler.unscale_(optimizer)  # records the overflow GradScaler.step looks for
-        self.scaler.step(optimizer)      # skipped if any gradient is inf/NaN
-        self.scaler.update()             # halves the scale after an overflow, else may grow it
+        self.scaler.step(optimizer)  # skipped if any gradient is inf/NaN
+        self.scaler.update()  # halves the scale after an overflow, else may grow it
         if overflow:
             self.skipped_steps += 1
             self.consecutive_overflows += 1
@@ -75,16 +76,21 @@ class Precision:
         return not overflow
 
     def state_dict(self) -> dict:
-        state = {"name": self.name, "skipped_steps": self.skipped_steps,
-                 "consecutive_overflows": self.consecutive_overflows}
+        state = {
+            "name": self.name,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_overflows": self.consecutive_overflows,
+        }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name", "fp32") != self.name:
-            raise ValueError(f"the checkpoint was trained with precision {state.get('name')!r}, "
-                             f"this run asks for {self.name!r}")
+            raise ValueError(
+                f"the checkpoint was trained with precision {state.get('name')!r}, "
+                f"this run asks for {self.name!r}"
+            )
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_overflows = int(state.get("consecutive_overflows", 0))
         if self.scaler is not None:

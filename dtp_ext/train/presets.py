@@ -4,9 +4,10 @@ Learning rates here are in this library's units: for the target-propagation algo
 lr = beta * lr_paper and weight_decay = wd_paper / beta (see config.py); eta_min likewise
 scales with beta. BP presets use the paper's values unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 BETA = 0.7
 
@@ -17,15 +18,27 @@ _PAPER_FEEDBACK_CIFAR = {
 }
 
 
-def _ldrl_paper(dataset: str, lr_paper: float, batch: int, iterations) -> Dict[str, Any]:
-    return dict(_PAPER_FEEDBACK_CIFAR, algorithm="ldrl", dataset=dataset, model="simplevgg",
-                epochs=90, batch_size=batch, beta=BETA,
-                lr=round(BETA * lr_paper, 10), momentum=0.9,
-                weight_decay=round(1e-4 / BETA, 10), scheduler="cosine", t_max=85,
-                eta_min=round(BETA * 1e-5, 12), augment=True, feedback_iterations=iterations)
+def _ldrl_paper(dataset: str, lr_paper: float, batch: int, iterations) -> dict[str, Any]:
+    return dict(
+        _PAPER_FEEDBACK_CIFAR,
+        algorithm="ldrl",
+        dataset=dataset,
+        model="simplevgg",
+        epochs=90,
+        batch_size=batch,
+        beta=BETA,
+        lr=round(BETA * lr_paper, 10),
+        momentum=0.9,
+        weight_decay=round(1e-4 / BETA, 10),
+        scheduler="cosine",
+        t_max=85,
+        eta_min=round(BETA * 1e-5, 12),
+        augment=True,
+        feedback_iterations=iterations,
+    )
 
 
-def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[str, Any]:
+def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> dict[str, Any]:
     """Full MNIST / Fashion-MNIST, 5 epochs of the small conv net. lr 0.01 (gradient units) is
     the value SPEC §4 found stable for L-DRL; BP and vanilla DTP share it (the same step size in
     gradient units); DRL and SPEC's TP diverge there and use 0.001.
@@ -33,9 +46,17 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[
     `penultimate` "gradient" (presets `<dataset>-dtp-lee`, `<dataset>-tp-lee`): the last hidden
     block's target by a gradient step through the output block, as Lee et al. 2015 (why:
     docs/baselines.md); the plain `-dtp` / `-tp` presets are SPEC §5's form."""
-    cfg = {"algorithm": algorithm, "dataset": dataset, "model": "mnist-convnet", "epochs": 5,
-           "batch_size": 64, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
-           "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01)}
+    cfg = {
+        "algorithm": algorithm,
+        "dataset": dataset,
+        "model": "mnist-convnet",
+        "epochs": 5,
+        "batch_size": 64,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "scheduler": "cosine",
+        "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01),
+    }
     # Feedback settings: the model's defaults for the algorithm (catalog.py).
     if penultimate == "gradient":
         cfg["penultimate_target"] = "gradient"
@@ -46,17 +67,37 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> Dict[
     return cfg
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-simplevgg-ldrl": _ldrl_paper("cifar10", 0.05, 128, [20, 30, 35, 55, 20]),
-    "cifar10-simplevgg-bp": {"algorithm": "bp", "dataset": "cifar10", "model": "simplevgg",
-                             "epochs": 90, "batch_size": 128, "lr": 0.05, "momentum": 0.9,
-                             "weight_decay": 1e-4, "scheduler": "cosine", "t_max": 85,
-                             "eta_min": 1e-5, "augment": True},
+    "cifar10-simplevgg-bp": {
+        "algorithm": "bp",
+        "dataset": "cifar10",
+        "model": "simplevgg",
+        "epochs": 90,
+        "batch_size": 128,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "scheduler": "cosine",
+        "t_max": 85,
+        "eta_min": 1e-5,
+        "augment": True,
+    },
     "imagenet32-simplevgg-ldrl": _ldrl_paper("imagenet32", 0.01, 256, [25, 35, 40, 60, 25]),
-    "imagenet32-simplevgg-bp": {"algorithm": "bp", "dataset": "imagenet32", "model": "simplevgg",
-                                "epochs": 90, "batch_size": 256, "lr": 0.01, "momentum": 0.9,
-                                "weight_decay": 1e-4, "scheduler": "step", "step_size": 30,
-                                "gamma": 0.1, "augment": True},
+    "imagenet32-simplevgg-bp": {
+        "algorithm": "bp",
+        "dataset": "imagenet32",
+        "model": "simplevgg",
+        "epochs": 90,
+        "batch_size": 256,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "scheduler": "step",
+        "step_size": 30,
+        "gamma": 0.1,
+        "augment": True,
+    },
 }
 for _dataset in ("mnist", "fashion-mnist"):
     for _algorithm in ("bp", "ldrl", "dtp", "tp", "drl"):
@@ -68,8 +109,14 @@ for _dataset in ("mnist", "fashion-mnist"):
 def describe(name: str) -> str:
     """One line saying what the preset `name` sets, generated from its values."""
     p = PRESETS[name]
-    parts = [p["algorithm"], p["dataset"], p["model"], f"{p['epochs']} epochs", f"batch {p['batch_size']}",
-             f"lr {p['lr']:g}"]
+    parts = [
+        p["algorithm"],
+        p["dataset"],
+        p["model"],
+        f"{p['epochs']} epochs",
+        f"batch {p['batch_size']}",
+        f"lr {p['lr']:g}",
+    ]
     if p.get("weight_decay"):
         parts.append(f"wd {p['weight_decay']:.3g}")
     scheduler = p.get("scheduler", "cosine")
@@ -88,8 +135,10 @@ def describe(name: str) -> str:
     if "penultimate_target" in p:
         parts.append(f"penultimate target by {p['penultimate_target']}")
     if p.get("feedback_warmup_steps"):
-        parts.append(f"first {p['feedback_warmup_steps']} step(s) with {p['feedback_warmup_factor']}x "
-                     "feedback iterations")
+        parts.append(
+            f"first {p['feedback_warmup_steps']} step(s) with {p['feedback_warmup_factor']}x "
+            "feedback iterations"
+        )
     if p.get("augment"):
         parts.append("crop+flip")
     return ", ".join(parts)

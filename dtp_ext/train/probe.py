@@ -4,9 +4,8 @@
 - update angle: between the algorithm's weight update direction and backprop's gradient on a
   fixed probe batch (the Gradient Matching Property, layer by layer).
 """
-from __future__ import annotations
 
-from typing import Dict
+from __future__ import annotations
 
 import torch
 
@@ -16,9 +15,11 @@ from dtp_ext.reference import backprop_gradients
 from .algorithms import Algorithm
 
 
-def layer_metrics(algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Dict[str, float]]:
+def layer_metrics(
+    algorithm: Algorithm, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, dict[str, float]]:
     blocks = algorithm.blocks
-    metrics: Dict[str, Dict[str, float]] = {"update_angle": {}}
+    metrics: dict[str, dict[str, float]] = {"update_angle": {}}
     if algorithm.has_feedback_weights:
         metrics["weight_angle"], metrics["weight_distance"] = {}, {}
         for name, block in algorithm.trained:

@@ -1,14 +1,21 @@
 """Turns a merged TrainConfig into a complete one: fills the options left as None from the
 dataset, model and algorithm, and checks everything that depends on them (list lengths)."""
+
 from __future__ import annotations
 
 import dataclasses
 import time
 
+from .catalog import (
+    DEFAULT_MODEL,
+    MODELS,
+    model_spec,
+    position_scaled_lr,
+    trained_block_count,
+    trained_block_positions,
+)
 from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
 from .datasets import INFO
-from .catalog import (DEFAULT_MODEL, MODELS, model_spec, position_scaled_lr, trained_block_count,
-                      trained_block_positions)
 
 # Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
 # bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
@@ -27,47 +34,66 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     spec = model_spec(model)
     info = INFO[cfg.dataset]
     if info.size < spec.min_size:
-        raise ConfigError(f"model {model!r} needs inputs of at least {spec.min_size}x{spec.min_size}; "
-                          f"{cfg.dataset} images are {info.size}x{info.size}")
+        raise ConfigError(
+            f"model {model!r} needs inputs of at least {spec.min_size}x{spec.min_size}; "
+            f"{cfg.dataset} images are {info.size}x{info.size}"
+        )
     if not spec.chain and cfg.algorithm not in CHAIN_FREE_ALGORITHMS:
         raise ConfigError(
             f"algorithm {cfg.algorithm!r} cannot train model {model!r}: {cfg.algorithm} builds its "
             "targets block by block along a chain (an nn.Sequential of DTP blocks joined by Flatten, "
             f"as {', '.join(n for n in MODELS if MODELS[n].chain)}), while {model} has BatchNorm, "
             "residual adds or concatenations between its blocks; use --algorithm "
-            f"{' or '.join(CHAIN_FREE_ALGORITHMS)}, whose targets flow through autograd")
+            f"{' or '.join(CHAIN_FREE_ALGORITHMS)}, whose targets flow through autograd"
+        )
     count = trained_block_count(model, info.channels, info.size, info.classes)
     lists = {}
     defaults = spec.feedback_defaults(cfg.algorithm)
-    for key, default, integer in (("feedback_iterations", defaults[0], True),
-                                  ("feedback_noise", defaults[1], False),
-                                  ("feedback_lr", defaults[2], False)):
+    for key, default, integer in (
+        ("feedback_iterations", defaults[0], True),
+        ("feedback_noise", defaults[1], False),
+        ("feedback_lr", defaults[2], False),
+    ):
         value = getattr(cfg, key)
         if key == "feedback_lr" and value is None and default is None:
             lists[key] = _scaled_feedback_lr(model, spec, info, lists["feedback_noise"])
             continue
         lists[key] = per_layer(key, default if value is None else value, count, integer=integer)
     if cfg.algorithm in ("dtp", "tp", "drl") and any(s == 0 for s in lists["feedback_noise"]):
-        raise ConfigError(f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
-                          "or needs a perturbation to reconstruct)")
+        raise ConfigError(
+            f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
+            "or needs a perturbation to reconstruct)"
+        )
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.algorithm]
     out = cfg.out or f"runs/{cfg.dataset}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     return dataclasses.replace(
-        cfg, model=model, lr=lr, out=out, t_max=cfg.t_max or cfg.epochs,
-        augment=info.augment if cfg.augment is None else cfg.augment, **lists)
+        cfg,
+        model=model,
+        lr=lr,
+        out=out,
+        t_max=cfg.t_max or cfg.epochs,
+        augment=info.augment if cfg.augment is None else cfg.augment,
+        **lists,
+    )
 
 
 def _scaled_feedback_lr(model, spec, info, noise):
     """The default feedback lr of a model whose spec sets `scaled_lr`: per trained block,
     scaled_lr / (2 sigma^2 P) (catalog.position_scaled_lr)."""
     if any(s == 0 for s in noise):
-        raise ConfigError(f"feedback_noise has a 0 entry: model {model!r}'s default feedback lr is "
-                          "scaled by 1 / noise^2; give --feedback-lr explicitly")
-    positions = [p for _, p in trained_block_positions(model, info.channels, info.size, info.classes)]
+        raise ConfigError(
+            f"feedback_noise has a 0 entry: model {model!r}'s default feedback lr is "
+            "scaled by 1 / noise^2; give --feedback-lr explicitly"
+        )
+    positions = [
+        p for _, p in trained_block_positions(model, info.channels, info.size, info.classes)
+    ]
     return position_scaled_lr(spec.scaled_lr, noise, positions)
 
 
 def lr_units_note(cfg: TrainConfig) -> str:
     if cfg.algorithm in TARGET_ALGORITHMS:
-        return (f"lr {cfg.lr:g} in gradient units = paper lr {cfg.lr / cfg.beta:g} x beta {cfg.beta:g}")
+        return (
+            f"lr {cfg.lr:g} in gradient units = paper lr {cfg.lr / cfg.beta:g} x beta {cfg.beta:g}"
+        )
     return f"lr {cfg.lr:g} (backprop)"

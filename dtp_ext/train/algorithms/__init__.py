@@ -1,4 +1,5 @@
 """The training algorithms of `dtp-ext train`, by --algorithm name."""
+
 from .base import Algorithm, FeedbackSettings
 from .bp import Backprop
 from .drl import DRL
@@ -8,8 +9,9 @@ from .reconstruction import TargetProp, VanillaDTP
 ALGORITHM_CLASSES = {cls.name: cls for cls in (Backprop, LDRL, VanillaDTP, TargetProp, DRL)}
 
 
-def make_algorithm(name, model, feedback: FeedbackSettings, input_shape, classes,
-                   **options) -> Algorithm:
+def make_algorithm(
+    name, model, feedback: FeedbackSettings, input_shape, classes, **options
+) -> Algorithm:
     """`options` left at None take the algorithm's default: `penultimate_target` (dtp, tp;
     reconstruction.py), `variant` (drl: "p" or "s"; drl.py)."""
     options = {k: v for k, v in options.items() if v is not None}

@@ -7,10 +7,10 @@ leaves every .grad None, so the loop's optimizer step changes no forward weight.
 `update_directions` returns, without side effects, the weight update direction each block would
 get on a batch: compared with backprop's gradient, it gives the per-layer GMP angle (SPEC §6).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +27,17 @@ from ..precision import Precision
 class FeedbackSettings:
     """Per trained block (every DTP block but the first, forward order)."""
 
-    iterations: List[int]
-    noise: List[float]
-    lr: List[float]
+    iterations: list[int]
+    noise: list[float]
+    lr: list[float]
     momentum: float = 0.9
     warmup_steps: int = 0
     warmup_factor: int = 1
-    sync: Optional[str] = None  # FeedbackTrainer's sync under several processes (ldrl)
+    sync: str | None = None  # FeedbackTrainer's sync under several processes (ldrl)
     memory_budget_mb: float = 256.0  # caps batching F(x + eps) across iterations (docs/memory.md)
     feedback_only_steps: int = 0  # the first N steps train the feedback weights only
 
-    def iterations_at(self, step: int) -> List[int]:
+    def iterations_at(self, step: int) -> list[int]:
         factor = self.warmup_factor if step < self.warmup_steps else 1
         return [k * factor for k in self.iterations]
 
@@ -49,8 +49,8 @@ class FeedbackSettings:
 
 class Algorithm:
     name = "?"
-    has_feedback_weights = True   # whether the blocks' V are meant to align with W (SPEC §6)
-    epoch = 0                     # set by the training loop at the start of every epoch
+    has_feedback_weights = True  # whether the blocks' V are meant to align with W (SPEC §6)
+    epoch = 0  # set by the training loop at the start of every epoch
     precision = Precision("fp32", "cpu")  # bp, ldrl: --precision's, set by use_precision
 
     def __init__(self, model: nn.Module, feedback: FeedbackSettings, input_shape, classes: int):
@@ -58,21 +58,23 @@ class Algorithm:
         self.feedback = feedback
         self.blocks = dtp_blocks(model)
         self.trained = self.blocks[1:]
-        self.last_feedback_losses: Dict[str, float] = {}
+        self.last_feedback_losses: dict[str, float] = {}
 
     def use_precision(self, precision) -> None:
         """--precision: the forward pass runs under `precision.autocast()`, the backward through
         `precision.backward` (bp and ldrl; config.MIXED_PRECISION_ALGORITHMS)."""
         self.precision = precision
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (batch-mean cross-entropy, logits), both detached."""
         raise NotImplementedError
 
-    def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> List[torch.Tensor]:
+    def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def feedback_state(self) -> List[torch.Tensor]:
+    def feedback_state(self) -> list[torch.Tensor]:
         """Every tensor the feedback phase trains, in a fixed order: the trained blocks' feedback
         weights and biases, then the momentum buffers of the algorithm's own feedback SGD
         (`self.sgd`, if any). Under several processes the training loop averages them across
@@ -91,7 +93,7 @@ class Algorithm:
         pass
 
 
-def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor]:
+def fused_update_directions(model: nn.Module, blocks, x, y) -> list[torch.Tensor]:
     """Weight gradients through the DTP blocks' own backward (difference targets, SPEC §3).
     Eval mode, so the inputs recorded for the feedback phase are left alone."""
     was_training = model.training
@@ -103,10 +105,11 @@ def fused_update_directions(model: nn.Module, blocks, x, y) -> List[torch.Tensor
         model.train(was_training)
 
 
-def target_update_directions(algorithm, x, y) -> List[torch.Tensor]:
+def target_update_directions(algorithm, x, y) -> list[torch.Tensor]:
     """Update directions of an algorithm that builds explicit targets (`_targets`) on the
     block records: the gradients of its layer-local losses, without side effects."""
     logits, records = forward_records(algorithm.model, x)
-    grads = layer_loss_gradients(records, algorithm._targets(logits, y, records),
-                                 records[-1].block.beta)
+    grads = layer_loss_gradients(
+        records, algorithm._targets(logits, y, records), records[-1].block.beta
+    )
     return [g for g, _ in grads]

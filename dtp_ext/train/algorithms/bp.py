@@ -4,6 +4,7 @@ The model's DTP blocks run as ordinary autograd ops through `dtp_ext.reference.b
 copy of the model sharing its parameters and buffers, so any model trains: chains, and the
 converted torchvision networks with their BatchNorm and residual adds.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

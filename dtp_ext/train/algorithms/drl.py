@@ -10,10 +10,10 @@ gradient) then the forward weights' (epochs 2, 4, ...: targets from the frozen Q
 of this quadratic loss in Q is written out (2/(B sigma^2) (Q d - sigma eps)^T d), so no autograd
 is needed.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,26 @@ class DRL(Algorithm):
         weight = self.blocks[0][1].weight
         device, dtype = weight.device, weight.dtype
         with torch.no_grad():
-            _, records = forward_records(model, torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            _, records = forward_records(
+                model, torch.zeros((1, *input_shape), device=device, dtype=dtype)
+            )
         bound = 1 / math.sqrt(classes)  # nn.Linear(classes, features)'s default init range
-        self.Q = [torch.empty(r.output[0].numel(), classes, device=device, dtype=dtype).uniform_(-bound, bound)
-                  for r in records[:-1]]
+        self.Q = [
+            torch.empty(r.output[0].numel(), classes, device=device, dtype=dtype).uniform_(
+                -bound, bound
+            )
+            for r in records[:-1]
+        ]
         self.sgd = MomentumSGD(feedback.momentum)
 
-    def _targets(self, logits, y, records) -> List[torch.Tensor]:
+    def _targets(self, logits, y, records) -> list[torch.Tensor]:
         t_last = first_target(logits, y, records[-1].block.beta)
         diff = t_last - logits.detach()
         with torch.no_grad():  # targets are constants of the layer losses
-            targets = [(r.output.flatten(1) + diff @ Q.t()).reshape(r.output.shape)
-                       for r, Q in zip(records[:-1], self.Q)]
+            targets = [
+                (r.output.flatten(1) + diff @ Q.t()).reshape(r.output.shape)
+                for r, Q in zip(records[:-1], self.Q)
+            ]
         return targets + [t_last]
 
     @torch.no_grad()
@@ -65,9 +73,9 @@ class DRL(Algorithm):
                 noise = torch.randn_like(h) * sigma
                 d = (forward_from(self.model, record.position, h + noise) - h_last).flatten(1)
                 residual = d @ Q.t() - noise.flatten(1)
-                grad = residual.t() @ d * (2 / (h.shape[0] * sigma ** 2))
+                grad = residual.t() @ d * (2 / (h.shape[0] * sigma**2))
                 self.sgd.step(f"Q{k}", Q, grad, lr)
-                loss = float(residual.pow(2).sum(1).mean() / sigma ** 2)
+                loss = float(residual.pow(2).sum(1).mean() / sigma**2)
             self.last_feedback_losses[self.trained[k][0]] = loss
 
     def feedback_epoch(self) -> bool:
@@ -78,8 +86,9 @@ class DRL(Algorithm):
         logits, records = forward_records(self.model, x)
         feedback_only = self.feedback_epoch() or self.feedback.feedback_only(step)
         if not feedback_only:
-            layer_loss_gradients(records, self._targets(logits, y, records),
-                                 records[-1].block.beta, accumulate=True)
+            layer_loss_gradients(
+                records, self._targets(logits, y, records), records[-1].block.beta, accumulate=True
+            )
         if self.variant == "p" or feedback_only:
             self.train_feedback(records, logits, step)
         return F.cross_entropy(logits.detach(), y), logits.detach()

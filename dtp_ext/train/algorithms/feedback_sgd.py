@@ -3,9 +3,8 @@
 Same update as torch.optim.SGD without weight decay (dampening 0, no Nesterov): buf = m*buf + g,
 p -= lr*buf; its state is a plain dict of named buffers, saved in checkpoints.
 """
-from __future__ import annotations
 
-from typing import Dict
+from __future__ import annotations
 
 import torch
 
@@ -13,7 +12,7 @@ import torch
 class MomentumSGD:
     def __init__(self, momentum: float = 0.9):
         self.momentum = momentum
-        self.buffers: Dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float):
@@ -28,5 +27,6 @@ class MomentumSGD:
         return {k: v.clone() for k, v in self.buffers.items()}
 
     def load_state_dict(self, state: dict, device=None):
-        self.buffers = {k: v.to(device).clone() if device is not None else v.clone()
-                        for k, v in state.items()}
+        self.buffers = {
+            k: v.to(device).clone() if device is not None else v.clone() for k, v in state.items()
+        }

@@ -1,4 +1,5 @@
 """L-DRL (SPEC §2-§3): fused feedback training, then the DTP blocks' fused backward."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -15,10 +16,15 @@ class LDRL(Algorithm):
         super().__init__(model, feedback, input_shape, classes)
         # Under several processes the trainer keeps the feedback weights identical on every
         # rank itself (feedback.sync: "gradients" by default, or "weights").
-        self.trainer = dtp_ext.FeedbackTrainer(model, feedback.iterations, feedback.noise,
-                                               feedback.lr, momentum=feedback.momentum,
-                                               sync=feedback.sync,
-                                               memory_budget_mb=feedback.memory_budget_mb)
+        self.trainer = dtp_ext.FeedbackTrainer(
+            model,
+            feedback.iterations,
+            feedback.noise,
+            feedback.lr,
+            momentum=feedback.momentum,
+            sync=feedback.sync,
+            memory_budget_mb=feedback.memory_budget_mb,
+        )
 
     def use_precision(self, precision):
         super().use_precision(precision)

@@ -22,9 +22,8 @@ command, a constructor option here):
 
 Why the second choice exists (SPEC's TP collapses on mnist-convnet): docs/baselines.md.
 """
-from __future__ import annotations
 
-from typing import List, Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +42,9 @@ class _ReconstructionFeedback(Algorithm):
     penultimate_target = "feedback"
     difference = True
 
-    def __init__(self, model, feedback, input_shape, classes, *,
-                 penultimate_target: Optional[str] = None):
+    def __init__(
+        self, model, feedback, input_shape, classes, *, penultimate_target: str | None = None
+    ):
         super().__init__(model, feedback, input_shape, classes)
         self.sgd = MomentumSGD(feedback.momentum)
         if penultimate_target is not None:
@@ -57,21 +57,44 @@ class _ReconstructionFeedback(Algorithm):
         # trained all the same (cheap: 10 -> 512 on mnist-convnet), so its alignment is logged
         # and both choices draw the same noise.
         iterations = self.feedback.iterations_at(step)
-        for (name, block), x, k, sigma, lr in zip(self.trained, inputs, iterations,
-                                                  self.feedback.noise, self.feedback.lr):
+        for (name, block), x, k, sigma, lr in zip(
+            self.trained, inputs, iterations, self.feedback.noise, self.feedback.lr
+        ):
             x = block_input(block, x.detach())
             # Zero buffers behave as torch.optim.SGD's first step (buf = grad).
-            buf_w = self.sgd.buffers.setdefault(f"{name}.weight", torch.zeros_like(block.feedback_weight))
-            buf_b = self.sgd.buffers.setdefault(f"{name}.bias", torch.zeros_like(block.feedback_bias))
+            buf_w = self.sgd.buffers.setdefault(
+                f"{name}.weight", torch.zeros_like(block.feedback_weight)
+            )
+            buf_b = self.sgd.buffers.setdefault(
+                f"{name}.bias", torch.zeros_like(block.feedback_bias)
+            )
             losses = ops.reconstruction_feedback_loop(
-                x, block.weight, block.bias, block.feedback_weight, block.feedback_bias, buf_w,
-                buf_b, k, sigma, lr, self.sgd.momentum, 0.0, chunk_iterations(block, x, self.feedback.memory_budget_mb),
-                block.geometry())
+                x,
+                block.weight,
+                block.bias,
+                block.feedback_weight,
+                block.feedback_bias,
+                buf_w,
+                buf_b,
+                k,
+                sigma,
+                lr,
+                self.sgd.momentum,
+                0.0,
+                chunk_iterations(block, x, self.feedback.memory_budget_mb),
+                block.geometry(),
+            )
             self.last_feedback_losses[name] = float(losses[-1]) if k else float("nan")
 
-    def _targets(self, logits, y, records) -> List[torch.Tensor]:
-        return reference.targets(logits, y, records, records[-1].block.beta,
-                                 difference=self.difference, penultimate=self.penultimate_target)
+    def _targets(self, logits, y, records) -> list[torch.Tensor]:
+        return reference.targets(
+            logits,
+            y,
+            records,
+            records[-1].block.beta,
+            difference=self.difference,
+            penultimate=self.penultimate_target,
+        )
 
     def _explicit_train_step(self, x, y, step):
         """Block by block: forward, feedback training, then the targets with the fresh feedback
@@ -79,8 +102,9 @@ class _ReconstructionFeedback(Algorithm):
         logits, records = forward_records(self.model, x)
         self.train_feedback([r.input for r in records[1:]], step)
         if not self.feedback.feedback_only(step):
-            reference.layer_loss_gradients(records, self._targets(logits, y, records),
-                                           records[-1].block.beta, accumulate=True)
+            reference.layer_loss_gradients(
+                records, self._targets(logits, y, records), records[-1].block.beta, accumulate=True
+            )
         return F.cross_entropy(logits.detach(), y), logits.detach()
 
     def state_dict(self):
