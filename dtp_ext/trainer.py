@@ -69,16 +69,17 @@ def _process_group_size() -> int:
     return 1
 
 
-def _check_values(name: str, value, *, integer: bool = False):
-    """A scalar or a list of per-block values: each finite, >= 0 (whole for iterations)."""
+def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
+    """A scalar or a list of per-block values: each finite, >= 0 (whole for iterations). The
+    one check of per-block feedback settings (`dtp-ext train`'s config calls it too); errors
+    start with `owner`."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
+    prefix = f"{owner}: " if owner else ""
     for v in values:
         if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
-            raise ValueError(
-                f"FeedbackTrainer: {name} entries must be finite numbers >= 0, got {v!r}"
-            )
+            raise ValueError(f"{prefix}{name} entries must be finite numbers >= 0, got {v!r}")
         if integer and int(v) != v:
-            raise ValueError(f"FeedbackTrainer: {name} entries must be whole numbers, got {v!r}")
+            raise ValueError(f"{prefix}{name} entries must be whole numbers, got {v!r}")
     cast = int if integer else float
     return [cast(v) for v in values] if isinstance(value, (list, tuple)) else cast(value)
 
@@ -223,7 +224,7 @@ class FeedbackTrainer:
 
     # -- hyperparameters: a scalar or one entry per trained block -----------------------
     def _set_hyperparameter(self, name, value):
-        self._spec[name] = _check_values(name, value, integer=name == "iterations")
+        self._spec[name] = check_per_block(name, value, integer=name == "iterations")
         if self._bound is not None and len(self._spec) == len(HYPERPARAMETERS):
             self._bind(self._bound)
 

@@ -35,8 +35,8 @@ def test_unknown_dataset_is_an_argparse_error(capsys):
     [
         (["--lr", "-0.1"], "lr must be >= 0"),
         (["--feedback-lr", "0.1,0.2,0.3"], "feedback_lr has 3 entries but the model has 2"),
-        (["--feedback-iterations", "2.5"], "whole number"),
-        (["--feedback-noise", "-1"], "feedback_noise entry must be >= 0"),
+        (["--feedback-iterations", "2.5"], "feedback_iterations entries must be whole numbers"),
+        (["--feedback-noise", "-1"], "feedback_noise entries must be finite numbers >= 0"),
         (["--momentum", "1.0"], "momentum must be in [0, 1)"),
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--data-dir", "/nonexistent/folder"], "is not an existing folder"),

@@ -159,9 +159,12 @@ def per_layer(name: str, value, count: int, *, integer=False) -> list:
             f"{name} has {len(values)} entries but the model has {count} trained "
             f"feedback blocks (one entry per block after the first, forward order)"
         )
-    for v in values:
-        _number(f"{name} entry", v, integer=integer, minimum=0)
-    return [int(v) for v in values] if integer else [float(v) for v in values]
+    from dtp_ext.trainer import check_per_block  # the same rule as FeedbackTrainer's
+
+    try:
+        return check_per_block(name, values, integer=integer, owner="")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate(cfg: TrainConfig) -> None:
