@@ -154,7 +154,9 @@ def test_nan_follows_atens_rules_with_checks_off(activation):
 
 
 LONG_LOOP = textwrap.dedent("""
-    import sys, time, torch, dtp_ext
+    import signal, sys, time, torch, dtp_ext
+    # Ctrl-C's usual handler, even when started with SIGINT ignored (a background job, nohup)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     b = dtp_ext.Linear(4, 4)
     x = torch.randn(2, 4)
     state = [b.feedback_weight, b.feedback_bias, torch.zeros(4, 4), torch.zeros(4)]
@@ -173,11 +175,16 @@ def test_a_long_loop_stops_on_ctrl_c():
     proc = subprocess.Popen(
         [sys.executable, "-c", LONG_LOOP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.stdout.readline().strip() == "started"
-    time.sleep(1.0)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # a failure must not leave a 10**8-iteration loop running
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 3, err
     assert "interrupted after" in out
     assert time.monotonic() - sent < 5  # 100 ms polling; the rest is process exit
@@ -191,6 +198,8 @@ def test_an_interrupted_trainer_step_restores_every_block():
     trainer = dtp_ext.FeedbackTrainer(model, iterations=[5, 10**8], noise_std=0.1, lr=1e-3)
     model(torch.randn(2, 4))
     before = [b.feedback_weight.clone() for _, b in dtp_ext.dtp_blocks(model)]
+    # Ctrl-C's usual handler, even under a runner that started with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -198,6 +207,7 @@ def test_an_interrupted_trainer_step_restores_every_block():
             trainer.step()
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     for a, (_, b) in zip(before, dtp_ext.dtp_blocks(model)):
         assert torch.equal(a, b.feedback_weight)
     assert trainer.steps == 0
