@@ -52,6 +52,9 @@ def launch(out: Path, *extra) -> subprocess.Popen:
         text=True,
         cwd=out.parent,
         env=env,
+        # Ctrl-C's default disposition for the run: a test runner started as a background job
+        # (or under nohup) has SIGINT ignored, which the run would rightly keep.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -208,7 +211,14 @@ def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(ckpt, "save_atomic", save)
     out = tmp_path / "stopped"
     capfd.readouterr()
-    assert main(["train", *tiny, "--out", str(out)]) == 143
+    # Ctrl-C's usual handler, even under a runner started with SIGINT ignored (the run keeps an
+    # ignored signal ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["train", *tiny, "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 143
     err = capfd.readouterr().err  # the handler writes to fd 2
     assert "SIGINT received: already stopping" in err and "Traceback" not in err, err
     assert "interrupted by SIGTERM at step 3 (epoch 1, step 3 of 3)" in err, err
