@@ -42,7 +42,7 @@ echo "+ built in $((t2 - t1)) s"
 # another torch), imported and tested from there.
 mkdir -p "$WORK/tree"
 tar -C "$ROOT" --exclude='_C*.so' --exclude=__pycache__ --exclude=dtp_ext/data -cf - \
-  dtp_ext tests benchmarks .ci setup.py pyproject.toml README.md | tar -C "$WORK/tree" -xf -
+  csrc dtp_ext tests benchmarks .ci setup.py pyproject.toml README.md | tar -C "$WORK/tree" -xf -
 cp "$WORK"/lib/dtp_ext/_C*.so "$WORK/tree/dtp_ext/"
 cd "$WORK/tree"
 "$WORK/venv/bin/python" - <<'PY'
