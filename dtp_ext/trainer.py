@@ -44,7 +44,13 @@ def _average_across_ranks(tensors, world: int):
 def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
     """Bytes one feedback iteration of `block` on input `x` holds while it is batched with
     others: what `memory_budget_mb` is divided by (docs/memory.md)."""
-    out, _ = block.forward_with_indices(x[:1].to(block.weight.dtype))  # (x may be bfloat16)
+    # Shapes only: the block's forward on meta tensors (no computation, no data).
+    meta = {"device": "meta", "dtype": block.weight.dtype}  # (x may be bfloat16)
+    out, _ = block.forward_with_indices(
+        torch.empty(x[:1].shape, **meta),
+        torch.empty(block.weight.shape, **meta),
+        None if block.bias is None else torch.empty(block.bias.shape, **meta),
+    )
     pool_area = block.pool**2 if block.pool else 1
     # Per iteration and sample: eps and x + eps; the conv output and its activation (pool
     # input); the pooled output, eta and, with a pool, int64 indices.
