@@ -12,22 +12,9 @@ from dtp_ext.cli import main
 from dtp_ext.train import CheckpointError, TrainConfig, resolve
 from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train.runner import Run
+from tiny_runs import tiny_args
 
-TINY = [
-    "--train-subset",
-    "64",
-    "--test-subset",
-    "32",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_args(64, 32)
 
 
 @pytest.fixture(scope="module")

@@ -22,26 +22,13 @@ import torch.multiprocessing as mp
 
 import dtp_ext
 from dtp_ext.cli import main
+from tiny_runs import tiny_args
 
 pytestmark = pytest.mark.integration  # 2-process spawns
 
 WORLD = 2
 # 96 images, global batch 32 (16 per rank): 3 steps per epoch.
-TINY = [
-    "--train-subset",
-    "96",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_args()
 
 
 def jobs(out):

@@ -17,22 +17,9 @@ import torch
 from dtp_ext.cli import main
 from dtp_ext.train import figures, runner
 from test_train_datasets import fake_mnist, write_idx
+from tiny_runs import tiny_args
 
-TINY = [
-    "--train-subset",
-    "64",
-    "--test-subset",
-    "32",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]
+TINY = tiny_args(64, 32)
 
 
 def one_line_error(capsys, *words):

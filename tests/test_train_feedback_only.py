@@ -9,24 +9,9 @@ import torch
 from dtp_ext.cli import main
 from dtp_ext.train import distributed
 from dtp_ext.train.catalog import build_model
+from tiny_runs import tiny_args
 
-TINY = [
-    "--train-subset",
-    "96",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--feedback-iterations",
-    "3",
-]
+TINY = [*tiny_args(), "--feedback-iterations", "3"]
 
 
 def train(*argv):

@@ -6,40 +6,16 @@ import pytest
 import torch
 
 from dtp_ext.cli import main
-from dtp_ext.train import TrainConfig, TrainingDiverged, resolve
+from dtp_ext.train import TrainingDiverged
 from dtp_ext.train.algorithms.bp import Backprop
-from dtp_ext.train.batches import train_batches
-from dtp_ext.train.runner import Run
-
-
-def _run(tmp_path, algorithm):
-    cfg = resolve(
-        TrainConfig(
-            algorithm=algorithm,
-            train_subset=64,
-            test_subset=32,
-            batch_size=32,
-            probe_batch_size=16,
-            progress=False,
-            threads=1,
-            out=str(tmp_path / "r"),
-        )
-    )
-    return Run(cfg, log=lambda *a: None)
-
-
-def _batch(run):
-    _, x, y = next(
-        train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu")
-    )
-    return x, y
+from tiny_runs import first_batch, tiny_run
 
 
 @pytest.mark.parametrize("algorithm", ["ldrl", "bp"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_gradient_refuses_the_step(tmp_path, algorithm, bad):
-    run = _run(tmp_path, algorithm)
-    x, y = _batch(run)
+    run = tiny_run(tmp_path, algorithm)
+    x, y = first_batch(run)
     run._train_step(x, y)  # one good step: the optimizer now has momentum
     weights = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     momentum = {
@@ -107,8 +83,8 @@ def test_cli_stops_with_exit_code_1_and_no_checkpoint(tmp_path, capsys, monkeypa
 def test_ldrl_non_finite_forward_is_refused_by_the_fused_ops(tmp_path, poison):
     """A NaN reaching the fused ops (a recorded input in the feedback phase, or the loss in the
     DTP backward) stops the step as divergence, never writing a non-finite weight."""
-    run = _run(tmp_path, "ldrl")
-    x, y = _batch(run)
+    run = tiny_run(tmp_path, "ldrl")
+    x, y = first_batch(run)
     run._train_step(x, y)
     state = {n: t.clone() for n, t in run.model.state_dict().items()}
     if poison == "input":

@@ -10,24 +10,9 @@ import pytest
 import torch
 
 from dtp_ext.cli import main
+from tiny_runs import tiny_args
 
-TINY = [
-    "--algorithm",
-    "bp",
-    "--train-subset",
-    "96",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]  # 3 steps per epoch
+TINY = ["--algorithm", "bp", *tiny_args()]  # 3 steps per epoch
 
 
 def resume(out, capsys, *extra):

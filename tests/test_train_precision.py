@@ -12,48 +12,9 @@ import torch
 
 from dtp_ext.cli import main
 from dtp_ext.train import ConfigError, TrainConfig, TrainingDiverged, resolve
-from dtp_ext.train.batches import train_batches
-from dtp_ext.train.runner import Run
+from tiny_runs import first_batch, tiny_args, tiny_run
 
-TINY = [
-    "--train-subset",
-    "96",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]
-
-
-def _run(tmp_path, algorithm, precision):
-    cfg = resolve(
-        TrainConfig(
-            algorithm=algorithm,
-            precision=precision,
-            train_subset=64,
-            test_subset=32,
-            batch_size=32,
-            probe_batch_size=16,
-            progress=False,
-            threads=1,
-            out=str(tmp_path / "r"),
-        )
-    )
-    return Run(cfg, log=lambda *a: None)
-
-
-def _batch(run):
-    _, x, y = next(
-        train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu")
-    )
-    return x, y
+TINY = tiny_args()
 
 
 def test_bad_precision_and_unsupported_algorithms_are_refused(capsys):
@@ -69,7 +30,7 @@ def test_bad_precision_and_unsupported_algorithms_are_refused(capsys):
 
 
 def test_bf16_ldrl_runs_its_forward_and_feedback_phase_in_bfloat16(tmp_path, monkeypatch):
-    run = _run(tmp_path, "ldrl", "bf16")
+    run = tiny_run(tmp_path, "ldrl", precision="bf16")
     trainer = run.algorithm.trainer
     assert trainer.compute_dtype == torch.bfloat16
     seen = {}
@@ -81,7 +42,7 @@ def test_bf16_ldrl_runs_its_forward_and_feedback_phase_in_bfloat16(tmp_path, mon
         return inner()
 
     monkeypatch.setattr(trainer, "step", spy)
-    x, y = _batch(run)
+    x, y = first_batch(run)
     run._train_step(x, y)
     assert set(seen["inputs"].values()) == {torch.bfloat16}  # autocast forward
     for _, block in trainer.blocks:  # float32 masters; gradients in the parameters' dtype
@@ -109,8 +70,8 @@ def test_short_run_finishes_and_reports_its_precision(tmp_path, capsys, precisio
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, algorithm):
     """A scale so large that float16 gradients overflow: GradScaler skips those steps (forward
     weights and momentum untouched, the batch counted) and halves the scale until they fit."""
-    run = _run(tmp_path, algorithm, "fp16")
-    x, y = _batch(run)
+    run = tiny_run(tmp_path, algorithm, precision="fp16")
+    x, y = first_batch(run)
     run._train_step(x, y)  # a good step first: the optimizer has momentum
     scaler = run.precision.scaler
     scaler.update(new_scale=2.0**40)
@@ -133,8 +94,8 @@ def test_fp16_gives_up_after_overflowing_steps_in_a_row(tmp_path, monkeypatch):
     import dtp_ext.train.runner as runner
 
     monkeypatch.setattr(runner, "MAX_CONSECUTIVE_OVERFLOWS", 3)
-    run = _run(tmp_path, "bp", "fp16")
-    x, y = _batch(run)
+    run = tiny_run(tmp_path, "bp", precision="fp16")
+    x, y = first_batch(run)
     run._train_step(x, y)  # the scaler's state exists once it has scaled a loss
     run.precision.scaler.update(new_scale=2.0**100)
     with pytest.raises(
@@ -158,3 +119,14 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys, precision):
     assert a["precision"] == b["precision"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_resume_with_another_precision_is_refused(tmp_path, capsys):
+    """The GradScaler's state and the feedback phase's dtype belong to the run: --resume
+    continues the saved precision and refuses another."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--precision", "bf16", "--max-steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    code = main(["train", "--resume", "--precision", "fp16", "--no-progress", "--out", str(out)])
+    assert code == 2
+    assert "got --precision (saved 'bf16', given 'fp16')" in capsys.readouterr().err

@@ -20,25 +20,10 @@ import dtp_ext
 from dtp_ext.cli import main
 from dtp_ext.train import checkpoint as ckpt
 from dtp_ext.train import runner
+from tiny_runs import tiny_args
 
 # 640 images, batch 32: 20 steps in one epoch; a steps.jsonl line after every step.
-ARGS = [
-    "--train-subset",
-    "640",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--log-every",
-    "1",
-]
+ARGS = [*tiny_args(640), "--log-every", "1"]
 STEPS = 20
 ROOT = Path(dtp_ext.__file__).resolve().parent.parent
 
@@ -174,23 +159,7 @@ def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
     """SIGTERM during step 2 (the run stops after step 3, the last of the first epoch of 3 steps
     here), then SIGINT while the checkpoint is being written: the save completes, the file is
     sound, the exit code is SIGTERM's, and --resume ends bitwise like an uninterrupted run."""
-    tiny = [
-        "--train-subset",
-        "96",
-        "--test-subset",
-        "64",
-        "--batch-size",
-        "32",
-        "--probe-batch-size",
-        "16",
-        "--eval-batch-size",
-        "64",
-        "--no-progress",
-        "--threads",
-        "1",
-        "--epochs",
-        "2",
-    ]
+    tiny = [*tiny_args(), "--epochs", "2"]
     full = tmp_path / "full"
     assert main(["train", *tiny, "--out", str(full)]) == 0
     inner_step, inner_save = runner.Run._train_step, ckpt.save_atomic

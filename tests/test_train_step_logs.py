@@ -13,24 +13,11 @@ import torch
 
 from dtp_ext.cli import main
 from dtp_ext.train import plots
+from tiny_runs import tiny_args
 
 pytestmark = pytest.mark.integration  # every test runs `dtp-ext train` end to end
 
-SIX = [
-    "--train-subset",
-    "192",
-    "--test-subset",
-    "64",
-    "--batch-size",
-    "32",
-    "--probe-batch-size",
-    "16",
-    "--eval-batch-size",
-    "64",
-    "--no-progress",
-    "--threads",
-    "1",
-]  # 6 steps per epoch
+SIX = tiny_args(192)  # 6 steps per epoch
 
 
 def lines(out, name="steps.jsonl"):

@@ -75,6 +75,14 @@ class Precision:
             self.consecutive_overflows = 0
         return not overflow
 
+    def summary(self) -> dict:
+        """summary.json's "precision"."""
+        return {
+            "name": self.name,
+            "skipped_steps": self.skipped_steps,
+            "loss_scale": None if self.scaler is None else self.scaler.get_scale(),
+        }
+
     def state_dict(self) -> dict:
         state = {
             "name": self.name,
@@ -86,11 +94,8 @@ class Precision:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("name", "fp32") != self.name:
-            raise ValueError(
-                f"the checkpoint was trained with precision {state.get('name')!r}, "
-                f"this run asks for {self.name!r}"
-            )
+        """A checkpoint of this precision: --resume refuses another one before this (the saved
+        configuration, checkpoint.check_compatible)."""
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_overflows = int(state.get("consecutive_overflows", 0))
         if self.scaler is not None:

@@ -145,8 +145,7 @@ class Run:
             variant=cfg.drl_variant,
         )
         self.precision = Precision(cfg.precision, self.device)
-        if cfg.precision != "fp32":  # config.validate allows it for bp and ldrl only
-            self.algorithm.use_precision(self.precision)
+        self.algorithm.use_precision(self.precision)  # not fp32: bp and ldrl only (config)
         distributed.synchronise_algorithm(self.algorithm, ctx)
         if ctx.rank > 0:  # independent feedback noise per rank; rank 0 keeps the 1-process stream
             distributed.seed_all(distributed.rank_seed(cfg.seed, ctx.rank))
@@ -235,9 +234,8 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.algorithm.load_state_dict(state["algorithm"])
-            self.precision.load_state_dict(
-                state.get("precision") or {}
-            )  # absent before --precision
+            # absent from checkpoints written before --precision (fp32 runs)
+            self.precision.load_state_dict(state.get("precision") or {})
             self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
             self.global_step, self.elapsed = int(state["global_step"]), float(state["elapsed"])
             self.counter = Counter(state["counter"])
@@ -654,14 +652,6 @@ class Run:
         with self.precision.autocast():
             return evaluate(self.model, self.test_set, self.cfg, self.info, self.ctx)
 
-    def _precision_summary(self) -> dict:
-        p = self.precision
-        return {
-            "name": p.name,
-            "skipped_steps": p.skipped_steps,
-            "loss_scale": None if p.scaler is None else p.scaler.get_scale(),
-        }
-
     def finish(self) -> dict:
         """Final evaluation and summary.json (rank 0 writes it; every rank returns it, the
         alignment only on rank 0)."""
@@ -680,7 +670,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "seed": self.cfg.seed,
             "processes": self._processes(),
-            "precision": self._precision_summary(),
+            "precision": self.precision.summary(),
             "versions": versions(),
             "device": self._device_name(),
             "build_info": dtp_ext.build_info(),

@@ -1,0 +1,50 @@
+"""The small `dtp-ext train` runs the training tests share: their command-line arguments and the
+same run built in-process, with its first batch."""
+
+from dtp_ext.train import TrainConfig, resolve
+from dtp_ext.train.batches import train_batches
+from dtp_ext.train.runner import Run
+
+
+def tiny_args(train: int = 96, test: int = 64) -> list:
+    """`train` training and `test` test images, batch 32 (train // 32 steps per epoch), small
+    probe and evaluation batches, no progress bars, one thread."""
+    return [
+        "--train-subset",
+        str(train),
+        "--test-subset",
+        str(test),
+        "--batch-size",
+        "32",
+        "--probe-batch-size",
+        "16",
+        "--eval-batch-size",
+        "64",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+
+
+def tiny_run(tmp_path, algorithm: str, **options) -> Run:
+    """A Run of `algorithm` on 64 training images (two steps of 32), quiet, out in tmp_path/r."""
+    cfg = TrainConfig(
+        algorithm=algorithm,
+        train_subset=64,
+        test_subset=32,
+        batch_size=32,
+        probe_batch_size=16,
+        progress=False,
+        threads=1,
+        out=str(tmp_path / "r"),
+        **options,
+    )
+    return Run(resolve(cfg), log=lambda *a: None)
+
+
+def first_batch(run: Run):
+    """(x, y): the run's first training batch, normalised, unshuffled."""
+    _, x, y = next(
+        train_batches(run.train_set, 32, 0, 0, 0, run.info.mean, run.info.std, False, "cpu")
+    )
+    return x, y
