@@ -72,6 +72,9 @@ def worker(rank, init_file, sync, out_dir):
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         state = train(model, trainer, opt, rank, WORLD, sync_model=ddp)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears the group down while the other may still be reading its last
+        # messages (a gloo rank aborted with SIGABRT in one CI run without this).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
