@@ -50,10 +50,25 @@ BLOCKS = {
         lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
         (3, 3, 16, 16),
     ),
-    # <= 4 output positions: the im2col + GEMM weight-gradient path
+    # <= 4 output positions: the im2col + GEMM weight-gradient path; every output position
+    # reads the whole input, so the loops' noisy passes are one GEMM with the unrolled weight
     "conv-small-map": (
         lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, activation="elu", pool=2),
         (5, 3, 2, 2),
+    ),
+    # the unrolled-weight GEMM without bias on a 1x1 map, and with a non-square kernel
+    "conv-1x1-map-nobias": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, padding=1, bias=False, activation="tanh"),
+        (4, 3, 1, 1),
+    ),
+    "conv-small-map-wide-kernel": (
+        lambda: dtp_ext.Conv2d(3, 5, (3, 5), padding=(1, 2), activation="relu"),
+        (3, 3, 2, 3),
+    ),
+    # the small-map weight-gradient GEMM with stride and dilation (no unrolled weight)
+    "conv-small-map-stride2-dilation2": (
+        lambda: dtp_ext.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2, activation="elu"),
+        (3, 3, 3, 3),
     ),
 }
 

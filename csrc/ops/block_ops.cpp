@@ -45,8 +45,9 @@ struct CleanPass {
 };
 
 CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& bias) {
-  CleanPass clean{forward_block(g, x, weight, bias), at::Tensor()};
+                     const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& unrolled = at::Tensor()) {
+  CleanPass clean{forward_block(g, x, weight, bias, unrolled), at::Tensor()};
   // phi(s) in float32 when x is bfloat16/float16: the differences phi(s + eta) - phi(s) are
   // formed in float32 (rounding phi(s) first would put bfloat16's error into every one).
   clean.phi_output = activate(g.activation, to_opmath(clean.block.output)).contiguous();
@@ -292,7 +293,8 @@ template <typename Iteration>
 at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const c10::optional<at::Tensor>& noise_x,
-                             const c10::optional<at::Tensor>& noise_y, Iteration iteration) {
+                             const c10::optional<at::Tensor>& noise_y,
+                             const at::Tensor& unrolled_weight, Iteration iteration) {
   const auto& g = a.g;
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   const auto x_contig = x.contiguous();
@@ -335,7 +337,8 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
     // The noise, in the layout of the weight-gradient product that pairs it (once per chunk).
     const auto eps_conv = conv_layout(g, eps_chunk.flatten(0, 1)).split(batch);
     const auto noisy_inputs = noisy_input.split(batch);
-    const auto noisy_preactivations = preactivation(g, noisy_input, weight, bias).split(batch);
+    const auto noisy_preactivations =
+        preactivation(g, noisy_input, weight, bias, unrolled_weight).split(batch);
     for (const auto i : c10::irange(count)) {
       chunk_losses[i] = iteration(eps_conv[i], noisy_inputs[i], noisy_preactivations[i], eta[i]);
       interrupts.poll();
@@ -408,7 +411,9 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
       /*draws_eta=*/true};
   check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
                       momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
-  const auto clean = clean_pass(args.g, x.contiguous(), weight, bias);
+  // The clean and the noisy passes take the same route (the unrolled GEMM where it applies).
+  const auto unrolled = unrolled_conv_weight(args.g, x.sizes(), weight);
+  const auto clean = clean_pass(args.g, x.contiguous(), weight, bias, unrolled);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
   // Float32 masters (x bfloat16/float16, V float32): each iteration's products use V cast to
@@ -416,7 +421,7 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
   // momentum, so many small steps are not lost to bfloat16's rounding of V.
   const bool master = state.weight.scalar_type() != x.scalar_type();
   auto losses = run_feedback_loop(
-      args, x, weight, bias, noise_x, noise_y,
+      args, x, weight, bias, noise_x, noise_y, unrolled,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
         // One copy casts V and puts it in the convolutions' layout.
@@ -461,7 +466,7 @@ at::Tensor reconstruction_feedback_loop(
   LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
   const bool master = state.weight.scalar_type() != x.scalar_type();  // float32 masters
   auto losses = run_feedback_loop(
-      args, x, weight, bias, noise_x, c10::nullopt,
+      args, x, weight, bias, noise_x, c10::nullopt, unrolled_conv_weight(args.g, x.sizes(), weight),
       [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
           const at::Tensor&) {
         const auto& g = args.g;
