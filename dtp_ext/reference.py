@@ -298,7 +298,11 @@ class _PlainBlock(nn.Module):
 
     def __init__(self, block: DTPBlock):
         super().__init__()
-        self.__dict__["block"] = block  # not a submodule: the twin holds no parameters of its own
+        self.__dict__["block"] = block  # not a submodule: its feedback weights stay out of the twin
+        # The block's own Parameter objects, so the twin's parameters() (an optimizer, a
+        # gradient norm) sees the weights its forward uses.
+        self.weight = block.weight
+        self.bias = block.bias
 
     def forward(self, x):
         block = self.block
@@ -318,7 +322,8 @@ def backprop_twin(model: nn.Module) -> nn.Module:
     converted torchvision models): a structural copy that shares every parameter and buffer
     with `model` (gradients land in `model`'s parameters, BatchNorm statistics are updated in
     `model`'s buffers) and runs each DTP block's op, activation and max-pool with ordinary
-    autograd. Modules are shallow copies, so `twin.train()`/`.eval()` do not change `model`'s
+    autograd; `twin.parameters()` yields those shared parameters (feedback weights excluded).
+    Modules are shallow copies, so `twin.train()`/`.eval()` do not change `model`'s
     mode. Build it after `model.to(...)`: a later move of `model` does not reach the twin.
     (For an independent copy: `backprop_twin(copy.deepcopy(model))`.)"""
     memo = {}

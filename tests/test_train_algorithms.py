@@ -264,6 +264,28 @@ def test_bp_forward_equals_the_dtp_models_forward():
     torch.testing.assert_close(backprop_twin(model)(x), model(x))
 
 
+def test_backprop_twin_parameters_are_the_models_forward_parameters():
+    """An optimizer built on the twin trains the model: the twin lists the model's weights,
+    biases and BatchNorm affines (the same objects), and no feedback weight."""
+    torch.manual_seed(0)
+    model = dtp_ext.convert(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)
+        )
+    )
+    model(torch.randn(2, 3, 6, 6))
+    twin = backprop_twin(model)
+    expected = list(model.parameters())  # feedback weights are buffers
+    assert [id(p) for p in twin.parameters()] == [id(p) for p in expected]
+    assert not any("feedback" in name for name, _ in twin.named_buffers())
+    before = [p.detach().clone() for p in expected]
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    F.cross_entropy(twin(torch.randn(8, 3, 6, 6)), torch.arange(8) % 2).backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in expected)
+    assert all(not torch.equal(b, p) for b, p in zip(before, expected))
+
+
 def test_figure_commands_small(tmp_path, capsys):
     """JMC/GMP on a few iterations: files written, L-DRL's output block ahead of DRL's."""
     import json
