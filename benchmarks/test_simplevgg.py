@@ -150,7 +150,13 @@ def test_simplevgg(benchmark, setup, phase, implementation):
 
 def test_fused_and_reference_agree_on_benchmark_shapes(setup):
     """The timed implementations compute the same feedback weights (same seed, float32; TF32
-    off for this check, since it rounds each implementation's products differently)."""
+    off for this check, since it rounds each implementation's products differently).
+
+    Tolerance: float32 rounding grows over a block's iterations. Measured at batch 128 with the
+    same noise against a float64 run of the same loop (where fused and reference agree to
+    1e-16): the reference's own float32 run is 1.1e-4 off on the 256->512 2x2 block (fused
+    8.5e-5) and 2e-6 on the 128ch 16x16 block (fused 6.0e-5, oneDNN's channels-last products);
+    two float32 runs may therefore differ by up to about twice the larger drift."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -165,4 +171,4 @@ def test_fused_and_reference_agree_on_benchmark_shapes(setup):
         setup.reset()
     for fused, ref in zip(*weights):
         rel = ((fused - ref).norm() / ref.norm()).item()
-        assert rel < 1e-4, f"fused and reference feedback weights differ by {rel:.2e}"
+        assert rel < 3e-4, f"fused and reference feedback weights differ by {rel:.2e}"

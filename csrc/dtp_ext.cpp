@@ -135,15 +135,17 @@ TORCH_LIBRARY(dtp_ext, m) {
   // The fused elementwise passes around the big products, private to the ops above. An absent
   // indices argument means "no pool" (elementwise). `channels_last` asks for the output in
   // channels-last memory (the CPU's layout for large maps); a device that never chooses it
-  // refuses it. Indices outside the pool's input plane are refused with an error naming `op`
-  // (a device-side assert on CUDA), as max_unpool2d does.
+  // refuses it. `pool` is the max-pool's kernel = stride. Each pool index must address a
+  // position of its own window (as max_pool2d's do; max_unpool2d checks only the plane, but the
+  // CUDA passes let each pooled element own its window): any other index is refused with an
+  // error naming `op` (a device-side assert on CUDA).
   //
   // scale * (unpool(phi(a + alpha * a_noise), a_indices) - unpool(phi_b, b_indices)) as a new
   // tensor of `out_sizes` (the pre-pool shape); phi_b is already activated. Only pooled
   // positions are touched: the rest are zeros.
   m.def(
       "_phi_unpool_difference(str op, Tensor a, Tensor? a_noise, float alpha, Tensor? a_indices, "
-      "Tensor phi_b, Tensor? b_indices, int[] out_sizes, str activation, float scale, "
+      "Tensor phi_b, Tensor? b_indices, int[] out_sizes, int pool, str activation, float scale, "
       "bool channels_last) -> Tensor");
   // unpool(phi(s_noisy), idx_noisy) - unpool(clean_phi_output, clean_indices) straight from the
   // noisy pre-activation z_noisy = op(x + eps) + bias, with max-pool and phi fused in (the
@@ -164,5 +166,5 @@ TORCH_LIBRARY(dtp_ext, m) {
   // block's own output, as a tensor of `out_sizes`.
   m.def(
       "_activation_pool_backward(str op, Tensor output, Tensor? indices, Tensor delta, "
-      "int[] out_sizes, str activation) -> Tensor");
+      "int[] out_sizes, int pool, str activation) -> Tensor");
 }

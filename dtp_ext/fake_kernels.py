@@ -577,7 +577,18 @@ def _pass_format(channels_last, pooled):
 
 
 def _phi_unpool_difference(
-    op, a, a_noise, alpha, a_indices, phi_b, b_indices, out_sizes, activation, scale, channels_last
+    op,
+    a,
+    a_noise,
+    alpha,
+    a_indices,
+    phi_b,
+    b_indices,
+    out_sizes,
+    pool,
+    activation,
+    scale,
+    channels_last,
 ):
     return torch.empty(
         out_sizes,
@@ -609,5 +620,5 @@ def _sgd_ldrl_update(
     return None
 
 
-def _activation_pool_backward(op, output, indices, delta, out_sizes, activation):
+def _activation_pool_backward(op, output, indices, delta, out_sizes, pool, activation):
     return output.new_empty(out_sizes)

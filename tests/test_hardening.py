@@ -26,8 +26,11 @@ def pooled_block():
     return b, x, out, idx
 
 
-@pytest.mark.parametrize("bad", [10**9, -1, 64])
-def test_pool_indices_outside_the_map_are_refused(bad):
+@pytest.mark.parametrize("bad", [10**9, -1, 64, 63, 2])
+def test_pool_indices_outside_their_window_are_refused(bad):
+    """Outside the plane (10**9, -1, 64) or inside it but in another pool window (63, 2: the
+    first window is positions 0, 1, 8, 9): refused by the op, as each pooled element owns its
+    window (on CUDA its thread writes that window and nothing else)."""
     b, x, out, idx = pooled_block()
     idx = idx.clone()
     idx.view(-1)[0] = bad
@@ -38,11 +41,14 @@ def test_pool_indices_outside_the_map_are_refused(bad):
     ):
         ops.propagate_target(out, idx, delta, b.feedback_weight, 1.4, x.shape, b.geometry())
     with pytest.raises(
-        IndexError, match=r"dtp_ext.block_weight_grad: indices must lie in \[0, 64\)"
+        IndexError,
+        match=r"dtp_ext.block_weight_grad: indices must lie in \[0, 64\), each in its own 2x2 "
+        r"pool window .* for the window at row 0, column 0",
     ):
         ops.block_weight_grad(x, out, idx, delta, b.weight, b.geometry())
-    idx.view(-1)[0] = 63  # the last position of the plane is valid
+    idx.view(-1)[0] = 9  # the last position of the first window is valid
     ops.propagate_target(out, idx, delta, b.feedback_weight, 1.4, x.shape, b.geometry())
+    ops.block_weight_grad(x, out, idx, delta, b.weight, b.geometry())
 
 
 def loop_args(block, x, **state):

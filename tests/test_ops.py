@@ -155,6 +155,7 @@ def private_op_args(pool=2, activation="elu", dtype=torch.float64):
             torch.tanh(s),
             idx,
             list(z.shape),
+            pool,
             activation,
             1.5,
             False,
@@ -170,7 +171,15 @@ def private_op_args(pool=2, activation="elu", dtype=torch.float64):
             0.9,
             0.1,
         ],
-        "_activation_pool_backward": ["dtp_ext.test", s, idx, noise, list(z.shape), activation],
+        "_activation_pool_backward": [
+            "dtp_ext.test",
+            s,
+            idx,
+            noise,
+            list(z.shape),
+            pool,
+            activation,
+        ],
     }
 
 

@@ -7,10 +7,11 @@
 namespace dtp_ext {
 
 // Output maps with at most this many positions take the im2col + GEMM weight-gradient path
-// (bfloat16 on AMX: up to 16, where the GEMM beats oneDNN's weight-gradient kernel; measured
-// on SimpleVGG's 4x4 block, 2.0x faster than float32 instead of 1.3x).
+// (bfloat16 on a CPU with native bfloat16 products: up to 16, where the GEMM beats oneDNN's
+// weight-gradient kernel; SimpleVGG's 4x4 block was 2.0x faster than float32 instead of 1.3x
+// on AMX, and a 256ch 4x4 pairing at batch 32 took 6.6 vs 14.1 ms on an AVX512-BF16 EPYC).
 constexpr int64_t kSmallMapPositions = 4;
-constexpr int64_t kSmallMapPositionsAmxBf16 = 16;
+constexpr int64_t kSmallMapPositionsNativeBf16 = 16;
 
 namespace {
 std::array<ChannelsLastRule, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
@@ -127,13 +128,15 @@ at::Tensor apply_feedback(const BlockGeometry& g, const at::Tensor& u,
                          g.padding, g.dilation, /*transposed=*/true, output_padding, g.groups);
 }
 
-// Whether this CPU has AMX-BF16 tiles, where oneDNN's bfloat16 weight-gradient convolution
-// beats the float32 one (see feedback_pairing). Only a speed choice: both routes are correct.
-static bool cpu_has_amx_bf16() {
+// Whether this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX-BF16), where
+// oneDNN's bfloat16 weight-gradient convolution beats the float32 one (see feedback_pairing);
+// elsewhere oneDNN emulates bfloat16 and float32 is faster. Only a speed choice: both routes
+// are correct.
+static bool cpu_has_native_bf16() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-bf16") != 0;
+    return __builtin_cpu_supports("amx-bf16") != 0 || __builtin_cpu_supports("avx512bf16") != 0;
   }();
   return has;
 #else
@@ -149,10 +152,10 @@ static bool all_bfloat16(const at::Tensor& p, const at::Tensor& q, const at::Ten
 // Whether the weight-gradient pairing of p and q takes the im2col + GEMM path.
 static bool small_map_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
                               const at::Tensor& feedback_weight) {
-  const bool amx_bf16 =
-      p.device().is_cpu() && all_bfloat16(p, q, feedback_weight) && cpu_has_amx_bf16();
+  const bool native_bf16 =
+      p.device().is_cpu() && all_bfloat16(p, q, feedback_weight) && cpu_has_native_bf16();
   return g.groups == 1 &&
-         q.size(2) * q.size(3) <= (amx_bf16 ? kSmallMapPositionsAmxBf16 : kSmallMapPositions);
+         q.size(2) * q.size(3) <= (native_bf16 ? kSmallMapPositionsNativeBf16 : kSmallMapPositions);
 }
 
 bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
@@ -160,7 +163,7 @@ bool pairs_in_float32(const BlockGeometry& g, const at::Tensor& p, const at::Ten
   return g.is_conv && p.device().is_cpu() &&
          (is_reduced_float(p) || is_reduced_float(q) || is_reduced_float(feedback_weight)) &&
          !small_map_pairing(g, p, q, feedback_weight) &&
-         !(all_bfloat16(p, q, feedback_weight) && cpu_has_amx_bf16());
+         !(all_bfloat16(p, q, feedback_weight) && cpu_has_native_bf16());
 }
 
 at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const at::Tensor& q,
@@ -190,14 +193,15 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     return at::mm(q_rows, cols).view({cout, kh, kw, cin}).permute({0, 3, 1, 2}).contiguous();
   }
   if (pairs_in_float32(g, p, q, feedback_weight)) {
-    // Mixed precision on the CPU without AMX-BF16: the conv's weight-gradient pairing runs in
-    // float32 on float32 copies of its bfloat16/float16 operands (that machine's oneDNN
-    // bfloat16 weight-gradient kernel was slower than float32's: 77 and 113 ms vs 72 and 75 ms,
-    // casts included, SimpleVGG's 128ch 16x16 and 256ch 8x8 layers at batch 32). With AMX-BF16
-    // (pairs_in_float32 false) the bfloat16 kernel, which accumulates in float32 and rounds its
-    // output once, is 2.3-4.7x faster (1.6 vs 7.3 ms and 1.4 vs 3.2 ms per call on a Xeon with
-    // AMX, torch 2.14.1), as the GEMM pairings (linear blocks, the small-map im2col path) are;
-    // the SGD pass reads every pairing into float32. On CUDA every pairing runs in the low
+    // Mixed precision on a CPU without native bfloat16 products (float16 anywhere on the CPU):
+    // the conv's weight-gradient pairing runs in float32 on float32 copies of its low-precision
+    // operands (oneDNN's emulated bfloat16 weight-gradient kernel was slower than float32's: 77
+    // and 113 ms vs 72 and 75 ms, casts included, SimpleVGG's 128ch 16x16 and 256ch 8x8 layers
+    // at batch 32). With AVX512-BF16 or AMX-BF16 (pairs_in_float32 false) the bfloat16 kernel,
+    // which accumulates in float32 and rounds its output once, is faster (AMX Xeon: 1.6 vs 7.3
+    // ms and 1.4 vs 3.2 ms per call; AVX512-BF16 EPYC: 8.0 vs 17.7-25.6 ms for the 128ch 16x16
+    // pairing, torch 2.14.1), as the GEMM pairings (linear blocks, the small-map im2col path)
+    // are; the SGD pass reads every pairing into float32. On CUDA every pairing runs in the low
     // dtype (cuBLAS/cuDNN accumulate in float32).
     // The weight gradient reads only the weight's shape (and layout): an uninitialised float32
     // tensor in the convolutions' layout stands in for it, without a copy.

@@ -81,9 +81,39 @@ C10_HOST_DEVICE inline int64_t window_argmax_2x2(T v0, T v1, T v2, T v3, int64_t
   return c1 + c * (width + c3 - c1);
 }
 
-// Pool indices address a position of their plane (as max_unpool2d checks them).
-C10_HOST_DEVICE inline bool index_in_plane(int64_t index, int64_t plane_size) {
-  return static_cast<uint64_t>(index) < static_cast<uint64_t>(plane_size);
+// Max-pool windows (kernel = stride = k, no padding) tile the plane's top-left k*out_h x
+// k*out_w corner, and a max-pool index addresses a position of its own window (what
+// max_pool2d returns; max_unpool2d only checks the plane, but an index elsewhere is not a
+// pool's). Checked for the pooled element at (oh, ow) of a plane `width` wide.
+C10_HOST_DEVICE inline bool index_in_window(int64_t index, int64_t width, int64_t k, int64_t oh,
+                                            int64_t ow) {
+  return index >= 0 && index / width / k == oh && index % width / k == ow;
+}
+
+// The positions a window-owning pass writes for pooled element `o` of `count` along one axis
+// of `size` positions: its window, widened to the plane's edge for the last window (the
+// positions no window covers, when size is not a multiple of k). Every position of the plane
+// is owned by exactly one pooled element.
+struct OwnedSpan {
+  int64_t begin, end;
+};
+C10_HOST_DEVICE inline OwnedSpan owned_span(int64_t o, int64_t count, int64_t size, int64_t k) {
+  return {o * k, o + 1 == count ? size : (o + 1) * k};
+}
+
+// Writes value(at) at every position of its plane (`width` wide, `height` high) that pooled
+// element (oh, ow) of an out_h x out_w grid owns: the window-owning form of the pooled passes,
+// which writes every output once instead of zero-filling and scattering.
+template <typename I, typename T, typename Value>
+C10_HOST_DEVICE inline void write_owned_window(T* plane, I oh, I ow, I out_h, I out_w, I height,
+                                               I width, I k, const Value& value) {
+  const OwnedSpan rows = owned_span(oh, out_h, height, k);
+  const OwnedSpan cols = owned_span(ow, out_w, width, k);
+  for (I r = static_cast<I>(rows.begin); r < static_cast<I>(rows.end); ++r) {
+    for (I c = static_cast<I>(cols.begin); c < static_cast<I>(cols.end); ++c) {
+      plane[r * width + c] = value(r * width + c);
+    }
+  }
 }
 
 // One pooled element's share of scale * (unpool(a) - unpool(b)) in its plane (neighbours `es`
@@ -95,6 +125,19 @@ C10_HOST_DEVICE inline void unpool_difference(T* plane, int64_t es, bool a_ok, i
                                               bool b_ok, int64_t b_at, const T* b, T scale) {
   if (a_ok) plane[a_at * es] += scale * a;
   if (b && b_ok) plane[b_at * es] -= scale * *b;
+}
+
+// The value of scale * (unpool(a) - unpool(b)) at position `at` of a window that a single pooled
+// element owns (a at a_at, b at b_at when there is a second term): the same additions, in the
+// same order, as unpool_difference's on a zero-filled plane, so the owning pass that writes
+// every position gives the scattering pass's bits.
+template <typename T>
+C10_HOST_DEVICE inline T owned_difference(int64_t at, int64_t a_at, T a, int64_t b_at, const T* b,
+                                          T scale) {
+  T v = T(0);
+  if (at == a_at) v += scale * a;
+  if (b && at == b_at) v -= scale * *b;
+  return v;
 }
 
 // One element of the vector-Jacobian product of phi at the block output h: delta * phi'(z).

@@ -17,10 +17,11 @@
 namespace dtp_ext {
 
 // Kernel signatures, one per pass (what each device implements).
-using PhiUnpoolDifferenceKernel = at::Tensor (*)(
-    const char* op, const at::Tensor& a, const at::Tensor& a_noise, double alpha,
-    const at::Tensor& a_indices, const at::Tensor& phi_b, const at::Tensor& b_indices,
-    at::IntArrayRef out_sizes, Activation activation, double scale, bool channels_last);
+using PhiUnpoolDifferenceKernel =
+    at::Tensor (*)(const char* op, const at::Tensor& a, const at::Tensor& a_noise, double alpha,
+                   const at::Tensor& a_indices, const at::Tensor& phi_b,
+                   const at::Tensor& b_indices, at::IntArrayRef out_sizes, int64_t pool,
+                   Activation activation, double scale, bool channels_last);
 using NoisyDifferenceKernel = at::Tensor (*)(const at::Tensor& z_noisy,
                                              const at::Tensor& clean_phi_output,
                                              const at::Tensor& clean_indices, Activation activation,
@@ -32,7 +33,7 @@ using SgdLdrlUpdateKernel = void (*)(at::Tensor& weight, at::Tensor& momentum_bu
 using ActivationPoolBackwardKernel = at::Tensor (*)(const char* op, const at::Tensor& output,
                                                     const at::Tensor& indices,
                                                     const at::Tensor& delta,
-                                                    at::IntArrayRef out_sizes,
+                                                    at::IntArrayRef out_sizes, int64_t pool,
                                                     Activation activation);
 
 namespace schema {
@@ -51,10 +52,11 @@ at::Tensor phi_unpool_difference(c10::string_view op, const at::Tensor& a,
                                  const OptionalTensor& a_noise, double alpha,
                                  const OptionalTensor& a_indices, const at::Tensor& phi_b,
                                  const OptionalTensor& b_indices, at::IntArrayRef out_sizes,
-                                 c10::string_view activation, double scale, bool channels_last) {
+                                 int64_t pool, c10::string_view activation, double scale,
+                                 bool channels_last) {
   const std::string name(op);
   return K(name.c_str(), a, or_undefined(a_noise), alpha, or_undefined(a_indices), phi_b,
-           or_undefined(b_indices), out_sizes,
+           or_undefined(b_indices), out_sizes, pool,
            parse_activation(name.c_str(), std::string(activation)), scale, channels_last);
 }
 
@@ -78,9 +80,10 @@ void sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
 template <ActivationPoolBackwardKernel K>
 at::Tensor activation_pool_backward(c10::string_view op, const at::Tensor& output,
                                     const OptionalTensor& indices, const at::Tensor& delta,
-                                    at::IntArrayRef out_sizes, c10::string_view activation) {
+                                    at::IntArrayRef out_sizes, int64_t pool,
+                                    c10::string_view activation) {
   const std::string name(op);
-  return K(name.c_str(), output, or_undefined(indices), delta, out_sizes,
+  return K(name.c_str(), output, or_undefined(indices), delta, out_sizes, pool,
            parse_activation(name.c_str(), std::string(activation)));
 }
 
@@ -108,11 +111,12 @@ inline at::Tensor phi_unpool_difference(const char* op, const at::Tensor& a,
                                         const at::Tensor& a_noise, double alpha,
                                         const at::Tensor& a_indices, const at::Tensor& phi_b,
                                         const at::Tensor& b_indices, at::IntArrayRef out_sizes,
-                                        Activation activation, double scale, bool channels_last) {
+                                        int64_t pool, Activation activation, double scale,
+                                        bool channels_last) {
   static const auto op_handle = schema::handle<decltype(schema::phi_unpool_difference<nullptr>)>(
       "dtp_ext::_phi_unpool_difference");
   return op_handle.call(op, a, schema::as_optional(a_noise), alpha, schema::as_optional(a_indices),
-                        phi_b, schema::as_optional(b_indices), out_sizes,
+                        phi_b, schema::as_optional(b_indices), out_sizes, pool,
                         activation_name(activation), scale, channels_last);
 }
 
@@ -138,10 +142,11 @@ inline void sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
 
 inline at::Tensor activation_pool_backward(const char* op, const at::Tensor& output,
                                            const at::Tensor& indices, const at::Tensor& delta,
-                                           at::IntArrayRef out_sizes, Activation activation) {
+                                           at::IntArrayRef out_sizes, int64_t pool,
+                                           Activation activation) {
   static const auto op_handle = schema::handle<decltype(schema::activation_pool_backward<nullptr>)>(
       "dtp_ext::_activation_pool_backward");
-  return op_handle.call(op, output, schema::as_optional(indices), delta, out_sizes,
+  return op_handle.call(op, output, schema::as_optional(indices), delta, out_sizes, pool,
                         activation_name(activation));
 }
 

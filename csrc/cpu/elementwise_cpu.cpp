@@ -36,22 +36,30 @@ PlaneLayout layout_of(const at::Tensor& t) {
 
 // out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere; a, b and the indices on
 // the pooled grid (NCHW), out in `format`. Planes are disjoint, so threads scatter freely.
-// Pool indices address a position of their plane; any other value is a caller's error, which
-// the scatter passes record (the first bad value) instead of writing out of bounds.
+// Pool indices address a position of their own window (index_in_window, the rule the CUDA
+// passes that own windows rely on); any other value is a caller's error, which the scatter
+// passes record (the first bad value and its window) instead of writing it.
 struct IndexGuard {
   const char* op;
-  int64_t plane_size;
+  int64_t height, width, k;
   std::atomic<bool> bad{false};
-  std::atomic<int64_t> value{0};
-  bool ok(int64_t index) {
-    if (index_in_plane(index, plane_size)) return true;
-    if (!bad.exchange(true)) value = index;
+  std::atomic<int64_t> value{0}, window{0};
+  // `index` belongs to pooled element q (row-major) of its plane.
+  bool ok(int64_t index, int64_t q) {
+    const int64_t out_w = width / k;
+    if (index_in_window(index, width, k, q / out_w, q % out_w)) return true;
+    if (!bad.exchange(true)) {
+      value = index;
+      window = q;
+    }
     return false;
   }
   void check() const {
-    TORCH_CHECK_INDEX(!bad, op, ": indices must lie in [0, ", plane_size,
-                      ") (positions of the pool's input plane, as max_pool2d returns them), got ",
-                      value.load());
+    const int64_t out_w = width / k;
+    TORCH_CHECK_INDEX(
+        !bad, op, ": indices must lie in [0, ", height * width, "), each in its own ", k, "x", k,
+        " pool window of the pool's input plane (as max_pool2d returns them), got ", value.load(),
+        " for the window at row ", window.load() / out_w, ", column ", window.load() % out_w);
   }
 };
 
@@ -65,8 +73,8 @@ void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, con
       T* o = out + layout.base(p);
       if (!layout.channels_last) std::fill(o, o + layout.plane_size, T(0));
       for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-        const bool a_ok = guard.ok(a_idx[j]);
-        const bool b_ok = b && guard.ok(b_idx[j]);
+        const bool a_ok = guard.ok(a_idx[j], j - p * pooled_plane);
+        const bool b_ok = b && guard.ok(b_idx[j], j - p * pooled_plane);
         unpool_difference(o, step, a_ok, a_idx[j], a[j], b_ok, b ? b_idx[j] : 0,
                           b ? &b[j] : nullptr, scale);
       }
@@ -77,7 +85,8 @@ void scatter_difference_kernel(const T* a, const int64_t* a_idx, const T* b, con
 
 at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::Tensor& a_idx_in,
                               const at::Tensor& b_in, const at::Tensor& b_idx_in,
-                              at::IntArrayRef out_sizes, double scale, bool channels_last) {
+                              at::IntArrayRef out_sizes, int64_t pool, double scale,
+                              bool channels_last) {
   RECORD_FUNCTION("dtp_ext::scatter_difference", std::vector<c10::IValue>());
   const auto a = a_in.contiguous(), a_idx = a_idx_in.contiguous();
   const bool has_b = b_in.defined();  // an undefined b means no second term
@@ -90,7 +99,7 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
           ? at::empty(out_sizes, a.options().memory_format(at::MemoryFormat::ChannelsLast)).zero_()
           : at::empty(out_sizes, a.options());
   const int64_t planes = a.size(0) * a.size(1);
-  IndexGuard index_guard{op, out.size(2) * out.size(3)};
+  IndexGuard index_guard{op, out.size(2), out.size(3), pool};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scatter_difference_cpu", [&] {
     scatter_difference_kernel<scalar_t>(
         a.const_data_ptr<scalar_t>(), a_idx.const_data_ptr<int64_t>(),
@@ -164,20 +173,20 @@ std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k)
 at::Tensor phi_unpool_difference_cpu(const char* op, const at::Tensor& a, const at::Tensor& a_noise,
                                      double alpha, const at::Tensor& a_indices,
                                      const at::Tensor& phi_b, const at::Tensor& b_indices,
-                                     at::IntArrayRef out_sizes, Activation activation, double scale,
-                                     bool channels_last) {
+                                     at::IntArrayRef out_sizes, int64_t pool, Activation activation,
+                                     double scale, bool channels_last) {
   if (is_reduced_float(a)) {
     // bfloat16/float16: the pass runs on float32 copies (phi, the differences and the scatter
     // in float32; one rounding to a's dtype at the end), which ATen's vectorised activations
     // convert at full speed; the products around it are what run in the low dtype.
     return phi_unpool_difference_cpu(op, a.to(at::kFloat), to_opmath(a_noise), alpha, a_indices,
-                                     to_opmath(phi_b), b_indices, out_sizes, activation, scale,
-                                     channels_last)
+                                     to_opmath(phi_b), b_indices, out_sizes, pool, activation,
+                                     scale, channels_last)
         .to(a.scalar_type());
   }
   const auto phi_a = activate(activation, a_noise.defined() ? a.add(a_noise, alpha) : a);
   if (!a_indices.defined()) return (phi_a - phi_b).mul_(scale).view(out_sizes);
-  return scatter_difference(op, phi_a, a_indices, phi_b, b_indices, out_sizes, scale,
+  return scatter_difference(op, phi_a, a_indices, phi_b, b_indices, out_sizes, pool, scale,
                             channels_last);
 }
 
@@ -198,7 +207,7 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
   const auto pooled = window_max(phi_z, pool);
   const auto phi_noisy = activate(activation, std::get<0>(pooled));
   return scatter_difference("dtp_ext.noisy_difference", phi_noisy, std::get<1>(pooled),
-                            clean_phi_output, clean_indices, z.sizes(), 1.0, channels_last);
+                            clean_phi_output, clean_indices, z.sizes(), pool, 1.0, channels_last);
 }
 
 void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
@@ -245,10 +254,11 @@ void sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
 
 at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output_in,
                                         const at::Tensor& indices_in, const at::Tensor& delta_in,
-                                        at::IntArrayRef out_sizes, Activation activation) {
+                                        at::IntArrayRef out_sizes, int64_t pool,
+                                        Activation activation) {
   if (is_reduced_float(output_in)) {  // in float32, rounded once at the end
     return activation_pool_backward_cpu(op, output_in.to(at::kFloat), indices_in,
-                                        to_opmath(delta_in), out_sizes, activation)
+                                        to_opmath(delta_in), out_sizes, pool, activation)
         .to(output_in.scalar_type());
   }
   auto output = output_in.contiguous();
@@ -256,24 +266,32 @@ at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output
   const bool pooled = indices_in.defined();
   auto indices = pooled ? indices_in.contiguous() : at::Tensor();
   auto out = at::empty(out_sizes, output.options());
-  IndexGuard index_guard{op, pooled ? out.size(2) * out.size(3) : 0};
+  if (output.numel() == 0) return out.zero_();  // no pooled element: nothing owns a position
+  IndexGuard index_guard{op, pooled ? out.size(2) : 0, pooled ? out.size(3) : 0, pool};
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "activation_pool_backward_cpu", [&] {
     const scalar_t* s = output.const_data_ptr<scalar_t>();
     const scalar_t* d = delta.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     DTP_DISPATCH_ACTIVATION(activation, [&] {
       if (pooled) {
+        // Window-owning, as on CUDA (write_owned_window): each pooled element writes every
+        // position it owns, so the CPU tests run the GPU's ownership maths.
         const int64_t planes = output.size(0) * output.size(1);
-        const int64_t pooled_plane = output.numel() / planes;
-        const int64_t full_plane = out.numel() / planes;
+        const int64_t out_h = output.size(2), out_w = output.size(3);
+        const int64_t height = out.size(2), width = out.size(3);
         const int64_t* idx = indices.const_data_ptr<int64_t>();
         at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            scalar_t* plane_out = o + p * full_plane;
-            std::fill(plane_out, plane_out + full_plane, scalar_t(0));
-            for (int64_t j = p * pooled_plane; j < (p + 1) * pooled_plane; ++j) {
-              if (index_guard.ok(idx[j]))
-                plane_out[idx[j]] += activation_backward<kAct>(d[j], s[j]);
+            for (int64_t q = 0; q < out_h * out_w; ++q) {
+              const int64_t j = p * out_h * out_w + q;
+              // A refused index writes its window's zeros (the op then raises).
+              const int64_t at_max = index_guard.ok(idx[j], q) ? idx[j] : -1;
+              const scalar_t grad = activation_backward<kAct>(d[j], s[j]);
+              write_owned_window<int64_t>(o + p * height * width, q / out_w, q % out_w, out_h,
+                                          out_w, height, width, pool, [&](int64_t at) {
+                                            return owned_difference<scalar_t>(at, at_max, grad, -1,
+                                                                              nullptr, scalar_t(1));
+                                          });
             }
           }
         });

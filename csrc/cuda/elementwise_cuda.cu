@@ -1,11 +1,15 @@
 // CUDA kernels of the fused elementwise passes (the private ops of
 // csrc/common/elementwise_ops.h; per-element maths in csrc/common/elementwise_math.h).
-// Max-pool windows (kernel = stride) are disjoint, so each pooled element owns the
-// full-resolution positions it scatters to: no atomics are needed.
+// Max-pool windows (kernel = stride) are disjoint, so each pooled element owns its window (and,
+// for the last window of a row or column, the positions past it that no window covers): its
+// thread writes every one of those outputs, so the pooled passes need neither atomics nor a
+// zero-filling pass. Index maths runs in 32 bits where the sizes allow.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
 
 #include "../common/elementwise_math.h"
 #include "../common/elementwise_ops.h"
@@ -22,70 +26,115 @@ int64_t blocks_for(int64_t n) {
   return std::min<int64_t>(kMaxBlocks, std::max<int64_t>(1, (n + kThreads - 1) / kThreads));
 }
 
-template <Activation A, typename T>
-__global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha,
-                                             const int64_t* a_idx, const T* b, const int64_t* b_idx,
-                                             T* out, int64_t n, int64_t pooled_plane,
-                                             int64_t full_plane, T scale) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    const T av = a_noise ? a[j] + alpha * a_noise[j] : a[j];
-    const bool a_ok = index_in_plane(a_idx[j], full_plane);
-    const bool b_ok = index_in_plane(b_idx[j], full_plane);
-    CUDA_KERNEL_ASSERT(a_ok && b_ok && "dtp_ext: pool indices outside the pool's input plane");
-    unpool_difference(out + (j / pooled_plane) * full_plane, int64_t(1), a_ok, a_idx[j], phi<A>(av),
-                      b_ok, b_idx[j], &b[j], scale);
+// Index arithmetic in 32 bits when every offset a kernel forms fits (all but huge tensors):
+// 64-bit division, which the pooled kernels do per element, costs several times more.
+template <typename F>
+void with_index_type(int64_t largest_offset, const F& f) {
+  // The grid-stride loop's last step may pass the end by a grid's worth of threads.
+  if (largest_offset + kMaxBlocks * kThreads <= std::numeric_limits<int32_t>::max()) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
   }
 }
 
-template <Activation A, typename T>
+// A pooled pass's grid: planes of height x width pooled to out_h x out_w by k x k windows.
+template <typename I>
+struct PoolGrid {
+  I height, width, out_h, out_w, k;
+};
+
+template <typename I>
+PoolGrid<I> pool_grid(at::IntArrayRef full_sizes, int64_t k) {
+  return {static_cast<I>(full_sizes[2]), static_cast<I>(full_sizes[3]),
+          static_cast<I>(full_sizes[2] / k), static_cast<I>(full_sizes[3] / k), static_cast<I>(k)};
+}
+
+// Pooled element j's plane and window; writes value(at) at every position it owns
+// (write_owned_window).
+template <typename I, typename Value, typename T>
+__device__ inline void write_pooled_element(T* out, I j, const PoolGrid<I>& g, const Value& value) {
+  const I pooled_plane = g.out_h * g.out_w;
+  const I plane = j / pooled_plane, q = j - plane * pooled_plane;
+  const I oh = q / g.out_w, ow = q - oh * g.out_w;
+  write_owned_window(out + static_cast<int64_t>(plane) * g.height * g.width, oh, ow, g.out_h,
+                     g.out_w, g.height, g.width, g.k, value);
+}
+
+template <typename I>
+__device__ inline bool index_in_own_window(int64_t index, I j, const PoolGrid<I>& g) {
+  const I q = j % (g.out_h * g.out_w);
+  return index_in_window(index, g.width, g.k, q / g.out_w, q % g.out_w);
+}
+
+template <Activation A, typename T, typename I>
+__global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alpha,
+                                             const int64_t* a_idx, const T* b, const int64_t* b_idx,
+                                             T* out, I n, PoolGrid<I> g, T scale) {
+  for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < n; j += I(gridDim.x) * blockDim.x) {
+    const T pa = phi<A>(a_noise ? a[j] + alpha * a_noise[j] : a[j]);
+    const int64_t a_at = a_idx[j], b_at = b ? b_idx[j] : -1;
+    CUDA_KERNEL_ASSERT(index_in_own_window(a_at, j, g) && (!b || index_in_own_window(b_at, j, g)) &&
+                       "dtp_ext: pool indices outside their pool window");
+    const T* bj = b ? &b[j] : nullptr;
+    write_pooled_element(out, j, g,
+                         [&](I at) { return owned_difference<T>(at, a_at, pa, b_at, bj, scale); });
+  }
+}
+
+template <Activation A, typename T, typename I>
 __global__ void phi_difference_kernel(const T* a, const T* a_noise, T alpha, const T* b, T* out,
-                                      int64_t n, T scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+                                      I n, T scale) {
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
     const T av = a_noise ? a[i] + alpha * a_noise[i] : a[i];
     out[i] = scale * (phi<A>(av) - b[i]);
   }
 }
 
-template <Activation A, typename T>
+template <Activation A, typename T, typename I>
 __global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, const T* d, T* out,
-                                                int64_t n, int64_t pooled_plane,
-                                                int64_t full_plane) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    const T g = activation_backward<A>(d[j], s[j]);
+                                                I n, PoolGrid<I> g) {
+  for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < n; j += I(gridDim.x) * blockDim.x) {
+    const T grad = activation_backward<A>(d[j], s[j]);
     if (idx) {
-      const bool ok = index_in_plane(idx[j], full_plane);
-      CUDA_KERNEL_ASSERT(ok && "dtp_ext: pool indices outside the pool's input plane");
-      if (ok) out[(j / pooled_plane) * full_plane + idx[j]] += g;
+      const int64_t at_max = idx[j];
+      CUDA_KERNEL_ASSERT(index_in_own_window(at_max, j, g) &&
+                         "dtp_ext: pool indices outside their pool window");
+      write_pooled_element(out, j, g, [&](I at) {
+        return owned_difference<T>(at, at_max, grad, -1, nullptr, T(1));
+      });
     } else {
-      out[j] = g;
+      out[j] = grad;
     }
   }
 }
 
-template <Activation A, typename T>
+template <Activation A, typename T, typename I>
 __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int64_t* idx, T* out,
-                                               int64_t n, int64_t height, int64_t width,
-                                               int64_t k) {
-  const int64_t out_h = height / k, out_w = width / k;
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t plane = j / (out_h * out_w), oh = (j / out_w) % out_h, ow = j % out_w;
+                                               I n, PoolGrid<I> g) {
+  for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < n; j += I(gridDim.x) * blockDim.x) {
+    const I pooled_plane = g.out_h * g.out_w;
+    const I plane = j / pooled_plane, q = j - plane * pooled_plane;
+    const I oh = q / g.out_w, ow = q - oh * g.out_w;
     // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
     T best;
     const int64_t best_at =
-        window_argmax<A>(z + plane * height * width, 1, oh * k * width + ow * k, width, k, best);
-    unpool_difference(out + plane * height * width, int64_t(1), true, best_at, phi<A>(best),
-                      s != nullptr, s ? idx[j] : 0, s ? &s[j] : nullptr, T(1));
+        window_argmax<A>(z + static_cast<int64_t>(plane) * g.height * g.width, 1,
+                         int64_t(oh) * g.k * g.width + int64_t(ow) * g.k, g.width, g.k, best);
+    const T phi_best = phi<A>(best);
+    const int64_t clean_at = s ? idx[j] : -1;
+    CUDA_KERNEL_ASSERT((!s || index_in_own_window(clean_at, j, g)) &&
+                       "dtp_ext: pool indices outside their pool window");
+    const T* sj = s ? &s[j] : nullptr;
+    write_pooled_element(out, j, g, [&](I at) {
+      return owned_difference<T>(at, best_at, phi_best, clean_at, sj, T(1));
+    });
   }
 }
 
-template <Activation A, typename T>
-__global__ void noisy_difference_kernel(const T* z, const T* s, T* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+template <Activation A, typename T, typename I>
+__global__ void noisy_difference_kernel(const T* z, const T* s, T* out, I n) {
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
     out[i] = phi_of_phi<A>(z[i]) - (s ? s[i] : T(0));
   }
 }
@@ -102,35 +151,39 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous();
   const auto s = s_in.defined() ? s_in.contiguous() : at::Tensor();
-  auto out = pool > 0 ? at::zeros(z.sizes(), z.options()) : at::empty(z.sizes(), z.options());
+  // Pooled: every output written by the element that owns its window (no zero fill).
+  auto out = at::empty(z.sizes(), z.options());
   const int64_t n =
       pool > 0 ? z.size(0) * z.size(1) * (z.size(2) / pool) * (z.size(3) / pool) : z.numel();
-  if (n == 0) return out;
+  if (n == 0) return out.zero_();  // no window: nothing owns the (refused upstream) map
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "noisy_difference_cuda", [&] {
     DTP_DISPATCH_ACTIVATION(activation, [&] {
-      if (pool > 0) {
-        const auto idx = s.defined() ? idx_in.contiguous() : at::Tensor();
-        noisy_difference_pooled_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
-            s.defined() ? idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-            n, z.size(2), z.size(3), pool);
-      } else {
-        noisy_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            z.const_data_ptr<scalar_t>(), s.defined() ? s.const_data_ptr<scalar_t>() : nullptr,
-            out.mutable_data_ptr<scalar_t>(), n);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(z.numel(), [&](auto index) {
+        using I = decltype(index);
+        const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+        if (pool > 0) {
+          const auto idx = s.defined() ? idx_in.contiguous() : at::Tensor();
+          noisy_difference_pooled_kernel<kAct, scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+              z.const_data_ptr<scalar_t>(), sp,
+              s.defined() ? idx.const_data_ptr<int64_t>() : nullptr,
+              out.mutable_data_ptr<scalar_t>(), static_cast<I>(n), pool_grid<I>(z.sizes(), pool));
+        } else {
+          noisy_difference_kernel<kAct, scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+              z.const_data_ptr<scalar_t>(), sp, out.mutable_data_ptr<scalar_t>(),
+              static_cast<I>(n));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;
 }
 
-template <typename T>
-__global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, int64_t n, T scale,
-                                       T wd, T mu, T step) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+template <typename T, typename I>
+__global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, I n, T scale, T wd,
+                                       T mu, T step) {
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
     sgd_ldrl_step(v[i], buf[i], h[i], e ? &e[i] : nullptr, scale, wd, mu, step);
   }
 }
@@ -156,12 +209,15 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   if (n == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cuda", [&] {
-    sgd_ldrl_update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        weight.mutable_data_ptr<scalar_t>(), momentum_buffer.mutable_data_ptr<scalar_t>(),
-        h.const_data_ptr<scalar_t>(), e.defined() ? e.const_data_ptr<scalar_t>() : nullptr, n,
-        static_cast<scalar_t>(grad_scale), static_cast<scalar_t>(weight_decay),
-        static_cast<scalar_t>(momentum), static_cast<scalar_t>(lr));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(n, [&](auto index) {
+      using I = decltype(index);
+      sgd_ldrl_update_kernel<scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+          weight.mutable_data_ptr<scalar_t>(), momentum_buffer.mutable_data_ptr<scalar_t>(),
+          h.const_data_ptr<scalar_t>(), e.defined() ? e.const_data_ptr<scalar_t>() : nullptr,
+          static_cast<I>(n), static_cast<scalar_t>(grad_scale), static_cast<scalar_t>(weight_decay),
+          static_cast<scalar_t>(momentum), static_cast<scalar_t>(lr));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -169,11 +225,12 @@ at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
                                       const at::Tensor& a_noise_in, double alpha,
                                       const at::Tensor& a_indices_in, const at::Tensor& b_in,
                                       const at::Tensor& b_indices_in, at::IntArrayRef out_sizes,
-                                      Activation activation, double scale, bool channels_last) {
+                                      int64_t pool, Activation activation, double scale,
+                                      bool channels_last) {
   TORCH_CHECK(!channels_last, "dtp_ext: channels-last outputs are not implemented on CUDA");
   if (is_reduced_float(a_in)) {  // bfloat16/float16: in float32, rounded once at the end
     return phi_unpool_difference_cuda(op, a_in.to(at::kFloat), to_opmath(a_noise_in), alpha,
-                                      a_indices_in, to_opmath(b_in), b_indices_in, out_sizes,
+                                      a_indices_in, to_opmath(b_in), b_indices_in, out_sizes, pool,
                                       activation, scale, channels_last)
         .to(a_in.scalar_type());
   }
@@ -182,29 +239,32 @@ at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
   auto a = a_in.contiguous();
   auto b = b_in.contiguous();
   auto a_noise = a_noise_in.defined() ? a_noise_in.contiguous() : at::Tensor();
-  auto out = pooled ? at::zeros(out_sizes, a.options()) : at::empty(out_sizes, a.options());
+  // Pooled: every output written by the element that owns its window (no zero fill).
+  auto out = at::empty(out_sizes, a.options());
   at::Tensor a_idx = pooled ? a_indices_in.contiguous() : at::Tensor();
   at::Tensor b_idx = pooled ? b_indices_in.contiguous() : at::Tensor();
   const int64_t n = a.numel();
-  if (n == 0) return out;
+  if (n == 0) return out.zero_();  // no window: nothing owns the (refused upstream) map
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "phi_unpool_difference_cuda", [&] {
     const scalar_t* noise = a_noise.defined() ? a_noise.const_data_ptr<scalar_t>() : nullptr;
     DTP_DISPATCH_ACTIVATION(activation, [&] {
-      if (pooled) {
-        const int64_t planes = a.size(0) * a.size(1);
-        phi_unpool_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
-            a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
-            b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), n, n / planes,
-            out.numel() / planes, static_cast<scalar_t>(scale));
-      } else {
-        phi_difference_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
-            b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
-            static_cast<scalar_t>(scale));
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(out.numel(), [&](auto index) {
+        using I = decltype(index);
+        if (pooled) {
+          phi_unpool_difference_kernel<kAct, scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+              a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
+              a_idx.const_data_ptr<int64_t>(), b.const_data_ptr<scalar_t>(),
+              b_idx.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), static_cast<I>(n),
+              pool_grid<I>(out.sizes(), pool), static_cast<scalar_t>(scale));
+        } else {
+          phi_difference_kernel<kAct, scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+              a.const_data_ptr<scalar_t>(), noise, static_cast<scalar_t>(alpha),
+              b.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), static_cast<I>(n),
+              static_cast<scalar_t>(scale));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;
@@ -212,10 +272,11 @@ at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,
 
 at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& output_in,
                                          const at::Tensor& indices_in, const at::Tensor& delta_in,
-                                         at::IntArrayRef out_sizes, Activation activation) {
+                                         at::IntArrayRef out_sizes, int64_t pool,
+                                         Activation activation) {
   if (is_reduced_float(output_in)) {  // bfloat16/float16: in float32, rounded once at the end
     return activation_pool_backward_cuda(op, output_in.to(at::kFloat), indices_in,
-                                         to_opmath(delta_in), out_sizes, activation)
+                                         to_opmath(delta_in), out_sizes, pool, activation)
         .to(output_in.scalar_type());
   }
   const c10::cuda::CUDAGuard guard(output_in.device());
@@ -223,19 +284,21 @@ at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& outpu
   auto delta = delta_in.contiguous();
   const bool pooled = indices_in.defined();
   auto indices = pooled ? indices_in.contiguous() : at::Tensor();
-  auto out =
-      pooled ? at::zeros(out_sizes, output.options()) : at::empty(out_sizes, output.options());
+  // Pooled: every output written by the element that owns its window (no zero fill).
+  auto out = at::empty(out_sizes, output.options());
   const int64_t n = output.numel();
-  if (n == 0) return out;
-  const int64_t planes = pooled ? output.size(0) * output.size(1) : 1;
+  if (n == 0) return out.zero_();  // no window: nothing owns the (refused upstream) map
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "activation_pool_backward_cuda", [&] {
     DTP_DISPATCH_ACTIVATION(activation, [&] {
-      activation_pool_backward_kernel<kAct, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          output.const_data_ptr<scalar_t>(), pooled ? indices.const_data_ptr<int64_t>() : nullptr,
-          delta.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, n / planes,
-          out.numel() / planes);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index_type(out.numel(), [&](auto index) {
+        using I = decltype(index);
+        activation_pool_backward_kernel<kAct, scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+            output.const_data_ptr<scalar_t>(), pooled ? indices.const_data_ptr<int64_t>() : nullptr,
+            delta.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), static_cast<I>(n),
+            pooled ? pool_grid<I>(out.sizes(), pool) : PoolGrid<I>{1, 1, 1, 1, 1});
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;

@@ -89,10 +89,10 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
     const auto a = noisy_difference(noisy_preactivation.to(at::kFloat), clean.phi_output,
                                     clean.block.indices, g.activation, g.pool, g.channels_last);
     terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
-    const auto u =
-        phi_unpool_difference("dtp_ext.ldrl_loss", to_opmath(clean.block.output), to_opmath(eta),
-                              1.0, clean.block.indices, clean.phi_output, clean.block.indices,
-                              clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
+    const auto u = phi_unpool_difference("dtp_ext.ldrl_loss", to_opmath(clean.block.output),
+                                         to_opmath(eta), 1.0, clean.block.indices, clean.phi_output,
+                                         clean.block.indices, clean.block.pre_pool_sizes, g.pool,
+                                         g.activation, 1.0, g.channels_last);
     const auto feedback_u =
         apply_feedback(g, u.to(feedback_weight.scalar_type()), feedback_weight, x_sizes)
             .to(at::kFloat);
@@ -109,7 +109,7 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
   terms.noise_pairing = feedback_pairing(g, eps, a, feedback_weight);
   const auto u = phi_unpool_difference(
       "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output,
-      clean.block.indices, clean.block.pre_pool_sizes, g.activation, 1.0, g.channels_last);
+      clean.block.indices, clean.block.pre_pool_sizes, g.pool, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
   // The loss's two dots are reductions: float32 when the products ran in bfloat16/float16
@@ -547,9 +547,10 @@ at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
   // Outputs are contiguous whatever layout the products ran in (what the fake kernel says).
   if (!output.defined()) return apply_feedback(g, delta, feedback_weight, input_sizes).contiguous();
   // (phi(s) - phi(s - scale*delta)) / scale, unpooled with the clean forward indices.
-  const auto u = phi_unpool_difference(
-      op, output, delta, -scale, idx, activate(g.activation, to_opmath(output)), idx,
-      pre_pool_sizes(g, input_sizes, forward_shaped), g.activation, -1.0 / scale, g.channels_last);
+  const auto u = phi_unpool_difference(op, output, delta, -scale, idx,
+                                       activate(g.activation, to_opmath(output)), idx,
+                                       pre_pool_sizes(g, input_sizes, forward_shaped), g.pool,
+                                       g.activation, -1.0 / scale, g.channels_last);
   return apply_feedback(g, u, feedback_weight, input_sizes).contiguous();
 }
 
@@ -569,10 +570,11 @@ std::tuple<at::Tensor, at::Tensor> block_weight_grad(
   check_stored_output(op, g, output, idx, delta, block_output_sizes(g, x.sizes(), weight));
   check_finite(op, {{"x", &x}, {"output", &output}, {"delta", &delta}, {"weight", &weight}});
   use_channels_last(g, x.sizes(), x.device());
-  const auto grad_pre = output.defined() ? activation_pool_backward(
-                                               op, output, idx, delta,
-                                               pre_pool_sizes(g, x.sizes(), weight), g.activation)
-                                         : delta;
+  const auto grad_pre =
+      output.defined()
+          ? activation_pool_backward(op, output, idx, delta, pre_pool_sizes(g, x.sizes(), weight),
+                                     g.pool, g.activation)
+          : delta;
   if (!g.is_conv) {
     // The bias gradient is a reduction: float32 for bfloat16/float16, returned in their dtype.
     return {at::mm(grad_pre.t(), x), to_opmath(grad_pre).sum(0).to(weight.scalar_type())};
