@@ -181,3 +181,49 @@ def test_grid_stride_loops_cover_large_tensors():
     gpu = dtp_ext.functional.ldrl_loss(*on_cuda(block, x, nx, ny))
     for g, c in zip(gpu, cpu):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-9)
+
+
+@needs_cuda
+@pytest.mark.parametrize("size, pool", [(7, 2), (8, 3), (5, 5), (9, 4)])
+def test_pooled_passes_write_every_output_without_a_zero_fill(size, pool):
+    """The pooled CUDA passes allocate their outputs uninitialised and let each pooled element
+    write its whole window, plus the edge no window covers when the map is not a multiple of
+    the pool: with the allocator's cache filled with NaN first, every pass still equals the
+    CPU bitwise (float64), including the uncovered rows and columns."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, size, size, dtype=torch.float64)
+    s, idx = torch.nn.functional.max_pool2d_with_indices(torch.tanh(z), pool, pool)
+    delta = torch.randn_like(s)
+    lib = torch.ops.dtp_ext
+
+    def passes(device):
+        z_, s_, idx_, delta_ = (t.to(device) for t in (z, s, idx, delta))
+        shape = list(z.shape)
+        return {
+            "_phi_unpool_difference": lambda: lib._phi_unpool_difference(
+                "dtp_ext.test",
+                s_,
+                delta_,
+                0.5,
+                idx_,
+                torch.tanh(s_),
+                idx_,
+                shape,
+                pool,
+                "tanh",
+                1.5,
+                False,
+            ),
+            "_noisy_difference": lambda: lib._noisy_difference(
+                z_, torch.tanh(s_), idx_, "tanh", pool, False
+            ),
+            "_activation_pool_backward": lambda: lib._activation_pool_backward(
+                "dtp_ext.test", s_, idx_, delta_, shape, pool, "tanh"
+            ),
+        }
+
+    cpu, gpu = passes("cpu"), passes("cuda")
+    for name in cpu:
+        for n in (z.numel(), s.numel(), 2 * z.numel()):  # freed blocks nearby hold NaN
+            torch.full((n,), float("nan"), dtype=z.dtype, device="cuda")
+        assert torch.equal(gpu[name]().cpu(), cpu[name]()), name

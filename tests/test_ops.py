@@ -203,3 +203,20 @@ def test_window_max_takes_nan_as_the_maximum_like_max_pool2d():
     got = out.flatten(2).isnan().nonzero()[:, 2]
     assert got.tolist() == expected.flatten().tolist() == [1, 7]
     assert (out.flatten().nan_to_num(0) == 0).all()  # the rest of each window stays zero
+
+
+@pytest.mark.parametrize("size, pool", [(7, 2), (8, 3), (5, 5), (9, 4), (6, 2)])
+def test_pooled_activation_backward_equals_max_unpool(size, pool):
+    """The window-owning pass (each pooled element writes its window and, for the last window
+    of a row or column, the edge no window covers; the same writer as the CUDA kernels) equals
+    max_unpool2d of delta * phi'(z), zeros included, on maps that are not multiples of the
+    pool."""
+    gen = torch.Generator().manual_seed(size * 10 + pool)
+    z = torch.randn(3, 4, size, size, dtype=torch.float64, generator=gen)
+    s, idx = F.max_pool2d_with_indices(torch.tanh(z), pool, pool)
+    delta = torch.randn(s.shape, dtype=torch.float64, generator=gen)
+    got = torch.ops.dtp_ext._activation_pool_backward(
+        "dtp_ext.test", s, idx, delta, list(z.shape), pool, "tanh"
+    )
+    expected = F.max_unpool2d(delta * (1 - s * s), idx, pool, pool, output_size=z.shape[2:])
+    assert torch.equal(got, expected)
