@@ -50,21 +50,33 @@ PoolGrid<I> pool_grid(at::IntArrayRef full_sizes, int64_t k) {
           static_cast<I>(full_sizes[2] / k), static_cast<I>(full_sizes[3] / k), static_cast<I>(k)};
 }
 
-// Pooled element j's plane and window; writes value(at) at every position it owns
-// (write_owned_window).
-template <typename I, typename Value, typename T>
-__device__ inline void write_pooled_element(T* out, I j, const PoolGrid<I>& g, const Value& value) {
+// Where pooled element j sits: its plane and its window's row and column, found once per element
+// (the divisions are the costly part of these kernels' index maths).
+template <typename I>
+struct PooledElement {
+  I plane, oh, ow;
+};
+
+template <typename I>
+__device__ inline PooledElement<I> locate(I j, const PoolGrid<I>& g) {
   const I pooled_plane = g.out_h * g.out_w;
   const I plane = j / pooled_plane, q = j - plane * pooled_plane;
-  const I oh = q / g.out_w, ow = q - oh * g.out_w;
-  write_owned_window(out + static_cast<int64_t>(plane) * g.height * g.width, oh, ow, g.out_h,
-                     g.out_w, g.height, g.width, g.k, value);
+  const I oh = q / g.out_w;
+  return {plane, oh, q - oh * g.out_w};
 }
 
 template <typename I>
-__device__ inline bool index_in_own_window(int64_t index, I j, const PoolGrid<I>& g) {
-  const I q = j % (g.out_h * g.out_w);
-  return index_in_window(index, g.width, g.k, q / g.out_w, q % g.out_w);
+__device__ inline bool index_in_own_window(int64_t index, const PooledElement<I>& e,
+                                           const PoolGrid<I>& g) {
+  return index_in_window(index, g.width, g.k, e.oh, e.ow);
+}
+
+// Writes value(at) at every position element e owns (write_owned_window).
+template <typename I, typename Value, typename T>
+__device__ inline void write_pooled_element(T* out, const PooledElement<I>& e, const PoolGrid<I>& g,
+                                            const Value& value) {
+  write_owned_window(out + static_cast<int64_t>(e.plane) * g.height * g.width, e.oh, e.ow, g.out_h,
+                     g.out_w, g.height, g.width, g.k, value);
 }
 
 template <Activation A, typename T, typename I>
@@ -74,10 +86,11 @@ __global__ void phi_unpool_difference_kernel(const T* a, const T* a_noise, T alp
   for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < n; j += I(gridDim.x) * blockDim.x) {
     const T pa = phi<A>(a_noise ? a[j] + alpha * a_noise[j] : a[j]);
     const int64_t a_at = a_idx[j], b_at = b ? b_idx[j] : -1;
-    CUDA_KERNEL_ASSERT(index_in_own_window(a_at, j, g) && (!b || index_in_own_window(b_at, j, g)) &&
+    const auto e = locate(j, g);
+    CUDA_KERNEL_ASSERT(index_in_own_window(a_at, e, g) && (!b || index_in_own_window(b_at, e, g)) &&
                        "dtp_ext: pool indices outside their pool window");
     const T* bj = b ? &b[j] : nullptr;
-    write_pooled_element(out, j, g,
+    write_pooled_element(out, e, g,
                          [&](I at) { return owned_difference<T>(at, a_at, pa, b_at, bj, scale); });
   }
 }
@@ -98,9 +111,10 @@ __global__ void activation_pool_backward_kernel(const T* s, const int64_t* idx, 
     const T grad = activation_backward<A>(d[j], s[j]);
     if (idx) {
       const int64_t at_max = idx[j];
-      CUDA_KERNEL_ASSERT(index_in_own_window(at_max, j, g) &&
+      const auto e = locate(j, g);
+      CUDA_KERNEL_ASSERT(index_in_own_window(at_max, e, g) &&
                          "dtp_ext: pool indices outside their pool window");
-      write_pooled_element(out, j, g, [&](I at) {
+      write_pooled_element(out, e, g, [&](I at) {
         return owned_difference<T>(at, at_max, grad, -1, nullptr, T(1));
       });
     } else {
@@ -113,20 +127,18 @@ template <Activation A, typename T, typename I>
 __global__ void noisy_difference_pooled_kernel(const T* z, const T* s, const int64_t* idx, T* out,
                                                I n, PoolGrid<I> g) {
   for (I j = blockIdx.x * I(blockDim.x) + threadIdx.x; j < n; j += I(gridDim.x) * blockDim.x) {
-    const I pooled_plane = g.out_h * g.out_w;
-    const I plane = j / pooled_plane, q = j - plane * pooled_plane;
-    const I oh = q / g.out_w, ow = q - oh * g.out_w;
+    const auto e = locate(j, g);
     // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
     T best;
     const int64_t best_at =
-        window_argmax<A>(z + static_cast<int64_t>(plane) * g.height * g.width, 1,
-                         int64_t(oh) * g.k * g.width + int64_t(ow) * g.k, g.width, g.k, best);
+        window_argmax<A>(z + static_cast<int64_t>(e.plane) * g.height * g.width, 1,
+                         int64_t(e.oh) * g.k * g.width + int64_t(e.ow) * g.k, g.width, g.k, best);
     const T phi_best = phi<A>(best);
     const int64_t clean_at = s ? idx[j] : -1;
-    CUDA_KERNEL_ASSERT((!s || index_in_own_window(clean_at, j, g)) &&
+    CUDA_KERNEL_ASSERT((!s || index_in_own_window(clean_at, e, g)) &&
                        "dtp_ext: pool indices outside their pool window");
     const T* sj = s ? &s[j] : nullptr;
-    write_pooled_element(out, j, g, [&](I at) {
+    write_pooled_element(out, e, g, [&](I at) {
       return owned_difference<T>(at, best_at, phi_best, clean_at, sj, T(1));
     });
   }
