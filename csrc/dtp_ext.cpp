@@ -157,11 +157,14 @@ TORCH_LIBRARY(dtp_ext, m) {
   // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
   // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
   // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). weight and momentum_buffer
-  // contiguous; an absent noise pairing is zero (the reconstruction loss's plain gradient).
+  // in one dense layout (contiguous or channels-last); an absent noise pairing is zero (the
+  // reconstruction loss's plain gradient). Returns <V, noise_pairing> for the V before the step
+  // (the loss's noise term, a reduction: float32 for a bfloat16/float16 weight; 0 without a noise
+  // pairing), which the pass reads anyway.
   m.def(
       "_sgd_ldrl_update(Tensor(a!) weight, Tensor(b!) momentum_buffer, "
       "Tensor reconstruction_pairing, Tensor? noise_pairing, float grad_scale, "
-      "float weight_decay, float momentum, float lr) -> ()");
+      "float weight_decay, float momentum, float lr) -> Tensor");
   // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the
   // block's own output, as a tensor of `out_sizes`.
   m.def(

@@ -617,7 +617,9 @@ def _sgd_ldrl_update(
     momentum,
     lr,
 ):
-    return None
+    # <weight, noise_pairing> before the step: a reduction, float32 for a low-precision weight.
+    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    return weight.new_empty((), dtype=dtype)
 
 
 def _activation_pool_backward(op, output, indices, delta, out_sizes, pool, activation):

@@ -26,10 +26,10 @@ def pooled_block():
     return b, x, out, idx
 
 
-@pytest.mark.parametrize("bad", [10**9, -1, 64, 63, 2])
+@pytest.mark.parametrize("bad", [10**9, -1, 64, 63, 2, 10, 16, -(2**63), 2**63 - 1])
 def test_pool_indices_outside_their_window_are_refused(bad):
-    """Outside the plane (10**9, -1, 64) or inside it but in another pool window (63, 2: the
-    first window is positions 0, 1, 8, 9): refused by the op, as each pooled element owns its
+    """Outside the plane (10**9, -1, 64, the int64 extremes) or inside it but in another pool
+    window (63, 2, 10, 16: the first window is positions 0, 1, 8, 9): refused by the op, as each pooled element owns its
     window (on CUDA its thread writes that window and nothing else)."""
     b, x, out, idx = pooled_block()
     idx = idx.clone()

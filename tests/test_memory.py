@@ -69,5 +69,7 @@ def test_memory_budget_bounds_the_feedback_phase(tmp_path):
     # docs/memory.md: extra <= max(budget, one iteration) + two iterations' working set;
     # 8 MB of slack for the allocator's rounding.
     assert small["extra_mb"] <= 32 + 2 * per_iteration + 8, small
-    # Without the cap the 16 iterations are batched and the peak grows accordingly.
-    assert large["extra_mb"] > 3 * small["extra_mb"], (small, large)
+    # Without the cap the 16 iterations are batched and the peak grows accordingly: the chunk
+    # holds eps, x + eps and the conv output of each (8 of the 16 MB the budget counts; 128 MB
+    # against 49 MB when this bound was set).
+    assert large["extra_mb"] > 2 * small["extra_mb"], (small, large)

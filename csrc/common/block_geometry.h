@@ -53,6 +53,22 @@ inline at::Tensor to_opmath(const at::Tensor& t) {
   return t.defined() && is_reduced_float(t) ? t.to(at::kFloat) : t;
 }
 
+// The dense layout t is in: channels-last for a 4-D tensor that is channels-last and not
+// contiguous, else contiguous.
+inline at::MemoryFormat dense_format(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// A 1-D view of a dense tensor in its memory order (contiguous or channels-last): a tensor's dot
+// with itself, or with another of the same layout, needs no copy.
+inline at::Tensor flat(const at::Tensor& t) {
+  if (t.is_contiguous()) return t.view(-1);
+  TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  return t.permute({0, 2, 3, 1}).view(-1);
+}
+
 // The conv's output map is at least 1x1 and, with a pool, at least pool x pool.
 void check_map_sizes(const char* op, const BlockGeometry& g, at::IntArrayRef input_sizes,
                      const at::Tensor& weight);

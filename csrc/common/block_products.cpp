@@ -190,7 +190,7 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
                                        s[1] * g.dilation[0], s[2] * g.dilation[1], s[3]})
                           .reshape({-1, kh * kw * cin});
     const auto q_rows = q.permute({1, 0, 2, 3}).reshape({cout, -1});  // [Cout, B*L]
-    return at::mm(q_rows, cols).view({cout, kh, kw, cin}).permute({0, 3, 1, 2}).contiguous();
+    return at::mm(q_rows, cols).view({cout, kh, kw, cin}).permute({0, 3, 1, 2});
   }
   if (pairs_in_float32(g, p, q, feedback_weight)) {
     // Mixed precision on a CPU without native bfloat16 products (float16 anywhere on the CPU):
@@ -216,7 +216,7 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
   auto grads = at::convolution_backward(
       conv_layout(g, q), conv_layout(g, p), conv_layout(g, feedback_weight), c10::nullopt, g.stride,
       g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups, {false, true, false});
-  return std::get<1>(grads).contiguous();
+  return std::get<1>(grads);
 }
 
 }  // namespace dtp_ext

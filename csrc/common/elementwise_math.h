@@ -42,23 +42,25 @@ C10_HOST_DEVICE inline T phi_of_phi(T z) {
 // place of the best so far when it is larger or NaN, so the first maximum wins and a NaN beats
 // everything. Applied to phi(z), as the official code pools phi(op(x)): where phi saturates
 // (tanh, ELU far below 0) positions with different z tie, and the first one wins.
+// (Both comparisons are evaluated, without a branch: which entry wins is data.)
 template <typename T>
 C10_HOST_DEVICE inline bool window_takes(T candidate, T best) {
-  return candidate > best || candidate != candidate;
+  return (candidate > best) | (candidate != candidate);
 }
 
 // The k x k window of a plane (`width` wide, neighbours `es` elements apart) starting at
-// position `first`, ranked by phi<A> of its values: returns where the window's maximum sits (a
-// position of the plane) and stores it in `best`.
-template <Activation A, typename T>
-C10_HOST_DEVICE inline int64_t window_argmax(const T* plane, int64_t es, int64_t first,
-                                             int64_t width, int64_t k, T& best) {
+// position `first`, ranked by rank(value) (max-pool's rule): returns where the window's maximum
+// sits (a position of the plane) and stores its rank in `best`.
+template <typename T, typename Rank, typename R>
+C10_HOST_DEVICE inline int64_t window_argmax_ranked(const T* plane, int64_t es, int64_t first,
+                                                    int64_t width, int64_t k, const Rank& rank,
+                                                    R& best) {
   int64_t best_at = first;
-  best = phi<A>(plane[first * es]);
+  best = rank(plane[first * es]);
   for (int64_t kh = 0; kh < k; ++kh) {
     for (int64_t kw = 0; kw < k; ++kw) {
       const int64_t at = first + kh * width + kw;
-      const T v = phi<A>(plane[at * es]);
+      const R v = rank(plane[at * es]);
       if (window_takes(v, best)) {
         best = v;
         best_at = at;
@@ -68,26 +70,53 @@ C10_HOST_DEVICE inline int64_t window_argmax(const T* plane, int64_t es, int64_t
   return best_at;
 }
 
+// Ranks a value by phi<A> of it, as the pool ranks phi(z).
+template <Activation A>
+struct PhiRank {
+  template <typename T>
+  C10_HOST_DEVICE T operator()(T v) const {
+    return phi<A>(v);
+  }
+};
+
+// The window ranked by phi<A> of its values.
+template <Activation A, typename T>
+C10_HOST_DEVICE inline int64_t window_argmax(const T* plane, int64_t es, int64_t first,
+                                             int64_t width, int64_t k, T& best) {
+  return window_argmax_ranked(plane, es, first, width, k, PhiRank<A>{}, best);
+}
+
 // The same rule on a 2x2 window (v0 v1 / v2 v3), branch-free as a tournament (v0 vs v1, v2 vs
 // v3, then the winners), which gives the row-major scan's answer: where the maximum sits is
-// data, not a pattern, and branches mispredict on every other window. Returns the maximum's
-// offset from v0's position in a plane `width` wide.
+// data, not a pattern, and branches mispredict on every other window. The winners are picked
+// by index from the window's values (integer selections; a float ?: compiled to branches).
+// Returns the maximum's offset from v0's position in a plane `width` wide.
 template <typename T>
 C10_HOST_DEVICE inline int64_t window_argmax_2x2(T v0, T v1, T v2, T v3, int64_t width, T& best) {
-  const int64_t c1 = window_takes(v1, v0), c3 = window_takes(v3, v2);
-  const T m01 = c1 ? v1 : v0, m23 = c3 ? v3 : v2;
-  const int64_t c = window_takes(m23, m01);
-  best = c ? m23 : m01;
-  return c1 + c * (width + c3 - c1);
+  const T v[4] = {v0, v1, v2, v3};
+  const int i01 = window_takes(v1, v0), i23 = 2 + window_takes(v3, v2);
+  const int i = window_takes(v[i23], v[i01]) ? i23 : i01;
+  best = v[i];
+  return (i >> 1) * width + (i & 1);
 }
 
 // Max-pool windows (kernel = stride = k, no padding) tile the plane's top-left k*out_h x
 // k*out_w corner, and a max-pool index addresses a position of its own window (what
 // max_pool2d returns; max_unpool2d only checks the plane, but an index elsewhere is not a
 // pool's). Checked for the pooled element at (oh, ow) of a plane `width` wide.
+// Without divisions or data-dependent branches (a pass checks two indices per pooled element;
+// 64-bit divisions and mispredicted branches made the check cost more than the pass): the
+// index must be first + r * width + c with 0 <= r, c < k, first the window's first position
+// (unsigned arithmetic: exact for any int64 index, modulo 2^64).
 C10_HOST_DEVICE inline bool index_in_window(int64_t index, int64_t width, int64_t k, int64_t oh,
                                             int64_t ow) {
-  return index >= 0 && index / width / k == oh && index % width / k == ow;
+  const uint64_t offset =
+      static_cast<uint64_t>(index) - static_cast<uint64_t>((oh * width + ow) * k);
+  bool inside = false;
+  for (int64_t r = 0; r < k; ++r) {
+    inside |= offset - static_cast<uint64_t>(r * width) < static_cast<uint64_t>(k);
+  }
+  return inside;
 }
 
 // The positions a window-owning pass writes for pooled element `o` of `count` along one axis
@@ -101,36 +130,32 @@ C10_HOST_DEVICE inline OwnedSpan owned_span(int64_t o, int64_t count, int64_t si
   return {o * k, o + 1 == count ? size : (o + 1) * k};
 }
 
-// Writes value(at) at every position of its plane (`width` wide, `height` high) that pooled
-// element (oh, ow) of an out_h x out_w grid owns: the window-owning form of the pooled passes,
-// which writes every output once instead of zero-filling and scattering.
-template <typename I, typename T, typename Value>
-C10_HOST_DEVICE inline void write_owned_window(T* plane, I oh, I ow, I out_h, I out_w, I height,
-                                               I width, I k, const Value& value) {
+// Calls visit(at) for every position `at` of its plane (`width` wide, `height` high) that
+// pooled element (oh, ow) of an out_h x out_w grid owns, row by row.
+template <typename I, typename Visit>
+C10_HOST_DEVICE inline void for_each_owned_position(I oh, I ow, I out_h, I out_w, I height, I width,
+                                                    I k, const Visit& visit) {
   const OwnedSpan rows = owned_span(oh, out_h, height, k);
   const OwnedSpan cols = owned_span(ow, out_w, width, k);
   for (I r = static_cast<I>(rows.begin); r < static_cast<I>(rows.end); ++r) {
-    for (I c = static_cast<I>(cols.begin); c < static_cast<I>(cols.end); ++c) {
-      plane[r * width + c] = value(r * width + c);
-    }
+    for (I c = static_cast<I>(cols.begin); c < static_cast<I>(cols.end); ++c) visit(r * width + c);
   }
 }
 
-// One pooled element's share of scale * (unpool(a) - unpool(b)) in its plane (neighbours `es`
-// apart): a adds at a_at, b (when there is a second term) subtracts at b_at; a position that
-// failed its index check (a_ok, b_ok false) is not written. Windows are disjoint, so no other
-// element writes these positions.
-template <typename T>
-C10_HOST_DEVICE inline void unpool_difference(T* plane, int64_t es, bool a_ok, int64_t a_at, T a,
-                                              bool b_ok, int64_t b_at, const T* b, T scale) {
-  if (a_ok) plane[a_at * es] += scale * a;
-  if (b && b_ok) plane[b_at * es] -= scale * *b;
+// Writes value(at) at every position of its (contiguous) plane that pooled element (oh, ow)
+// owns: the window-owning form of the pooled passes, which writes every output once instead of
+// zero-filling and scattering.
+template <typename I, typename T, typename Value>
+C10_HOST_DEVICE inline void write_owned_window(T* plane, I oh, I ow, I out_h, I out_w, I height,
+                                               I width, I k, const Value& value) {
+  for_each_owned_position(oh, ow, out_h, out_w, height, width, k,
+                          [&](I at) { plane[at] = value(at); });
 }
 
 // The value of scale * (unpool(a) - unpool(b)) at position `at` of a window that a single pooled
-// element owns (a at a_at, b at b_at when there is a second term): the same additions, in the
-// same order, as unpool_difference's on a zero-filled plane, so the owning pass that writes
-// every position gives the scattering pass's bits.
+// element owns (a at a_at, b at b_at when there is a second term; -1: nowhere): the additions,
+// in the order, of scattering a and then b into a zero-filled plane (max_unpool2d(a) -
+// max_unpool2d(b)), each position computed once in T.
 template <typename T>
 C10_HOST_DEVICE inline T owned_difference(int64_t at, int64_t a_at, T a, int64_t b_at, const T* b,
                                           T scale) {

@@ -26,10 +26,10 @@ using NoisyDifferenceKernel = at::Tensor (*)(const at::Tensor& z_noisy,
                                              const at::Tensor& clean_phi_output,
                                              const at::Tensor& clean_indices, Activation activation,
                                              int64_t pool, bool channels_last);
-using SgdLdrlUpdateKernel = void (*)(at::Tensor& weight, at::Tensor& momentum_buffer,
-                                     const at::Tensor& reconstruction_pairing,
-                                     const at::Tensor& noise_pairing, double grad_scale,
-                                     double weight_decay, double momentum, double lr);
+using SgdLdrlUpdateKernel = at::Tensor (*)(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                           const at::Tensor& reconstruction_pairing,
+                                           const at::Tensor& noise_pairing, double grad_scale,
+                                           double weight_decay, double momentum, double lr);
 using ActivationPoolBackwardKernel = at::Tensor (*)(const char* op, const at::Tensor& output,
                                                     const at::Tensor& indices,
                                                     const at::Tensor& delta,
@@ -70,11 +70,12 @@ at::Tensor noisy_difference(const at::Tensor& z_noisy, const OptionalTensor& cle
 }
 
 template <SgdLdrlUpdateKernel K>
-void sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
-                     const at::Tensor& reconstruction_pairing, const OptionalTensor& noise_pairing,
-                     double grad_scale, double weight_decay, double momentum, double lr) {
-  K(weight, momentum_buffer, reconstruction_pairing, or_undefined(noise_pairing), grad_scale,
-    weight_decay, momentum, lr);
+at::Tensor sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
+                           const at::Tensor& reconstruction_pairing,
+                           const OptionalTensor& noise_pairing, double grad_scale,
+                           double weight_decay, double momentum, double lr) {
+  return K(weight, momentum_buffer, reconstruction_pairing, or_undefined(noise_pairing), grad_scale,
+           weight_decay, momentum, lr);
 }
 
 template <ActivationPoolBackwardKernel K>
@@ -130,14 +131,15 @@ inline at::Tensor noisy_difference(const at::Tensor& z_noisy, const at::Tensor& 
                         channels_last);
 }
 
-inline void sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
-                            const at::Tensor& reconstruction_pairing,
-                            const at::Tensor& noise_pairing, double grad_scale, double weight_decay,
-                            double momentum, double lr) {
+// Returns <weight before the step, noise_pairing> (see the schema).
+inline at::Tensor sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                  const at::Tensor& reconstruction_pairing,
+                                  const at::Tensor& noise_pairing, double grad_scale,
+                                  double weight_decay, double momentum, double lr) {
   static const auto op_handle =
       schema::handle<decltype(schema::sgd_ldrl_update<nullptr>)>("dtp_ext::_sgd_ldrl_update");
-  op_handle.call(weight, momentum_buffer, reconstruction_pairing,
-                 schema::as_optional(noise_pairing), grad_scale, weight_decay, momentum, lr);
+  return op_handle.call(weight, momentum_buffer, reconstruction_pairing,
+                        schema::as_optional(noise_pairing), grad_scale, weight_decay, momentum, lr);
 }
 
 inline at::Tensor activation_pool_backward(const char* op, const at::Tensor& output,

@@ -200,25 +200,32 @@ __global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, I n
   }
 }
 
-void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
-                          const at::Tensor& reconstruction_pairing, const at::Tensor& noise_pairing,
-                          double grad_scale, double weight_decay, double momentum, double lr) {
+at::Tensor sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                const at::Tensor& reconstruction_pairing,
+                                const at::Tensor& noise_pairing, double grad_scale,
+                                double weight_decay, double momentum, double lr) {
   if (is_reduced_float(weight)) {  // no float32 master: the step in float32, rounded once
     auto w = weight.to(at::kFloat);
     auto buf = momentum_buffer.to(at::kFloat);
-    sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale, weight_decay,
-                         momentum, lr);
+    auto dot = sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
+                                    weight_decay, momentum, lr);
     weight.copy_(w);
     momentum_buffer.copy_(buf);
-    return;
+    return dot;
   }
   const c10::cuda::CUDAGuard guard(weight.device());
   // Pairings in a lower dtype (bfloat16 products, float32 masters) are read in the weight's.
-  const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous();
-  const auto e =
-      noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous() : at::Tensor();
+  // The pass runs in memory order over tensors of one dense layout (the weight's).
+  const auto format = dense_format(weight);
+  TORCH_INTERNAL_ASSERT(weight.is_contiguous(format) &&
+                        momentum_buffer.strides() == weight.strides());
+  const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous(format);
+  const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous(format)
+                                         : at::Tensor();
+  // <V, E> before the step, by cuBLAS on the current stream (queued ahead of the update).
+  auto dot = e.defined() ? at::dot(flat(weight), flat(e)) : at::zeros({}, weight.options());
   const int64_t n = weight.numel();
-  if (n == 0) return;
+  if (n == 0) return dot;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cuda", [&] {
     with_index_type(n, [&](auto index) {
@@ -231,6 +238,7 @@ void sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  return dot;
 }
 
 at::Tensor phi_unpool_difference_cuda(const char* op, const at::Tensor& a_in,

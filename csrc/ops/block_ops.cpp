@@ -59,28 +59,20 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
 //   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
 //   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
 //   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
-// Neither G(y) nor any bias is evaluated: they cancel in every difference. The loss is returned
-// times B (two dots and one combine); callers divide once, a loop once per call.
-// A 1-D view of a dense tensor in its memory order (contiguous or channels-last): a tensor's dot
-// with itself needs no copy. (<V, E> pairs two tensors element by element: logical order.)
-at::Tensor flat(const at::Tensor& t) {
-  if (t.is_contiguous()) return t.view(-1);
-  TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast));
-  return t.permute({0, 2, 3, 1}).view(-1);
-}
+// Neither G(y) nor any bias is evaluated: they cancel in every difference. The terms give B times
+// the loss as |V.u|^2 - 2 <V, E>: ldrl_loss takes the dot, a loop's SGD pass returns it as it
+// reads V and E for the step; callers divide by B once, a loop once per call.
 
 struct LdrlTerms {
-  at::Tensor batch_loss;              // B * loss
+  at::Tensor reconstruction;          // |V.u|^2 (float32 for bfloat16/float16 products)
   at::Tensor reconstruction_pairing;  // H
   at::Tensor noise_pairing;           // E
 };
 
-// `feedback_weight` is V in the products' dtype and layout; `loss_weight` is V as the loss's
-// dot reads it (a contiguous float32 master when the products run in bfloat16/float16).
+// `feedback_weight` is V in the products' dtype and layout.
 LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArrayRef x_sizes,
-                     const at::Tensor& feedback_weight, const at::Tensor& loss_weight,
-                     const at::Tensor& eps, const at::Tensor& noisy_preactivation,
-                     const at::Tensor& eta) {
+                     const at::Tensor& feedback_weight, const at::Tensor& eps,
+                     const at::Tensor& noisy_preactivation, const at::Tensor& eta) {
   LdrlTerms terms;
   if (pairs_in_float32(g, eps, noisy_preactivation, feedback_weight)) {
     // Low precision whose pairings run in float32 (CPU convs): a and u stay float32 from their
@@ -98,10 +90,7 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
             .to(at::kFloat);
     terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
     const auto fu = flat(feedback_u);
-    terms.batch_loss = at::sub(
-        at::dot(fu, fu),
-        at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))),
-        2.0);
+    terms.reconstruction = at::dot(fu, fu);
     return terms;
   }
   const auto a = noisy_difference(noisy_preactivation, clean.phi_output, clean.block.indices,
@@ -112,12 +101,12 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
       clean.block.indices, clean.block.pre_pool_sizes, g.pool, g.activation, 1.0, g.channels_last);
   const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
   terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  // The loss's two dots are reductions: float32 when the products ran in bfloat16/float16
-  // (at::dot would return, and round to, the input dtype).
-  const auto fu = to_opmath(flat(feedback_u));
-  terms.batch_loss = at::sub(
-      at::dot(fu, fu),
-      at::dot(to_opmath(loss_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))), 2.0);
+  // |V.u|^2 is a reduction: float32 when the products ran in bfloat16/float16 (at::dot would
+  // return, and round to, the input dtype; a float32 norm reads V.u as it is, without a copy).
+  const auto fu = flat(feedback_u);
+  terms.reconstruction =
+      is_reduced_float(fu) ? at::linalg_vector_norm(fu, 2, c10::nullopt, false, at::kFloat).square()
+                           : at::dot(fu, fu);
   return terms;
 }
 
@@ -149,15 +138,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
                     {"noise_y", &noise_y}});
 
   const auto clean = clean_pass(g, x, weight, bias);
-  auto terms = ldrl_terms(g, clean, x.sizes(), feedback_weight, feedback_weight, noise_x,
+  auto terms = ldrl_terms(g, clean, x.sizes(), feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
+  const auto batch_loss = at::sub(
+      terms.reconstruction,
+      at::dot(to_opmath(feedback_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))),
+      2.0);
   // H - E in float32 (the two pairings nearly cancel once V approaches W^T), returned in the
   // feedback weight's dtype.
   auto grad_weight = (to_opmath(terms.reconstruction_pairing) - to_opmath(terms.noise_pairing))
                          .mul_(2.0 / static_cast<double>(x.size(0)))
-                         .to(feedback_weight.scalar_type());
+                         .to(feedback_weight.scalar_type())
+                         .contiguous();
   auto grad_bias = at::zeros({x.size(1)}, x.options());
-  return {terms.batch_loss.div_(static_cast<double>(x.size(0))), grad_weight, grad_bias};
+  return {batch_loss.div_(static_cast<double>(x.size(0))), grad_weight, grad_bias};
 }
 
 // What both feedback losses' loops share: argument checks (check_feedback_loop), then noise
@@ -297,7 +291,7 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
                              const at::Tensor& unrolled_weight, Iteration iteration) {
   const auto& g = a.g;
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
-  const auto x_contig = x.contiguous();
+  const auto x_conv = conv_layout(g, x.contiguous());
   const int64_t batch = x.size(0);
   // Losses are reductions: float32 when x is bfloat16/float16.
   auto losses = allocate(a.op, "iterations", {a.iterations},
@@ -308,39 +302,55 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
     std::vector<at::Tensor> chunk_losses(count);
     // Noise is drawn eps_k (then eta_k) for each iteration k, so the stream of random numbers
     // (and so the result) does not depend on chunk_iterations.
-    at::Tensor eps_chunk;
+    // eps_k of the chunk, in x's dtype and the convolutions' layout (the operand of the noise
+    // pairing; x + eps is formed from it).
+    at::Tensor eps_conv;
     std::vector<at::Tensor> eta(count);
+    const auto chunk_sizes = noise_shape(x.sizes(), count);
+    const auto conv_format =
+        g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     if (noise_x.has_value()) {
-      eps_chunk = noise_x->narrow(0, start, count);
+      eps_conv = noise_x->narrow(0, start, count).flatten(0, 1).contiguous(conv_format);
       if (a.draws_eta) {
         for (const auto i : c10::irange(count)) eta[i] = (*noise_y)[start + i];
       }
     } else {
       // normal_(0, sigma) draws the numbers of at::randn and scales them, in one pass: the
-      // same noise as randn(...) * sigma, drawn into slices to keep the same stream.
-      // bfloat16/float16: drawn in float32 and rounded, so a seed gives the same noise as in a
-      // float32 run (normal_ on a low-precision tensor draws another stream).
-      const auto noise_options =
+      // same noise as randn(...) * sigma, drawn per iteration to keep the same stream, in
+      // NCHW order (a draw into a channels-last slice would fill it in memory order) and
+      // copied into the chunk's layout. bfloat16/float16: drawn in float32 and rounded as it is
+      // copied, so a seed gives the same noise as in a float32 run (normal_ on a low-precision
+      // tensor draws another stream), without a float32 copy of the whole chunk.
+      const auto draw_options =
           x.options().dtype(is_reduced_float(x) ? at::kFloat : x.scalar_type());
-      eps_chunk = allocate(a.op, "chunk_iterations", noise_shape(x.sizes(), count), noise_options);
+      const bool draw_in_place = !is_reduced_float(x) && !g.channels_last;
+      std::vector<int64_t> sizes{count * batch};
+      sizes.insert(sizes.end(), x.sizes().begin() + 1, x.sizes().end());
+      eps_conv = allocate(a.op, "chunk_iterations", sizes, x.options().memory_format(conv_format));
+      const auto eps_draws = eps_conv.view(chunk_sizes);
       for (const auto i : c10::irange(count)) {
-        eps_chunk[i].normal_(0.0, a.noise_std);
+        if (draw_in_place) {
+          eps_draws[i].normal_(0.0, a.noise_std);
+        } else {
+          eps_draws[i].copy_(at::empty(x.sizes(), draw_options).normal_(0.0, a.noise_std));
+        }
         if (a.draws_eta) {
           eta[i] =
-              at::empty(output_sizes, noise_options).normal_(0.0, a.noise_std).to(x.scalar_type());
+              at::empty(output_sizes, draw_options).normal_(0.0, a.noise_std).to(x.scalar_type());
         }
       }
-      eps_chunk = eps_chunk.to(x.scalar_type());
     }
-    // F(x + eps) does not depend on the feedback weights: one batched pass per chunk.
-    const auto noisy_input = conv_layout(g, (eps_chunk + x_contig.unsqueeze(0)).flatten(0, 1));
-    // The noise, in the layout of the weight-gradient product that pairs it (once per chunk).
-    const auto eps_conv = conv_layout(g, eps_chunk.flatten(0, 1)).split(batch);
+    // F(x + eps) does not depend on the feedback weights: one batched pass per chunk, on
+    // x + eps formed in the convolutions' layout.
+    auto noisy_input = at::empty_like(eps_conv);
+    auto noisy_view = noisy_input.view(chunk_sizes);
+    at::add_out(noisy_view, eps_conv.view(chunk_sizes), x_conv);
+    const auto eps_split = eps_conv.split(batch);
     const auto noisy_inputs = noisy_input.split(batch);
     const auto noisy_preactivations =
         preactivation(g, noisy_input, weight, bias, unrolled_weight).split(batch);
     for (const auto i : c10::irange(count)) {
-      chunk_losses[i] = iteration(eps_conv[i], noisy_inputs[i], noisy_preactivations[i], eta[i]);
+      chunk_losses[i] = iteration(eps_split[i], noisy_inputs[i], noisy_preactivations[i], eta[i]);
       interrupts.poll();
     }
     losses.narrow(0, start, count).copy_(at::stack(chunk_losses));
@@ -348,9 +358,9 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
   return losses.div_(static_cast<double>(batch));  // the iterations return B * loss
 }
 
-// The loops update their state in place with flat, contiguous passes. A state tensor in another
-// layout (a channels-last model's feedback weight) is updated through a contiguous copy that
-// is written back at the end.
+// The loops update their state in place with flat passes over dense tensors. A state tensor in
+// another layout (a channels-last model's feedback weight) is updated through a contiguous copy
+// that is written back at the end.
 struct LoopState {
   at::Tensor* targets[4];
   at::Tensor weight, bias, momentum_weight, momentum_bias;
@@ -360,6 +370,15 @@ struct LoopState {
         bias(b.contiguous()),
         momentum_weight(mw.contiguous()),
         momentum_bias(mb.contiguous()) {}
+  // Float32 masters (whose products read a per-iteration cast of V anyway) move to the layout
+  // the pairings come out in (channels-last from the im2col route and channels-last convs), so
+  // the SGD pass reads the pairings without a reordering copy each.
+  void follow(const at::Tensor& pairing) {
+    const auto format = dense_format(pairing);
+    if (weight.is_contiguous(format) && momentum_weight.strides() == weight.strides()) return;
+    weight = weight.contiguous(format);
+    momentum_weight = momentum_weight.contiguous(format);
+  }
   void write_back() {
     const at::Tensor* work[4] = {&weight, &bias, &momentum_weight, &momentum_bias};
     for (int i = 0; i < 4; ++i) {
@@ -424,17 +443,22 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
       args, x, weight, bias, noise_x, noise_y, unrolled,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
-        // One copy casts V and puts it in the convolutions' layout.
+        // One copy casts V, in the convolutions' layout or, for NCHW convolutions, the
+        // master's (a channels-last weight there costs the small maps' products nothing; a
+        // reordering cast did, per iteration).
         const auto v = master ? at::empty(state.weight.sizes(),
                                           x.options().memory_format(
                                               args.g.channels_last ? at::MemoryFormat::ChannelsLast
-                                                                   : at::MemoryFormat::Contiguous))
+                                                                   : dense_format(state.weight)))
                                     .copy_(state.weight)
                               : state.weight;
-        auto terms = ldrl_terms(args.g, clean, x.sizes(), v, state.weight, eps, z_noisy, eta);
-        sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
-                        terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
-        return terms.batch_loss;
+        auto terms = ldrl_terms(args.g, clean, x.sizes(), v, eps, z_noisy, eta);
+        if (master) state.follow(terms.reconstruction_pairing);
+        // The update returns <V, E> for the V of this iteration (the float32 master).
+        const auto noise_dot =
+            sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
+                            terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
+        return at::sub(terms.reconstruction, noise_dot, 2.0);
       });
   // dloss/dc is exactly zero: only momentum and weight decay move the feedback bias.
   sgd_momentum_decay(state.bias, state.momentum_bias, iterations, lr, momentum, weight_decay);
