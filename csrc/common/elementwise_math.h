@@ -95,7 +95,8 @@ template <typename T>
 C10_HOST_DEVICE inline int64_t window_argmax_2x2(T v0, T v1, T v2, T v3, int64_t width, T& best) {
   const T v[4] = {v0, v1, v2, v3};
   const int i01 = window_takes(v1, v0), i23 = 2 + window_takes(v3, v2);
-  const int i = window_takes(v[i23], v[i01]) ? i23 : i01;
+  // i23 if it takes i01's place, by a mask (a ?: here compiled to two branches as well).
+  const int i = i01 ^ ((i01 ^ i23) & -static_cast<int>(window_takes(v[i23], v[i01])));
   best = v[i];
   return (i >> 1) * width + (i & 1);
 }
