@@ -158,9 +158,9 @@ TORCH_LIBRARY(dtp_ext, m) {
   // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
   // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). weight and momentum_buffer
   // in one dense layout (contiguous or channels-last); an absent noise pairing is zero (the
-  // reconstruction loss's plain gradient). Returns <V, noise_pairing> for the V before the step
-  // (the loss's noise term, a reduction: float32 for a bfloat16/float16 weight; 0 without a noise
-  // pairing), which the pass reads anyway.
+  // reconstruction loss's plain gradient). Returns <V, reconstruction> - 2 <V, noise> for the V
+  // before the step (B times the L-DRL loss; a reduction: float32 for a bfloat16/float16
+  // weight), from what the pass reads anyway.
   m.def(
       "_sgd_ldrl_update(Tensor(a!) weight, Tensor(b!) momentum_buffer, "
       "Tensor reconstruction_pairing, Tensor? noise_pairing, float grad_scale, "

@@ -97,18 +97,20 @@ def test_bfloat16_noisy_difference_ranks_phi_as_the_float32_pass_does(activation
     assert got[1, 3, 2, 3].isnan()  # the NaN won its window
 
 
-def test_sgd_update_returns_the_noise_dot_before_its_step():
-    """The fused SGD pass returns <V, E> for the V it read (the loss's noise term), in float64
-    to 1e-12 and, for float32 masters with bfloat16 pairings, in float32; 0 without a noise
-    pairing; a channels-last state updates exactly as a contiguous one."""
+def test_sgd_update_returns_the_batch_loss_for_the_v_it_read():
+    """The fused SGD pass returns <V, H> - 2 <V, E> for the V it read (B times the L-DRL loss:
+    <V, H> = |V.u|^2), in float64 to 1e-12 and, for float32 masters with bfloat16 pairings, in
+    float32; <V, H> without a noise pairing; a channels-last state updates exactly as a
+    contiguous one."""
     gen = torch.Generator().manual_seed(3)
     v = torch.randn(8, 6, 3, 3, dtype=torch.float64, generator=gen)
     h = torch.randn(v.shape, dtype=torch.float64, generator=gen)
     e = torch.randn(v.shape, dtype=torch.float64, generator=gen)
+    dot = lambda a, b: torch.dot(a.double().flatten(), b.double().flatten()).item()
     w, buf = v.clone(), torch.zeros_like(v)
-    dot = torch.ops.dtp_ext._sgd_ldrl_update(w, buf, h, e, 0.25, 1e-3, 0.9, 0.1)
-    assert dot.dtype == torch.float64 and dot.dim() == 0
-    assert abs(dot.item() - torch.dot(v.flatten(), e.flatten()).item()) < 1e-12 * v.numel()
+    loss = torch.ops.dtp_ext._sgd_ldrl_update(w, buf, h, e, 0.25, 1e-3, 0.9, 0.1)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    assert abs(loss.item() - (dot(v, h) - 2 * dot(v, e))) < 1e-12 * v.numel()
     expected_buf = 0.25 * (h - e) + 1e-3 * v
     assert torch.allclose(buf, expected_buf, rtol=0, atol=1e-15)
     assert torch.allclose(w, v - 0.1 * expected_buf, rtol=0, atol=1e-15)
@@ -117,10 +119,10 @@ def test_sgd_update_returns_the_noise_dot_before_its_step():
     master = v.float()
     h16, e16 = h.to(torch.bfloat16), e.to(torch.bfloat16)
     flat_w, flat_buf = master.clone(), torch.zeros_like(master)
-    flat_dot = torch.ops.dtp_ext._sgd_ldrl_update(flat_w, flat_buf, h16, e16, 0.25, 0, 0.9, 0.1)
+    flat_loss = torch.ops.dtp_ext._sgd_ldrl_update(flat_w, flat_buf, h16, e16, 0.25, 0, 0.9, 0.1)
     cl_w = master.contiguous(memory_format=CL)
     cl_buf = torch.zeros_like(cl_w)
-    cl_dot = torch.ops.dtp_ext._sgd_ldrl_update(
+    cl_loss = torch.ops.dtp_ext._sgd_ldrl_update(
         cl_w,
         cl_buf,
         h16.contiguous(memory_format=CL),
@@ -130,12 +132,12 @@ def test_sgd_update_returns_the_noise_dot_before_its_step():
         0.9,
         0.1,
     )
-    reference = torch.dot(master.double().flatten(), e16.double().flatten()).item()
-    for d in (flat_dot, cl_dot):
-        assert d.dtype == torch.float32
-        assert abs(d.item() - reference) < 1e-6 * abs(reference) + 1e-6
+    reference = dot(master, h16) - 2 * dot(master, e16)
+    for got in (flat_loss, cl_loss):
+        assert got.dtype == torch.float32
+        assert abs(got.item() - reference) < 1e-6 * (abs(dot(master, h16)) + abs(dot(master, e16)))
     assert torch.equal(cl_w, flat_w) and torch.equal(cl_buf, flat_buf)
     assert cl_w.is_contiguous(memory_format=CL)
 
-    none = torch.ops.dtp_ext._sgd_ldrl_update(v.clone(), torch.zeros_like(v), h, None, 1, 0, 0, 1)
-    assert none.item() == 0.0
+    alone = torch.ops.dtp_ext._sgd_ldrl_update(v.clone(), torch.zeros_like(v), h, None, 1, 0, 0, 1)
+    assert abs(alone.item() - dot(v, h)) < 1e-12 * v.numel()

@@ -131,7 +131,7 @@ inline at::Tensor noisy_difference(const at::Tensor& z_noisy, const at::Tensor& 
                         channels_last);
 }
 
-// Returns <weight before the step, noise_pairing> (see the schema).
+// Returns <V, H> - 2 <V, E> for the weight V before the step (see the schema).
 inline at::Tensor sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
                                   const at::Tensor& reconstruction_pairing,
                                   const at::Tensor& noise_pairing, double grad_scale,

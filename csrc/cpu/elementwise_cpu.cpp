@@ -92,17 +92,25 @@ struct OwnedValues {
   }
 };
 
-// Pooled element j, at (oh, ow) of its plane.
+// a at a_at, b (when there is one) at b_at.
+template <typename O, typename T>
+C10_ALWAYS_INLINE OwnedValues<O> owned_values(int64_t a_at, T a, int64_t b_at, const T* b,
+                                              T scale) {
+  const O at_a = static_cast<O>(owned_difference<T>(a_at, a_at, a, b_at, b, scale));
+  const O at_b = static_cast<O>(owned_difference<T>(b_at, a_at, a, b_at, b, scale));
+  return {a_at, b_at, {static_cast<O>(T(0)), at_a, at_b, at_a}};
+}
+
+// Pooled element j, at (oh, ow) of its plane, its indices checked (b's read and checked only
+// when they are not a's: u = phi(y + eta) - phi(y) and the targets unpool both at y's).
 template <typename O, typename T>
 C10_ALWAYS_INLINE OwnedValues<O> owned_values(const T* a, const int64_t* a_idx, const T* b,
                                               const int64_t* b_idx, int64_t j, int64_t oh,
                                               int64_t ow, T scale, IndexGuard& guard) {
   const int64_t a_at = guard.ok(a_idx[j], oh, ow) ? a_idx[j] : -1;
-  const int64_t b_at = b && guard.ok(b_idx[j], oh, ow) ? b_idx[j] : -1;
-  const T* bj = b ? &b[j] : nullptr;
-  const O at_a = static_cast<O>(owned_difference<T>(a_at, a_at, a[j], b_at, bj, scale));
-  const O at_b = static_cast<O>(owned_difference<T>(b_at, a_at, a[j], b_at, bj, scale));
-  return {a_at, b_at, {static_cast<O>(T(0)), at_a, at_b, at_a}};
+  const int64_t b_at =
+      !b ? -1 : (b_idx == a_idx ? a_at : (guard.ok(b_idx[j], oh, ow) ? b_idx[j] : -1));
+  return owned_values<O>(a_at, a[j], b_at, b ? &b[j] : nullptr, scale);
 }
 
 // NCHW: planes are contiguous and disjoint, one thread per plane range.
@@ -201,38 +209,115 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
   return out;
 }
 
-// phi(v) in float32 for every value v of a 16-bit float type (bfloat16 or float16, indexed by
-// its bits), computed once per activation and dtype by ATen's own activation on float32: what
-// activate(z.to(float)) gives each element. The low-precision noisy pass ranks its windows by
-// looking phi up, instead of writing phi(z) of the whole map in float32 first (a full-size
+// phi(v) and phi(phi(v)) in float32 for every value v of a 16-bit float type (bfloat16 or
+// float16, indexed by its bits), computed once per activation and dtype by ATen's own
+// activation on float32: what activate(z.to(float)) and activate of that give each element. The
+// low-precision noisy pass ranks its windows by phi and takes the winner's phi(phi(z)) by
+// looking them up, instead of writing phi(z) of the whole map in float32 first (a full-size
 // float32 cast and activation per iteration, a quarter of the bfloat16 feedback phase).
-const float* phi_lookup_table(Activation activation, at::ScalarType dtype) {
+struct PhiTables {
+  const float* phi;
+  const float* phi_of_phi;
+};
+
+PhiTables phi_lookup_tables(Activation activation, at::ScalarType dtype) {
   static std::mutex mutex;
-  static std::map<std::pair<Activation, at::ScalarType>, at::Tensor> tables;
+  static std::map<std::pair<Activation, at::ScalarType>, std::pair<at::Tensor, at::Tensor>> tables;
   std::lock_guard<std::mutex> lock(mutex);
   auto& table = tables[{activation, dtype}];
-  if (!table.defined()) {
+  if (!table.first.defined()) {
     auto bits = at::empty({1 << 16}, at::kShort);
     int16_t* p = bits.mutable_data_ptr<int16_t>();
     for (int32_t i = 0; i < (1 << 16); ++i) p[i] = static_cast<int16_t>(static_cast<uint16_t>(i));
-    table = activate(activation, bits.view(dtype).to(at::kFloat)).contiguous();
+    table.first = activate(activation, bits.view(dtype).to(at::kFloat)).contiguous();
+    table.second = activate(activation, table.first).contiguous();
   }
-  return table.const_data_ptr<float>();
+  return {table.first.const_data_ptr<float>(), table.second.const_data_ptr<float>()};
 }
 
-// How the window max ranks a stored value: as it is (a float32/float64 map that holds phi(z)
-// already), or by phi of a 16-bit value looked up in its table.
+// Ranks a 16-bit value by phi of it, looked up.
+struct PhiRanked {
+  const float* phi;
+  template <typename T>
+  float operator()(T v) const {
+    return phi[v.x];
+  }
+};
+
+// The noisy difference of a bfloat16/float16 map in one pass: each k x k window (neighbours
+// `es` apart) ranked by phi looked up (max-pool's rule), its winner's phi(phi(z)) looked up, the
+// clean term subtracted (clean_at -1: none), as the window's values rounded once to T.
+template <typename T>
+C10_ALWAYS_INLINE OwnedValues<T> noisy_window(const T* plane, int64_t es, int64_t oh, int64_t ow,
+                                              int64_t width, int64_t k, const PhiTables& tables,
+                                              int64_t clean_at, const float* clean) {
+  const PhiRanked rank{tables.phi};
+  const int64_t first = (oh * width + ow) * k;
+  float best;
+  const int64_t at =
+      k == 2 ? first + window_argmax_2x2(rank(plane[first * es]), rank(plane[(first + 1) * es]),
+                                         rank(plane[(first + width) * es]),
+                                         rank(plane[(first + width + 1) * es]), width, best)
+             : window_argmax_ranked(plane, es, first, width, k, rank, best);
+  return owned_values<T>(at, tables.phi_of_phi[plane[at * es].x], clean_at, clean, 1.0f);
+}
+
+template <typename T>
+void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* clean,
+                             const int64_t* clean_idx, T* out, int64_t images, const PoolGrid& g,
+                             bool channels_last, IndexGuard& guard) {
+  const int64_t pooled = g.out_h * g.out_w, plane_size = g.height * g.width;
+  const auto clean_term = [&](int64_t j, int64_t oh, int64_t ow) {
+    return clean && guard.ok(clean_idx[j], oh, ow) ? clean_idx[j] : int64_t(-1);
+  };
+  if (!channels_last) {
+    at::parallel_for(0, images * g.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const T* plane = z + p * plane_size;
+        int64_t j = p * pooled;
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          for (int64_t ow = 0; ow < g.out_w; ++ow, ++j) {
+            write_owned_window<int64_t>(
+                out + p * plane_size, oh, ow, g.out_h, g.out_w, g.height, g.width, g.k,
+                noisy_window(plane, 1, oh, ow, g.width, g.k, tables, clean_term(j, oh, ow),
+                             clean ? &clean[j] : nullptr));
+          }
+        }
+      }
+    });
+    return;
+  }
+  // Channels-last: rows of windows of an image, each window's positions written channel
+  // vector by channel vector (as scatter_difference_channels_last).
+  const int64_t channels = g.channels;
+  at::parallel_for(0, images * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<OwnedValues<T>> values(channels);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, oh = row % g.out_h;
+      const T* image = z + n * plane_size * channels;
+      T* image_out = out + n * plane_size * channels;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        int64_t j = n * channels * pooled + oh * g.out_w + ow;
+        for (int64_t c = 0; c < channels; ++c, j += pooled) {
+          values[c] = noisy_window(image + c, channels, oh, ow, g.width, g.k, tables,
+                                   clean_term(j, oh, ow), clean ? &clean[j] : nullptr);
+        }
+        for_each_owned_position<int64_t>(oh, ow, g.out_h, g.out_w, g.height, g.width, g.k,
+                                         [&](int64_t at) {
+                                           T* position = image_out + at * channels;
+                                           for (int64_t c = 0; c < channels; ++c)
+                                             position[c] = values[c](at);
+                                         });
+      }
+    }
+  });
+}
+
+// The float32/float64 window max ranks phi(z) as stored.
 struct Stored {
   template <typename T>
   T operator()(T v) const {
     return v;
-  }
-};
-struct Tabulated {
-  const float* table;
-  template <typename T>
-  float operator()(T v) const {
-    return table[v.x];
   }
 };
 
@@ -324,24 +409,16 @@ void window_max_planes(const at::Tensor& z, const Rank& rank, at::Tensor& out, a
   });
 }
 
-// The window max of phi(z) held in z (float32/float64), or of phi looked up for each value of a
-// bfloat16/float16 z (`table`; the maxima then come out in float32).
-std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k,
-                                              const float* table = nullptr) {
+// The window max of phi(z) held in z (float32/float64) and where it sits.
+std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k) {
   RECORD_FUNCTION("dtp_ext::window_max", std::vector<c10::IValue>());
   const auto z = layout_of(z_in).channels_last ? z_in : z_in.contiguous();
   const auto sizes = std::vector<int64_t>{z.size(0), z.size(1), z.size(2) / k, z.size(3) / k};
-  auto out = at::empty(sizes, z.options().dtype(table ? at::kFloat : z.scalar_type()));
+  auto out = at::empty(sizes, z.options());
   auto idx = at::empty(sizes, z.options().dtype(at::kLong));
-  if (table) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "window_max_cpu_lookup", [&] {
-      window_max_planes<scalar_t, float>(z, Tabulated{table}, out, idx, k);
-    });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu", [&] {
-      window_max_planes<scalar_t, scalar_t>(z, Stored{}, out, idx, k);
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu", [&] {
+    window_max_planes<scalar_t, scalar_t>(z, Stored{}, out, idx, k);
+  });
   return {out, idx};
 }
 
@@ -362,7 +439,33 @@ at::Tensor phi_unpool_difference_cpu(const char* op, const at::Tensor& a, const 
                             scale, channels_last, a.scalar_type());
 }
 
-// bfloat16/float16 z: the pool ranks phi(z) looked up in float32 (phi_lookup_table), the
+// bfloat16/float16 z with a pool: noisy_difference_lookup, on z in its own layout.
+at::Tensor noisy_difference_reduced(const at::Tensor& z_in, const at::Tensor& clean_phi_output,
+                                    const at::Tensor& clean_indices, Activation activation,
+                                    int64_t pool, bool channels_last) {
+  RECORD_FUNCTION("dtp_ext::noisy_difference_lookup", std::vector<c10::IValue>());
+  const auto z =
+      channels_last ? z_in.contiguous(at::MemoryFormat::ChannelsLast) : z_in.contiguous();
+  auto out = at::empty_like(z);
+  const PoolGrid grid{z.size(1), z.size(2) / pool, z.size(3) / pool, z.size(2), z.size(3), pool};
+  if (out.numel() == 0) return out;
+  if (grid.out_h * grid.out_w == 0) return out.zero_();  // nothing owns a position
+  const bool has_clean = clean_phi_output.defined();
+  const auto clean = has_clean ? to_opmath(clean_phi_output).contiguous() : at::Tensor();
+  const auto clean_idx = has_clean ? clean_indices.contiguous() : at::Tensor();
+  IndexGuard index_guard{"dtp_ext.noisy_difference", z.size(2), z.size(3), pool};
+  const auto tables = phi_lookup_tables(activation, z.scalar_type());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(z.scalar_type(), "noisy_difference_lookup", [&] {
+    noisy_difference_lookup(
+        z.const_data_ptr<scalar_t>(), tables, has_clean ? clean.const_data_ptr<float>() : nullptr,
+        has_clean ? clean_idx.const_data_ptr<int64_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+        z.size(0), grid, channels_last, index_guard);
+  });
+  index_guard.check();
+  return out;
+}
+
+// bfloat16/float16 z: the pool ranks phi(z) looked up in float32 (phi_lookup_tables), the
 // differences are formed in float32 and rounded once to z's dtype as they are written.
 at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi_output,
                                 const at::Tensor& clean_indices, Activation activation,
@@ -373,13 +476,14 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
     return a.to(z.scalar_type());
   }
   // The pool ranks phi(z), as the forward pass does (window_takes: ties where phi saturates).
-  const auto pooled = is_reduced_float(z)
-                          ? window_max(z, pool, phi_lookup_table(activation, z.scalar_type()))
-                          : window_max(activate(activation, z), pool);
+  if (is_reduced_float(z))
+    return noisy_difference_reduced(z, clean_phi_output, clean_indices, activation, pool,
+                                    channels_last);
+  const auto pooled = window_max(activate(activation, z), pool);
   const auto phi_noisy = activate(activation, std::get<0>(pooled));
   return scatter_difference("dtp_ext.noisy_difference", phi_noisy, std::get<1>(pooled),
-                            to_opmath(clean_phi_output), clean_indices, z.sizes(), pool, 1.0,
-                            channels_last, z.scalar_type());
+                            clean_phi_output, clean_indices, z.sizes(), pool, 1.0, channels_last,
+                            z.scalar_type());
 }
 
 at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
@@ -405,7 +509,8 @@ at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
   const auto e = noise_pairing.defined() ? noise_pairing.contiguous(format) : at::Tensor();
   TORCH_CHECK(!e.defined() || e.scalar_type() == h.scalar_type(),
               "sgd_ldrl_update: the two pairings must share a dtype");
-  double dot = 0;  // <V, E>, accumulated in double per chunk, chunks summed in order
+  // <V, H> - 2 <V, E>, accumulated in double per chunk, chunks summed in order.
+  double dot = 0;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
     using weight_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -422,18 +527,12 @@ at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
           dot = at::parallel_reduce(
               0, weight.numel(), 4096, 0.0,
               [&](int64_t begin, int64_t end, double partial) {
-                if (!ep) {
-                  for (int64_t i = begin; i < end; ++i) {
-                    sgd_ldrl_step(v[i], buf[i], static_cast<weight_t>(hp[i]),
-                                  static_cast<const weight_t*>(nullptr), scale, wd, mu, step);
-                  }
-                  return partial;
-                }
                 for (int64_t i = begin; i < end; ++i) {
-                  const auto ei = static_cast<weight_t>(ep[i]);
-                  partial += static_cast<double>(v[i]) * static_cast<double>(ei);
-                  sgd_ldrl_step(v[i], buf[i], static_cast<weight_t>(hp[i]), &ei, scale, wd, mu,
-                                step);
+                  const auto hi = static_cast<weight_t>(hp[i]);
+                  const auto ei = ep ? static_cast<weight_t>(ep[i]) : weight_t(0);
+                  partial += static_cast<double>(v[i]) *
+                             (static_cast<double>(hi) - 2.0 * static_cast<double>(ei));
+                  sgd_ldrl_step(v[i], buf[i], hi, ep ? &ei : nullptr, scale, wd, mu, step);
                 }
                 return partial;
               },

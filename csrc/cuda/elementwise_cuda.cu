@@ -222,8 +222,10 @@ at::Tensor sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   const auto h = reconstruction_pairing.to(weight.scalar_type()).contiguous(format);
   const auto e = noise_pairing.defined() ? noise_pairing.to(weight.scalar_type()).contiguous(format)
                                          : at::Tensor();
-  // <V, E> before the step, by cuBLAS on the current stream (queued ahead of the update).
-  auto dot = e.defined() ? at::dot(flat(weight), flat(e)) : at::zeros({}, weight.options());
+  // <V, H> - 2 <V, E> before the step, by cuBLAS on the current stream (queued ahead of the
+  // update).
+  auto dot = at::dot(flat(weight), flat(h));
+  if (e.defined()) dot.sub_(at::dot(flat(weight), flat(e)), 2.0);
   const int64_t n = weight.numel();
   if (n == 0) return dot;
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -59,12 +59,13 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
 //   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
 //   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
 //   loss = (-2 <V, E> + |V.u|^2) / B,  dloss/dV = 2 (H - E) / B,  dloss/dc = 0.
-// Neither G(y) nor any bias is evaluated: they cancel in every difference. The terms give B times
-// the loss as |V.u|^2 - 2 <V, E>: ldrl_loss takes the dot, a loop's SGD pass returns it as it
-// reads V and E for the step; callers divide by B once, a loop once per call.
+// Neither G(y) nor any bias is evaluated: they cancel in every difference. B times the loss is
+// |V.u|^2 - 2 <V, E> = <V, H> - 2 <V, E> (<V, pairing(p, q)> = <p, V.q>, so <V, H> = |V.u|^2):
+// ldrl_loss takes the first form's dots, a loop's SGD pass returns the second as it reads V, H
+// and E for the step; callers divide by B once, a loop once per call.
 
 struct LdrlTerms {
-  at::Tensor reconstruction;          // |V.u|^2 (float32 for bfloat16/float16 products)
+  at::Tensor feedback_u;              // V.u
   at::Tensor reconstruction_pairing;  // H
   at::Tensor noise_pairing;           // E
 };
@@ -89,8 +90,7 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
         apply_feedback(g, u.to(feedback_weight.scalar_type()), feedback_weight, x_sizes)
             .to(at::kFloat);
     terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-    const auto fu = flat(feedback_u);
-    terms.reconstruction = at::dot(fu, fu);
+    terms.feedback_u = feedback_u;
     return terms;
   }
   const auto a = noisy_difference(noisy_preactivation, clean.phi_output, clean.block.indices,
@@ -99,14 +99,8 @@ LdrlTerms ldrl_terms(const BlockGeometry& g, const CleanPass& clean, at::IntArra
   const auto u = phi_unpool_difference(
       "dtp_ext.ldrl_loss", clean.block.output, eta, 1.0, clean.block.indices, clean.phi_output,
       clean.block.indices, clean.block.pre_pool_sizes, g.pool, g.activation, 1.0, g.channels_last);
-  const auto feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
-  terms.reconstruction_pairing = feedback_pairing(g, feedback_u, u, feedback_weight);
-  // |V.u|^2 is a reduction: float32 when the products ran in bfloat16/float16 (at::dot would
-  // return, and round to, the input dtype; a float32 norm reads V.u as it is, without a copy).
-  const auto fu = flat(feedback_u);
-  terms.reconstruction =
-      is_reduced_float(fu) ? at::linalg_vector_norm(fu, 2, c10::nullopt, false, at::kFloat).square()
-                           : at::dot(fu, fu);
+  terms.feedback_u = apply_feedback(g, u, feedback_weight, x_sizes);
+  terms.reconstruction_pairing = feedback_pairing(g, terms.feedback_u, u, feedback_weight);
   return terms;
 }
 
@@ -140,8 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
   const auto clean = clean_pass(g, x, weight, bias);
   auto terms = ldrl_terms(g, clean, x.sizes(), feedback_weight, noise_x,
                           preactivation(g, x + noise_x, weight, bias), noise_y);
+  // The loss's dots are reductions: float32 when the products ran in bfloat16/float16 (at::dot
+  // would return, and round to, the input dtype).
+  const auto fu = to_opmath(flat(terms.feedback_u));
   const auto batch_loss = at::sub(
-      terms.reconstruction,
+      at::dot(fu, fu),
       at::dot(to_opmath(feedback_weight.reshape(-1)), to_opmath(terms.noise_pairing.reshape(-1))),
       2.0);
   // H - E in float32 (the two pairings nearly cancel once V approaches W^T), returned in the
@@ -457,11 +454,10 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
                               : state.weight;
         auto terms = ldrl_terms(args.g, clean, x.sizes(), v, eps, z_noisy, eta);
         if (master) state.follow(terms.reconstruction_pairing);
-        // The update returns <V, E> for the V of this iteration (the float32 master).
-        const auto noise_dot =
-            sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
-                            terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
-        return at::sub(terms.reconstruction, noise_dot, 2.0);
+        // The update returns B times the loss, <V, H> - 2 <V, E>, for the V of this iteration
+        // (the float32 master).
+        return sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
+                               terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
       });
   // dloss/dc is exactly zero: only momentum and weight decay move the feedback bias.
   sgd_momentum_decay(state.bias, state.momentum_bias, iterations, lr, momentum, weight_decay);
