@@ -141,3 +141,25 @@ def test_sgd_update_returns_the_batch_loss_for_the_v_it_read():
 
     alone = torch.ops.dtp_ext._sgd_ldrl_update(v.clone(), torch.zeros_like(v), h, None, 1, 0, 0, 1)
     assert abs(alone.item() - dot(v, h)) < 1e-12 * v.numel()
+
+
+@pytest.mark.parametrize("size, pool", [(7, 2), (9, 3), (5, 5), (6, 4)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_bfloat16_noisy_difference_on_uneven_maps_and_larger_pools(size, pool, channels_last):
+    """The one-pass bfloat16 noisy difference on maps that are not multiples of the pool (the
+    last window of a row or column owns the uncovered edge, written as zeros) and pools other
+    than 2x2: the same winners as the float32 pass and its values rounded once (within one
+    bfloat16 rounding: ATen's activation may take its scalar path for a few elements here)."""
+    gen = torch.Generator().manual_seed(size * 10 + pool)
+    z = (torch.randn(3, 4, size, size, generator=gen) * 2).to(torch.bfloat16)
+    if channels_last:
+        z = z.contiguous(memory_format=CL)
+    s, idx = F.max_pool2d_with_indices(F.elu(torch.randn(3, 4, size, size, generator=gen)), pool)
+    clean = F.elu(s)
+    got = torch.ops.dtp_ext._noisy_difference(z, clean, idx, "elu", pool, channels_last)
+    ref = torch.ops.dtp_ext._noisy_difference(z.float(), clean, idx, "elu", pool, channels_last)
+    assert got.shape == z.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got != 0, ref.to(torch.bfloat16) != 0)
+    torch.testing.assert_close(got.float(), ref, rtol=2**-8, atol=1e-6)
+    covered = (size // pool) * pool
+    assert (got[..., covered:, :] == 0).all() and (got[..., :, covered:] == 0).all()
