@@ -23,27 +23,12 @@
 namespace dtp_ext {
 namespace {
 
-// Where plane p = n*C + c of an (N, C, H, W) tensor starts, and the distance between its
-// neighbouring elements, in NCHW (contiguous) or NHWC (channels-last) memory.
-struct PlaneLayout {
-  int64_t channels, plane_size;
-  bool channels_last;
-  int64_t base(int64_t p) const {
-    return channels_last ? (p / channels) * channels * plane_size + p % channels : p * plane_size;
-  }
-  int64_t step() const { return channels_last ? channels : 1; }
-};
-
-PlaneLayout layout_of(const at::Tensor& t) {
-  const bool cl =
-      t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return {t.size(1), t.size(2) * t.size(3), cl};
+bool is_channels_last(const at::Tensor& t) {
+  return dense_format(t) == at::MemoryFormat::ChannelsLast;
 }
 
-// out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), zero elsewhere; a, b and the indices on
-// the pooled grid (NCHW), out in `format`. Planes are disjoint, so threads scatter freely.
 // Pool indices address a position of their own window (index_in_window, the rule the CUDA
-// passes that own windows rely on); any other value is a caller's error, which the scatter
+// passes that own windows rely on); any other value is a caller's error, which the pooled
 // passes record (the first bad value and its window) instead of writing it.
 struct IndexGuard {
   const char* op;
@@ -209,6 +194,20 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
   return out;
 }
 
+// Where the k x k window of a plane (neighbours `es` apart) starting at position `first` has
+// its maximum by rank(value) (max-pool's rule), with that rank in `best`; 2x2 branch-free.
+template <typename T, typename Rank, typename R>
+C10_ALWAYS_INLINE int64_t ranked_window_argmax(const T* plane, int64_t es, int64_t first,
+                                               int64_t width, int64_t k, const Rank& rank,
+                                               R& best) {
+  if (k == 2) {
+    return first + window_argmax_2x2(rank(plane[first * es]), rank(plane[(first + 1) * es]),
+                                     rank(plane[(first + width) * es]),
+                                     rank(plane[(first + width + 1) * es]), width, best);
+  }
+  return window_argmax_ranked(plane, es, first, width, k, rank, best);
+}
+
 // phi(v) and phi(phi(v)) in float32 for every value v of a 16-bit float type (bfloat16 or
 // float16, indexed by its bits), computed once per activation and dtype by ATen's own
 // activation on float32: what activate(z.to(float)) and activate of that give each element. The
@@ -251,14 +250,9 @@ template <typename T>
 C10_ALWAYS_INLINE OwnedValues<T> noisy_window(const T* plane, int64_t es, int64_t oh, int64_t ow,
                                               int64_t width, int64_t k, const PhiTables& tables,
                                               int64_t clean_at, const float* clean) {
-  const PhiRanked rank{tables.phi};
-  const int64_t first = (oh * width + ow) * k;
   float best;
   const int64_t at =
-      k == 2 ? first + window_argmax_2x2(rank(plane[first * es]), rank(plane[(first + 1) * es]),
-                                         rank(plane[(first + width) * es]),
-                                         rank(plane[(first + width + 1) * es]), width, best)
-             : window_argmax_ranked(plane, es, first, width, k, rank, best);
+      ranked_window_argmax(plane, es, (oh * width + ow) * k, width, k, PhiRanked{tables.phi}, best);
   return owned_values<T>(at, tables.phi_of_phi[plane[at * es].x], clean_at, clean, 1.0f);
 }
 
@@ -321,89 +315,41 @@ struct Stored {
   }
 };
 
-// Max-pool with kernel = stride = k and its indices, by max-pool's rule (window_takes) on
-// rank(value); the 2x2 case branch-free (window_argmax_2x2). `es` is the distance between
-// horizontal neighbours (1 in NCHW, C in channels-last memory).
-template <typename T, typename R, typename Rank>
-void window_max_2x2(const T* zp, int64_t es, const Rank& rank, R* op, int64_t* ip, int64_t height,
-                    int64_t width) {
-  const int64_t out_h = height / 2, out_w = width / 2;
-  for (int64_t oh = 0; oh < out_h; ++oh) {
-    const T* r0 = zp + 2 * oh * width * es;
-    const T* r1 = r0 + width * es;
-    for (int64_t ow = 0; ow < out_w; ++ow) {
-      const int64_t at = 2 * ow * es;
-      ip[oh * out_w + ow] = 2 * oh * width + 2 * ow +
-                            window_argmax_2x2(rank(r0[at]), rank(r0[at + es]), rank(r1[at]),
-                                              rank(r1[at + es]), width, op[oh * out_w + ow]);
-    }
-  }
-}
-
-template <typename T, typename R, typename Rank>
-void window_max_generic(const T* zp, int64_t es, const Rank& rank, R* op, int64_t* ip,
-                        int64_t height, int64_t width, int64_t k) {
-  const int64_t out_h = height / k, out_w = width / k;
-  for (int64_t oh = 0; oh < out_h; ++oh) {
-    for (int64_t ow = 0; ow < out_w; ++ow) {
-      ip[oh * out_w + ow] = window_argmax_ranked(zp, es, oh * k * width + ow * k, width, k, rank,
-                                                 op[oh * out_w + ow]);
-    }
-  }
-}
-
-// Channels-last z: as the channels-last scatter, each thread takes rows of windows of an image
-// and reads each window position's C channels contiguously (plane by plane, every read would
-// touch its own cache line).
-template <typename T, typename R, typename Rank>
-void window_max_channels_last(const T* zp, const Rank& rank, R* op, int64_t* ip, int64_t images,
-                              int64_t channels, int64_t height, int64_t width, int64_t k) {
+// Max-pool (kernel = stride = k) of phi(z) held in z, by max-pool's rule, and where each maximum
+// sits; z in its own layout (NCHW planes, or channels-last images whose window positions are read
+// as C-channel vectors), maxima and indices NCHW.
+template <typename T>
+void window_max_kernel(const at::Tensor& z, at::Tensor& out, at::Tensor& idx, int64_t k) {
+  const T* zp = z.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  int64_t* ip = idx.mutable_data_ptr<int64_t>();
+  const int64_t channels = z.size(1), height = z.size(2), width = z.size(3);
   const int64_t out_h = height / k, out_w = width / k, pooled = out_h * out_w;
-  at::parallel_for(0, images * out_h, 1, [&](int64_t begin, int64_t end) {
+  if (!is_channels_last(z)) {
+    at::parallel_for(0, z.size(0) * channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const T* plane = zp + p * height * width;
+        int64_t j = p * pooled;
+        for (int64_t oh = 0; oh < out_h; ++oh) {
+          for (int64_t ow = 0; ow < out_w; ++ow, ++j) {
+            ip[j] =
+                ranked_window_argmax(plane, 1, (oh * width + ow) * k, width, k, Stored{}, op[j]);
+          }
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, z.size(0) * out_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / out_h, oh = row % out_h;
       const T* image = zp + n * height * width * channels;
       for (int64_t ow = 0; ow < out_w; ++ow) {
-        const int64_t first = oh * k * width + ow * k;
         int64_t j = n * channels * pooled + oh * out_w + ow;
         for (int64_t c = 0; c < channels; ++c, j += pooled) {
-          if (k == 2) {
-            const T* r0 = image + first * channels + c;
-            const T* r1 = r0 + width * channels;
-            ip[j] = first + window_argmax_2x2(rank(r0[0]), rank(r0[channels]), rank(r1[0]),
-                                              rank(r1[channels]), width, op[j]);
-          } else {
-            ip[j] = window_argmax_ranked(image + c, channels, first, width, k, rank, op[j]);
-          }
+          ip[j] = ranked_window_argmax(image + c, channels, (oh * width + ow) * k, width, k,
+                                       Stored{}, op[j]);
         }
-      }
-    }
-  });
-}
-
-// Reads z in its own layout (NCHW or channels-last); pooled values (the ranks: float32 for a
-// table's) and indices come out NCHW.
-template <typename T, typename R, typename Rank>
-void window_max_planes(const at::Tensor& z, const Rank& rank, at::Tensor& out, at::Tensor& idx,
-                       int64_t k) {
-  const auto layout = layout_of(z);
-  const T* zp = z.const_data_ptr<T>();
-  R* op = out.mutable_data_ptr<R>();
-  int64_t* ip = idx.mutable_data_ptr<int64_t>();
-  const int64_t height = z.size(2), width = z.size(3);
-  const int64_t pooled = (height / k) * (width / k);
-  if (layout.channels_last) {
-    window_max_channels_last(zp, rank, op, ip, z.size(0), z.size(1), height, width, k);
-    return;
-  }
-  at::parallel_for(0, z.size(0) * z.size(1), 1, [&](int64_t begin, int64_t end) {
-    const int64_t es = layout.step();
-    for (int64_t p = begin; p < end; ++p) {
-      const T* plane = zp + layout.base(p);
-      if (k == 2) {
-        window_max_2x2(plane, es, rank, op + p * pooled, ip + p * pooled, height, width);
-      } else {
-        window_max_generic(plane, es, rank, op + p * pooled, ip + p * pooled, height, width, k);
       }
     }
   });
@@ -412,13 +358,12 @@ void window_max_planes(const at::Tensor& z, const Rank& rank, at::Tensor& out, a
 // The window max of phi(z) held in z (float32/float64) and where it sits.
 std::tuple<at::Tensor, at::Tensor> window_max(const at::Tensor& z_in, int64_t k) {
   RECORD_FUNCTION("dtp_ext::window_max", std::vector<c10::IValue>());
-  const auto z = layout_of(z_in).channels_last ? z_in : z_in.contiguous();
+  const auto z = is_channels_last(z_in) ? z_in : z_in.contiguous();
   const auto sizes = std::vector<int64_t>{z.size(0), z.size(1), z.size(2) / k, z.size(3) / k};
   auto out = at::empty(sizes, z.options());
   auto idx = at::empty(sizes, z.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu", [&] {
-    window_max_planes<scalar_t, scalar_t>(z, Stored{}, out, idx, k);
-  });
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "window_max_cpu",
+                             [&] { window_max_kernel<scalar_t>(z, out, idx, k); });
   return {out, idx};
 }
 
