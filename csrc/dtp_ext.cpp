@@ -10,6 +10,7 @@
 
 #include "common/finite_check.h"
 #include "common/kernel_record.h"
+#include "cpu/windows_avx512.h"
 
 namespace {
 
@@ -74,6 +75,16 @@ PyObject* non_finite_op(PyObject*, PyObject* code) {
   return PyUnicode_FromString(dtp_ext::non_finite_op(value).c_str());
 }
 
+PyObject* set_cpu_vector_kernels(PyObject*, PyObject* enabled) {
+  const int value = PyObject_IsTrue(enabled);
+  if (value < 0) return nullptr;
+  return PyBool_FromLong(dtp_ext::set_vector_windows(value != 0));
+}
+
+PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
+  return PyBool_FromLong(dtp_ext::vector_windows_enabled());
+}
+
 PyObject* last_kernel(PyObject*, PyObject*) {
   return PyUnicode_FromString(dtp_ext::last_kernel().c_str());
 }
@@ -94,6 +105,12 @@ PyMethodDef methods[] = {
      "Turns the fused ops' non-finite input checks on or off; returns the previous setting."},
     {"finite_checks", finite_checks, METH_NOARGS,
      "Whether the fused ops reject non-finite inputs."},
+    {"set_cpu_vector_kernels", set_cpu_vector_kernels, METH_O,
+     "Switches the CPU's AVX-512 pooled-window kernels on or off; returns the previous "
+     "setting."},
+    {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
+     "Whether the CPU's pooled passes take the AVX-512 window kernels (the CPU has AVX-512 "
+     "F/BW/VL and they are on)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

@@ -250,6 +250,23 @@ def is_non_finite_input_error(exc: BaseException) -> bool:
     )
 
 
+def cpu_vector_kernels_enabled() -> bool:
+    """Whether the CPU's channels-last 2x2 pooled passes run their AVX-512 window kernels (this
+    CPU has AVX-512 F/BW/VL and they are switched on, the default); they give the scalar
+    passes' results bit for bit."""
+    return _C.cpu_vector_kernels()
+
+
+@contextlib.contextmanager
+def cpu_vector_kernels(enabled: bool) -> Iterator[None]:
+    """`with dtp_ext.ops.cpu_vector_kernels(False): ...` runs a block on the scalar passes."""
+    previous = _C.set_cpu_vector_kernels(enabled)
+    try:
+        yield
+    finally:
+        _C.set_cpu_vector_kernels(previous)
+
+
 def last_kernel() -> str:
     """The compiled kernel the dispatcher ran last on this thread, e.g.
     'dtp_ext::ldrl_feedback_loop[CPU]': each op records itself, with the device it ran on."""

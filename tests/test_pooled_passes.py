@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dtp_ext import ops
 from dtp_ext.functional import activation_fn
 
 CL = torch.channels_last
@@ -163,3 +164,116 @@ def test_bfloat16_noisy_difference_on_uneven_maps_and_larger_pools(size, pool, c
     torch.testing.assert_close(got.float(), ref, rtol=2**-8, atol=1e-6)
     covered = (size // pool) * pool
     assert (got[..., covered:, :] == 0).all() and (got[..., :, covered:] == 0).all()
+
+
+# The AVX-512 window kernels (csrc/cpu/windows_avx512.cpp) take the channels-last 2x2 windows
+# of the noisy difference (bfloat16) and the scatter (float32 terms, float32 or bfloat16 out)
+# where the CPU has AVX-512 F/BW/VL; they must give the scalar passes' bits.
+needs_vector_kernels = pytest.mark.skipif(
+    not ops.cpu_vector_kernels_enabled(), reason="this CPU lacks AVX-512 F/BW/VL"
+)
+VECTOR_SHAPES = [(2, 16, 8, 8), (3, 37, 7, 9), (2, 128, 16, 16), (1, 5, 5, 5), (2, 20, 2, 3)]
+
+
+def hard_values(shape, seed, dtype):
+    """Values with what the lanes must treat as the scalar code does: NaN (wins its window),
+    +-inf, -0.0, exact ties and saturating values (ELU far below 0, tanh far above)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=gen) * 6
+    flat = z.view(-1)
+    picks = torch.randperm(flat.numel(), generator=gen)[: max(8, flat.numel() // 50)]
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.5, 0.5, -40, 25])
+    flat[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    return z.to(dtype).contiguous(memory_format=CL)
+
+
+def bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+def scalar_and_vector(run):
+    with ops.cpu_vector_kernels(False):
+        scalar = run()
+    assert ops.cpu_vector_kernels_enabled()
+    return scalar, run()
+
+
+@needs_vector_kernels
+@pytest.mark.parametrize("shape", VECTOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["elu", "tanh", "relu", "none"])
+def test_vector_noisy_difference_equals_the_scalar_pass(shape, activation):
+    """Channel counts that fill 16 lanes and leave a tail, maps with uncovered edges, NaN/inf/
+    -0/ties in the windows, with and without the clean term: the same bits."""
+    z = hard_values(shape, sum(shape), torch.bfloat16)
+    s, idx = F.max_pool2d_with_indices(torch.randn(shape), 2, 2)
+    clean = activation_fn(activation)(s)
+    for c, i in ((clean, idx), (None, None)):
+        run = lambda c=c, i=i: torch.ops.dtp_ext._noisy_difference(z, c, i, activation, 2, True)
+        scalar, vector = scalar_and_vector(run)
+        assert vector.is_contiguous(memory_format=CL)
+        assert torch.equal(bits(vector), bits(scalar)), (shape, activation, c is None)
+
+
+@needs_vector_kernels
+@pytest.mark.parametrize("shape", VECTOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared_indices", [False, True], ids=["two-pools", "one-pool"])
+def test_vector_scatter_equals_the_scalar_pass(shape, dtype, shared_indices):
+    """scale * (unpool(phi(a + alpha noise)) - unpool(phi_b)) in float32 or rounded to bfloat16,
+    a's and b's indices two pools or one (the targets' case), the same bits; the float32 noisy
+    difference (ranked, then scattered without a second term) too."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    a, a_idx = F.max_pool2d_with_indices(hard_values(shape, 1, torch.float32), 2, 2)
+    phi_b, b_idx = F.max_pool2d_with_indices(torch.randn(shape, generator=gen), 2, 2)
+    noise = torch.randn(a.shape, generator=gen)
+    run = lambda: torch.ops.dtp_ext._phi_unpool_difference(
+        "dtp_ext.test",
+        a.to(dtype),
+        noise.to(dtype),
+        0.5,
+        a_idx,
+        phi_b,
+        a_idx if shared_indices else b_idx,
+        list(shape),
+        2,
+        "elu",
+        -1.75,
+        True,
+    )
+    scalar, vector = scalar_and_vector(run)
+    assert vector.dtype == dtype and torch.equal(bits(vector), bits(scalar))
+    z = hard_values(shape, 2, torch.float32)
+    run = lambda: torch.ops.dtp_ext._noisy_difference(z, None, None, "tanh", 2, True)
+    scalar, vector = scalar_and_vector(run)
+    assert torch.equal(bits(vector), bits(scalar))
+
+
+@needs_vector_kernels
+@pytest.mark.parametrize("bad", [10, 2**63 - 1, -(2**63)])
+def test_vector_windows_refuse_an_index_outside_its_window(bad):
+    """An index outside its window in a lane of the channel tail (channel 35 of 37) is refused
+    as the scalar pass refuses it, naming the window, by both kernels."""
+    z = torch.randn(2, 37, 8, 8).to(torch.bfloat16).contiguous(memory_format=CL)
+    s, idx = F.max_pool2d_with_indices(torch.randn(2, 37, 8, 8), 2, 2)
+    idx[1, 35, 1, 2] = bad
+    with pytest.raises(IndexError, match="window at row 1, column 2"):
+        torch.ops.dtp_ext._noisy_difference(z, s, idx, "elu", 2, True)
+    with pytest.raises(IndexError, match="window at row 1, column 2"):
+        torch.ops.dtp_ext._phi_unpool_difference(
+            "dtp_ext.test", s, None, 0.0, idx, s, idx, [2, 37, 8, 8], 2, "none", 1.0, True
+        )
+
+
+def test_vector_kernels_follow_the_cpu_and_the_switch():
+    """The report comes from the CPU's flags: on with AVX-512 F/BW/VL (as /proc/cpuinfo lists
+    them), off without; the switch turns them off and back."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    has = {"avx512f", "avx512bw", "avx512vl"} <= set(flags)
+    assert ops.cpu_vector_kernels_enabled() == has
+    with ops.cpu_vector_kernels(False):
+        assert not ops.cpu_vector_kernels_enabled()
+    assert ops.cpu_vector_kernels_enabled() == has

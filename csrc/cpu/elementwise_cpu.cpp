@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <map>
@@ -19,6 +20,7 @@
 #include "../common/block_products.h"
 #include "../common/elementwise_math.h"
 #include "../common/elementwise_ops.h"
+#include "windows_avx512.h"
 
 namespace dtp_ext {
 namespace {
@@ -102,10 +104,35 @@ C10_ALWAYS_INLINE OwnedValues<O> owned_values(const T* a, const int64_t* a_idx, 
 // one task per plane range. Channels-last: a plane's positions are C elements apart, so writing
 // plane by plane touches a cache line per element; each task takes rows of windows of an image
 // instead and writes each window position's C channels contiguously (measured 2x faster than
-// plane by plane on SimpleVGG's 128-channel 32x32 maps).
-template <typename O, typename Values>
+// plane by plane on SimpleVGG's 128-channel 32x32 maps). There, whole(image, n, oh, ow, j) may
+// write a window's k x k positions for every channel at once (the AVX-512 kernels) and return
+// true; the positions the window owns beyond them are then zeroed here.
+struct NoWholeWindows {
+  template <typename O>
+  bool operator()(O*, int64_t, int64_t, int64_t, int64_t) const {
+    return false;
+  }
+};
+
+// Zeros the positions pooled element (oh, ow) owns beyond its k x k window (the last window of
+// a row or column of a map that is not a multiple of k; no pooled term lands there) in a
+// channels-last image.
+template <typename O>
+void zero_owned_edge(O* image, int64_t oh, int64_t ow, const PoolGrid& g) {
+  const bool last_row = oh + 1 == g.out_h && g.height > g.out_h * g.k;
+  const bool last_col = ow + 1 == g.out_w && g.width > g.out_w * g.k;
+  if (!last_row && !last_col) return;
+  for_each_owned_position<int64_t>(
+      oh, ow, g.out_h, g.out_w, g.height, g.width, g.k, [&](int64_t at) {
+        if (at / g.width - oh * g.k >= g.k || at % g.width - ow * g.k >= g.k) {
+          std::fill_n(image + at * g.channels, g.channels, O(0.0f));
+        }
+      });
+}
+
+template <typename O, typename Values, typename Whole = NoWholeWindows>
 void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channels_last,
-                          const Values& values) {
+                          const Values& values, const Whole& whole = {}) {
   const int64_t pooled = g.out_h * g.out_w, plane_size = g.height * g.width;
   const int64_t channels = g.channels;
   if (!channels_last) {
@@ -130,6 +157,10 @@ void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channe
       O* image = out + n * plane_size * channels;
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         int64_t j = n * channels * pooled + oh * g.out_w + ow;
+        if (whole(image, n, oh, ow, j)) {
+          zero_owned_edge(image, oh, ow, g);
+          continue;
+        }
         for (int64_t c = 0; c < channels; ++c, j += pooled) window[c] = values(n, c, oh, ow, j);
         for_each_owned_position<int64_t>(oh, ow, g.out_h, g.out_w, g.height, g.width, g.k,
                                          [&](int64_t at) {
@@ -141,6 +172,25 @@ void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channe
       }
     }
   });
+}
+
+// The 2x2 window of pooled element (oh, ow) as the AVX-512 kernels address it.
+Window2x2 window_2x2(const PoolGrid& g, int64_t oh, int64_t ow) {
+  return {g.channels, g.width * g.channels, (oh * g.width + ow) * 2, g.width, g.out_h * g.out_w};
+}
+
+// scatter_difference's AVX-512 window (float32 terms, float32 or bfloat16 out); false for other
+// types, which the scalar pass writes.
+template <typename T, typename O>
+bool scatter_whole_window(const T* a, const int64_t* a_idx, const T* b, const int64_t* b_idx,
+                          T scale, const Window2x2& w, O* out) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+    return scatter_window_2x2(a, a_idx, b, b_idx, scale, w, out);
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<O, c10::BFloat16>) {
+    return scatter_window_2x2(a, a_idx, b, b_idx, scale, w, reinterpret_cast<uint16_t*>(out));
+  } else {
+    return false;
+  }
 }
 
 // out = scale * (unpool(a, a_idx) - unpool(b, b_idx)), in `out_dtype` (a's, or bfloat16/float16
@@ -176,11 +226,18 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
             const int64_t* bi = has_b ? b_idx.const_data_ptr<int64_t>() : nullptr;
             const PoolGrid grid{a.size(1), out_h, out_w, out.size(2), out.size(3), pool};
             const auto s = static_cast<math_t>(scale);
-            write_pooled_windows(out.mutable_data_ptr<scalar_t>(), a.size(0), grid, channels_last,
-                                 [&](int64_t, int64_t, int64_t oh, int64_t ow, int64_t j) {
-                                   return owned_values<scalar_t>(ap, ai, bp, bi, j, oh, ow, s,
-                                                                 index_guard);
-                                 });
+            const bool vector = channels_last && pool == 2 && vector_windows_enabled();
+            write_pooled_windows(
+                out.mutable_data_ptr<scalar_t>(), a.size(0), grid, channels_last,
+                [&](int64_t, int64_t, int64_t oh, int64_t ow, int64_t j) {
+                  return owned_values<scalar_t>(ap, ai, bp, bi, j, oh, ow, s, index_guard);
+                },
+                [&](scalar_t* image, int64_t, int64_t oh, int64_t ow, int64_t j) {
+                  const auto w = window_2x2(grid, oh, ow);
+                  return vector && scatter_whole_window(ap + j, ai + j, bp ? bp + j : nullptr,
+                                                        bi ? bi + j : nullptr, s, w,
+                                                        image + w.first * grid.channels);
+                });
           }
         });
   });
@@ -280,6 +337,8 @@ void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* c
   // Channels-last: rows of windows of an image, each window's positions written channel
   // vector by channel vector (as write_pooled_windows).
   const int64_t channels = g.channels;
+  // bfloat16 2x2 windows: the AVX-512 kernel writes each window's channels 16 at a time.
+  const bool vector = std::is_same_v<T, c10::BFloat16> && g.k == 2 && vector_windows_enabled();
   at::parallel_for(0, images * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<OwnedValues<T>> values(channels);
     for (int64_t row = begin; row < end; ++row) {
@@ -288,6 +347,16 @@ void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* c
       T* image_out = out + n * plane_size * channels;
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         int64_t j = n * channels * pooled + oh * g.out_w + ow;
+        if (vector) {
+          const auto w = window_2x2(g, oh, ow);
+          if (noisy_window_2x2_bf16(reinterpret_cast<const uint16_t*>(image + w.first * channels),
+                                    tables.phi, tables.phi_of_phi, clean ? clean + j : nullptr,
+                                    clean ? clean_idx + j : nullptr, w,
+                                    reinterpret_cast<uint16_t*>(image_out + w.first * channels))) {
+            zero_owned_edge(image_out, oh, ow, g);
+            continue;
+          }
+        }
         for (int64_t c = 0; c < channels; ++c, j += pooled) {
           values[c] = noisy_window(image + c, channels, oh, ow, g.width, g.k, tables,
                                    clean_term(j, oh, ow), clean ? &clean[j] : nullptr);
