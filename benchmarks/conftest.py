@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import dtp_ext
+from dtp_ext import ops
 
 RESULTS = {}  # (phase, batch) -> {implementation: {"median_s": ..., "peak_mem_mb": ...}}
 THREADS = int(os.environ.get("DTP_BENCH_THREADS", os.cpu_count() or 1))
@@ -43,6 +44,8 @@ def cpu_features():
         pass
     yes = lambda f: "yes" if f in flags else "no"
     line = f"cpu {model}, AVX512-BF16 {yes('avx512_bf16')}, AMX-BF16 {yes('amx_bf16')}"
+    # What the pooled passes take here, as the extension decides it (the CPU's flags).
+    line += f", AVX-512 window kernels {'on' if ops.cpu_vector_kernels_enabled() else 'off'}"
     if not flags & {"avx512_bf16", "amx_bf16"}:
         line += (
             " (no bfloat16 instructions: oneDNN emulates bfloat16 products in float32 here, "
