@@ -118,6 +118,13 @@ def pytest_terminal_summary(terminalreporter):
                 f"{fmt(row['fused_over_fused_bf16'], 0, 2)}x, reference/bf16 "
                 f"{fmt(row['reference_over_fused_bf16'], 0, 2)}x"
             )
+        graphed = impls.get("fused-graphs", {}).get("median_s")
+        if graphed:  # issue 14: the loops replayed from CUDA graphs (GPU only)
+            row["fused_over_fused_graphs"] = f / graphed if f else None
+            tr.write_line(
+                f"{'  CUDA graphs':<16}{batch:>6}{fmt(graphed, 10)}   fused/graphs "
+                f"{fmt(row['fused_over_fused_graphs'], 0, 2)}x"
+            )
         rows.append(row)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -61,6 +61,16 @@ class Setup:
             self.model, **PAPER, compute_dtype=torch.bfloat16
         )
         self.initial_trainer_bf16 = self.trainer_bf16.state_dict()
+        # The same float32 phase with each block's loop replayed from a CUDA graph (issue 14;
+        # the warm-up round captures, the timed rounds replay: reset() restores in place).
+        self.trainer_graphs = (
+            dtp_ext.FeedbackTrainer(self.model, **PAPER, cuda_graphs=True)
+            if DEVICE.startswith("cuda")
+            else None
+        )
+        self.initial_trainer_graphs = (
+            self.trainer_graphs.state_dict() if self.trainer_graphs else None
+        )
         self.opt = torch.optim.SGD(
             self.model.parameters(), lr=0.035, momentum=0.9, weight_decay=1e-4
         )
@@ -76,6 +86,8 @@ class Setup:
         self.model.load_state_dict(self.initial)
         self.trainer.load_state_dict(self.initial_trainer)
         self.trainer_bf16.load_state_dict(self.initial_trainer_bf16)
+        if self.trainer_graphs:
+            self.trainer_graphs.load_state_dict(self.initial_trainer_graphs)
 
     # -- feedback phase ---------------------------------------------------------------------
     def fused_feedback(self):
@@ -84,6 +96,10 @@ class Setup:
 
     def fused_feedback_bf16(self):
         self.trainer_bf16.step()
+        sync()
+
+    def fused_feedback_graphs(self):
+        self.trainer_graphs.step()
         sync()
 
     def reference_feedback(self):
@@ -130,6 +146,7 @@ def setup(request):
 IMPLEMENTATIONS = {
     ("feedback-phase", "fused"): "fused_feedback",
     ("feedback-phase", "fused-bf16"): "fused_feedback_bf16",
+    ("feedback-phase", "fused-graphs"): "fused_feedback_graphs",
     ("feedback-phase", "reference"): "reference_feedback",
     ("training-step", "fused"): "fused_step",
     ("training-step", "reference"): "reference_step",
@@ -140,6 +157,8 @@ IMPLEMENTATIONS = {
 
 @pytest.mark.parametrize("phase, implementation", list(IMPLEMENTATIONS), ids=lambda v: str(v))
 def test_simplevgg(benchmark, setup, phase, implementation):
+    if implementation == "fused-graphs" and setup.trainer_graphs is None:
+        pytest.skip("CUDA graphs: GPU only")
     fn = getattr(setup, IMPLEMENTATIONS[(phase, implementation)])
     benchmark.group = f"{phase} batch {setup.x.shape[0]}"
     # One warm-up round: the first call pays one-off costs (oneDNN primitives for each shape,

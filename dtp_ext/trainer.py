@@ -11,7 +11,8 @@ from numbers import Real
 import torch
 from torch import nn
 
-from . import ops
+from . import cuda_graphs, ops
+from .cuda_graphs import LoopGraphs
 from .nn import DTPBlock, dtp_blocks
 
 Number = int | float
@@ -144,6 +145,13 @@ class FeedbackTrainer:
     float32 masters, updated in float32 every iteration so small steps are not lost to
     rounding. None (the default) computes in the recorded input's dtype: after a forward pass
     under torch.autocast that is the autocast dtype, again with float32 masters.
+
+    `cuda_graphs=True` captures each CUDA block's whole feedback loop as a CUDA graph at its
+    first step and replays it on later steps (one launch instead of ~13 per iteration; same
+    results as the eager loop, noise included; see dtp_ext/cuda_graphs.py for what triggers a
+    new capture and what the graphs keep in memory). Off by default: it has not yet been run on
+    a GPU (its tests, tests/test_cuda_graphs.py, run in benchmarks/gpu_check.sh). Blocks on the
+    CPU, explicit `noise` and sync="gradients" run eagerly; `report.kernels` says which ran.
     """
 
     def __init__(
@@ -161,6 +169,7 @@ class FeedbackTrainer:
         sync: str | None = None,
         max_growth: float | None = 100.0,
         compute_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = False,
     ):
         named = dtp_blocks(model)
         if not named:
@@ -212,6 +221,13 @@ class FeedbackTrainer:
         # input's dtype, bfloat16 after an autocast forward, else the model's); the feedback
         # weights and momentum stay float32 masters, which the fused loop updates in float32.
         self.compute_dtype = compute_dtype
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(
+                f"FeedbackTrainer: cuda_graphs must be True or False, got {cuda_graphs!r}"
+            )
+        # CUDA blocks' loops captured once and replayed (dtp_ext/cuda_graphs.py).
+        self.cuda_graphs = cuda_graphs
+        self._graphs = LoopGraphs()
         self._model = model
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
@@ -432,8 +448,8 @@ class FeedbackTrainer:
                         if sync == "none"
                         else contextlib.nullcontext()
                     ):
-                        run[3] = self._train_block(
-                            block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world
+                        run[3], kernel = self._train_block(
+                            name, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world
                         )
                 except ValueError as exc:  # the op refused a non-finite input before touching V
                     if not ops.is_non_finite_input_error(exc):
@@ -444,7 +460,7 @@ class FeedbackTrainer:
                         "weights and momentum were restored to their values before this step"
                     ) from exc
                 report.losses[name] = run[3]
-                report.kernels[name] = ops.last_kernel()
+                report.kernels[name] = kernel
             self._join_streams(runs)
             report._final_losses = self._refuse_divergence(runs)
         except BaseException:
@@ -491,7 +507,8 @@ class FeedbackTrainer:
             return self.compute_dtype
         return x.dtype
 
-    def _train_block(self, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
+    def _train_block(self, name, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
+        """The block's losses for this step and the kernel that computed them."""
         state = (block.feedback_weight, block.feedback_bias, buffers["weight"], buffers["bias"])
         weight, bias = block.weight, block.bias
         dtype = self._compute_dtype(block, x)
@@ -533,11 +550,32 @@ class FeedbackTrainer:
                     )
                 )
                 _average_across_ranks(state + (losses[-1],), world)
-            return torch.cat(losses) if losses else x.new_empty(0)
-        losses = loop(k, noise_x, noise_y, min(max(k, 1), self.chunk_iterations(block, x)))
+            return (torch.cat(losses) if losses else x.new_empty(0)), ops.last_kernel()
+        chunk = min(max(k, 1), self.chunk_iterations(block, x))
+        if self.cuda_graphs and k > 0 and cuda_graphs.applies(x, noise_x, noise_y):
+            settings = (k, sigma, lr, self.momentum, self.weight_decay, chunk, block.geometry())
+            losses, kernel = self._graphs.run(
+                name,
+                (x, weight, bias),
+                state,
+                settings,
+                lambda inputs: ops.ldrl_feedback_loop(
+                    *inputs,
+                    *state,
+                    k,
+                    sigma,
+                    lr,
+                    self.momentum,
+                    self.weight_decay,
+                    chunk,
+                    block.geometry(),
+                ),
+            )
+        else:
+            losses, kernel = loop(k, noise_x, noise_y, chunk), ops.last_kernel()
         if sync == "weights":
             _average_across_ranks(state + (losses,), world)
-        return losses
+        return losses, kernel
 
     def _block_stream(self, device: torch.device, index: int):
         if device.type != "cuda" or not self.concurrent_blocks:
@@ -667,7 +705,7 @@ class FeedbackTrainer:
                 f"trainer trains {[n for n, _ in self._bound or []]} (forward order)"
             )
         blocks = dict(self._bound or [])
-        self._momentum_buffers = {}
+        loaded = {}
         for name, buffers in state["momentum_buffers"].items():
             block = blocks[name]
             if buffers["weight"].shape != block.feedback_weight.shape:
@@ -675,10 +713,17 @@ class FeedbackTrainer:
                     f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
                     f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}"
                 )
-            self._momentum_buffers[name] = {
-                k: v.to(
-                    device=block.feedback_weight.device, dtype=block.feedback_weight.dtype
-                ).clone()
-                for k, v in buffers.items()
-            }
+            # Into the existing buffers where they match (as nn.Module.load_state_dict does), so
+            # captured CUDA graphs, which hold their addresses, stay valid.
+            current = self._momentum_buffers.get(name, {})
+            loaded[name] = {}
+            for k, v in buffers.items():
+                old = current.get(k)
+                if old is not None and old.shape == v.shape:
+                    loaded[name][k] = old.copy_(v)
+                else:
+                    loaded[name][k] = v.to(
+                        device=block.feedback_weight.device, dtype=block.feedback_weight.dtype
+                    ).clone()
+        self._momentum_buffers = loaded
         self.steps = int(state.get("steps", 0))

@@ -10,6 +10,7 @@ import torch
 import dtp_ext
 from conftest import make_block, output_shape
 from dtp_ext import ops, reference
+from dtp_ext.models import simple_vgg
 from test_cuda import needs_cuda, on_cuda
 
 pytestmark = [pytest.mark.cuda]
@@ -106,7 +107,7 @@ def test_generator_noise_is_independent_of_chunking_and_reproducible():
 @needs_cuda
 def test_concurrent_streams_equal_serial_bitwise():
     torch.manual_seed(0)
-    model = dtp_ext.models.simple_vgg(widths=(8, 8, 16, 16, 32)).cuda()
+    model = simple_vgg(widths=(8, 8, 16, 16, 32)).cuda()
     x = torch.randn(8, 3, 32, 32, device="cuda")
     results = []
     for concurrent in (True, False):
