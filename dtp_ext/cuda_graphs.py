@@ -18,8 +18,14 @@ What a replay relies on, and how it is kept:
   and advance it by the whole graph's draws, so a replayed step draws the numbers the eager
   loop would have (tests/test_cuda_graphs.py checks replay against eager, bitwise).
 - Errors: non-finite inputs are caught by the deferred device flags the captured checks set
-  (read once per step by the divergence guard); Ctrl-C is noticed between steps, not between
-  iterations.
+  (read once per step by the divergence guard); a check that reads its result on the host
+  (`deferred_finite_checks("nowhere")`) cannot be captured, so those loops run eagerly. Ctrl-C
+  is noticed between steps, not between iterations.
+- Streams: each block captures on a stream of its own, kept for the trainer's life and never
+  another block's: cuBLAS keeps a workspace per stream, which a graph captured on the stream
+  uses and which is freed when that graph is, so two graphs must not share a capture stream.
+  Captures are thread-local (`capture_error_mode="thread_local"`), so CUDA calls from other
+  threads (a DataLoader's pinning thread) do not break them.
 
 The first step with a new key runs eagerly (it also warms cuDNN and cuBLAS up, and allocates
 the deferred-check flag outside the graph), then captures; replays start at the next step. Each
@@ -51,24 +57,68 @@ def _tensor_key(t):
     return (tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
+def _runs_on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 def applies(x: torch.Tensor, noise_x, noise_y) -> bool:
-    """Whether a block's loop runs from a graph: a CUDA block drawing its own noise."""
-    return x.is_cuda and noise_x is None and noise_y is None
+    """Whether a block's loop runs from a graph: a CUDA block drawing its own noise, with finite
+    checks that do not read their result on the host."""
+    return (
+        _runs_on_gpu(x)
+        and noise_x is None
+        and noise_y is None
+        and not ops.finite_checks_synchronise(x.device)
+    )
 
 
 def _new_graph() -> torch.cuda.CUDAGraph:
     return torch.cuda.CUDAGraph()
 
 
-def _capture(graph, device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """fn() captured into graph (nothing executes) on a side stream of its own that waits for
-    the work so far; returns fn's output tensor (written by each replay)."""
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.graph(graph, stream=side):
+def _new_stream(device: torch.device, taken: set) -> torch.cuda.Stream:
+    """A capture stream no other block's graph uses. Drawn from the high-priority pool (the
+    trainer's block streams come from the default-priority one), which hands its 32 streams out
+    in turn: draw until a free one comes."""
+    for _ in range(64):
+        stream = torch.cuda.Stream(device=device, priority=-1)
+        if stream.cuda_stream not in taken:
+            return stream
+    raise RuntimeError(
+        "FeedbackTrainer: cuda_graphs=True needs a capture stream per block and every stream of "
+        "the pool is taken (more than 32 captured blocks on one device); run with "
+        "cuda_graphs=False"
+    )
+
+
+def _capture(graph, stream, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() captured into graph (nothing executes) on `stream`, after the work queued so far;
+    returns fn's output tensor (written by each replay)."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         out = fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    current.wait_stream(stream)
     return out
+
+
+def _host_settings() -> tuple:
+    """What the host decides at capture besides the loop's own arguments: the checks and the
+    libraries' precision and algorithm switches."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    return (
+        ops.finite_checks_enabled(),
+        ops.finite_check_defer_mode(),
+        cuda.matmul.allow_tf32,
+        cuda.matmul.allow_bf16_reduced_precision_reduction,
+        cuda.matmul.allow_fp16_reduced_precision_reduction,
+        str(cuda.preferred_blas_library()),
+        cudnn.enabled,
+        cudnn.allow_tf32,
+        cudnn.deterministic,
+        cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
 
 
 class LoopGraphs:
@@ -76,6 +126,7 @@ class LoopGraphs:
 
     def __init__(self):
         self._captured: dict[str, _Captured] = {}
+        self._streams: dict[str, torch.cuda.Stream] = {}  # each block's capture stream
 
     def run(
         self,
@@ -92,10 +143,7 @@ class LoopGraphs:
             tuple(_tensor_key(t) for t in inputs),
             tuple((t.data_ptr(), _tensor_key(t)) for t in state),
             settings,
-            ops.finite_checks_enabled(),
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic,
+            _host_settings(),
         )
         captured = self._captured.get(name)
         if captured is not None and captured.key == key:
@@ -110,7 +158,9 @@ class LoopGraphs:
         static = tuple(None if t is None else t.clone() for t in inputs)
         graph = _new_graph()
         try:
-            captured_losses = _capture(graph, losses.device, lambda: loop(static))
+            captured_losses = _capture(
+                graph, self._stream(name, losses.device), lambda: loop(static)
+            )
         except Exception as exc:
             raise RuntimeError(
                 f"FeedbackTrainer: capturing block {name!r}'s feedback loop as a CUDA graph "
@@ -118,3 +168,10 @@ class LoopGraphs:
             ) from exc
         self._captured[name] = _Captured(key, static, graph, captured_losses, kernel)
         return losses, kernel
+
+    def _stream(self, name: str, device: torch.device):
+        stream = self._streams.get(name)
+        if stream is None or stream.device != device:
+            taken = {s.cuda_stream for n, s in self._streams.items() if n != name}
+            stream = self._streams[name] = _new_stream(device, taken)
+        return stream

@@ -3,6 +3,8 @@ a replayed step gives the eager loop's losses and feedback weights bit for bit, 
 a changed setting, batch or state captures again; NaN is still refused. The GPU tests skip here
 and run in benchmarks/gpu_check.sh; the switch's CPU behaviour is tested everywhere."""
 
+import types
+
 import pytest
 import torch
 
@@ -122,8 +124,9 @@ def test_a_changed_setting_batch_or_state_captures_again(deterministic_cudnn):
 
 @needs_cuda
 def test_non_finite_input_is_refused_on_a_replay():
-    """The captured loop's deferred checks still refuse a NaN input: the step raises and every
-    block's feedback weights are restored."""
+    """The captured loop's deferred checks still refuse a NaN input: the step raises the
+    deferred check's error (not only the divergence guard's), every block's feedback weights are
+    restored, and the next clean step replays and passes (the flag was cleared)."""
     model = small_vgg("cuda")
     trainer = dtp_ext.FeedbackTrainer(model, **SETTINGS, cuda_graphs=True)
     x = torch.randn(8, 3, 32, 32, device="cuda")
@@ -134,10 +137,36 @@ def test_non_finite_input_is_refused_on_a_replay():
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     model(bad)
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="received a non-finite input"):
         trainer.step()
     for (_, b), w in zip(trainer.blocks, before):
         assert torch.equal(b.feedback_weight, w)
+    model(x)
+    report = trainer.step()
+    assert all("graph replay" in k for k in report.kernels.values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "serial"])
+def test_many_recaptures_stay_equal_to_eager(deterministic_cudnn, concurrent):
+    """Batches alternating 8 and 5 capture every block again at every step, 40 times: more
+    captures than the stream pool has streams, with the blocks' graphs live side by side (a
+    capture stream shared between graphs would share, and free, a cuBLAS workspace). Bitwise
+    equal to the eager steps, on concurrent block streams and serially."""
+    batches = [8, 5] * 20
+    kwargs = dict(concurrent_blocks=concurrent)
+    assert_same(
+        run_steps("cuda", batches, False, **kwargs), run_steps("cuda", batches, True, **kwargs)
+    )
+
+
+@needs_cuda
+def test_checks_that_read_on_the_host_run_eagerly():
+    """deferred_finite_checks("nowhere") makes a check read its result on the host, which a
+    capture cannot hold: those loops run eagerly (the report says so) and still refuse NaN."""
+    with dtp_ext.ops.deferred_finite_checks("nowhere"):
+        losses, kernels, _ = run_steps("cuda", [8, 8, 8], True)
+    assert all("graph" not in k for step in kernels for k in step.values())
 
 
 class StandInGraph:
@@ -151,16 +180,25 @@ class StandInGraph:
         self.output.set_(self.fn())
 
 
-def stand_in_capture(graph, device, fn):
+def stand_in_capture(graph, stream, fn):
     graph.fn, graph.output = fn, torch.empty(0)
     return graph.output
 
 
+def stand_in_stream(device, taken):
+    return types.SimpleNamespace(cuda_stream=len(taken) + 1, device=device)
+
+
 @pytest.fixture
 def stand_in_graphs(monkeypatch):
+    """CUDA graphs on the CPU: stand-in graphs and streams, and the CPU's finite checks deferred
+    (as CUDA's are) so the loops are capturable."""
     monkeypatch.setattr(dtp_ext.cuda_graphs, "_new_graph", StandInGraph)
+    monkeypatch.setattr(dtp_ext.cuda_graphs, "_new_stream", stand_in_stream)
     monkeypatch.setattr(dtp_ext.cuda_graphs, "_capture", stand_in_capture)
-    monkeypatch.setattr(dtp_ext.cuda_graphs, "applies", lambda x, nx, ny: nx is None and ny is None)
+    monkeypatch.setattr(dtp_ext.cuda_graphs, "_runs_on_gpu", lambda x: True)
+    with dtp_ext.ops.deferred_finite_checks("everywhere"):
+        yield
 
 
 def test_graph_cache_on_the_cpu_with_a_stand_in_graph(stand_in_graphs):
@@ -177,3 +215,11 @@ def test_graph_cache_on_the_cpu_with_a_stand_in_graph(stand_in_graphs):
     assert graphed[1][1][first] == "dtp_ext::ldrl_feedback_loop[CPU] (CUDA graph replay)"
     bf16 = run_steps("cpu", [4, 4, 4], True, compute_dtype=torch.bfloat16)
     assert_same(run_steps("cpu", [4, 4, 4], False, compute_dtype=torch.bfloat16), bf16)
+
+
+def test_checks_read_on_the_host_are_not_captured(stand_in_graphs):
+    """With the CPU's checks immediate again (they read their result on the host), the loops run
+    eagerly though graphs are on."""
+    with dtp_ext.ops.deferred_finite_checks("nowhere"):
+        _, kernels, _ = run_steps("cpu", [4, 4], True)
+    assert all("graph" not in k for step in kernels for k in step.values())
