@@ -199,6 +199,9 @@ def _worker(rank, init_file, out, dump_dir):
             results[name] = main(["train", *argv])
         runner.Run._train_step = train_step
         results["nonfinite"] = _nonfinite_gradient_on_rank_1(rank, os.path.join(out, "nonfinite"))
+        # Every rank done with its collectives before either tears the group down (as in
+        # test_distributed.py: a rank aborting in gloo teardown was seen once in CI).
+        dist.barrier()
     finally:
         runner.Run.finish = finish
         dist.destroy_process_group()
