@@ -146,18 +146,31 @@ def test_non_finite_input_is_refused_on_a_replay():
     assert all("graph replay" in k for k in report.kernels.values())
 
 
+def check_alternating_recaptures(device, **trainer_kwargs):
+    """The first block's lr alternates every step; batches go 8, 8, 5, 5, ..."""
+
+    def alternate_first_lr(i, trainer):
+        trainer.lr = [1e-3 * (1 + i % 2)] + [1e-3] * 4
+
+    batches = [8, 8, 5, 5] * 3
+    eager = run_steps(device, batches, False, alternate_first_lr, **trainer_kwargs)
+    graphed = run_steps(device, batches, True, alternate_first_lr, **trainer_kwargs)
+    assert_same(eager, graphed)
+    first, second = list(graphed[0][0])[:2]
+    assert not any(replays(graphed[1], first))
+    assert replays(graphed[1], second) == [False, True] * 6
+
+
 @needs_cuda
 @pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent", "serial"])
 def test_many_recaptures_stay_equal_to_eager(deterministic_cudnn, concurrent):
-    """Batches alternating 8 and 5 capture every block again at every step, 40 times: more
-    captures than the stream pool has streams, with the blocks' graphs live side by side (a
-    capture stream shared between graphs would share, and free, a cuBLAS workspace). Bitwise
-    equal to the eager steps, on concurrent block streams and serially."""
-    batches = [8, 5] * 20
-    kwargs = dict(concurrent_blocks=concurrent)
-    assert_same(
-        run_steps("cuda", batches, False, **kwargs), run_steps("cuda", batches, True, **kwargs)
-    )
+    """The first block's lr alternates every step (it captures again each time) while the
+    batches go 8, 8, 5, 5, ... (the other blocks capture at each new size and replay in between):
+    graphs recaptured, freed and replayed side by side for 12 steps. A recapture frees only its
+    own graph's memory and cuBLAS workspace (each block captures on a stream of its own), so every
+    step equals the eager one bitwise, on concurrent block streams and serially."""
+
+    check_alternating_recaptures("cuda", concurrent_blocks=concurrent)
 
 
 @needs_cuda
@@ -223,3 +236,8 @@ def test_checks_read_on_the_host_are_not_captured(stand_in_graphs):
     with dtp_ext.ops.deferred_finite_checks("nowhere"):
         _, kernels, _ = run_steps("cpu", [4, 4], True)
     assert all("graph" not in k for step in kernels for k in step.values())
+
+
+def test_alternating_recaptures_on_the_cpu(stand_in_graphs):
+    """test_many_recaptures_stay_equal_to_eager's cache pattern with the stand-in graph."""
+    check_alternating_recaptures("cpu")
