@@ -171,7 +171,10 @@ def make_extension(torch_version, cuda_home=None, arch_list=None, arch_flags=(),
     'arch' (which a wheel's include folder could)."""
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch's helper
+    # The C++ standard comes from torch's helper. No fused multiply-adds formed by the compiler:
+    # the scalar passes, their AVX-512 twins and the CUDA kernels must round each product the
+    # same way (a build with FMA in its flags, -march=native, would fuse only some of them).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     macros = [("DTP_TORCH_VERSION", f'"{torch_version}"')]
     if arch_list is None:
         return CppExtension(

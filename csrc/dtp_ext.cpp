@@ -89,6 +89,10 @@ PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
   return PyBool_FromLong(dtp_ext::vector_windows_enabled());
 }
 
+PyObject* cpu_vector_windows(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(dtp_ext::vector_windows_written());
+}
+
 PyObject* last_kernel(PyObject*, PyObject*) {
   return PyUnicode_FromString(dtp_ext::last_kernel().c_str());
 }
@@ -114,6 +118,8 @@ PyMethodDef methods[] = {
     {"set_cpu_vector_kernels", set_cpu_vector_kernels, METH_O,
      "Switches the CPU's AVX-512 pooled-window kernels on or off; returns the previous "
      "setting."},
+    {"cpu_vector_windows", cpu_vector_windows, METH_NOARGS,
+     "Pool windows the AVX-512 kernels have written since the library loaded."},
     {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
      "Whether the CPU's pooled passes take the AVX-512 window kernels (the CPU has AVX-512 "
      "F/BW/VL and they are on)."},

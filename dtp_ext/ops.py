@@ -270,6 +270,12 @@ def cpu_vector_kernels_enabled() -> bool:
     return _C.cpu_vector_kernels()
 
 
+def cpu_vector_windows_written() -> int:
+    """Pool windows the AVX-512 kernels have written since the library loaded (each pass adds
+    what its kernels wrote): what shows they ran."""
+    return _C.cpu_vector_windows()
+
+
 @contextlib.contextmanager
 def cpu_vector_kernels(enabled: bool) -> Iterator[None]:
     """`with dtp_ext.ops.cpu_vector_kernels(False): ...` runs a block on the scalar passes."""

@@ -264,6 +264,40 @@ def test_vector_windows_refuse_an_index_outside_its_window(bad):
         )
 
 
+@needs_vector_kernels
+def test_vector_windows_are_counted_where_they_ran():
+    """The count of windows the kernels wrote comes from the kernels: every 2x2 window of a
+    channels-last map (uncovered edges included), all but the one whose clean index is refused
+    (the scalar pass rewrites and refuses it), none when switched off or for NCHW maps."""
+    z = torch.randn(2, 37, 7, 9).to(torch.bfloat16).contiguous(memory_format=CL)
+    s, idx = F.max_pool2d_with_indices(torch.randn(2, 37, 7, 9), 2, 2)
+    windows = 2 * 3 * 4
+
+    def written(run):
+        before = ops.cpu_vector_windows_written()
+        run()
+        return ops.cpu_vector_windows_written() - before
+
+    noisy = lambda z, i: torch.ops.dtp_ext._noisy_difference(z, s, i, "elu", 2, True)
+    assert written(lambda: noisy(z, idx)) == windows
+    scatter = lambda: torch.ops.dtp_ext._phi_unpool_difference(
+        "dtp_ext.test", s, None, 0.0, idx, s, idx, [2, 37, 7, 9], 2, "none", 1.0, True
+    )
+    assert written(scatter) == windows
+    bad = idx.clone()
+    bad[1, 35, 1, 2] = 10
+
+    def refused():
+        with pytest.raises(IndexError):
+            noisy(z, bad)
+
+    assert written(refused) == windows - 1
+    with ops.cpu_vector_kernels(False):
+        assert written(lambda: noisy(z, idx)) == 0
+    nchw = torch.ops.dtp_ext._noisy_difference
+    assert written(lambda: nchw(z.contiguous(), s, idx, "elu", 2, False)) == 0
+
+
 def test_vector_kernels_follow_the_cpu_and_the_switch():
     """The report comes from the CPU's flags: on with AVX-512 F/BW/VL (as /proc/cpuinfo lists
     them), off without; the switch turns them off and back."""

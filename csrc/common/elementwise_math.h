@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "block_geometry.h"
 
@@ -153,6 +154,18 @@ C10_HOST_DEVICE inline void write_owned_window(T* plane, I oh, I ow, I out_h, I 
                           [&](I at) { plane[at] = value(at); });
 }
 
+// x * y rounded on its own, on both devices: nvcc would otherwise fuse `v - scale * b` into
+// one fused multiply-add and the GPU's bits would differ from the CPU's (whose build forms no
+// fused multiply-adds: -ffp-contract=off in setup.py).
+template <typename T>
+C10_HOST_DEVICE inline T rounded_product(T x, T y) {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::is_same_v<T, float>) return __fmul_rn(x, y);
+  if constexpr (std::is_same_v<T, double>) return __dmul_rn(x, y);
+#endif
+  return x * y;
+}
+
 // The value of scale * (unpool(a) - unpool(b)) at position `at` of a window that a single pooled
 // element owns (a at a_at, b at b_at when there is a second term; -1: nowhere): the additions,
 // in the order, of scattering a and then b into a zero-filled plane (max_unpool2d(a) -
@@ -161,8 +174,8 @@ template <typename T>
 C10_HOST_DEVICE inline T owned_difference(int64_t at, int64_t a_at, T a, int64_t b_at, const T* b,
                                           T scale) {
   T v = T(0);
-  if (at == a_at) v += scale * a;
-  if (b && at == b_at) v -= scale * *b;
+  if (at == a_at) v += rounded_product(scale, a);
+  if (b && at == b_at) v -= rounded_product(scale, *b);
   return v;
 }
 

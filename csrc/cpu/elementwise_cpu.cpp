@@ -152,6 +152,7 @@ void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channe
   }
   at::parallel_for(0, images * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<OwnedValues<O>> window(channels);
+    int64_t whole_windows = 0;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       O* image = out + n * plane_size * channels;
@@ -159,6 +160,7 @@ void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channe
         int64_t j = n * channels * pooled + oh * g.out_w + ow;
         if (whole(image, n, oh, ow, j)) {
           zero_owned_edge(image, oh, ow, g);
+          ++whole_windows;
           continue;
         }
         for (int64_t c = 0; c < channels; ++c, j += pooled) window[c] = values(n, c, oh, ow, j);
@@ -171,6 +173,7 @@ void write_pooled_windows(O* out, int64_t images, const PoolGrid& g, bool channe
                                          });
       }
     }
+    if (whole_windows) count_vector_windows(whole_windows);
   });
 }
 
@@ -341,6 +344,7 @@ void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* c
   const bool vector = std::is_same_v<T, c10::BFloat16> && g.k == 2 && vector_windows_enabled();
   at::parallel_for(0, images * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<OwnedValues<T>> values(channels);
+    int64_t vector_windows = 0;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.out_h, oh = row % g.out_h;
       const T* image = z + n * plane_size * channels;
@@ -354,6 +358,7 @@ void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* c
                                     clean ? clean_idx + j : nullptr, w,
                                     reinterpret_cast<uint16_t*>(image_out + w.first * channels))) {
             zero_owned_edge(image_out, oh, ow, g);
+            ++vector_windows;
             continue;
           }
         }
@@ -369,6 +374,7 @@ void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* c
                                          });
       }
     }
+    if (vector_windows) count_vector_windows(vector_windows);
   });
 }
 

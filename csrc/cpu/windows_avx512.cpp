@@ -15,7 +15,12 @@
 namespace dtp_ext {
 namespace {
 std::atomic<bool> switched_on{true};
+std::atomic<int64_t> windows_written{0};
 }  // namespace
+
+void count_vector_windows(int64_t windows) { windows_written += windows; }
+
+int64_t vector_windows_written() { return windows_written.load(); }
 
 bool vector_windows_supported() {
 #ifdef DTP_AVX512_WINDOWS

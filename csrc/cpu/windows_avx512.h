@@ -16,6 +16,10 @@ bool vector_windows_supported();
 bool vector_windows_enabled();
 // Switches them on or off (tests compare both forms); returns the previous setting.
 bool set_vector_windows(bool enabled);
+// Windows the kernels have written since the library loaded (the passes add their counts):
+// what tells a test, or a user, that they ran.
+void count_vector_windows(int64_t windows);
+int64_t vector_windows_written();
 
 // One 2x2 window of channels-last maps, 16 channels at a time. Strides in elements.
 struct Window2x2 {
