@@ -518,11 +518,9 @@ class FeedbackTrainer:
             noise_x = None if noise_x is None else noise_x.to(dtype)
             noise_y = None if noise_y is None else noise_y.to(dtype)
 
-        def loop(iterations, nx, ny, chunk):
+        def loop(iterations, nx, ny, chunk, inputs=(x, weight, bias)):
             return ops.ldrl_feedback_loop(
-                x,
-                weight,
-                bias,
+                *inputs,
                 *state,
                 iterations,
                 sigma,
@@ -559,17 +557,7 @@ class FeedbackTrainer:
                 (x, weight, bias),
                 state,
                 settings,
-                lambda inputs: ops.ldrl_feedback_loop(
-                    *inputs,
-                    *state,
-                    k,
-                    sigma,
-                    lr,
-                    self.momentum,
-                    self.weight_decay,
-                    chunk,
-                    block.geometry(),
-                ),
+                lambda inputs: loop(k, None, None, chunk, inputs),
             )
         else:
             losses, kernel = loop(k, noise_x, noise_y, chunk), ops.last_kernel()
@@ -705,7 +693,6 @@ class FeedbackTrainer:
                 f"trainer trains {[n for n, _ in self._bound or []]} (forward order)"
             )
         blocks = dict(self._bound or [])
-        loaded = {}
         for name, buffers in state["momentum_buffers"].items():
             block = blocks[name]
             if buffers["weight"].shape != block.feedback_weight.shape:
@@ -713,8 +700,12 @@ class FeedbackTrainer:
                     f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
                     f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}"
                 )
-            # Into the existing buffers where they match (as nn.Module.load_state_dict does), so
-            # captured CUDA graphs, which hold their addresses, stay valid.
+        # Every buffer checked before any is written: into the existing buffers where they match
+        # (as nn.Module.load_state_dict does), so captured CUDA graphs, which hold their
+        # addresses, stay valid.
+        loaded = {}
+        for name, buffers in state["momentum_buffers"].items():
+            block = blocks[name]
             current = self._momentum_buffers.get(name, {})
             loaded[name] = {}
             for k, v in buffers.items():

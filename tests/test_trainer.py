@@ -206,3 +206,25 @@ def test_mismatched_state_dicts_are_refused_with_the_reason():
         RuntimeError, match=r"Missing key\(s\) in state_dict: \"0.feedback_weight\""
     ):
         model.load_state_dict({k: v for k, v in model.state_dict().items() if "feedback" not in k})
+
+
+def test_a_refused_state_dict_writes_no_buffer():
+    """load_state_dict copies into the existing momentum buffers, but only once every buffer
+    has passed its check: a state whose last buffer has the wrong shape leaves all of them."""
+    model = simple_vgg_small()
+    model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    trainer = dtp_ext.FeedbackTrainer(model, **PAPER)
+    trainer.step()
+    before = trainer.state_dict()["momentum_buffers"]
+    state = trainer.state_dict()
+    for buffers in state["momentum_buffers"].values():
+        for v in buffers.values():
+            v.add_(1.0)
+    last = list(state["momentum_buffers"])[-1]
+    state["momentum_buffers"][last]["weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="momentum buffer of"):
+        trainer.load_state_dict(state)
+    after = trainer.state_dict()["momentum_buffers"]
+    for name in before:
+        for k in before[name]:
+            assert torch.equal(after[name][k], before[name][k]), (name, k)
