@@ -50,8 +50,12 @@ PyObject* defer_finite_checks(PyObject*, PyObject* mode) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* finite_check_defer_mode(PyObject*, PyObject*) {
-  return PyLong_FromLong(dtp_ext::defer_mode());
+PyObject* finite_checks_deferred_on(PyObject*, PyObject* device) {
+  HANDLE_TH_ERRORS
+  const char* name = PyUnicode_AsUTF8(device);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(dtp_ext::deferred_on(c10::Device(std::string(name))));
+  END_HANDLE_TH_ERRORS
 }
 
 PyObject* pending_non_finite(PyObject*, PyObject* device) {
@@ -101,8 +105,8 @@ PyMethodDef methods[] = {
     {"defer_finite_checks", defer_finite_checks, METH_O,
      "Where finite checks are deferred: 0 CUDA only, 1 everywhere, 2 nowhere; returns the "
      "previous mode."},
-    {"finite_check_defer_mode", finite_check_defer_mode, METH_NOARGS,
-     "Where finite checks are deferred now: 0 CUDA only, 1 everywhere, 2 nowhere."},
+    {"finite_checks_deferred_on", finite_checks_deferred_on, METH_O,
+     "Whether a finite check on the device is deferred under the current mode."},
     {"pending_non_finite", pending_non_finite, METH_O,
      "The device's deferred non-finite flag (int32 0-d tensor, 0 or an op code), or None."},
     {"clear_non_finite", clear_non_finite, METH_O, "Resets the device's deferred flag to 0."},

@@ -107,8 +107,7 @@ def _host_settings() -> tuple:
     libraries' precision and algorithm switches."""
     cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
     return (
-        ops.finite_checks_enabled(),
-        ops.finite_check_defer_mode(),
+        ops.finite_checks_enabled(),  # (deferred: applies() runs host-reading checks eagerly)
         cuda.matmul.allow_tf32,
         cuda.matmul.allow_bf16_reduced_precision_reduction,
         cuda.matmul.allow_fp16_reduced_precision_reduction,

@@ -201,17 +201,11 @@ def deferred_finite_checks(where: str = "everywhere") -> Iterator[None]:
         _C.defer_finite_checks(previous)
 
 
-def finite_check_defer_mode() -> int:
-    """Where the finite checks are deferred now: 0 CUDA only, 1 everywhere, 2 nowhere."""
-    return _C.finite_check_defer_mode()
-
-
 def finite_checks_synchronise(device: torch.device) -> bool:
     """Whether the fused ops' finite checks on `device` read their result on the host (checks
-    on, not deferred there): such a check cannot run inside a CUDA graph capture."""
-    mode = finite_check_defer_mode()
-    deferred = mode == 1 or (mode == 0 and torch.device(device).type == "cuda")
-    return finite_checks_enabled() and not deferred
+    on, not deferred there, by the kernels' own rule): such a check cannot run inside a CUDA
+    graph capture."""
+    return finite_checks_enabled() and not _C.finite_checks_deferred_on(str(device))
 
 
 def pending_non_finite(device) -> torch.Tensor | None:

@@ -21,12 +21,12 @@ int64_t op_code(const char* op) {  // registry_mutex held
   op_names.emplace_back(op);
   return static_cast<int64_t>(op_names.size() - 1);
 }
+}  // namespace
 
 bool deferred_on(const c10::Device& device) {
   const int mode = deferring.load();
   return mode == 1 || (mode == 0 && device.is_cuda());
 }
-}  // namespace
 
 bool finite_checks_enabled() { return checks_enabled.load(); }
 bool set_finite_checks(bool enabled) { return checks_enabled.exchange(enabled); }

@@ -28,6 +28,9 @@ bool set_finite_checks(bool enabled);
 // Where checks are deferred: 0 on CUDA devices only (default), 1 everywhere, 2 nowhere.
 int defer_mode();
 int set_defer_mode(int mode);  // returns the previous mode
+// Whether a check of tensors on `device` is deferred under the current mode (else it reads its
+// result on the host).
+bool deferred_on(const c10::Device& device);
 
 // The device's flag (int32 0-d: 0, or the code of an op that saw a non-finite input since the
 // last clear); undefined before any deferred check ran on that device.
