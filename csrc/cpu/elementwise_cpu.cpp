@@ -236,10 +236,11 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
                   return owned_values<scalar_t>(ap, ai, bp, bi, j, oh, ow, s, index_guard);
                 },
                 [&](scalar_t* image, int64_t, int64_t oh, int64_t ow, int64_t j) {
+                  if (!vector) return false;
                   const auto w = window_2x2(grid, oh, ow);
-                  return vector && scatter_whole_window(ap + j, ai + j, bp ? bp + j : nullptr,
-                                                        bi ? bi + j : nullptr, s, w,
-                                                        image + w.first * grid.channels);
+                  return scatter_whole_window(ap + j, ai + j, bp ? bp + j : nullptr,
+                                              bi ? bi + j : nullptr, s, w,
+                                              image + w.first * grid.channels);
                 });
           }
         });
