@@ -1,25 +1,29 @@
-"""How far the L-DRL update of a converted torchvision network is from backprop, before and
-after a feedback-only warm-up.
+"""How far the L-DRL update of a converted torchvision network is from backprop's with the
+library's defaults (`FeedbackTrainer(model)`, nothing tuned per model), during a feedback-only
+warm-up, and what a training step at those defaults costs against a backprop step.
 
 Each network is built as `dtp-ext train --model NAME` builds it for MNIST (random weights,
-adapted to 1x28x28, converted; docs/training.md), with the command's default feedback settings
-for it (K = 5 iterations per trained block, noise 0.1, lr scaled per block to its output
-positions). The warm-up trains the feedback weights alone on consecutive MNIST training
-batches (forward pass + FeedbackTrainer.step(), no forward-weight update), exactly as
-`--feedback-only-steps` does. At each checkpoint (before, and after the listed numbers of
-warm-up steps) one fixed batch (MNIST training images 32000..) measures, per DTP block:
+adapted to 1x28x28, converted with dtp_ext.convert's defaults; docs/training.md). The warm-up
+trains the feedback weights alone on consecutive MNIST training batches (forward pass +
+FeedbackTrainer.step(), no forward-weight update), as `--feedback-only-steps` does. At each
+checkpoint one fixed batch (MNIST training images 32000..) measures, per DTP block:
 
-- the angle between the L-DRL update (the weight gradient of the DTP backward) and backprop's
-  gradient of the same loss, both in training mode on copies of the model with the same
-  dropout masks and BatchNorm batch statistics;
+- the angle between the L-DRL update (the weight gradient of the DTP backward, with the
+  feedback weights the targets use) and backprop's gradient of the same loss, both in training
+  mode on copies of the model with the same dropout masks and BatchNorm batch statistics;
 - the norm ratio |L-DRL update| / |backprop gradient|;
-- the weight angle between W and the feedback weight (SPEC §6).
+- the feedback weight's angle to W^T: of the trained V ("raw") and of the weight targets use
+  (its average over steps), next to the planned floor the trainer predicted for each
+  (dtp_ext.alignment, docs/maths.md §7).
 
-The output block's update is backprop's exactly: the update summaries are over the other
-blocks, the weight-angle summaries over the trained ones (all but the stem conv).
+The output block's update is backprop's exactly: update summaries are over the other blocks.
+After the warm-up, `--timed-steps` training steps of L-DRL (forward, trainer.step(), backward,
+SGD step) and of backprop (the same network through dtp_ext.reference.backprop_twin) alternate;
+their medians give the step-cost ratio, and the backprop step x the steps of one MNIST epoch
+gives the epoch time the warm-up is compared with (an estimate from those timed steps).
 
-    python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...] [--steps 5,20]
-                                            [--batch 32] [--threads N] [--lr-rate R] [--json FILE]
+    python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...]
+        [--steps 0,20,100] [--batch 32] [--timed-steps 5] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -37,15 +41,8 @@ import dtp_ext
 from dtp_ext.metrics import angle_degrees, weight_alignment
 from dtp_ext.reference import backprop_twin
 from dtp_ext.train.batches import normalise
-from dtp_ext.train.catalog import (
-    block_positions,
-    build_model,
-    position_scaled_lr,
-    trained_block_positions,
-)
-from dtp_ext.train.config import TrainConfig
+from dtp_ext.train.catalog import block_positions, build_model
 from dtp_ext.train.datasets import INFO, load_split
-from dtp_ext.train.resolve import resolve
 
 MODELS = ("resnet-small", "resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1")
 
@@ -70,75 +67,122 @@ def directions(model, x, y):
     return {n: (grads[0][n], grads[1][n]) for n in grads[0]}
 
 
-def measure(model, x, y, order):
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure(model, trainer, x, y, order, quality):
     """Per block, and summaries: updates over the blocks before the output block (its update
-    is backprop's), weight angles over the trained blocks (every block after the stem)."""
+    is backprop's), feedback angles over the trained blocks."""
     rows = {}
     blocks = dict(dtp_ext.dtp_blocks(model))
+    plans = {n: trainer.plans.get(n) for n in order}
     for name, (g, g_bp) in directions(model, x, y).items():
-        rows[name] = {
+        row = {
             "update_angle": angle_degrees(g, g_bp),
             "norm_ratio": float(g.norm() / g_bp.norm()),
             "weight_angle": weight_alignment(blocks[name])["angle"],
         }
-    summary = {}
-    for key, names in (
-        ("update_angle", order[:-1]),
-        ("norm_ratio", order[:-1]),
-        ("weight_angle", order[1:]),
-    ):
-        values = [rows[n][key] for n in names]
-        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-    summary["output_block_angle"] = rows[order[-1]]["update_angle"]
-    return summary, rows
+        plan = plans.get(name)
+        if plan is not None:
+            row.update(
+                iterations=plan.iterations,
+                lr=plan.lr,
+                positions=plan.shape.positions,
+                predicted_raw_angle=plan.raw_floor.angle,
+                predicted_angle=plan.floor.angle,
+            )
+        if name in quality:
+            row["raw_weight_angle"] = quality[name]["raw_angle"]
+            row["raw_norm_ratio"] = quality[name]["raw_norm_ratio"]
+        rows[name] = row
+    result = {
+        key: summary([rows[n][key] for n in names])
+        for key, names in (
+            ("update_angle", order[:-1]),
+            ("norm_ratio", order[:-1]),
+            ("weight_angle", order[1:]),
+        )
+    }
+    result["output_block_angle"] = rows[order[-1]]["update_angle"]
+    return result, rows
 
 
-def run(name, steps, batch, data, info, lr_rate=None):
+def timed_steps(model, data, info, batch, count):
+    """Median seconds of an L-DRL training step at the defaults and of a backprop step, the
+    two alternating (same weights at the start; each trains its own copy)."""
+    ldrl = copy.deepcopy(model)
+    trainer = dtp_ext.FeedbackTrainer(ldrl)
+    trainer.load_state_dict(TRAINERS[id(model)].state_dict())
+    bp = backprop_twin(copy.deepcopy(model))
+    opts = {
+        "ldrl": torch.optim.SGD(ldrl.parameters(), lr=0.01, momentum=0.9),
+        "bp": torch.optim.SGD(bp.parameters(), lr=0.01, momentum=0.9),
+    }
+    times = {"ldrl": [], "bp": []}
+    for i in range(count + 1):  # the first round warms the allocator and oneDNN up
+        x = normalise(data.images[i * batch : (i + 1) * batch], info.mean, info.std)
+        y = data.labels[i * batch : (i + 1) * batch]
+        for kind, net in (("ldrl", ldrl), ("bp", bp)):
+            net.train()
+            start = time.perf_counter()
+            out = net(x)
+            if kind == "ldrl":
+                trainer.step()
+            opts[kind].zero_grad()
+            F.cross_entropy(out, y).backward()
+            opts[kind].step()
+            if i:
+                times[kind].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+TRAINERS: dict[int, dtp_ext.FeedbackTrainer] = {}
+
+
+def run(name, steps, batch, data, info, timed):
     torch.manual_seed(0)
-    cfg = resolve(TrainConfig(model=name, algorithm="ldrl", out="unused"))
-    if lr_rate is not None:  # another rate for the position-scaled feedback lr
-        positions = [
-            p for _, p in trained_block_positions(name, info.channels, info.size, info.classes)
-        ]
-        cfg.feedback_lr = position_scaled_lr(lr_rate, cfg.feedback_noise, positions)
-    model = build_model(name, info.channels, info.size, info.classes, cfg.beta)
+    model = build_model(name, info.channels, info.size, info.classes, 0.7)
     order = [n for n, _ in block_positions(model, (info.channels, info.size, info.size))]
-    trainer = dtp_ext.FeedbackTrainer(
-        model,
-        cfg.feedback_iterations,
-        cfg.feedback_noise,
-        cfg.feedback_lr,
-        momentum=cfg.feedback_momentum,
-    )
+    trainer = TRAINERS[id(model)] = dtp_ext.FeedbackTrainer(model)
 
     def images(i, n=batch):
         return (normalise(data.images[i : i + n], info.mean, info.std), data.labels[i : i + n])
 
     probe = images(32000)
-    results, started = [], time.perf_counter()
-    summary, rows = measure(model, *probe, order)
-    results.append({"warmup_steps": 0, "seconds": 0.0, **summary})
-    report(name, results[-1])
-    for step in range(1, max(steps) + 1):
-        x, _ = images((step - 1) * batch)
-        model.train()
-        model(x)
-        trainer.step()
+    results, seconds, quality = [], 0.0, {}  # seconds: the warm-up steps' own time
+    for step in range(0, max(steps) + 1):
+        if step:
+            x, _ = images((step - 1) * batch)
+            start = time.perf_counter()
+            model.train()
+            model(x)
+            quality = trainer.step().alignment()
+            seconds += time.perf_counter() - start
         if step in steps:
-            summary, rows = measure(model, *probe, order)
-            results.append(
-                {"warmup_steps": step, "seconds": time.perf_counter() - started, **summary}
-            )
+            result, rows = measure(model, trainer, *probe, order, quality)
+            results.append({"warmup_steps": step, "seconds": seconds, **result})
             report(name, results[-1])
-    return {
+    out = {
         "model": name,
         "blocks": len(order),
-        "iterations": cfg.feedback_iterations[0],
-        "noise": cfg.feedback_noise[0],
-        "feedback_lr": dict(zip(order[1:], cfg.feedback_lr)),
+        "explain": trainer.explain(),
         "checkpoints": results,
         "final_blocks": rows,
     }
+    if timed:
+        t = timed_steps(model, data, info, batch, timed)
+        epoch = t["bp"] * (len(data) // batch)
+        out["step_seconds"] = t
+        out["step_ratio"] = t["ldrl"] / t["bp"]
+        out["bp_epoch_seconds_estimate"] = epoch
+        print(
+            f"{name:<14} step: L-DRL {t['ldrl']:.3f} s, backprop {t['bp']:.3f} s, ratio "
+            f"{t['ldrl'] / t['bp']:.2f}x (median of {timed}); warm-up {results[-1]['seconds']:.0f} s "
+            f"vs one backprop epoch ~{epoch:.0f} s ({len(data) // batch} steps)",
+            flush=True,
+        )
+    return out
 
 
 def report(name, r):
@@ -146,7 +190,7 @@ def report(name, r):
     print(
         f"{name:<14}{r['warmup_steps']:>6}{r['seconds']:>8.0f}  update vs BP {u['median']:5.1f}° "
         f"[{u['min']:5.1f}, {u['max']:5.1f}]  norm ratio {n['median']:8.3g} [{n['min']:.3g}, {n['max']:.3g}]"
-        f"  weight angle {w['median']:5.1f}° (max {w['max']:5.1f})  output block {r['output_block_angle']:.1e}°",
+        f"  feedback angle {w['median']:5.1f}° (max {w['max']:5.1f})  output block {r['output_block_angle']:.1e}°",
         flush=True,
     )
 
@@ -154,29 +198,27 @@ def report(name, r):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--steps", default="5,20", help="warm-up steps at which to measure (comma list)")
+    p.add_argument("--steps", default="0,20,100", help="warm-up steps to measure at (comma list)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--timed-steps", type=int, default=5)
     p.add_argument("--threads", type=int)
-    p.add_argument(
-        "--lr-rate",
-        type=float,
-        help="feedback lr = RATE / (2 noise^2 P) per block (default: the train command's, 0.01)",
-    )
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from conftest import cpu_features  # the benchmarks' CPU line
+
     steps = sorted(int(s) for s in args.steps.split(","))
     info = INFO["mnist"]
     data = load_split("mnist", None, "train")
     print(
-        f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"seed 0 (one seed); {cpu_features()}"
     )
-    print(
-        f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)"
-    )
+    print(f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)")
     rows = [
-        run(name, steps, args.batch, data, info, args.lr_rate) for name in args.models.split(",")
+        run(name, steps, args.batch, data, info, args.timed_steps)
+        for name in args.models.split(",")
     ]
     if args.json:
         with open(args.json, "w") as f:
@@ -185,6 +227,7 @@ def main(argv=None):
                     "batch": args.batch,
                     "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
+                    "cpu": cpu_features(),
                     "rows": rows,
                 },
                 f,

@@ -40,6 +40,11 @@ class ConversionReport:
             )
             for name, kind, why in self.left:
                 lines.append(f"  {name}: {kind} ({why})")
+        lines.append(
+            "  activations and pools applied as functions in forward() (F.relu, "
+            "F.max_pool2d, ...) are not modules: they stay outside the blocks, and the "
+            "difference target passes them as a gradient would"
+        )
         return "\n".join(lines)
 
 
@@ -142,10 +147,13 @@ def _plain_reason(module, parent, previous: nn.Module | None, fold: bool = True)
             else "it is the first module of its nn.Sequential"
         )
     )
+    if not fold:
+        where = (
+            "convert folds only with fold=True (unfolded, the target passes it as a gradient "
+            "would; docs/maths.md §9)"
+        )
     if parent is None:
         where = "it is the whole model"
-    if not fold:
-        where = "convert(fold=False)"
     if _activation_name(module) is not None:
         return f"not folded: {where}; {_FOLD_RULE}"
     if isinstance(module, nn.ELU):
@@ -277,7 +285,7 @@ def convert(
     model: nn.Module,
     *,
     beta: float = 0.7,
-    fold: bool = True,
+    fold: bool = False,
     inplace: bool = False,
     verbose: bool = False,
     return_report: bool = False,
@@ -285,14 +293,18 @@ def convert(
     """Return `model` with every nn.Linear / nn.Conv2d replaced by its DTP block.
 
     Forward weights are kept (the same values, so outputs are unchanged); feedback weights are
-    drawn fresh with PyTorch's default init. Inside nn.Sequential containers a directly
-    following ReLU/ELU(alpha=1)/Tanh and, after a conv, a MaxPool2d with kernel = stride are
-    folded into the block (replaced by nn.Identity) so that its feedback block includes them,
-    as in the paper. Every other leaf module stays as it is and is listed in the report with
-    the reason: modules with no DTP counterpart (BatchNorm, dropout, average pools, ReLU6, ...)
-    and activations or max-pools that could not be folded (after a BatchNorm, outside an
-    nn.Sequential, a pool with kernel != stride). Difference targets pass through them as a
-    gradient passes through any module (SPEC §3).
+    drawn fresh with PyTorch's default init. Every other leaf module stays as it is and is
+    listed in the report with the reason; difference targets pass through plain modules as a
+    gradient passes through any module (docs/maths.md §3), and so do activations applied as
+    functions in forward() (F.relu), which are not modules.
+
+    `fold=True` folds, inside nn.Sequential containers, a directly following
+    ReLU/ELU(alpha=1)/Tanh and, after a conv, a MaxPool2d with kernel = stride into the block
+    (replaced by nn.Identity) so that its feedback block includes them, as in the paper. Off
+    by default: a folded ReLU's difference relu(s) - relu(s - step) passes the target at dead
+    units, where backprop passes nothing, so even a perfect feedback weight is tens of degrees
+    from backprop (docs/maths.md §9); unfolded, a perfect feedback weight gives backprop's
+    updates and the floor formula applies exactly.
 
     With `inplace=False` (default) the model is deep-copied first. `verbose` prints the
     conversion report; `return_report=True` returns (model, ConversionReport).

@@ -10,9 +10,10 @@ from torch import nn
 from .nn import Linear, dtp_blocks
 
 
-def feedback_in_forward_shape(block) -> torch.Tensor:
-    """The feedback weight brought to the forward weight's shape (Linear: V^T; conv: V)."""
-    fw = block.feedback_weight
+def feedback_in_forward_shape(block, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The feedback weight targets use (`block.target_feedback_weight`, or `weight`) brought
+    to the forward weight's shape (Linear: V^T; conv: V)."""
+    fw = block.target_feedback_weight if weight is None else weight
     return fw.t() if isinstance(block, Linear) else fw
 
 
@@ -24,7 +25,8 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def weight_alignment(block) -> dict[str, float]:
-    """angle(W, V) in degrees and the relative distance |W - V| / |W| for one block."""
+    """angle(W, V) in degrees and the relative distance |W - V| / |W| for one block, V the
+    feedback weight its targets use."""
     w = block.weight.detach()
     v = feedback_in_forward_shape(block).detach()
     return {

@@ -74,7 +74,7 @@ class _DTPBlockFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Float32 master feedback weights under autocast: the target's product runs in the
             # dtype the forward saved (what delta arrives in).
-            feedback_weight = ctx.block.feedback_weight
+            feedback_weight = ctx.block.target_feedback_weight
             if feedback_weight.dtype != delta.dtype:
                 feedback_weight = feedback_weight.to(delta.dtype)
             grad_x = _propagate_target(
@@ -139,6 +139,10 @@ class DTPBlock:
         self.beta = float(beta)
         self.register_buffer("feedback_weight", torch.empty(feedback_shape, **factory))
         self.register_buffer("feedback_bias", torch.empty(feedback_bias_size, **factory))
+        # The feedback weight averaged over steps (docs/maths.md §7), set by a FeedbackTrainer
+        # that averages: targets use it. Not persistent: the trainer's state_dict carries it,
+        # so the model's state_dict keys stay torch.nn's plus the two feedback buffers.
+        self.register_buffer("feedback_weight_average", None, persistent=False)
         self.reset_feedback_parameters()
         self._recorded_input: torch.Tensor | None = None
         # Data flow of the latest training-mode forward: whether the input required grad (it
@@ -193,6 +197,13 @@ class DTPBlock:
         ):
             return _DTPBlockFunction.apply(x, weight, bias, self)
         return self.forward_with_indices(x, weight, bias)[0]
+
+    @property
+    def target_feedback_weight(self) -> torch.Tensor:
+        """The feedback weight targets are propagated with: the trainer's average of
+        `feedback_weight` over steps when it keeps one, else `feedback_weight` itself."""
+        average = self.feedback_weight_average
+        return self.feedback_weight if average is None else average
 
     @property
     def recorded_input(self) -> torch.Tensor | None:

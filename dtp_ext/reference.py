@@ -65,10 +65,11 @@ def forward_block(block, x, weight=None, bias=None):
 
 
 def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=None):
-    """G(y) of `block` (its own feedback weights unless V, c are given), with autograd."""
+    """G(y) of `block` (the feedback weight its targets use, `target_feedback_weight`, unless
+    V, c are given), with autograd."""
     return functional.feedback_block(
         y,
-        block.feedback_weight if V is None else V,
+        block.target_feedback_weight if V is None else V,
         block.feedback_bias if c is None else c,
         input_shape,
         indices,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Real
@@ -11,8 +13,10 @@ from numbers import Real
 import torch
 from torch import nn
 
-from . import cuda_graphs, ops
+from . import alignment, cuda_graphs, ops
+from .averaging import FeedbackAverages
 from .cuda_graphs import LoopGraphs
+from .metrics import feedback_in_forward_shape
 from .nn import DTPBlock, dtp_blocks
 
 Number = int | float
@@ -20,17 +24,71 @@ Number = int | float
 
 @dataclass
 class FeedbackReport:
-    """What one FeedbackTrainer.step() did: per block, the loss of every iteration."""
+    """What one FeedbackTrainer.step() did: per block, the loss of every iteration, the kernel
+    that ran, and (`alignment()`) how its feedback weight stands against its predicted floor."""
 
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # which compiled kernel ran, by block
     _final_losses: dict[str, float] | None = field(default=None, repr=False)
+    # Per block: |V|^2, |W|^2, <V, W>, |A|^2, <A, W> (A the averaged V, else V) as one float64
+    # tensor on the block's device, and the block's plan; read on demand by alignment().
+    _quality: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _plans: dict[str, alignment.BlockPlan] = field(default_factory=dict, repr=False)
+    _alignment: dict[str, dict] | None = field(default=None, repr=False)
 
     def final_losses(self) -> dict[str, float]:
         """The last iteration's loss per block (read by the step's one synchronisation)."""
         if self._final_losses is None:
             self._final_losses = {n: float(l[-1]) for n, l in self.losses.items() if l.numel()}
         return dict(self._final_losses)
+
+    def alignment(self) -> dict[str, dict]:
+        """Per block, feedback quality after this step (one device read, on first call):
+
+        - `angle`, `norm_ratio`: the feedback weight targets use (the average, when the trainer
+          averages) against W^T, in degrees and |V|/|W|;
+        - `raw_angle`, `raw_norm_ratio`: the trained feedback weight V itself;
+        - `predicted_angle`, `predicted_norm_ratio`: V's predicted noise floor, 1/cos of it
+          (docs/maths.md §7); a raw norm ratio well above it means V is unstable or still
+          far from its floor;
+        - `status`: "ok", "settling" (raw angle more than 10 degrees above its floor) or
+          "unstable" (predicted, or |V|/|W| more than twice the prediction).
+        """
+        if self._alignment is None:
+            names = list(self._quality)
+            values = (
+                torch.stack([self._quality[n].to("cpu") for n in names]).tolist() if names else []
+            )
+            self._alignment = {}
+            for name, (vv, ww, vw, aa, aw) in zip(names, values):
+                plan = self._plans[name]
+                raw_angle, raw_ratio = _angle_and_ratio(vv, ww, vw)
+                angle, ratio = _angle_and_ratio(aa, ww, aw)
+                floor = plan.raw_floor
+                if not floor.stable or raw_ratio > 2 * floor.norm_ratio:
+                    status = "unstable"
+                elif raw_angle > floor.angle + 10:
+                    status = "settling"
+                else:
+                    status = "ok"
+                self._alignment[name] = {
+                    "angle": angle,
+                    "norm_ratio": ratio,
+                    "raw_angle": raw_angle,
+                    "raw_norm_ratio": raw_ratio,
+                    "predicted_angle": floor.angle,
+                    "predicted_norm_ratio": floor.norm_ratio,
+                    "status": status,
+                }
+        return {n: dict(v) for n, v in self._alignment.items()}
+
+
+def _angle_and_ratio(vv: float, ww: float, vw: float) -> tuple[float, float]:
+    """Angle (degrees) and norm ratio |V|/|W| from |V|^2, |W|^2 and <V, W>."""
+    if not (vv > 0 and ww > 0):
+        return 90.0, math.sqrt(vv / ww) if ww > 0 else math.inf
+    cos = max(-1.0, min(1.0, vw / math.sqrt(vv * ww)))
+    return math.degrees(math.acos(cos)), math.sqrt(vv / ww)
 
 
 def _average_across_ranks(tensors, world: int):
@@ -104,10 +162,26 @@ class FeedbackTrainer:
     Pass `blocks` (modules or their names) to choose them yourself, in the order given.
     `trainer.explain()` shows which blocks are trained, in which order, and why others are not.
 
-    `iterations`, `noise_std` and `lr` are each a scalar or a list with one entry per trained
-    block in forward order (in `blocks` order when given). Lists are bound to blocks by name
-    the first time the trained blocks are known (at the first `step()`, or at construction if
-    the model has already run a training forward pass).
+    Settings: `FeedbackTrainer(model)` plans each block's `iterations` and `lr` itself, at the
+    first `step()`, from the block's shape and batch (dtp_ext.alignment.plan_feedback,
+    docs/maths.md §8): the fewest iterations whose predicted noise floor, with the feedback
+    weight averaged over steps, is at most `target_angle` degrees from W^T, within `max_cost`
+    times a backprop step's multiply-adds; noise_std defaults to 0.1. `iterations`,
+    `noise_std` and `lr` given explicitly win: each is None (planned), a scalar or a list with
+    one entry per trained block in forward order (in `blocks` order when given). Lists are
+    bound to blocks by name the first time the trained blocks are known (at the first
+    `step()`, or at construction if the model has already run a training forward pass).
+    Settings predicted unstable are warned about once, naming the block and what to change.
+
+    Averaging (`average_decay`, docs/maths.md §7.3): targets use each feedback weight
+    averaged over steps: the plain mean while the forward weights stay put (a feedback-only
+    warm-up), and once they move an average whose window follows their measured drift,
+    capped at 1 / (1 - average_decay) steps (0: V itself; an average lags a moving W, which
+    measurably hurt training). The loop trains V itself. "auto" (the default) averages with
+    decay 0 when any setting is planned, and not at all when all three are given (the paper's
+    semantics); None switches it off. `warm_start` ("auto": when
+    any setting is planned) runs, at a block's first step, enough extra iterations for its
+    random feedback weight to reach its floor before any target uses it.
 
     `step()` runs the fused K-iteration loop (one compiled call per block) on the input each
     block recorded during the latest training-mode forward pass. Noise comes from torch's
@@ -117,19 +191,12 @@ class FeedbackTrainer:
     (None: no bound; non-finite values are always refused). On a GPU the blocks'
     loops run concurrently on their own CUDA streams (`concurrent_blocks=False` to serialise).
 
-    Feedback warm-up: feedback weights start random, so the first targets are poor, and a deep
-    converted network can diverge before they align. Train the feedback alone first, without
-    touching the forward weights:
-
-        for x, _ in warmup_batches:
-            model(x)          # training mode, autograd on: records inputs and data flow
-            trainer.step()    # no backward, no optimizer step
-
-    (`dtp-ext train --feedback-only-steps N` does this on its first N steps.) In deep networks
-    one lr for every block aligns them at very different speeds: a block's L-DRL loss has
-    curvature 2 * noise_std^2 * P in its feedback weight, P its output positions per sample
-    (784 on a 28x28 map, 1 for a classifier), so the train command gives each block
-    lr = 0.01 / (2 * noise_std^2 * P) (`dtp_ext.train.catalog.position_scaled_lr`).
+    Feedback warm-up: feedback weights start random, so the first targets are poor. The
+    planned settings' warm start brings each block to its floor at its first step; a
+    feedback-only warm-up (model(x); trainer.step(), no backward or optimizer step, for a few
+    dozen batches; `dtp-ext train --feedback-only-steps N`) fills the averages before the
+    forward weights move. The trainer warns once if forward weights were updated before their
+    block's feedback was ever trained.
 
     Under torch.distributed (e.g. a DistributedDataParallel model), `sync` keeps the feedback
     weights identical on every rank: "gradients" (the default when a process group of more than
@@ -157,9 +224,9 @@ class FeedbackTrainer:
     def __init__(
         self,
         model: nn.Module,
-        iterations,
-        noise_std,
-        lr,
+        iterations=None,
+        noise_std=None,
+        lr=None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         *,
@@ -170,6 +237,10 @@ class FeedbackTrainer:
         max_growth: float | None = 100.0,
         compute_dtype: torch.dtype | None = None,
         cuda_graphs: bool = False,
+        target_angle: float = alignment.DEFAULT_TARGET_ANGLE,
+        average_decay: float | str | None = "auto",
+        warm_start: bool | str = "auto",
+        max_cost: float | None = alignment.DEFAULT_MAX_COST,
     ):
         named = dtp_blocks(model)
         if not named:
@@ -212,6 +283,55 @@ class FeedbackTrainer:
                 f"{max_growth!r}"
             )
         self.max_growth = None if max_growth is None else float(max_growth)
+        if (
+            isinstance(target_angle, bool)
+            or not isinstance(target_angle, Real)
+            or not 0 < target_angle < 90
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: target_angle must be a number of degrees in (0, 90), got "
+                f"{target_angle!r}"
+            )
+        self.target_angle = float(target_angle)
+        if max_cost is not None and (
+            isinstance(max_cost, bool)
+            or not isinstance(max_cost, Real)
+            or not math.isfinite(max_cost)
+            or max_cost <= 0
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: max_cost must be None or a finite number > 0 (feedback "
+                f"multiply-adds per step over a backprop step's), got {max_cost!r}"
+            )
+        self.max_cost = None if max_cost is None else float(max_cost)
+        planning = any(self._spec[h] is None for h in HYPERPARAMETERS)
+        if average_decay == "auto":
+            average_decay = alignment.DEFAULT_AVERAGE_DECAY if planning else None
+        if average_decay is not None and (
+            isinstance(average_decay, bool)
+            or not isinstance(average_decay, Real)
+            or not 0 <= average_decay < 1
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: average_decay must be 'auto', None or a number in [0, 1), got "
+                f"{average_decay!r}"
+            )
+        self._averages = None if average_decay is None else FeedbackAverages(average_decay)
+        if warm_start == "auto":
+            warm_start = planning
+        if not isinstance(warm_start, bool):
+            raise ValueError(
+                f"FeedbackTrainer: warm_start must be 'auto', True or False, got {warm_start!r}"
+            )
+        self.warm_start = warm_start
+        # Per block: its plan (settings and predicted floor; dtp_ext.alignment), the input
+        # shape it was planned for, its successful steps, and its forward weight's version at
+        # construction (whether W was updated before its feedback was ever trained).
+        self._plans: dict[str, alignment.BlockPlan] = {}
+        self._plan_key: dict[str, tuple] = {}
+        self._block_steps: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._initial_versions = {n: self._weight_version(b) for n, b in named}
         if compute_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
                 f"FeedbackTrainer: compute_dtype must be None, torch.bfloat16 or "
@@ -246,7 +366,13 @@ class FeedbackTrainer:
 
     # -- hyperparameters: a scalar or one entry per trained block -----------------------
     def _set_hyperparameter(self, name, value):
-        self._spec[name] = check_per_block(name, value, integer=name == "iterations")
+        # None: planned per block at the first step (dtp_ext.alignment.plan_feedback).
+        previous = self._spec.get(name, ...)
+        self._spec[name] = (
+            None if value is None else check_per_block(name, value, integer=name == "iterations")
+        )
+        if getattr(self, "_plans", None) and self._spec.get(name, ...) != previous:
+            self._plans = {}  # planned again with the new value
         if self._bound is not None and len(self._spec) == len(HYPERPARAMETERS):
             self._bind(self._bound)
 
@@ -273,7 +399,7 @@ class FeedbackTrainer:
                         "per block)"
                     )
                 per_block.append(value)
-            else:
+            else:  # a scalar, or None: planned per block
                 per_block.append([value] * len(blocks))
         self._bound = list(blocks)
         self._hyper = {n: values for (n, _), values in zip(blocks, zip(*per_block))}
@@ -355,16 +481,83 @@ class FeedbackTrainer:
             self._hyper.update({n: tuple(self._spec[h] for h in HYPERPARAMETERS) for n in unbound})
         return [(n, b, self._hyper[n]) for n, b in blocks]
 
+    def _planned(self, trained):
+        """`trained` with each block's settings taken from its plan, made (dtp_ext.alignment)
+        for the blocks' recorded inputs when missing or when a block's per-sample input shape
+        changed; the batch a block was first planned for is kept."""
+        keys = {}
+        for name, block, _ in trained:
+            x = block.recorded_input
+            if x is None:
+                return trained  # nothing to plan from yet (step() refuses it)
+            old = self._plan_key.get(name)
+            per_sample = tuple(x.shape[1:])
+            keys[name] = (per_sample, old[1] if old and old[0] == per_sample else x.shape[0])
+        if any(self._plan_key.get(n) != keys[n] or n not in self._plans for n in keys):
+            self._make_plans(trained, keys)
+        return [(n, b, self._settings(n)) for n, b, _ in trained]
+
+    def _settings(self, name):
+        plan = self._plans[name]
+        return plan.iterations, plan.noise_std, plan.lr
+
+    def _make_plans(self, trained, keys):
+        def shape_of(block, batch):
+            x = block.recorded_input
+            shape = alignment.block_shape(block, x)
+            return dataclasses.replace(shape, batch=batch, macs=shape.macs * batch // x.shape[0])
+
+        shapes = [(n, shape_of(b, keys[n][1])) for n, b, _ in trained]
+        # A backprop step's multiply-adds: every block's forward on the same batch, x 3.
+        batch = shapes[0][1].batch
+        backprop = sum(
+            alignment.block_shape(b, b.recorded_input).macs * batch // b.recorded_input.shape[0]
+            for _, b in self._model_blocks
+            if b.recorded_input is not None
+        )
+        settings = [self._hyper[n] for n, _, _ in trained]
+        plans = alignment.plan_feedback(
+            shapes,
+            iterations=[s[0] for s in settings],
+            noise_std=[s[1] for s in settings],
+            lr=[s[2] for s in settings],
+            momentum=self.momentum,
+            target_angle=self.target_angle,
+            averaged_steps=None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,
+            max_cost=self.max_cost,
+            backprop_macs=backprop,
+            warm_start=self.warm_start,
+        )
+        for plan in plans:
+            self._plans[plan.name] = plan
+            self._plan_key[plan.name] = keys[plan.name]
+            if not plan.raw_floor.stable and plan.name not in self._warned:
+                self._warned.add(plan.name)
+                warnings.warn(
+                    f"FeedbackTrainer: block {plan.name!r}'s feedback settings are predicted "
+                    f"{plan.notes[0]}; its feedback weight would grow step after step "
+                    "(dtp_ext.alignment.noise_floor, docs/maths.md §7)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    @property
+    def plans(self) -> dict[str, alignment.BlockPlan]:
+        """Each trained block's settings and predicted floor and cost (dtp_ext.alignment), by
+        name; empty before the first step (or explain()) after a training forward pass."""
+        return dict(self._plans)
+
     @property
     def blocks(self) -> list:
         """[(name, block)] trained at the next step, in forward order."""
         return [(n, b) for n, b, _ in self._trained_now()]
 
     def explain(self) -> str:
-        """Which blocks step() trains, in which order and with which hyperparameters, and why
-        the model's other DTP blocks are skipped."""
+        """Which blocks step() trains, in which order and with which hyperparameters, each
+        block's predicted noise floor and cost (flagging blocks predicted unstable or above
+        `target_angle`), and why the model's other DTP blocks are skipped."""
         try:
-            trained = self._trained_now()
+            trained = self._planned(self._trained_now())
         except RuntimeError as exc:
             return f"FeedbackTrainer: nothing to train yet: {exc}"
         how = (
@@ -376,10 +569,44 @@ class FeedbackTrainer:
             f"FeedbackTrainer: {len(trained)} of {len(self._model_blocks)} DTP blocks trained, "
             f"{how}:"
         ]
+        averaging = (
+            "targets use each feedback weight's mean over the steps its forward weight stays "
+            f"put (floors: after {alignment.PLAN_AVERAGED_STEPS} such steps), and once it moves "
+            f"a window of at most {1 / (1 - self._averages.decay):.3g} step(s)"
+            if self._averages is not None
+            else "targets use the trained feedback weights themselves (no averaging)"
+        )
+        lines.append(
+            f"  target floor {self.target_angle:g}° per block, cost cap "
+            f"{'none' if self.max_cost is None else f'{self.max_cost:g}x a backprop step'}; "
+            f"{averaging}"
+        )
+        total = 0.0
         for i, (name, block, (k, sigma, lr)) in enumerate(trained, 1):
+            plan = self._plans.get(name)
+            if plan is None:
+                given = ", ".join(
+                    f"{h} {'planned at the first step' if v is None else f'{v:g}'}"
+                    for h, v in zip(HYPERPARAMETERS, (k, sigma, lr))
+                )
+                lines.append(f"  {i}. {name} ({type(block).__name__}): {given}")
+                continue
+            total += plan.cost
+            flag = "  <-- " + "; ".join(plan.notes) if plan.notes else ""
             lines.append(
                 f"  {i}. {name} ({type(block).__name__}): iterations {k}, noise_std {sigma:g}, "
-                f"lr {lr:g}"
+                f"lr {lr:g}{flag}"
+            )
+            lines.append("       " + alignment.plan_table([plan])[0])
+        if self._plans and trained:
+            backprop = 3 * sum(
+                alignment.block_shape(b, b.recorded_input).macs
+                for _, b in self._model_blocks
+                if b.recorded_input is not None
+            )
+            lines.append(
+                f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
+                f"{total / backprop if backprop else 0:.2f}x a backprop step's"
             )
         trained_names = {n for n, _, _ in trained}
         skipped = [
@@ -427,11 +654,20 @@ class FeedbackTrainer:
         parameters = {p.untyped_storage().data_ptr(): n for n, p in self._model.named_parameters()}
         for name, block, _ in trained:
             self._check_block(name, block, parameters)
+        trained = self._planned(trained)
+        self._warn_untrained_feedback(trained)
         try:
             for name, block, (k, sigma, lr) in trained:
                 x = block.recorded_input
                 buffers = self._buffers(name, block)
                 noise_x, noise_y = (noise or {}).get(name, (None, None))
+                warm = self._warm_start_pending(name)
+                if warm and noise_x is not None:
+                    raise ValueError(
+                        f"FeedbackTrainer.step: block {name!r} is due its warm start "
+                        f"({warm} extra iterations) but noise= gives only its {k} iterations' "
+                        "noise; pass warm_start=False to the trainer to give all noise yourself"
+                    )
                 saved = (
                     block.feedback_weight.clone(),
                     block.feedback_bias.clone(),
@@ -448,9 +684,28 @@ class FeedbackTrainer:
                         if sync == "none"
                         else contextlib.nullcontext()
                     ):
+                        warm_losses = (
+                            self._train_block(
+                                name,
+                                block,
+                                x,
+                                buffers,
+                                warm,
+                                sigma,
+                                self._plans[name].warm_start_lr,
+                                None,
+                                None,
+                                sync,
+                                world,
+                            )[0]
+                            if warm
+                            else None
+                        )
                         run[3], kernel = self._train_block(
                             name, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world
                         )
+                        if warm_losses is not None:
+                            run[3] = torch.cat([warm_losses, run[3]])
                 except ValueError as exc:  # the op refused a non-finite input before touching V
                     if not ops.is_non_finite_input_error(exc):
                         raise
@@ -468,7 +723,55 @@ class FeedbackTrainer:
             self._restore(runs)
             raise
         self.steps += 1
+        for name, block, _ in trained:
+            self._after_block_step(name, block, report)
         return report
+
+    # -- warm start, averaging, feedback quality (docs/maths.md §7-§8) ---------------------
+    @staticmethod
+    def _weight_version(block) -> int:
+        return block.weight._version
+
+    def _warm_start_pending(self, name) -> int:
+        """Extra iterations a block runs before this step's: its warm start, at its first step."""
+        if not self.warm_start or self._block_steps.get(name, 0):
+            return 0
+        return self._plans[name].warm_start_iterations
+
+    def _warn_untrained_feedback(self, trained):
+        """Warn once when a block's forward weights were updated before its feedback weights
+        were ever trained: those updates used a random feedback weight's targets."""
+        for name, block, _ in trained:
+            if self._block_steps.get(name, 0) or "untrained" in self._warned:
+                continue
+            if self._weight_version(block) != self._initial_versions.get(name):
+                self._warned.add("untrained")
+                warnings.warn(
+                    f"FeedbackTrainer: the forward weights of block {name!r} were updated before "
+                    "its feedback weights were trained: those updates followed targets from a "
+                    "random feedback weight (angles near 90° to backprop). Call trainer.step() "
+                    "between model(x) and loss.backward(), or train the feedback alone first "
+                    "(model(x); trainer.step() for a few batches, no optimizer step)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    @torch.no_grad()
+    def _after_block_step(self, name, block, report):
+        """A successful step's bookkeeping for one block: its step count, its average (after
+        the burn-in: none after a warm start, else its transient), its feedback quality."""
+        steps = self._block_steps[name] = self._block_steps.get(name, 0) + 1
+        plan = self._plans[name]
+        burn_in = 0 if self.warm_start else plan.transient_steps
+        if self._averages is not None and steps > burn_in:
+            self._averages.update(name, block, plan.noise_per_step)
+        w = block.weight.detach().double()
+        v = feedback_in_forward_shape(block, block.feedback_weight).double()
+        a = feedback_in_forward_shape(block).double()
+        report._quality[name] = torch.stack(
+            [(v * v).sum(), (w * w).sum(), (v * w).sum(), (a * a).sum(), (a * w).sum()]
+        )
+        report._plans[name] = plan
 
     def _check_block(self, name, block, parameters):
         """What the kernels cannot see: a stale or empty recorded input, feedback buffers that
@@ -667,14 +970,19 @@ class FeedbackTrainer:
         return {run[0]: last for run, (_, _, last) in zip(runs, values) if run[3].numel()}
 
     def state_dict(self) -> dict:
-        """Momentum buffers, step count and the blocks the per-block lists are bound to (forward
-        order; empty before the trained blocks are known)."""
+        """Momentum buffers, step count, the blocks the per-block lists are bound to (forward
+        order; empty before the trained blocks are known), each block's steps, the input shape
+        its plan was made for, and the feedback averages: a resumed trainer continues
+        bitwise."""
         return {
             "steps": self.steps,
             "momentum_buffers": {
                 n: {k: v.clone() for k, v in b.items()} for n, b in self._momentum_buffers.items()
             },
             "blocks": [n for n, _ in self._bound or []],
+            "block_steps": dict(self._block_steps),
+            "planned_for": {n: [list(k[0]), k[1]] for n, k in self._plan_key.items()},
+            "averages": None if self._averages is None else self._averages.state_dict(),
         }
 
     def load_state_dict(self, state: dict):
@@ -716,5 +1024,22 @@ class FeedbackTrainer:
                     loaded[name][k] = v.to(
                         device=block.feedback_weight.device, dtype=block.feedback_weight.dtype
                     ).clone()
+        averages = state.get("averages")
+        if (averages is None) != (self._averages is None) or (
+            averages is not None and averages.get("decay") != self._averages.decay
+        ):
+            raise ValueError(
+                "FeedbackTrainer.load_state_dict: the state was saved by a trainer with "
+                f"average_decay={None if averages is None else averages.get('decay')}, this one "
+                f"has {None if self._averages is None else self._averages.decay}; build the "
+                "trainer with the same settings to resume it"
+            )
+        if averages is not None:
+            self._averages.load_state_dict(averages, blocks)
         self._momentum_buffers = loaded
         self.steps = int(state.get("steps", 0))
+        self._block_steps = {n: int(v) for n, v in (state.get("block_steps") or {}).items()}
+        self._plan_key = {
+            n: (tuple(shape), int(batch)) for n, (shape, batch) in (state.get("planned_for") or {}).items()
+        }
+        self._plans = {}  # made again, for the saved input shapes, at the next step

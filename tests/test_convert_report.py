@@ -68,7 +68,7 @@ def model():
 
 def test_report_lists_every_plain_module_with_its_reason():
     original = model()
-    converted, report = dtp_ext.convert(original, return_report=True)
+    converted, report = dtp_ext.convert(original, fold=True, return_report=True)
     left = {name: (kind, why) for name, kind, why in report.left}
     assert set(left) == plain_leaves(original, converted, report)
     assert left["bn1"] == ("BatchNorm2d", "no DTP counterpart")
@@ -115,12 +115,19 @@ def test_outputs_unchanged_with_the_plain_modules():
     assert torch.equal(dtp_ext.convert(original).eval()(x), original(x))
 
 
-def test_fold_false_says_so():
-    _, report = dtp_ext.convert(
-        nn.Sequential(nn.Linear(3, 3), nn.ReLU()), fold=False, return_report=True
+@pytest.mark.parametrize("kwargs", [{}, {"fold": False}])
+def test_unfolded_by_default_and_says_how_to_fold(kwargs):
+    converted, report = dtp_ext.convert(
+        nn.Sequential(nn.Linear(3, 3), nn.ReLU()), return_report=True, **kwargs
     )
     assert report.left == [("1", "ReLU", report.left[0][2])]
-    assert "fold=False" in report.left[0][2]
+    assert "folds only with fold=True" in report.left[0][2]
+    assert converted[0].activation is None and type(converted[1]) is nn.ReLU
+
+
+def test_report_says_functional_activations_stay_outside_the_blocks():
+    _, report = dtp_ext.convert(nn.Sequential(nn.Linear(3, 3)), return_report=True)
+    assert "F.relu" in str(report) and "as a gradient would" in str(report)
 
 
 @pytest.mark.parametrize(

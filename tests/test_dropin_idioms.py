@@ -24,7 +24,8 @@ def two_convs():
                 nn.Conv2d(8, 8, 3),
                 nn.Flatten(),
                 nn.Linear(8 * 5 * 5, 4),
-            )
+            ),
+            fold=True,
         ),
     ).double()
 
@@ -85,7 +86,7 @@ def test_feedback_loop_writes_back_into_non_contiguous_state():
 def test_in_place_op_on_a_block_output(tail):
     """torch.nn lets a max-pool's output be modified in place; so must a block that folded it."""
     torch.manual_seed(0)
-    model = dtp_ext.convert(nn.Sequential(nn.Conv2d(3, 8, 3), *tail)).double()
+    model = dtp_ext.convert(nn.Sequential(nn.Conv2d(3, 8, 3), *tail), fold=True).double()
     assert len(dtp_ext.dtp_blocks(model)) == 1 and model[0].activation is not None
     x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
     model(x).mul_(0.5).sum().backward()

@@ -180,7 +180,7 @@ def test_convert_keeps_outputs_and_folds_activations_and_pools():
     model = conv_net().eval()
     x = torch.randn(2, 3, 8, 8)
     expected = model(x)
-    converted, report = dtp_ext.convert(model, beta=0.5, return_report=True)
+    converted, report = dtp_ext.convert(model, beta=0.5, fold=True, return_report=True)
     assert converted is not model and isinstance(model[0], nn.Conv2d)  # not in place by default
     torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
     assert converted[0].activation == "relu" and converted[0].pool == 2

@@ -1,5 +1,6 @@
 """dtp_ext.loss_scale: scaled losses, GradScaler and gradient accumulation give backprop's
-relation to the unscaled gradients (SPEC §10), float64, linear and conv networks."""
+relation to the unscaled gradients, float64, linear and conv networks with activations folded
+into their blocks (where the target step is nonlinear in delta)."""
 
 import threading
 
@@ -12,7 +13,9 @@ import dtp_ext
 
 
 def linear_net():
-    return dtp_ext.convert(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))).double()
+    return dtp_ext.convert(
+        nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), fold=True
+    ).double()
 
 
 def conv_net():
@@ -25,7 +28,8 @@ def conv_net():
             nn.Tanh(),
             nn.Flatten(),
             nn.Linear(6 * 4 * 4, 5),
-        )
+        ),
+        fold=True,
     ).double()
 
 

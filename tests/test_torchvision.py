@@ -73,7 +73,7 @@ def trainable_count(model):
 @pytest.mark.parametrize("name", MODELS)
 def test_convert_keeps_eval_output_and_reports_every_plain_module(name):
     original = build(name)
-    converted, report = dtp_ext.convert(original, return_report=True)
+    converted, report = dtp_ext.convert(original, fold=True, return_report=True)
     x = torch.randn(3, 3, 32, 32)
     original.eval()
     converted.eval()

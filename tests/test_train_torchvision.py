@@ -133,33 +133,41 @@ def test_every_torchvision_model_builds_for_small_images(torchvision, name, chan
     assert trained_block_count(name, channels, size, 10) == len(trainer.blocks)
 
 
-def test_default_feedback_lr_is_scaled_to_each_blocks_output_positions(torchvision):
-    """lr x noise^2 x P is the same for every trained block, P read here from a real forward
-    pass; an explicit --feedback-lr stays one value for all."""
-    from dtp_ext.train.catalog import build_model, model_spec
+def test_default_feedback_settings_are_the_trainers_plan(torchvision):
+    """The torchvision models leave iterations and lr to FeedbackTrainer's per-block plan (the
+    library's one rule): resolve keeps them None; the plan scales each block's lr to its
+    output positions P (lr x 2 noise^2 P x iterations = the planned step rate, lower only where
+    stability needs it), P read here from a real forward pass; an explicit --feedback-lr
+    stays one value for all."""
+    from dtp_ext.alignment import STEP_RATE
+    from dtp_ext.train.catalog import build_model
     from dtp_ext.train.config import TrainConfig
     from dtp_ext.train.resolve import resolve
 
     cfg = resolve(TrainConfig(model="resnet-small", feedback_noise=0.2, out="unused"))
+    assert cfg.feedback_iterations is None and cfg.feedback_lr is None
+    assert cfg.feedback_noise == [0.2] * 15
     model = build_model("resnet-small", 1, 28, 10, 0.7)
-    seen = []
-    hooks = [
-        b.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o[0, 0].numel())))
-        for n, b in dtp_ext.dtp_blocks(model)
-    ]
-    model(torch.randn(2, 1, 28, 28))
+    seen = {}
+
+    def positions(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output[0, 0].numel())
+
+        return hook
+
+    hooks = [b.register_forward_hook(positions(n)) for n, b in dtp_ext.dtp_blocks(model)]
+    model(torch.randn(8, 1, 28, 28))
     for h in hooks:
         h.remove()
-    trained = seen[1:]  # the stem conv sees the data
-    assert [n for n, _ in trained][:2] == ["layer1.0.conv1", "layer1.0.conv2"] and trained[-1][
-        0
-    ] == "fc"
-    assert (
-        len(cfg.feedback_lr) == len(trained) and len({p for _, p in trained}) == 4
-    )  # 28², 14², 7², 1
-    products = [lr * 0.2**2 * p for lr, (_, p) in zip(cfg.feedback_lr, trained)]
-    rate = model_spec("resnet-small").scaled_lr
-    assert max(products) == pytest.approx(min(products)) and products[0] == pytest.approx(rate / 2)
+    trainer = dtp_ext.FeedbackTrainer(model, cfg.feedback_iterations, cfg.feedback_noise, None)
+    trainer.explain()  # plans from the recorded inputs
+    plans = trainer.plans
+    assert set(plans) == set(list(seen)[1:])  # the stem conv sees the data
+    assert len({seen[n] for n in plans}) == 4  # 28², 14², 7², 1
+    for name, plan in plans.items():
+        rate = plan.lr * 2 * 0.2**2 * seen[name] * plan.iterations
+        assert rate == pytest.approx(STEP_RATE) or rate < STEP_RATE, name
     assert (
         resolve(TrainConfig(model="resnet-small", feedback_lr=1e-3, out="unused")).feedback_lr
         == [1e-3] * 15

@@ -28,14 +28,12 @@ class ModelSpec:
     build: Callable[..., nn.Module]  # (channels, size, classes, beta) -> model
     # Default (iterations, noise, lr) per trained block (a list) or for every trained block (a
     # scalar), by feedback loss: "ldrl", the reconstruction loss of "dtp"/"tp", and "drl"'s
-    # direct output->layer feedback.
-    feedback: dict[str, tuple[int | list[int], float | list[float], float | list[float]]]
+    # direct output->layer feedback. None: FeedbackTrainer plans it per block
+    # (dtp_ext.alignment, docs/maths.md §8).
+    feedback: dict[str, tuple]
     min_size: int  # smallest square input it accepts
     about: str
     chain: bool = True  # an nn.Sequential of DTP blocks joined by Flatten
-    # Default feedback lr when its entry in `feedback` is None: per trained block,
-    # scaled_lr / (2 sigma^2 P), P the block's output positions (position_scaled_lr).
-    scaled_lr: float | None = None
 
     def feedback_defaults(self, algorithm: str):
         family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
@@ -88,20 +86,16 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def _torchvision_spec(name: str, about: str) -> ModelSpec:
-    # K and noise: one value for every trained block (these networks have 10-52); the lr per
-    # block, scaled to its output positions (position_scaled_lr). Rate 0.01: on resnet-small,
-    # after 5 feedback-only steps the updates were 24° from backprop's (median over blocks),
-    # against 59° with 0.05 and 77° with 0.2 (momentum 0.9 converges about as fast at any of
-    # these rates; a larger one only amplifies the noise). Measured: docs/training.md.
+    # Iterations and lr planned per block by FeedbackTrainer from each block's shape and batch
+    # (its noise floor, docs/maths.md §8), noise 0.1: the library's defaults, nothing per model.
     return ModelSpec(
         lambda channels, size, classes, beta: build_torchvision(
             name, channels, size, classes, beta
         ),
-        {"ldrl": (5, 0.1, None)},
+        {"ldrl": (None, None, None)},
         28,
         f"torchvision {name}, converted ({about}; small images: {ADAPTATIONS[name]})",
         chain=False,
-        scaled_lr=0.01,
     )
 
 
@@ -208,13 +202,3 @@ def trained_block_positions(
     with torch.device("meta"):
         model = build_torchvision(name, channels, size, classes, 0.7)
         return block_positions(model, (channels, size, size))[1:]
-
-
-def position_scaled_lr(rate: float, noise: list[float], positions: list[int]) -> list[float]:
-    """Feedback lr per block, rate / (2 sigma^2 P). For a block with a linear feedback path the
-    expected L-DRL loss is sigma^2 P (|V - W|^2 - |W|^2) (SPEC §2.1, summed over the P output
-    positions), a quadratic of curvature 2 sigma^2 P in V, so `rate` is the fraction of the
-    distance to V = W^T each plain SGD iteration covers, the same in every block: one lr for
-    all would leave a 4x4-map block (P 16) 50 times slower than a 28x28 one (P 784), and the
-    classifier (P 1) 800 times."""
-    return [rate / (2 * s * s * p) for s, p in zip(noise, positions)]

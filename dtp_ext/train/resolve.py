@@ -6,14 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .catalog import (
-    DEFAULT_MODEL,
-    MODELS,
-    model_spec,
-    position_scaled_lr,
-    trained_block_count,
-    trained_block_positions,
-)
+from .catalog import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
 from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
 from .datasets import INFO
 
@@ -54,11 +47,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         ("feedback_noise", defaults[1], False),
         ("feedback_lr", defaults[2], False),
     ):
-        value = getattr(cfg, key)
-        if key == "feedback_lr" and value is None and default is None:
-            lists[key] = _scaled_feedback_lr(model, spec, info, lists["feedback_noise"])
-            continue
-        lists[key] = per_layer(key, default if value is None else value, count, integer=integer)
+        value = default if getattr(cfg, key) is None else getattr(cfg, key)
+        # None: planned per block by FeedbackTrainer (ldrl on the torchvision models).
+        lists[key] = None if value is None else per_layer(key, value, count, integer=integer)
+    if lists["feedback_iterations"] is None and cfg.feedback_warmup_steps:
+        raise ConfigError(
+            f"feedback_warmup_steps ({cfg.feedback_warmup_steps}) multiplies the feedback "
+            f"iterations, which model {model!r} plans per block (each block's first step already "
+            "runs a warm start); give --feedback-iterations to use it"
+        )
     if cfg.algorithm in ("dtp", "tp", "drl") and any(s == 0 for s in lists["feedback_noise"]):
         raise ConfigError(
             f"feedback_noise must be > 0 for {cfg.algorithm} (its loss divides by it "
@@ -75,20 +72,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         augment=info.augment if cfg.augment is None else cfg.augment,
         **lists,
     )
-
-
-def _scaled_feedback_lr(model, spec, info, noise):
-    """The default feedback lr of a model whose spec sets `scaled_lr`: per trained block,
-    scaled_lr / (2 sigma^2 P) (catalog.position_scaled_lr)."""
-    if any(s == 0 for s in noise):
-        raise ConfigError(
-            f"feedback_noise has a 0 entry: model {model!r}'s default feedback lr is "
-            "scaled by 1 / noise^2; give --feedback-lr explicitly"
-        )
-    positions = [
-        p for _, p in trained_block_positions(model, info.channels, info.size, info.classes)
-    ]
-    return position_scaled_lr(spec.scaled_lr, noise, positions)
 
 
 def lr_units_note(cfg: TrainConfig) -> str:

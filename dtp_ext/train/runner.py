@@ -318,6 +318,7 @@ class Run:
                 **self.window.means("train"),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "feedback_loss": dict(self.algorithm.last_feedback_losses),
+                "feedback_quality": self.algorithm.feedback_quality(),
                 **(alignment if alignment is not None else self._alignment()),
                 "time_s": self.elapsed
                 + (time.perf_counter() - self._started if self._started is not None else 0.0),

@@ -27,9 +27,10 @@ from ..precision import Precision
 class FeedbackSettings:
     """Per trained block (every DTP block but the first, forward order)."""
 
-    iterations: list[int]
-    noise: list[float]
-    lr: list[float]
+    # None: planned per block by FeedbackTrainer (ldrl; dtp_ext.alignment)
+    iterations: list[int] | None
+    noise: list[float] | None
+    lr: list[float] | None
     momentum: float = 0.9
     warmup_steps: int = 0
     warmup_factor: int = 1
@@ -37,7 +38,9 @@ class FeedbackSettings:
     memory_budget_mb: float = 256.0  # caps batching F(x + eps) across iterations (docs/memory.md)
     feedback_only_steps: int = 0  # the first N steps train the feedback weights only
 
-    def iterations_at(self, step: int) -> list[int]:
+    def iterations_at(self, step: int) -> list[int] | None:
+        if self.iterations is None:
+            return None
         factor = self.warmup_factor if step < self.warmup_steps else 1
         return [k * factor for k in self.iterations]
 
@@ -59,6 +62,11 @@ class Algorithm:
         self.blocks = dtp_blocks(model)
         self.trained = self.blocks[1:]
         self.last_feedback_losses: dict[str, float] = {}
+
+    def feedback_quality(self) -> dict[str, dict]:
+        """Per trained block, how its feedback weight stands against its predicted floor after
+        the latest step (FeedbackReport.alignment; {} for algorithms without one)."""
+        return {}
 
     def use_precision(self, precision) -> None:
         """--precision: the forward pass runs under `precision.autocast()`, the backward through

@@ -36,12 +36,24 @@ class LDRL(Algorithm):
             logits = self.model(x)  # each block records its input for the feedback phase
             loss = F.cross_entropy(logits, y)
         self.trainer.iterations = self.feedback.iterations_at(step)
-        report = self.trainer.step()
+        report = self.last_report = self.trainer.step()
         self.last_feedback_losses = report.final_losses()
         if not self.feedback.feedback_only(step):
             # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
             self.precision.backward(loss, self.model.parameters())
         return loss.detach(), logits.detach()
+
+    last_report = None
+
+    def feedback_quality(self):
+        """FeedbackReport.alignment() of the latest step, with each block's settings."""
+        if self.last_report is None:
+            return {}
+        quality = self.last_report.alignment()
+        for name, row in quality.items():
+            plan = self.trainer.plans[name]
+            row.update(iterations=plan.iterations, lr=plan.lr)
+        return quality
 
     def update_directions(self, x, y):
         return fused_update_directions(self.model, self.blocks, x, y)

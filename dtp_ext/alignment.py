@@ -1,0 +1,456 @@
+"""The feedback weight's noise floor, and the per-block feedback settings planned from it
+(docs/maths.md §7-§8).
+
+L-DRL trains a feedback weight V by SGD with momentum on a noisy loss whose minimum is V = W^T.
+At a constant lr V does not converge to W^T: it settles at V = W^T + E, E isotropic noise
+orthogonal to W, at an angle theta from W^T that depends only on the block's shape, the noise
+samples per iteration, the lr and the momentum (for a linear feedback path; approximately
+otherwise). `noise_floor` predicts theta, |V|/|W| = 1/cos(theta) and whether the floor is
+stable at all; `plan_feedback` picks, per block, the cheapest iterations and lr whose floor
+(with the feedback weight averaged over steps) meets a target angle within a cost cap.
+FeedbackTrainer uses both; `dtp-ext train` uses FeedbackTrainer's plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Planned settings (docs/maths.md §8). Each block's lr x curvature x iterations per step: the
+# 5 iterations at rate 0.01 that the position-scaled default used, spread over however many
+# iterations the block gets (lr / S with K S iterations).
+STEP_RATE = 0.05
+DEFAULT_NOISE_STD = 0.1
+DEFAULT_TARGET_ANGLE = 4.0  # degrees per block: ~20 degrees over the ~25 noisiest blocks
+# Once the forward weights move, the average's window is capped at 1 / (1 - decay) steps; 0:
+# targets use V itself then (an average lags a moving W: docs/maths.md §7.3, measured).
+DEFAULT_AVERAGE_DECAY = 0.0
+# Plans meet their target with the plain mean over this many steps of a fixed W (a
+# feedback-only warm-up).
+PLAN_AVERAGED_STEPS = 100
+DEFAULT_MAX_COST = 3.0  # feedback multiply-adds per step / a backprop step's
+MAX_ITERATIONS = 200
+# Planned rates keep c * fan_out / samples at most this (the floor is unstable at 1).
+STABILITY_LOAD = 0.5
+# A warm start runs this many e-folds of the transient from the random initial V.
+TRANSIENT_EFOLDS = 5.0
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block's feedback floor and cost depend on."""
+
+    fan_in: int  # C_in / groups * kH * kW (Linear: in_features)
+    fan_out: int  # C_out / groups * kH * kW (Linear: out_features)
+    batch: int  # samples in the recorded input (Linear: rows)
+    positions: int  # output positions per sample, after the pool (Linear: 1)
+    linear_feedback: bool  # no folded activation or pool: the floor formula is exact
+    macs: int  # multiply-adds of one forward pass of the block on the batch
+
+    @property
+    def samples(self) -> int:
+        """Noise samples one feedback iteration averages over: batch x positions."""
+        return self.batch * self.positions
+
+
+def block_shape(block, x: torch.Tensor) -> BlockShape:
+    """The BlockShape of a DTP block on input `x` (in the kernels' layout: (rows, in) for a
+    Linear, (N, C, H, W) for a Conv2d). Shapes only: nothing is computed."""
+    weight = block.weight
+    linear = block.activation in (None, "none") and not getattr(block, "pool", None)
+    if weight.dim() == 2:
+        out_features, in_features = weight.shape
+        rows = x.shape[0]
+        return BlockShape(
+            in_features, out_features, rows, 1, linear, rows * in_features * out_features
+        )
+    out_channels, in_per_group, kh, kw = weight.shape
+    taps = kh * kw
+    groups = block.groups
+    size = []
+    for d, k in enumerate((kh, kw)):
+        extent = x.shape[2 + d] + 2 * block.numeric_padding[d] - block.dilation[d] * (k - 1) - 1
+        size.append(extent // block.stride[d] + 1)
+    conv_positions = size[0] * size[1]
+    pool = block.pool if block.pool and block.pool > 1 else 1
+    positions = (size[0] // pool) * (size[1] // pool)
+    return BlockShape(
+        in_per_group * taps,
+        out_channels // groups * taps,
+        x.shape[0],
+        max(positions, 1),
+        linear and pool == 1,
+        x.shape[0] * conv_positions * out_channels * in_per_group * taps,
+    )
+
+
+def curvature(noise_std: float, positions: int) -> float:
+    """Curvature of a block's expected L-DRL loss in its feedback weight, 2 sigma^2 P
+    (docs/maths.md §7): lr x curvature is the fraction of the distance to W^T one plain SGD
+    iteration covers."""
+    return 2.0 * noise_std * noise_std * positions
+
+
+def floor_constant(rate: float, momentum: float) -> float:
+    """c of the floor formula: the stationary variance of SGD with momentum on a quadratic,
+    per unit gradient noise, in units of 1 / curvature^2 x rate^2 (an AR(2) process;
+    rate / (2 (1 - momentum)) for small rates). Infinite where the iteration itself diverges."""
+    if rate <= 0:
+        return 0.0
+    if rate >= 2 * (1 + momentum):
+        return math.inf
+    return rate * (1 + momentum) / ((1 - momentum) * (2 * (1 + momentum) - rate))
+
+
+def averaged_steps_weight(decay: float, steps: int | None) -> float:
+    """Effective number of samples in a bias-corrected exponential average of `steps` values
+    with `decay` (None: the stationary (1 + decay) / (1 - decay)); decay 1 is the plain mean
+    of `steps` values (what the trainer keeps while the forward weights stay put)."""
+    if decay == 1:
+        if steps is None:
+            raise ValueError("a plain mean (average_decay 1) needs averaged_steps")
+        return float(max(steps, 0))
+    if steps is None:
+        return (1 + decay) / (1 - decay)
+    if steps <= 0:
+        return 0.0
+    dn = decay**steps
+    return (1 - dn) * (1 + decay) / ((1 - decay) * (1 + dn))
+
+
+def averaging_gain(c: float, iterations: int, decay: float | None, steps: int | None) -> float:
+    """How many times an average of V over steps lowers tan^2 of its angle: the average's
+    effective samples times the fraction of them that are independent (V's iterates decorrelate
+    over ~1 / (2c) iterations, so samples `iterations` apart count tanh(c iterations)); at
+    least 1."""
+    if decay is None or c <= 0 or not math.isfinite(c):
+        return 1.0
+    n = averaged_steps_weight(decay, steps)
+    return max(1.0, n * math.tanh(c * iterations))
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A feedback weight's predicted stationary alignment."""
+
+    angle: float  # degrees between V and W^T (90 where unstable)
+    norm_ratio: float  # |V| / |W| = 1 / cos(angle) (inf where unstable)
+    stable: bool
+    load: float  # c * fan_out / samples: the floor is unstable from 1 on
+
+    def describe(self) -> str:
+        if not self.stable:
+            return f"UNSTABLE (load {self.load:.2g} >= 1)"
+        return f"{self.angle:.1f}° (|V|/|W| {self.norm_ratio:.3f})"
+
+
+def noise_floor(
+    fan_in: int,
+    fan_out: int,
+    samples: int,
+    rate: float,
+    momentum: float = 0.9,
+    *,
+    iterations: int = 1,
+    average_decay: float | None = None,
+    averaged_steps: int | None = None,
+) -> Floor:
+    """The stationary angle between a feedback weight and W^T (docs/maths.md §7):
+
+        tan^2(theta) = c (fan_in + fan_out) / S  /  (1 - c fan_out / S)  /  R
+
+    with c = floor_constant(rate, momentum), rate = lr x curvature(noise_std, P), S = samples
+    (batch x output positions, times the noise copies), and R = averaging_gain for a feedback
+    weight averaged over steps of `iterations` iterations with `average_decay` (None: the raw
+    V; 1: the plain mean) after `averaged_steps` steps (None: stationary). Exact for a block with a linear
+    feedback path (no folded activation or pool) when fan_in + fan_out << S / c; kernels
+    larger than the map they run on (3x3 on <= 7x7) sit up to ~15 degrees off through their
+    border taps."""
+    for name, value in (("fan_in", fan_in), ("fan_out", fan_out), ("samples", samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"noise_floor: {name} must be an int >= 1, got {value!r}")
+    for name, value in (("rate", rate),):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"noise_floor: {name} must be a finite number >= 0, got {value!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"noise_floor: momentum must be in [0, 1), got {momentum!r}")
+    if average_decay is not None and not 0 <= average_decay <= 1:
+        raise ValueError(f"noise_floor: average_decay must be None or in [0, 1], got {average_decay!r}")
+    c = floor_constant(rate, momentum)
+    load = c * fan_out / samples
+    if not load < 1:
+        return Floor(90.0, math.inf, False, load)
+    tan2 = c * (fan_in + fan_out) / samples / (1 - load)
+    tan2 /= averaging_gain(c, iterations, average_decay, averaged_steps)
+    return Floor(math.degrees(math.atan(math.sqrt(tan2))), math.sqrt(1 + tan2), True, load)
+
+
+def iteration_contraction(rate: float, momentum: float) -> float:
+    """Spectral radius of SGD with momentum on a quadratic, per iteration: how fast V forgets
+    its start (sqrt(momentum) from the critical rate (1 - sqrt(momentum))^2 on)."""
+    b = 1 + momentum - rate
+    disc = b * b - 4 * momentum
+    if disc < 0:
+        return math.sqrt(momentum)
+    return max(abs(b + math.sqrt(disc)), abs(b - math.sqrt(disc))) / 2
+
+
+def transient_iterations(rate: float, momentum: float, efolds: float = TRANSIENT_EFOLDS) -> int:
+    """Iterations after which V's initial error has shrunk by e^-efolds."""
+    rho = iteration_contraction(rate, momentum)
+    if rho >= 1:
+        return MAX_ITERATIONS * 1000
+    if rho <= 0:
+        return 1
+    return max(1, math.ceil(efolds / -math.log(rho)))
+
+
+def fastest_rate(momentum: float) -> float:
+    """The smallest rate at which V forgets its start at the best speed, sqrt(momentum) per
+    iteration (critical damping)."""
+    return (1 - math.sqrt(momentum)) ** 2
+
+
+def _stable_rate(shape: BlockShape, momentum: float) -> float:
+    """The rate at which c * fan_out / samples = STABILITY_LOAD (inverse of floor_constant)."""
+    c = STABILITY_LOAD * shape.samples / shape.fan_out
+    return 2 * c * (1 - momentum) * (1 + momentum) / (1 + momentum + c * (1 - momentum))
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A block's feedback settings and what they are predicted to give."""
+
+    name: str
+    shape: BlockShape
+    iterations: int
+    noise_std: float
+    lr: float
+    rate: float  # lr x curvature
+    momentum: float
+    floor: Floor  # of V's mean over PLAN_AVERAGED_STEPS steps of a fixed W, or V's own
+    raw_floor: Floor  # the raw V's
+    cost: float  # multiply-adds per step (~4 block products per iteration)
+    transient_steps: int  # steps the raw V needs to forget its random start
+    warm_start_iterations: int  # iterations of the first step's warm start (0: none)
+    warm_start_lr: float
+    planned: tuple[str, ...]  # which of iterations / noise_std / lr were chosen here
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def noise_per_step(self) -> float:
+        """tan^2 of the raw V's floor over the averaging gain of one more step: how much an
+        average over n steps holds is noise_per_step / n (docs/maths.md §7.3)."""
+        if not self.raw_floor.stable:
+            return float("inf")
+        c = floor_constant(self.rate, self.momentum)
+        gain = math.tanh(c * self.iterations) if c > 0 else 1.0
+        return math.tan(math.radians(self.raw_floor.angle)) ** 2 / max(gain, 1e-12)
+
+
+def _iteration_cost(shape: BlockShape) -> float:
+    # One iteration: F(x + eps), V u, and the two weight-gradient pairings, each ~ a forward
+    # pass of the block (docs/maths.md §8).
+    return 4.0 * shape.macs
+
+
+def _rate_for(shape, iterations, noise_std, lr, momentum):
+    if lr is not None:
+        return lr * curvature(noise_std, shape.positions)
+    return min(STEP_RATE / iterations, _stable_rate(shape, momentum))
+
+
+def _predict(shape, iterations, rate, momentum, averaged_steps):
+    """(raw V's floor, the floor of its plain mean over `averaged_steps` steps or, None, the
+    raw floor again)."""
+    raw = noise_floor(shape.fan_in, shape.fan_out, shape.samples, rate, momentum)
+    if averaged_steps is None:
+        return raw, raw
+    averaged = noise_floor(
+        shape.fan_in,
+        shape.fan_out,
+        shape.samples,
+        rate,
+        momentum,
+        iterations=iterations,
+        average_decay=1.0,
+        averaged_steps=averaged_steps,
+    )
+    return raw, averaged
+
+
+def _fewest_iterations(shape, noise_std, lr, momentum, averaged_steps, target):
+    """The fewest iterations (1..MAX_ITERATIONS) whose floor meets `target`; MAX_ITERATIONS
+    when none does."""
+    for k in range(1, MAX_ITERATIONS + 1):
+        rate = _rate_for(shape, k, noise_std, lr, momentum)
+        _, floor = _predict(shape, k, rate, momentum, averaged_steps)
+        if floor.stable and floor.angle <= target:
+            return k
+    return MAX_ITERATIONS
+
+
+def plan_feedback(
+    shapes: Sequence[tuple[str, BlockShape]],
+    *,
+    iterations: Sequence[int | None] | None = None,
+    noise_std: Sequence[float | None] | None = None,
+    lr: Sequence[float | None] | None = None,
+    momentum: float = 0.9,
+    target_angle: float = DEFAULT_TARGET_ANGLE,
+    averaged_steps: int | None = PLAN_AVERAGED_STEPS,
+    max_cost: float | None = DEFAULT_MAX_COST,
+    backprop_macs: float | None = None,
+    warm_start: bool = True,
+) -> list[BlockPlan]:
+    """Per trained block (name, BlockShape), the feedback settings (docs/maths.md §8): a given
+    value (an entry of `iterations` / `noise_std` / `lr` that is not None) is kept; the others
+    are chosen so that the block's floor, with its feedback weight averaged over
+    `averaged_steps` steps of a fixed W (None: not averaged), meets `target_angle` with the
+    fewest iterations, at lr = STEP_RATE /
+    (iterations x curvature) lowered where needed to keep the floor stable. Then, when the
+    chosen iterations cost more than `max_cost` times a backprop step (`backprop_macs` x 3:
+    forward, input and weight gradients), the planned iterations are lowered where a degree
+    costs most and matters least (minimising the sum over blocks of tan^2 weighted by the
+    blocks before each: its error reaches all of them), and those blocks are noted above
+    target. `shapes` are in forward order."""
+    n = len(shapes)
+    iterations = list(iterations) if iterations is not None else [None] * n
+    noise_std = list(noise_std) if noise_std is not None else [None] * n
+    lr = list(lr) if lr is not None else [None] * n
+    if not (isinstance(target_angle, (int, float)) and 0 < target_angle < 90):
+        raise ValueError(f"target_angle must be in (0, 90) degrees, got {target_angle!r}")
+    rows = []
+    for (name, shape), k, given_sigma, rate_lr in zip(shapes, iterations, noise_std, lr):
+        sigma = DEFAULT_NOISE_STD if given_sigma is None else given_sigma
+        if rate_lr is None and sigma == 0:
+            raise ValueError(
+                f"block {name!r}: noise_std 0 leaves the planned lr undefined (it scales as "
+                "1 / noise_std^2); give lr explicitly or a noise_std > 0"
+            )
+        k_need = (
+            k
+            if k is not None
+            else _fewest_iterations(shape, sigma, rate_lr, momentum, averaged_steps, target_angle)
+        )
+        rows.append([name, shape, k, sigma, rate_lr, k_need, given_sigma])
+    costs = [_iteration_cost(r[1]) for r in rows]
+    chosen = [r[5] for r in rows]
+    if max_cost is not None and backprop_macs:
+        budget = max_cost * 3.0 * backprop_macs
+        chosen = _fit_budget(rows, costs, budget, momentum, averaged_steps)
+    plans = []
+    for (name, shape, k, sigma, rate_lr, k_need, given_sigma), k_final in zip(rows, chosen):
+        rate = _rate_for(shape, k_final, sigma, rate_lr, momentum)
+        raw, floor = _predict(shape, k_final, rate, momentum, averaged_steps)
+        cur = curvature(sigma, shape.positions)
+        notes = []
+        if not floor.stable:
+            notes.append(
+                f"unstable: c * fan_out / (B P) = {floor.load:.2g} >= 1 (fan_out {shape.fan_out}, "
+                f"B*P {shape.samples}); lower its lr below "
+                f"{_stable_rate(shape, momentum) / cur if cur else 0:.3g} or raise the batch"
+            )
+        elif floor.angle > target_angle:
+            why = "cost cap" if k_final < k_need else "iteration cap" if k is None else "settings"
+            notes.append(f"above target ({why})")
+        if not shape.linear_feedback:
+            notes.append("folded activation/pool: floor approximate")
+        transient = (
+            math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
+        )
+        warm_rate = min(max(rate, fastest_rate(momentum)), _stable_rate(shape, momentum))
+        warm_iterations = transient_iterations(warm_rate, momentum) if warm_start else 0
+        plans.append(
+            BlockPlan(
+                name=name,
+                shape=shape,
+                iterations=k_final,
+                noise_std=sigma,
+                lr=rate / cur if cur else (rate_lr or 0.0),
+                rate=rate,
+                momentum=momentum,
+                floor=floor,
+                raw_floor=raw,
+                cost=k_final * _iteration_cost(shape),
+                transient_steps=transient,
+                warm_start_iterations=warm_iterations,
+                warm_start_lr=warm_rate / cur if cur else 0.0,
+                planned=tuple(
+                    h
+                    for h, given in (("iterations", k), ("noise_std", given_sigma), ("lr", rate_lr))
+                    if given is None
+                ),
+                notes=tuple(notes),
+            )
+        )
+    return plans
+
+
+def _fit_budget(rows, costs, budget, momentum, averaged_steps):
+    """Planned iterations lowered (given ones kept) until their cost fits `budget`: each
+    planned block gets clip(lambda sqrt(a / cost), 1, needed) iterations, a its tan^2 x
+    iterations (the floor falls as 1 / iterations under averaging), lambda the largest that
+    fits (bisection); this minimises the sum of tan^2 for the budget."""
+    need = [r[5] for r in rows]
+    total = sum(k * c for k, c in zip(need, costs))
+    if total <= budget:
+        return need
+    fixed = sum(k * c for r, k, c in zip(rows, need, costs) if r[2] is not None)
+    weights = []
+    for depth, ((name, shape, k, sigma, rate_lr, k_need, _), cost) in enumerate(zip(rows, costs), 1):
+        if k is not None:
+            weights.append(None)
+            continue
+        rate = _rate_for(shape, k_need, sigma, rate_lr, momentum)
+        _, floor = _predict(shape, k_need, rate, momentum, averaged_steps)
+        tan2 = math.tan(math.radians(floor.angle)) ** 2 if floor.stable else 1.0
+        # A block's error reaches every block before it in forward order (`depth` of them):
+        # minimising sum(depth * tan^2) minimises the mean over blocks of their updates' tan^2.
+        weights.append(math.sqrt(depth * tan2 * k_need / cost) if cost > 0 else 0.0)
+
+    def fitted(lam):
+        return [
+            k_need if w is None else max(1, min(k_need, math.floor(lam * w)))
+            for w, k_need in zip(weights, need)
+        ]
+
+    def spend(ks):
+        return sum(k * c for k, c in zip(ks, costs))
+
+    if spend(fitted(0.0)) > budget or fixed > budget:
+        return fitted(0.0)  # even one iteration per planned block is over: the fewest
+    lo, hi = 0.0, 1.0
+    while spend(fitted(hi)) <= budget and hi < 1e30:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if spend(fitted(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return fitted(lo)
+
+
+def plan_table(plans: Sequence[BlockPlan], target_angle: float | None = None) -> list[str]:
+    """One line per block: settings, predicted floor, cost and notes (explain()'s table)."""
+    lines = []
+    for p in plans:
+        s = p.shape
+        which = f" (planned: {', '.join(p.planned)})" if p.planned else ""
+        warm = (
+            f", warm start {p.warm_start_iterations} it. at lr {p.warm_start_lr:.3g}"
+            if p.warm_start_iterations
+            else ""
+        )
+        lines.append(
+            f"iterations {p.iterations}, noise_std {p.noise_std:g}, lr {p.lr:.4g}{which}; "
+            f"fan_in {s.fan_in}, fan_out {s.fan_out}, B*P {s.batch}*{s.positions}; floor "
+            f"{p.floor.describe()}, raw V {p.raw_floor.describe()}; settles in "
+            f"~{p.transient_steps} steps{warm}; cost {p.cost / 1e6:.3g} M mult-adds/step"
+            + ("".join(f"; {n}" for n in p.notes))
+        )
+    return lines

@@ -1,0 +1,430 @@
+"""The feedback noise floor (dtp_ext.alignment) against single blocks, the per-block plan that
+FeedbackTrainer makes from it, averaged feedback weights for the targets, and the feedback
+quality a step reports."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dtp_ext
+from dtp_ext import alignment, reference
+from dtp_ext.alignment import block_shape, curvature, noise_floor
+
+
+def measured_tan2(block, x, iterations, noise_std, lr, steps, settle, momentum=0.9):
+    """Mean over steps settle..steps of tan^2 of the feedback weight's angle to W^T."""
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), iterations, noise_std, lr, momentum, blocks=[block]
+    )
+    block.train()
+    block(x)
+    values = []
+    for step in range(steps):
+        trainer.step()
+        if step >= settle:
+            w = block.weight.detach().double().flatten()
+            v = dtp_ext.metrics.feedback_in_forward_shape(block, block.feedback_weight)
+            v = v.double().flatten()
+            cos = float(w @ v / (w.norm() * v.norm()))
+            values.append((1 - cos * cos) / (cos * cos))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize(
+    "make, x_shape",
+    [
+        (lambda: dtp_ext.Linear(48, 12), (32, 48)),
+        (lambda: dtp_ext.Conv2d(24, 40, 1), (8, 24, 4, 4)),
+    ],
+    ids=["linear", "conv1x1"],
+)
+def test_floor_formula_predicts_a_single_blocks_stationary_angle(make, x_shape):
+    """A block with a linear feedback path settles where noise_floor says: tan^2 of the angle
+    between V and W^T averaged over 150 steps after a 30-step transient, within 20 % (the
+    average of 150 correlated steps has ~10 % spread)."""
+    torch.manual_seed(0)
+    block = make()
+    x = torch.randn(x_shape)
+    shape = block_shape(block, x)
+    sigma, rate, k = 0.1, 0.02, 5
+    lr = rate / curvature(sigma, shape.positions)
+    predicted = noise_floor(shape.fan_in, shape.fan_out, shape.samples, rate, 0.9)
+    assert predicted.stable and 10 < predicted.angle < 40
+    measured = measured_tan2(block, x, k, sigma, lr, 180, 30)
+    tan2 = math.tan(math.radians(predicted.angle)) ** 2
+    assert measured == pytest.approx(tan2, rel=0.2)
+
+
+def test_floor_formula_predicts_instability():
+    """c * fan_out >= B * P: the feedback weight's norm grows step after step, as predicted."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(16, 256)
+    x = torch.randn(8, 16)
+    shape = block_shape(block, x)
+    rate = 0.05
+    floor = noise_floor(shape.fan_in, shape.fan_out, shape.samples, rate, 0.9)
+    assert not floor.stable and floor.load > 1 and floor.angle == 90.0
+    lr = rate / curvature(0.1, 1)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), 5, 0.1, lr, max_growth=None, blocks=[block])
+    block(x)
+    norms = []
+    with pytest.warns(RuntimeWarning, match="predicted unstable.*fan_out 256.*B\\*P 8"):
+        for _ in range(30):
+            trainer.step()
+            norms.append(float(block.feedback_weight.norm() / block.weight.detach().norm()))
+    assert norms[-1] > 10 * norms[9]
+
+
+def test_floor_with_averaging_is_lower_and_measured_so():
+    """The average of V over steps sits far closer to W^T than V itself, by the predicted
+    averaging gain (within 50 %: one average of correlated steps, docs/maths.md §7.3)."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(48, 12)
+    x = torch.randn(32, 48)
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), 5, 0.1, 1.0, average_decay=0.97, blocks=[block]
+    )
+    block(x)
+    for _ in range(200):
+        trainer.step()
+    plan = trainer.plans["0"]
+    s = plan.shape
+    raw = noise_floor(s.fan_in, s.fan_out, s.samples, plan.rate, 0.9)
+    # A fixed W: the plain mean of every step's V after the burn-in.
+    averaged = trainer._averages.steps("0")
+    assert averaged == 200 - plan.transient_steps
+    avg = noise_floor(
+        s.fan_in,
+        s.fan_out,
+        s.samples,
+        plan.rate,
+        0.9,
+        iterations=5,
+        average_decay=1.0,
+        averaged_steps=averaged + 1,
+    )
+    assert avg.angle < raw.angle / 4
+    quality = trainer.step().alignment()
+    row = next(iter(quality.values()))
+    t = math.tan(math.radians(row["angle"])) ** 2
+    assert t == pytest.approx(math.tan(math.radians(avg.angle)) ** 2, rel=0.5)
+    assert row["angle"] < row["raw_angle"] / 2
+
+
+def small_net():
+    return dtp_ext.convert(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 8, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 16),
+            nn.ReLU(),
+            nn.Linear(16, 10),
+        )
+    )
+
+
+def test_trainer_with_no_settings_plans_every_block_within_target_and_cap():
+    torch.manual_seed(0)
+    model = small_net()
+    trainer = dtp_ext.FeedbackTrainer(model)
+    model(torch.randn(32, 1, 8, 8))
+    plans = trainer.plans
+    assert plans == {}  # planned at the first step (or explain()): it needs the batch
+    text = trainer.explain()
+    plans = trainer.plans
+    assert list(plans) == ["2", "5", "7"]
+    for name, plan in plans.items():
+        assert plan.planned == ("iterations", "noise_std", "lr")
+        assert plan.floor.stable and plan.raw_floor.stable
+        assert plan.floor.angle <= 4.0 or plan.notes, name
+        assert f"{name} (" in text and f"lr {plan.lr:g}" in text
+    assert "target floor 4° per block" in text and "predicted feedback cost" in text
+    backprop = 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
+    assert sum(p.cost for p in plans.values()) <= trainer.max_cost * backprop * (1 + 1e-9)
+
+
+def test_explicit_settings_win_and_keep_the_papers_semantics():
+    """All three settings given: used as given, no averaging, no warm start (the paper's
+    loop); one given: kept, the others planned."""
+    torch.manual_seed(0)
+    model = small_net()
+    model(torch.randn(16, 1, 8, 8))
+    paper = dtp_ext.FeedbackTrainer(model, [3, 4, 5], 0.1, [1e-3, 2e-3, 3e-3])
+    assert paper.explain()
+    assert [(p.iterations, p.lr) for p in paper.plans.values()] == [(3, 1e-3), (4, 2e-3), (5, 3e-3)]
+    assert paper._averages is None and paper.warm_start is False
+    mixed = dtp_ext.FeedbackTrainer(model, lr=1e-3)
+    mixed.explain()
+    assert all(p.lr == 1e-3 and p.planned == ("iterations", "noise_std") for p in mixed.plans.values())
+    assert mixed._averages is not None and mixed.warm_start
+
+
+def test_planned_settings_are_never_unstable_where_explicit_ones_would_be():
+    """vgg11_bn's 512 -> 4096 classifier layer at batch 32: one lr for every block is unstable
+    there; the plan lowers that block's lr until its floor is stable."""
+    block = dtp_ext.Linear(512, 4096)
+    x = torch.randn(32, 512)
+    shape = block_shape(block, x)
+    assert not noise_floor(shape.fan_in, shape.fan_out, shape.samples, 0.01, 0.9).stable
+    (plan,) = alignment.plan_feedback([("cls", shape)])
+    assert plan.floor.stable and plan.raw_floor.load <= alignment.STABILITY_LOAD + 1e-9
+
+
+def averaged_reference(block, x, k, sigma, lr, steps, warm):
+    """The same feedback loop with torch.optim.SGD (reference.feedback_loop), the first step
+    preceded by `warm` = (iterations, lr), and the average written out: a plain mean while W
+    does not move."""
+    state = average = v = None
+    for n in range(1, steps + 1):
+        for its, rate in ([warm] if n == 1 else []) + [(k, lr)]:
+            v, c, _, state = reference.feedback_loop(
+                block, x, its, sigma, rate, 0.9, optimizer_state=state
+            )
+            for group in state["param_groups"]:
+                group["lr"] = lr
+            block.feedback_weight.copy_(v)
+            block.feedback_bias.copy_(c)
+        average = v.clone() if average is None else average + (v - average) / n
+    return v, average
+
+
+def test_average_equals_the_mean_of_the_reference_loops_weights():
+    torch.manual_seed(0)
+    block = dtp_ext.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    ref_block = copy.deepcopy(block)
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), 3, 0.2, 0.05, average_decay=0.9, warm_start=True, blocks=[block]
+    )
+    torch.manual_seed(5)
+    block(x)
+    for _ in range(4):
+        trainer.step()
+    plan = trainer.plans["0"]
+    torch.manual_seed(5)
+    warm = (plan.warm_start_iterations, plan.warm_start_lr)
+    v, average = averaged_reference(ref_block, x, 3, 0.2, 0.05, 4, warm)
+    torch.testing.assert_close(block.feedback_weight, v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block.feedback_weight_average, average, rtol=1e-12, atol=1e-12)
+    assert block.target_feedback_weight is block.feedback_weight_average
+
+
+def test_targets_use_the_averaged_feedback_weight():
+    """The DTP backward propagates with the average: it equals the reference's targets with
+    the average put in place of V, and differs from those with V."""
+    torch.manual_seed(0)
+    model = nn.Sequential(dtp_ext.Linear(6, 5), nn.Tanh(), dtp_ext.Linear(5, 4)).double()
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    trainer = dtp_ext.FeedbackTrainer(
+        model, 3, 0.1, 0.3, average_decay=0.9, warm_start=True, blocks=["2"]
+    )
+    for _ in range(3):
+        model(x)
+        trainer.step()
+    top = model[2]
+    assert not torch.equal(top.feedback_weight_average, top.feedback_weight)
+    y = torch.randint(0, 4, (8,))
+    model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    with_average = copy.deepcopy(model)
+    with_average[2].feedback_weight_average = None
+    with_average[2].feedback_weight.copy_(top.feedback_weight_average)
+    (expected,) = torch.autograd.grad(F.cross_entropy(with_average(x), y), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    raw = copy.deepcopy(model)
+    raw[2].feedback_weight_average = None
+    (other,) = torch.autograd.grad(F.cross_entropy(raw(x), y), x)
+    assert not torch.allclose(grad, other)
+
+
+def test_average_follows_a_moving_forward_weight_with_its_decay():
+    """Once W moves between steps the average is exponential: weight 1 - decay per step."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(6, 4).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), 2, 0.1, 0.2, average_decay=0.8, warm_start=True, blocks=[block]
+    )
+    block(x)
+    trainer.step()
+    block(x)
+    for _ in range(30):
+        before = block.feedback_weight_average
+        before = None if before is None else before.clone()
+        with torch.no_grad():
+            block.weight.mul_(1.001)  # the optimizer's in-place step
+        trainer.step()
+    v = block.feedback_weight
+    torch.testing.assert_close(block.feedback_weight_average, before + (v - before) * 0.2)
+
+
+def test_default_average_is_v_itself_once_the_forward_weight_moves():
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(48, 12)
+    x = torch.randn(32, 48)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block])
+    block(x)
+    for _ in range(3):
+        trainer.step()
+    assert trainer._averages.steps("0") == 3
+    assert not torch.equal(block.feedback_weight_average, block.feedback_weight)
+    with torch.no_grad():
+        block.weight.mul_(1.01)
+    trainer.step()
+    assert trainer._averages.steps("0") == 1
+    assert torch.equal(block.feedback_weight_average, block.feedback_weight)
+
+
+def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
+    """A W that moves 10 % a step gets the window where lag and noise balance,
+    (noise_per_step / drift^2)^(1/3) steps, below the decay's 1 / (1 - decay)."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(48, 12).double()
+    x = torch.randn(32, 48, dtype=torch.float64)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), average_decay=0.97, blocks=[block])
+    block(x)
+    for _ in range(5):
+        trainer.step()
+    assert trainer._averages.steps("0") == 5  # W fixed: the plain mean of every step
+    for _ in range(3):
+        with torch.no_grad():
+            block.weight.mul_(1.1)
+        block(x)
+        trainer.step()
+    noise = trainer.plans["0"].noise_per_step
+    window = (noise / (0.1 / 1.1) ** 2) ** (1 / 3)
+    assert 1 < window < 1 / (1 - 0.97)
+    assert trainer._averages.steps("0") == pytest.approx(window)
+
+
+def test_resume_with_averages_is_bitwise():
+    def run(split):
+        torch.manual_seed(0)
+        model = small_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        trainer = dtp_ext.FeedbackTrainer(model)
+        data = torch.randn(6, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        labels = torch.randint(0, 10, (6, 16), generator=torch.Generator().manual_seed(2))
+        for i in range(6):
+            if i == split:
+                state = copy.deepcopy(
+                    (model.state_dict(), opt.state_dict(), trainer.state_dict(), torch.get_rng_state())
+                )
+                model = small_net()
+                model.load_state_dict(state[0])
+                opt = torch.optim.SGD(model.parameters(), lr=0.05)
+                opt.load_state_dict(state[1])
+                trainer = dtp_ext.FeedbackTrainer(model)
+                trainer.load_state_dict(state[2])
+                torch.set_rng_state(state[3])
+            out = model(data[i])
+            trainer.step()
+            opt.zero_grad()
+            F.cross_entropy(out, labels[i]).backward()
+            opt.step()
+        return model, trainer
+
+    (a, ta), (b, tb) = run(None), run(3)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+    for name, block in dtp_ext.dtp_blocks(a):
+        other = dict(dtp_ext.dtp_blocks(b))[name]
+        if block.feedback_weight_average is not None:
+            assert torch.equal(block.feedback_weight_average, other.feedback_weight_average), name
+    assert ta._averages.counts.keys() == tb._averages.counts.keys()
+    for name, count in ta._averages.counts.items():
+        assert torch.equal(count, tb._averages.counts[name])
+
+
+def test_warm_start_brings_a_random_feedback_weight_to_its_floor_at_the_first_step():
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(48, 12)
+    x = torch.randn(32, 48)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block])
+    block(x)
+    report = trainer.step()
+    plan = next(iter(trainer.plans.values()))
+    assert report.losses["0"].numel() == plan.warm_start_iterations + plan.iterations
+    row = report.alignment()["0"]
+    assert row["raw_angle"] < plan.raw_floor.angle + 10 and row["status"] == "ok"
+    second = trainer.step()
+    assert second.losses["0"].numel() == plan.iterations
+
+
+def test_report_alignment_measures_what_the_block_holds():
+    torch.manual_seed(0)
+    block = dtp_ext.Conv2d(3, 4, 3)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), 2, 0.1, 1e-3, blocks=[block])
+    block(torch.randn(4, 3, 6, 6))
+    row = trainer.step().alignment()["0"]
+    w, v = block.weight.double(), block.feedback_weight.double()
+    assert row["raw_angle"] == pytest.approx(dtp_ext.metrics.angle_degrees(w, v))
+    assert row["raw_norm_ratio"] == pytest.approx(float(v.norm() / w.detach().norm()))
+    assert row["angle"] == row["raw_angle"]  # no averaging with all three settings given
+    assert row["status"] == "settling"  # still near its random start, far above its floor
+    plan = trainer.plans["0"]
+    assert row["predicted_angle"] == plan.raw_floor.angle
+    assert row["predicted_norm_ratio"] == plan.raw_floor.norm_ratio
+
+
+def test_warns_once_when_forward_weights_move_before_their_feedback_is_trained():
+    torch.manual_seed(0)
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = dtp_ext.FeedbackTrainer(model, 1, 0.1, 1e-3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x), y).backward()  # the wrong order: backward before step()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="random feedback weight"):
+        trainer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            trainer.step()
+    # The recommended order warns nothing.
+    model = small_net()
+    trainer = dtp_ext.FeedbackTrainer(model, 1, 0.1, 1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            out = model(x)
+            trainer.step()
+            F.cross_entropy(out, y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_angle": 0}, "target_angle must be a number of degrees"),
+        ({"target_angle": 90}, "target_angle must be a number of degrees"),
+        ({"max_cost": 0}, "max_cost must be None or a finite number > 0"),
+        ({"max_cost": float("inf")}, "max_cost must be None or a finite number > 0"),
+        ({"average_decay": 1.0}, "average_decay must be 'auto', None or a number in"),
+        ({"average_decay": "yes"}, "average_decay must be 'auto', None or a number in"),
+        ({"warm_start": 1}, "warm_start must be 'auto', True or False"),
+    ],
+)
+def test_bad_planning_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dtp_ext.FeedbackTrainer(small_net(), **kwargs)
+
+
+def test_noise_floor_refuses_bad_input():
+    with pytest.raises(ValueError, match="fan_in must be an int >= 1"):
+        noise_floor(0, 3, 10, 0.01)
+    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+        noise_floor(3, 3, 10, float("nan"))
+    with pytest.raises(ValueError, match="momentum must be in"):
+        noise_floor(3, 3, 10, 0.01, 1.0)
