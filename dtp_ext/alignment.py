@@ -435,22 +435,17 @@ def _fit_budget(rows, costs, budget, momentum, averaged_steps):
     return fitted(lo)
 
 
-def plan_table(plans: Sequence[BlockPlan], target_angle: float | None = None) -> list[str]:
-    """One line per block: settings, predicted floor, cost and notes (explain()'s table)."""
-    lines = []
-    for p in plans:
-        s = p.shape
-        which = f" (planned: {', '.join(p.planned)})" if p.planned else ""
-        warm = (
-            f", warm start {p.warm_start_iterations} it. at lr {p.warm_start_lr:.3g}"
-            if p.warm_start_iterations
-            else ""
-        )
-        lines.append(
-            f"iterations {p.iterations}, noise_std {p.noise_std:g}, lr {p.lr:.4g}{which}; "
-            f"fan_in {s.fan_in}, fan_out {s.fan_out}, B*P {s.batch}*{s.positions}; floor "
-            f"{p.floor.describe()}, raw V {p.raw_floor.describe()}; settles in "
-            f"~{p.transient_steps} steps{warm}; cost {p.cost / 1e6:.3g} M mult-adds/step"
-            + ("".join(f"; {n}" for n in p.notes))
-        )
-    return lines
+def describe_plan(plan: BlockPlan) -> str:
+    """One line: what a block's settings are predicted to give (explain()'s second line)."""
+    s = plan.shape
+    which = f"planned: {', '.join(plan.planned)}; " if plan.planned else ""
+    warm = (
+        f", warm start {plan.warm_start_iterations} it. at lr {plan.warm_start_lr:.3g}"
+        if plan.warm_start_iterations
+        else ""
+    )
+    return (
+        f"{which}fan_in {s.fan_in}, fan_out {s.fan_out}, B*P {s.batch}*{s.positions}; floor "
+        f"{plan.floor.describe()}, raw V {plan.raw_floor.describe()}; settles in "
+        f"~{plan.transient_steps} steps{warm}; cost {plan.cost / 1e6:.3g} M mult-adds/step"
+    )

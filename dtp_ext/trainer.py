@@ -571,8 +571,12 @@ class FeedbackTrainer:
         ]
         averaging = (
             "targets use each feedback weight's mean over the steps its forward weight stays "
-            f"put (floors: after {alignment.PLAN_AVERAGED_STEPS} such steps), and once it moves "
-            f"a window of at most {1 / (1 - self._averages.decay):.3g} step(s)"
+            f"put (floors: after {alignment.PLAN_AVERAGED_STEPS} such steps); once it moves, "
+            + (
+                "the feedback weight itself"
+                if self._averages.decay == 0
+                else f"a window of at most {1 / (1 - self._averages.decay):.3g} steps"
+            )
             if self._averages is not None
             else "targets use the trained feedback weights themselves (no averaging)"
         )
@@ -597,7 +601,7 @@ class FeedbackTrainer:
                 f"  {i}. {name} ({type(block).__name__}): iterations {k}, noise_std {sigma:g}, "
                 f"lr {lr:g}{flag}"
             )
-            lines.append("       " + alignment.plan_table([plan])[0])
+            lines.append("       " + alignment.describe_plan(plan))
         if self._plans and trained:
             backprop = 3 * sum(
                 alignment.block_shape(b, b.recorded_input).macs

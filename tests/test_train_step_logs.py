@@ -39,6 +39,12 @@ def test_a_max_steps_run_logs_every_step_and_plots(tmp_path, capsys):
     for r in records:
         assert r["steps"] == 1 and r["epoch"] == 1 and math.isfinite(r["train_loss"])
         assert 0 <= r["train_top1"] <= 100 and set(r["feedback_loss"]) == {"conv2", "fc"}
+        # Feedback quality per trained block: |V|/|W| against its predicted floor's 1/cos.
+        assert set(r["feedback_quality"]) == {"conv2", "fc"}
+        for q in r["feedback_quality"].values():
+            assert q["status"] in ("ok", "settling", "unstable") and q["iterations"] == 20
+            assert q["raw_norm_ratio"] > 0 and q["predicted_norm_ratio"] >= 1
+            assert 0 <= q["angle"] <= 180 and 0 <= q["predicted_angle"] <= 90
         assert set(r["weight_angle"]) == {"conv2", "fc"} and set(r["update_angle"]) == {
             "conv1",
             "conv2",
