@@ -69,13 +69,18 @@ def _python_blocks(text):
 
 
 @pytest.mark.skipif(not README.exists(), reason="needs the source tree's README")
-def test_readme_conversion_example_runs():
-    block = next(b for b in _python_blocks(README.read_text()) if "dtp_ext.convert(model" in b)
-    namespace = {}
-    exec(compile(block, "README.md (conversion example)", "exec"), namespace)
+def test_readme_conversion_example_runs(capsys):
+    """The block after the README's `<!-- example: conversion -->` marker, as written: a user's
+    network converted, FeedbackTrainer(model) with the defaults, the user's loop."""
+    found = re.search(r"<!-- example: conversion -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert found, "README.md lost its conversion example marker"
+    namespace = {"__name__": "readme_example"}
+    exec(compile(found.group(1), "README.md (conversion example)", "exec"), namespace)
+    out = capsys.readouterr().out
     assert isinstance(namespace["report"], dtp_ext.ConversionReport)
-    assert sum(isinstance(m, dtp_ext.DTPBlock) for m in namespace["model"].modules()) == 3
-    assert namespace["out"].shape == (16, 10)
+    assert sum(isinstance(m, dtp_ext.DTPBlock) for m in namespace["model"].modules()) == 4
+    assert "FeedbackTrainer: 3 of 4 DTP blocks trained" in out and "planned:" in out
+    assert set(namespace["trainer"].plans) == {"conv2", "fc1", "fc2"}
     assert all(p.grad is not None for p in namespace["model"].parameters())
 
 
