@@ -99,7 +99,7 @@ fi
 # 2. CUDA and build tests: with DTP_EXT_CUDA=1 nothing here may skip for a missing build.
 if ((BUILT)); then
   stage tests 180 15 "$PY" -m pytest tests/test_cuda.py tests/test_cuda_paths.py tests/test_cuda_graphs.py tests/test_build.py tests/test_setup.py \
-    tests/test_bfloat16.py -q -p no:cacheprovider -rfEs
+    tests/test_bfloat16.py tests/test_alignment.py -q -p no:cacheprovider -rfEs
 else
   skip tests "no build"
 fi

@@ -3,12 +3,13 @@
 Fused C++ (and CUDA) kernels behind drop-in layers:
 
     model = dtp_ext.convert(model, beta=0.7)           # or build it from dtp_ext layers
-    trainer = dtp_ext.FeedbackTrainer(model, iterations=20, noise_std=0.1, lr=1e-3)
+    trainer = dtp_ext.FeedbackTrainer(model)            # settings planned per block
     out = model(x); trainer.step()                      # L-DRL feedback phase on this batch
     loss = F.cross_entropy(out, y); loss.backward(); opt.step()
 """
 
 from . import (  # noqa: F401
+    alignment,
     functional,
     metrics,
     ops,  # noqa: F401  (loads the compiled kernels; fails loudly if missing)
@@ -34,6 +35,7 @@ __all__ = [
     "loss_scale",
     "current_loss_scale",
     "dtp_blocks",
+    "alignment",
     "functional",
     "metrics",
     "reference",

@@ -196,25 +196,47 @@ def averaged_reference(block, x, k, sigma, lr, steps, warm):
     return v, average
 
 
-def test_average_equals_the_mean_of_the_reference_loops_weights():
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_average_equals_the_mean_of_the_reference_loops_weights(device):
+    """The trainer's average is the mean of the feedback weights its steps produced (on the
+    device's fused loop), and on the CPU those weights are the reference loop's (same noise)."""
     torch.manual_seed(0)
-    block = dtp_ext.Conv2d(3, 5, 3, padding=1).double()
-    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    ref_block = copy.deepcopy(block)
+    block = dtp_ext.Conv2d(3, 5, 3, padding=1).double().to(device)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, device=device)
+    ref_block = copy.deepcopy(block).cpu()
     trainer = dtp_ext.FeedbackTrainer(
         nn.Sequential(block), 3, 0.2, 0.05, average_decay=0.9, warm_start=True, blocks=[block]
     )
     torch.manual_seed(5)
     block(x)
+    weights = []
     for _ in range(4):
         trainer.step()
-    plan = trainer.plans["0"]
-    torch.manual_seed(5)
-    warm = (plan.warm_start_iterations, plan.warm_start_lr)
-    v, average = averaged_reference(ref_block, x, 3, 0.2, 0.05, 4, warm)
-    torch.testing.assert_close(block.feedback_weight, v, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(block.feedback_weight_average, average, rtol=1e-12, atol=1e-12)
+        weights.append(block.feedback_weight.clone())
+    mean = weights[0]
+    for n, w in enumerate(weights[1:], 2):
+        mean = mean + (w - mean) / n
+    torch.testing.assert_close(block.feedback_weight_average, mean, rtol=1e-12, atol=1e-14)
     assert block.target_feedback_weight is block.feedback_weight_average
+    if device == "cpu":
+        plan = trainer.plans["0"]
+        torch.manual_seed(5)
+        warm = (plan.warm_start_iterations, plan.warm_start_lr)
+        v, average = averaged_reference(ref_block, x.cpu(), 3, 0.2, 0.05, 4, warm)
+        torch.testing.assert_close(block.feedback_weight, v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(block.feedback_weight_average, average, rtol=1e-12, atol=1e-12)
 
 
 def test_targets_use_the_averaged_feedback_weight():
