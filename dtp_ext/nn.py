@@ -65,6 +65,15 @@ class _DTPBlockFunction(torch.autograd.Function):
         x, weight, output, indices = ctx.saved_tensors
         delta = delta.contiguous()
         grad_x = grad_weight = grad_bias = None
+        if x.shape[0] == 0:  # an empty batch: torch.nn's zero parameter gradients
+            return (
+                torch.zeros_like(x) if ctx.needs_input_grad[0] else None,
+                torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
+                torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                if ctx.needs_input_grad[2]
+                else None,
+                None,
+            )
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weight, grad_bias = ops.block_weight_grad(
                 x, output, indices, delta, weight, ctx.geometry

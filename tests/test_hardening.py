@@ -318,3 +318,22 @@ def test_report_names_the_kernel_that_ran():
     assert ops.last_kernel() == "dtp_ext::propagate_target[CPU]"
     ops.block_weight_grad(x, out, idx, torch.randn_like(out), b.weight, b.geometry())
     assert ops.last_kernel() == "dtp_ext::block_weight_grad[CPU]"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_an_empty_batch_gives_torch_nn_zero_gradients(kind):
+    """torch.nn's backward on an empty batch: zero weight and bias gradients, an empty input
+    gradient; the DTP blocks give the same (no op sees a batch without samples)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        plain, shape = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (0, 4)
+    else:
+        plain = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+        shape = (0, 2, 6, 6)
+    converted = dtp_ext.convert(plain)
+    for model in (plain, converted):
+        x = torch.randn(shape, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad is not None and x.grad.shape == shape
+        for p in model.parameters():
+            assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()

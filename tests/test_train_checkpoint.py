@@ -165,3 +165,58 @@ def test_run_restore_checks_the_configuration(good_run):
         Run(cfg, log=lambda *a: None).restore(state, source=good_run / "checkpoint.pt")
     assert str(good_run / "checkpoint.pt") in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path, request):
+    """A small tmpfs (1 MiB, or the test's `size` param; root on Linux); skipped where mounting
+    is not allowed."""
+    import subprocess
+
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    size = getattr(request, "param", "1m")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(small_tmpfs):
+    path = small_tmpfs / ckpt.CHECKPOINT_NAME
+    ckpt.save_atomic({"step": 3}, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save_atomic(
+            {"w": torch.zeros(2**20)}, path, kept="the previous checkpoint (step 3) is kept"
+        )
+    assert str(err.value).startswith("no space left on device: checkpoint not written")
+    assert str(err.value).endswith("the previous checkpoint (step 3) is kept")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [ckpt.CHECKPOINT_NAME]
+
+
+@pytest.mark.parametrize("small_tmpfs", ["600k"], indirect=True)
+def test_a_run_on_a_full_disk_exits_with_one_line_and_no_traceback(small_tmpfs, capsys):
+    """Room for one checkpoint (~320 kB) but not for the temporary copy of the next."""
+    out = small_tmpfs / "run"
+    code = main(["train", "--max-steps", "3", "--checkpoint-every", "1", "--out", str(out), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().endswith("the previous checkpoint (step 1) is kept"), err
+    assert "no space left on device: checkpoint not written" in err
+    assert not list(out.glob(".checkpoint.pt.*.tmp"))
+    assert torch.load(out / ckpt.CHECKPOINT_NAME, weights_only=False)["global_step"] == 1
+
+
+def test_a_stale_temporary_checkpoint_is_removed_by_the_next_run(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    stale = out / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    code, _ = _resume(out, capsys, "--max-steps", "2")
+    assert code == 0 and not stale.exists()

@@ -98,6 +98,23 @@ def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert train("--max-steps", "1", "--out", out, "--overwrite", *TINY) == 0
 
 
+@pytest.mark.parametrize("existing", ["metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png"])
+def test_out_holding_files_a_run_would_write_is_refused_without_overwrite(
+    tmp_path, capsys, existing
+):
+    """No checkpoint, but a file the run would write (the user's, or the only record of a run
+    that stopped before its first checkpoint): refused with one line, exit 2, nothing touched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / existing).write_text("precious\n")
+    (out / "notes.txt").write_text("mine\n")
+    assert train("--max-steps", "1", "--out", str(out), *TINY) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and existing in err and "--overwrite" in err
+    assert (out / existing).read_text() == "precious\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted([existing, "notes.txt"])
+
+
 @pytest.mark.integration
 def test_divergence_stops_with_a_clear_message(tmp_path, capsys):
     assert train("--lr", "100", "--epochs", "10", "--out", str(tmp_path / "r"), *TINY) == 1

@@ -11,10 +11,12 @@ saves all give a CheckpointError naming the file and what is wrong with it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -64,7 +66,12 @@ def set_rng_states(states: dict[str, Any]):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_atomic(state: dict[str, Any], path: Path):
+def save_atomic(
+    state: dict[str, Any], path: Path, kept: str = "the previous checkpoint is kept"
+):
+    """Write `state` to `path` through a temporary file in the same folder (os.replace: the
+    previous file stays whole until the new one is). A full disk raises CheckpointError
+    saying so, and `kept` (what is left); the temporary file is removed either way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -73,10 +80,29 @@ def save_atomic(state: dict[str, Any], path: Path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected
+        # pos": read the free space before the partial file is removed.
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if isinstance(exc, (OSError, RuntimeError)) and not full:
+            full = shutil.disk_usage(path.parent).free < 2**20
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise CheckpointError(
+                f"no space left on device: checkpoint not written to {path}; {kept}"
+            ) from None
         raise
+
+
+def remove_stale_temporaries(folder: Path, name: str = CHECKPOINT_NAME) -> list[str]:
+    """Remove the temporary files save_atomic leaves when killed mid-write (.NAME.*.tmp);
+    called by a run holding the folder's lock, so no other writer owns them."""
+    removed = []
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        removed.append(stale.name)
+    return removed
 
 
 def _numpy_globals():

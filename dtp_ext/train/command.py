@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, merge
     from .datasets import DatasetNotFound
     from .resolve import resolve
-    from .runner import Run, TrainingDiverged
+    from .runner import OUTPUTS, Run, TrainingDiverged
 
     options = {
         k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")
@@ -313,12 +313,20 @@ def run(args: argparse.Namespace) -> int:
             outdir.check(cfg.out)
             if main_rank:
                 lock = outdir.RunLock(cfg.out).acquire()
-            if (Path(cfg.out) / ckpt.CHECKPOINT_NAME).exists() and not getattr(
-                args, "overwrite", False
-            ):
+            # Nothing a run writes may replace a file already there unless asked: the user's
+            # own files, or the only record of an earlier run that stopped before a checkpoint.
+            existing = [
+                n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (Path(cfg.out) / n).exists()
+            ]
+            if existing and not getattr(args, "overwrite", False):
+                resume = (
+                    "pass --resume to continue it or --overwrite to start again"
+                    if ckpt.CHECKPOINT_NAME in existing
+                    else "choose another --out, or pass --overwrite to replace them"
+                )
                 raise ConfigError(
-                    f"{cfg.out} already holds a run; pass --resume to continue it "
-                    "or --overwrite to start again"
+                    f"{cfg.out} already holds {', '.join(existing)}, which this run would "
+                    f"overwrite; {resume}"
                 )
             state = None
         created = distributed.init_from_env(cfg.device)

@@ -160,6 +160,7 @@ class Run:
             probe.labels.to(self.device),
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self._checkpoint_step: int | None = None  # the step of the latest checkpoint on disk
         self.counter = Counter()
         self.window, self.window_steps = (
             Counter(),
@@ -217,7 +218,13 @@ class Run:
         if self.ctx.main:
             if self.ctx.world > 1:
                 state["rank_rng"] = rngs
-            ckpt.save_atomic(state, self.out / ckpt.CHECKPOINT_NAME)
+            kept = (
+                f"the previous checkpoint (step {self._checkpoint_step}) is kept"
+                if self._checkpoint_step is not None
+                else "there is no earlier checkpoint"
+            )
+            ckpt.save_atomic(state, self.out / ckpt.CHECKPOINT_NAME, kept=kept)
+            self._checkpoint_step = self.global_step
 
     def restore(self, state: dict, source="the checkpoint"):
         """Continue from `state` (every rank loads the same rank-0 checkpoint). Raises
@@ -251,7 +258,7 @@ class Run:
                 f"{source}: its saved state does not fit a {self.cfg.algorithm} run of "
                 f"{self.cfg.model} ({type(exc).__name__}: {str(exc).strip()[:400]})"
             ) from None
-        self.resumed_from = self.global_step
+        self.resumed_from = self._checkpoint_step = self.global_step
         saved_threads = state.get("threads", ckpt.saved_config(state, source).threads)
         if not self.device.startswith("cuda") and saved_threads not in (
             None,
@@ -450,7 +457,8 @@ class Run:
             record.update(
                 {
                     "lr": lr,
-                    "feedback_lr": self.cfg.feedback_lr,
+                    "feedback_lr": self.cfg.feedback_lr,  # None: planned (feedback_quality)
+                    "feedback_quality": self.algorithm.feedback_quality(),
                     **alignment,
                     "feedback_loss": dict(self.algorithm.last_feedback_losses),
                     "epoch_time_s": epoch_time,
@@ -478,6 +486,9 @@ class Run:
         self._started = None
         if ctx.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            stale = ckpt.remove_stale_temporaries(self.out)
+            if stale:
+                self.log(f"removed {', '.join(stale)}: a checkpoint save interrupted by a kill")
             if not hasattr(self, "records"):  # a fresh run: no stale outputs of an earlier one
                 for name in OUTPUTS:
                     (self.out / name).unlink(missing_ok=True)
