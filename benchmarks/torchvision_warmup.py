@@ -215,7 +215,9 @@ def main(argv=None):
         f"MNIST, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"seed 0 (one seed); {cpu_features()}"
     )
-    print(f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)")
+    print(
+        f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)"
+    )
     rows = [
         run(name, steps, args.batch, data, info, args.timed_steps)
         for name in args.models.split(",")

@@ -98,19 +98,33 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     base = Net()
     result = {"batch": args.batch, "steps": steps, "seed": args.seed, "cpu": cpu_features()}
-    print(f"MNIST, pytorch/examples Net, batch {args.batch}, {steps} steps, seed {args.seed} (one seed)")
+    print(
+        f"MNIST, pytorch/examples Net, batch {args.batch}, {steps} steps, seed {args.seed} (one seed)"
+    )
     print(cpu_features())
     for kind in ("backprop", "ldrl"):
         model = copy.deepcopy(base)
         if kind == "ldrl":
             model = dtp_ext.convert(model)
-        losses, seconds, trainer = train(model, data, info, args.batch, steps, kind == "ldrl", args.seed)
+        losses, seconds, trainer = train(
+            model, data, info, args.batch, steps, kind == "ldrl", args.seed
+        )
         top1 = accuracy(model, test, info)
-        result[kind] = {"test_top1": top1, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-50:]) / len(losses[-50:])}
-        print(f"{kind:<9} test top-1 {top1:.2f} %  train loss {losses[0]:.3f} -> {result[kind]['last_loss']:.3f} (last 50)  {seconds:.0f} s", flush=True)
+        result[kind] = {
+            "test_top1": top1,
+            "seconds": seconds,
+            "first_loss": losses[0],
+            "last_loss": sum(losses[-50:]) / len(losses[-50:]),
+        }
+        print(
+            f"{kind:<9} test top-1 {top1:.2f} %  train loss {losses[0]:.3f} -> {result[kind]['last_loss']:.3f} (last 50)  {seconds:.0f} s",
+            flush=True,
+        )
         if trainer is not None:
             print(trainer.explain())
-    print(f"L-DRL - backprop: {result['ldrl']['test_top1'] - result['backprop']['test_top1']:+.2f} points")
+    print(
+        f"L-DRL - backprop: {result['ldrl']['test_top1'] - result['backprop']['test_top1']:+.2f} points"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -178,7 +178,9 @@ def noise_floor(
     if not 0 <= momentum < 1:
         raise ValueError(f"noise_floor: momentum must be in [0, 1), got {momentum!r}")
     if average_decay is not None and not 0 <= average_decay <= 1:
-        raise ValueError(f"noise_floor: average_decay must be None or in [0, 1], got {average_decay!r}")
+        raise ValueError(
+            f"noise_floor: average_decay must be None or in [0, 1], got {average_decay!r}"
+        )
     c = floor_constant(rate, momentum)
     load = c * fan_out / samples
     if not load < 1:
@@ -359,9 +361,7 @@ def plan_feedback(
             notes.append(f"above target ({why})")
         if not shape.linear_feedback:
             notes.append("folded activation/pool: floor approximate")
-        transient = (
-            math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
-        )
+        transient = math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
         warm_rate = min(max(rate, fastest_rate(momentum)), _stable_rate(shape, momentum))
         warm_iterations = transient_iterations(warm_rate, momentum) if warm_start else 0
         plans.append(
@@ -401,7 +401,7 @@ def _fit_budget(rows, costs, budget, momentum, averaged_steps):
         return need
     fixed = sum(k * c for r, k, c in zip(rows, need, costs) if r[2] is not None)
     weights = []
-    for depth, ((name, shape, k, sigma, rate_lr, k_need, _), cost) in enumerate(zip(rows, costs), 1):
+    for depth, ((_, shape, k, sigma, rate_lr, k_need, _), cost) in enumerate(zip(rows, costs), 1):
         if k is not None:
             weights.append(None)
             continue

@@ -27,6 +27,10 @@ from .ops import BlockGeometry
 _FORWARD_CLOCK = torch.zeros((), dtype=torch.int64)
 
 
+# Largest beta a block takes: the target step beta * B * delta must stay finite in float32.
+MAX_BETA = 1e6
+
+
 def _check_block_options(cls_name: str, activation, pool, beta):
     if activation not in ACTIVATIONS:
         raise ValueError(f"{cls_name}: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -38,9 +42,9 @@ def _check_block_options(cls_name: str, activation, pool, beta):
         isinstance(beta, bool)
         or not isinstance(beta, (int, float))
         or not math.isfinite(beta)
-        or beta <= 0
+        or not 0 < beta <= MAX_BETA
     ):
-        raise ValueError(f"{cls_name}: beta must be a finite number > 0, got {beta!r}")
+        raise ValueError(f"{cls_name}: beta must be a number in (0, {MAX_BETA:g}], got {beta!r}")
 
 
 class _DTPBlockFunction(torch.autograd.Function):

@@ -120,7 +120,10 @@ def feedback_bytes_per_iteration(block: DTPBlock, x: torch.Tensor) -> int:
 def chunk_iterations(block: DTPBlock, x: torch.Tensor, memory_budget_mb: float) -> int:
     """How many feedback iterations of `block` on input `x` may share one batched F(x + eps)
     within `memory_budget_mb` of extra memory (at least one)."""
-    return max(1, int(memory_budget_mb * 2**20 // feedback_bytes_per_iteration(block, x)))
+    budget = memory_budget_mb * 2**20  # bytes; inf for a budget near float64's largest
+    chunk = budget // feedback_bytes_per_iteration(block, x) if math.isfinite(budget) else math.inf
+    # More iterations than a step can run is as good as unlimited.
+    return max(1, int(min(chunk, MAX_ITERATIONS)))
 
 
 SYNC_MODES = (None, "gradients", "weights", "none")
@@ -134,10 +137,14 @@ def _process_group_size() -> int:
     return 1
 
 
+# Bounds that keep every derived size finite and within the ops' 64-bit integers.
+MAX_ITERATIONS = 10**9  # feedback iterations of one block in one step
+
+
 def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
-    """A scalar or a list of per-block values: each finite, >= 0 (whole for iterations). The
-    one check of per-block feedback settings (`dtp-ext train`'s config calls it too); errors
-    start with `owner`."""
+    """A scalar or a list of per-block values: each finite, >= 0 (whole, and at most
+    MAX_ITERATIONS, for iterations). The one check of per-block feedback settings (`dtp-ext
+    train`'s config calls it too); errors start with `owner`."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     prefix = f"{owner}: " if owner else ""
     for v in values:
@@ -145,6 +152,8 @@ def check_per_block(name: str, value, *, integer: bool = False, owner: str = "Fe
             raise ValueError(f"{prefix}{name} entries must be finite numbers >= 0, got {v!r}")
         if integer and int(v) != v:
             raise ValueError(f"{prefix}{name} entries must be whole numbers, got {v!r}")
+        if integer and v > MAX_ITERATIONS:
+            raise ValueError(f"{prefix}{name} entries must be at most {MAX_ITERATIONS}, got {v!r}")
     cast = int if integer else float
     return [cast(v) for v in values] if isinstance(value, (list, tuple)) else cast(value)
 
@@ -1044,6 +1053,7 @@ class FeedbackTrainer:
         self.steps = int(state.get("steps", 0))
         self._block_steps = {n: int(v) for n, v in (state.get("block_steps") or {}).items()}
         self._plan_key = {
-            n: (tuple(shape), int(batch)) for n, (shape, batch) in (state.get("planned_for") or {}).items()
+            n: (tuple(shape), int(batch))
+            for n, (shape, batch) in (state.get("planned_for") or {}).items()
         }
         self._plans = {}  # made again, for the saved input shapes, at the next step

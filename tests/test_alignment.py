@@ -70,7 +70,9 @@ def test_floor_formula_predicts_instability():
     floor = noise_floor(shape.fan_in, shape.fan_out, shape.samples, rate, 0.9)
     assert not floor.stable and floor.load > 1 and floor.angle == 90.0
     lr = rate / curvature(0.1, 1)
-    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), 5, 0.1, lr, max_growth=None, blocks=[block])
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), 5, 0.1, lr, max_growth=None, blocks=[block]
+    )
     block(x)
     norms = []
     with pytest.warns(RuntimeWarning, match="predicted unstable.*fan_out 256.*B\\*P 8"):
@@ -163,7 +165,9 @@ def test_explicit_settings_win_and_keep_the_papers_semantics():
     assert paper._averages is None and paper.warm_start is False
     mixed = dtp_ext.FeedbackTrainer(model, lr=1e-3)
     mixed.explain()
-    assert all(p.lr == 1e-3 and p.planned == ("iterations", "noise_std") for p in mixed.plans.values())
+    assert all(
+        p.lr == 1e-3 and p.planned == ("iterations", "noise_std") for p in mixed.plans.values()
+    )
     assert mixed._averages is not None and mixed.warm_start
 
 
@@ -338,7 +342,12 @@ def test_resume_with_averages_is_bitwise():
         for i in range(6):
             if i == split:
                 state = copy.deepcopy(
-                    (model.state_dict(), opt.state_dict(), trainer.state_dict(), torch.get_rng_state())
+                    (
+                        model.state_dict(),
+                        opt.state_dict(),
+                        trainer.state_dict(),
+                        torch.get_rng_state(),
+                    )
                 )
                 model = small_net()
                 model.load_state_dict(state[0])

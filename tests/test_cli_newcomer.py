@@ -72,7 +72,9 @@ def _python_blocks(text):
 def test_readme_conversion_example_runs(capsys):
     """The block after the README's `<!-- example: conversion -->` marker, as written: a user's
     network converted, FeedbackTrainer(model) with the defaults, the user's loop."""
-    found = re.search(r"<!-- example: conversion -->\n```python\n(.*?)```", README.read_text(), re.S)
+    found = re.search(
+        r"<!-- example: conversion -->\n```python\n(.*?)```", README.read_text(), re.S
+    )
     assert found, "README.md lost its conversion example marker"
     namespace = {"__name__": "readme_example"}
     exec(compile(found.group(1), "README.md (conversion example)", "exec"), namespace)

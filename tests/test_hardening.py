@@ -258,9 +258,11 @@ def test_memory_budget_must_be_finite(budget):
         dtp_ext.FeedbackTrainer(small_model(), 1, 0.1, 0.1, memory_budget_mb=budget)
 
 
-def test_huge_memory_budget_runs():
+@pytest.mark.parametrize("budget", [1e300, 1e303, 1.7e308])
+def test_huge_memory_budget_runs(budget):
+    """Any finite budget works, up to the largest float (its byte count overflows float64)."""
     model = small_model()
-    trainer = dtp_ext.FeedbackTrainer(model, 3, 0.1, 1e-3, memory_budget_mb=1e300)
+    trainer = dtp_ext.FeedbackTrainer(model, 3, 0.1, 1e-3, memory_budget_mb=budget)
     model(torch.randn(2, 3, 4, 4))
     trainer.step()
 
@@ -337,3 +339,20 @@ def test_an_empty_batch_gives_torch_nn_zero_gradients(kind):
         assert x.grad is not None and x.grad.shape == shape
         for p in model.parameters():
             assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+
+
+@pytest.mark.parametrize(
+    "build, says",
+    [
+        (
+            lambda m: dtp_ext.FeedbackTrainer(m, 2**63, 0.1, 1e-3),
+            "iterations entries must be at most",
+        ),
+        (lambda m: dtp_ext.Linear(3, 2, beta=1e308), "beta must be a number in"),
+    ],
+    ids=["iterations", "beta"],
+)
+def test_finite_but_overflowing_library_settings_are_refused(build, says):
+    model = nn.Sequential(dtp_ext.Linear(3, 2))
+    with pytest.raises(ValueError, match=says):
+        build(model)

@@ -220,3 +220,27 @@ def test_a_stale_temporary_checkpoint_is_removed_by_the_next_run(good_run, tmp_p
     stale.write_bytes(b"half a checkpoint")
     code, _ = _resume(out, capsys, "--max-steps", "2")
     assert code == 0 and not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b'{"step": 1, "train_lo',  # a cut last line
+        b"[1, 2, 3]",  # not an object
+        b"\xff\xfe not utf-8",
+        b'{"train_loss": 1.0}',  # no step
+    ],
+    ids=["cut", "not-an-object", "not-utf8", "missing-key"],
+)
+def test_resume_skips_damaged_log_lines_and_names_them(good_run, tmp_path, capsys, damage):
+    out = _copy(good_run, tmp_path)
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        with open(out / name, "ab") as f:
+            f.write(damage + b"\n")
+    code = main(["train", "--resume", "--out", str(out), "--max-steps", "2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "Traceback" not in printed.err
+    assert "steps.jsonl: skipped damaged line(s) 2" in printed.out
+    lines = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]

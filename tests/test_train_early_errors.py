@@ -55,6 +55,33 @@ def test_out_under_a_file(tmp_path, capsys, no_data_read):
     one_line_error(capsys, f"{tmp_path / 'f'} is a file, so no folder can be created under it")
 
 
+def test_out_with_a_name_longer_than_the_file_system_allows(tmp_path, capsys, no_data_read):
+    assert main(["train", *TINY, "--out", str(tmp_path / ("x" * 300) / "run")]) == 2
+    one_line_error(capsys, "--out: the folder name", "300 bytes long", "allows 255")
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--beta", "1e308", "beta must be at most 1e+06"),
+        ("--feedback-warmup-factor", str(10**12), "feedback_warmup_factor must be at most 1e+09"),
+        ("--seed", str(10**20), "seed must be at most"),
+        ("--feedback-iterations", str(2**63), "feedback_iterations entries must be at most"),
+    ],
+)
+def test_finite_but_overflowing_settings_are_refused_where_checked(
+    tmp_path, capsys, no_data_read, option, value, says
+):
+    assert main(["train", *TINY, option, value, "--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, says)
+
+
+def test_warmup_factor_times_iterations_is_bounded(tmp_path, capsys, no_data_read):
+    args = ["--feedback-warmup-steps", "1", "--feedback-warmup-factor", "100000000"]
+    assert main(["train", *TINY, *args, "--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, "warm-up iterations per step; at most 1000000000")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_out_in_a_read_only_folder(tmp_path, capsys, no_data_read):
     folder = tmp_path / "ro"

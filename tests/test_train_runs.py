@@ -98,7 +98,9 @@ def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert train("--max-steps", "1", "--out", out, "--overwrite", *TINY) == 0
 
 
-@pytest.mark.parametrize("existing", ["metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png"])
+@pytest.mark.parametrize(
+    "existing", ["metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png"]
+)
 def test_out_holding_files_a_run_would_write_is_refused_without_overwrite(
     tmp_path, capsys, existing
 ):

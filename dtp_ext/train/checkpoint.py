@@ -66,9 +66,7 @@ def set_rng_states(states: dict[str, Any]):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_atomic(
-    state: dict[str, Any], path: Path, kept: str = "the previous checkpoint is kept"
-):
+def save_atomic(state: dict[str, Any], path: Path, kept: str = "the previous checkpoint is kept"):
     """Write `state` to `path` through a temporary file in the same folder (os.replace: the
     previous file stays whole until the new one is). A full disk raises CheckpointError
     saying so, and `kept` (what is left); the temporary file is removed either way."""

@@ -315,9 +315,7 @@ def run(args: argparse.Namespace) -> int:
                 lock = outdir.RunLock(cfg.out).acquire()
             # Nothing a run writes may replace a file already there unless asked: the user's
             # own files, or the only record of an earlier run that stopped before a checkpoint.
-            existing = [
-                n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (Path(cfg.out) / n).exists()
-            ]
+            existing = [n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (Path(cfg.out) / n).exists()]
             if existing and not getattr(args, "overwrite", False):
                 resume = (
                     "pass --resume to continue it or --overwrite to start again"

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtp_ext.nn import MAX_BETA
 from dtp_ext.reference import PENULTIMATE_TARGETS  # dtp/tp; the first is the default
+from dtp_ext.trainer import MAX_ITERATIONS
 
 ALGORITHMS = ("bp", "ldrl", "dtp", "tp", "drl")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
@@ -137,7 +139,9 @@ def check_choice(name, value, choices):
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _number(name, v, *, integer=False, minimum=None, positive=False, allow_none=False):
+def _number(
+    name, v, *, integer=False, minimum=None, positive=False, allow_none=False, maximum=None
+):
     if v is None and allow_none:
         return
     ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
@@ -149,6 +153,8 @@ def _number(name, v, *, integer=False, minimum=None, positive=False, allow_none=
         raise ConfigError(f"{name} must be > 0, got {v!r}")
     if minimum is not None and v < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {v!r}")
+    if maximum is not None and v > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {v!r}")
 
 
 def per_layer(name: str, value, count: int, *, integer=False) -> list:
@@ -203,7 +209,7 @@ def validate(cfg: TrainConfig) -> None:
         "step_size",
         "feedback_warmup_factor",
     ):
-        _number(name, getattr(cfg, name), integer=True, minimum=1)
+        _number(name, getattr(cfg, name), integer=True, minimum=1, maximum=MAX_ITERATIONS)
     for name in (
         "max_steps",
         "train_subset",
@@ -214,7 +220,7 @@ def validate(cfg: TrainConfig) -> None:
         "checkpoint_every",
     ):
         _number(name, getattr(cfg, name), integer=True, minimum=1, allow_none=True)
-    _number("seed", cfg.seed, integer=True, minimum=0)
+    _number("seed", cfg.seed, integer=True, minimum=0, maximum=2**63 - 1)  # torch's seeds
     _number("feedback_warmup_steps", cfg.feedback_warmup_steps, integer=True, minimum=0)
     _number("feedback_only_steps", cfg.feedback_only_steps, integer=True, minimum=0)
     if cfg.feedback_only_steps and cfg.algorithm == "bp":
@@ -226,7 +232,7 @@ def validate(cfg: TrainConfig) -> None:
     _number("lr", cfg.lr, minimum=0, allow_none=True)
     for name in ("weight_decay", "eta_min", "gamma"):
         _number(name, getattr(cfg, name), minimum=0)
-    _number("beta", cfg.beta, positive=True)
+    _number("beta", cfg.beta, positive=True, maximum=MAX_BETA)
     for name in ("momentum", "feedback_momentum"):
         _number(name, getattr(cfg, name), minimum=0)
         if getattr(cfg, name) >= 1:

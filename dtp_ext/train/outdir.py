@@ -23,8 +23,19 @@ except ImportError:  # not on POSIX: no locking (documented)
 
 
 def check(out: str, option: str = "--out") -> Path:
-    """`out` is, or can become, a writable folder: not a file, not under a file."""
+    """`out` is, or can become, a writable folder: not a file, not under a file, no name in
+    it longer than the file system allows."""
     path = Path(out)
+    try:  # before anything touches the path: a name too long makes even exists() raise
+        longest = os.pathconf(path.anchor or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    too_long = [p for p in path.parts if len(os.fsencode(p)) > longest]
+    if too_long:
+        raise ConfigError(
+            f"{option}: the folder name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} "
+            f"bytes long; this file system allows {longest}"
+        )
     if path.exists() and not path.is_dir():
         raise ConfigError(
             f"{option} {out}: is a file, expected a folder (or a path where one can be created)"

@@ -7,7 +7,14 @@ import dataclasses
 import time
 
 from .catalog import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
-from .config import TARGET_ALGORITHMS, ConfigError, TrainConfig, per_layer, validate
+from .config import (
+    MAX_ITERATIONS,
+    TARGET_ALGORITHMS,
+    ConfigError,
+    TrainConfig,
+    per_layer,
+    validate,
+)
 from .datasets import INFO
 
 # Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
@@ -50,6 +57,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         value = default if getattr(cfg, key) is None else getattr(cfg, key)
         # None: planned per block by FeedbackTrainer (ldrl on the torchvision models).
         lists[key] = None if value is None else per_layer(key, value, count, integer=integer)
+    if lists["feedback_iterations"] and cfg.feedback_warmup_steps:
+        most = max(lists["feedback_iterations"]) * cfg.feedback_warmup_factor
+        if most > MAX_ITERATIONS:
+            raise ConfigError(
+                f"feedback_warmup_factor {cfg.feedback_warmup_factor} x feedback_iterations "
+                f"{max(lists['feedback_iterations'])} = {most} warm-up iterations per step; at most "
+                f"{MAX_ITERATIONS}"
+            )
     if lists["feedback_iterations"] is None and cfg.feedback_warmup_steps:
         raise ConfigError(
             f"feedback_warmup_steps ({cfg.feedback_warmup_steps}) multiplies the feedback "

@@ -295,12 +295,31 @@ class Run:
             )
 
     def _read_records(self, name="metrics.jsonl"):
+        """The records of a log the run wrote, for --resume. These logs are not needed to
+        resume: a damaged line (cut short, not a JSON object, not UTF-8, no step/epoch) is
+        skipped and named, never a traceback."""
         path = self.out / name
-        return (
-            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if path.exists()
-            else []
-        )
+        if not path.exists():
+            return []
+        key = "epoch" if name == "metrics.jsonl" else "step"
+        records, damaged = [], []
+        for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                record = None
+            if isinstance(record, dict) and type(record.get(key)) is int:
+                records.append(record)
+            else:
+                damaged.append(number)
+        if damaged:
+            self.log(
+                f"note: {name}: skipped damaged line(s) {', '.join(map(str, damaged))} (not a "
+                f"JSON object with an integer '{key}'); the run continues without them"
+            )
+        return records
 
     def _write_records(self, name="metrics.jsonl", records=None):
         records = self.records if records is None else records
