@@ -28,10 +28,15 @@ class FeedbackAverages:
         self.previous: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def update(self, name: str, block, noise: float):
+    def update(self, name: str, block, noise: float, moved: bool):
         """Add the block's current feedback weight to its average and point the block's
-        `feedback_weight_average` (what its targets use) at it."""
+        `feedback_weight_average` (what its targets use) at it. `moved`: whether the forward
+        weight changed since the block's previous step (its version counter: no device read);
+        with decay 0 the average is then dropped and targets use V itself, at no cost."""
         v, w = block.feedback_weight, block.weight.detach()
+        if moved and self.decay == 0:
+            self.forget(name, block)
+            return
         average = self.weights.get(name)
         if average is None or average.shape != v.shape or average.device != v.device:
             self.weights[name] = v.detach().clone()
@@ -48,6 +53,11 @@ class FeedbackAverages:
         average.lerp_(v, count.reciprocal().to(average.dtype))
         previous.copy_(w)
         block.feedback_weight_average = average
+
+    def forget(self, name: str, block):
+        for store in (self.weights, self.counts, self.previous):
+            store.pop(name, None)
+        block.feedback_weight_average = None
 
     def steps(self, name: str) -> float:
         """The steps the block's average holds now (a device read)."""

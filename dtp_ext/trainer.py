@@ -91,6 +91,15 @@ def _angle_and_ratio(vv: float, ww: float, vw: float) -> tuple[float, float]:
     return math.degrees(math.acos(cos)), math.sqrt(vv / ww)
 
 
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every element of `t` is finite, a 0-dim bool tensor, in one pass with no
+    temporary of t's size (its extremes are finite exactly when every element is)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def _average_across_ranks(tensors, world: int):
     import torch.distributed as dist
 
@@ -335,12 +344,14 @@ class FeedbackTrainer:
         self.warm_start = warm_start
         # Per block: its plan (settings and predicted floor; dtp_ext.alignment), the input
         # shape it was planned for, its successful steps, and its forward weight's version at
-        # construction (whether W was updated before its feedback was ever trained).
+        # construction (whether W was updated before its feedback was ever trained) and at the
+        # end of its latest step (whether W moved since).
         self._plans: dict[str, alignment.BlockPlan] = {}
         self._plan_key: dict[str, tuple] = {}
         self._block_steps: dict[str, int] = {}
         self._warned: set[str] = set()
         self._initial_versions = {n: self._weight_version(b) for n, b in named}
+        self._weight_versions: dict[str, int] = {}  # at the end of each block's latest step
         if compute_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
                 f"FeedbackTrainer: compute_dtype must be None, torch.bfloat16 or "
@@ -775,15 +786,24 @@ class FeedbackTrainer:
         the burn-in: none after a warm start, else its transient), its feedback quality."""
         steps = self._block_steps[name] = self._block_steps.get(name, 0) + 1
         plan = self._plans[name]
+        version = self._weight_version(block)
+        moved = self._weight_versions.get(name, version) != version
+        self._weight_versions[name] = version
         burn_in = 0 if self.warm_start else plan.transient_steps
         if self._averages is not None and steps > burn_in:
-            self._averages.update(name, block, plan.noise_per_step)
-        w = block.weight.detach().double()
-        v = feedback_in_forward_shape(block, block.feedback_weight).double()
-        a = feedback_in_forward_shape(block).double()
-        report._quality[name] = torch.stack(
-            [(v * v).sum(), (w * w).sum(), (v * w).sum(), (a * a).sum(), (a * w).sum()]
-        )
+            self._averages.update(name, block, plan.noise_per_step, moved)
+        # Dot products in the feedback weight's own dtype (no float64 copies: for a wide layer
+        # those cost as much as its feedback iterations); <A, .> only where A is not V.
+        v = feedback_in_forward_shape(block, block.feedback_weight).reshape(-1)
+        w = block.weight.detach().reshape(-1).to(v.dtype)
+        vv, ww, vw = torch.dot(v, v), torch.dot(w, w), torch.dot(v, w)
+        a = block.feedback_weight_average
+        if a is None:
+            aa, aw = vv, vw
+        else:
+            a = feedback_in_forward_shape(block, a).reshape(-1)
+            aa, aw = torch.dot(a, a), torch.dot(a, w)
+        report._quality[name] = torch.stack([vv, ww, vw, aa, aw]).double()
         report._plans[name] = plan
 
     def _check_block(self, name, block, parameters):
@@ -918,9 +938,9 @@ class FeedbackTrainer:
         checks, devices = [], []
         for _, block, _, losses, saved in runs:
             finite = (
-                torch.isfinite(losses).all()
-                & torch.isfinite(block.feedback_weight).all()
-                & torch.isfinite(block.feedback_bias).all()
+                _all_finite(losses)
+                & _all_finite(block.feedback_weight)
+                & _all_finite(block.feedback_bias)
             )
             reference = torch.maximum(saved[0].norm(), block.weight.detach().norm())
             growth = block.feedback_weight.norm() / reference
@@ -996,6 +1016,13 @@ class FeedbackTrainer:
             "block_steps": dict(self._block_steps),
             "planned_for": {n: [list(k[0]), k[1]] for n, k in self._plan_key.items()},
             "averages": None if self._averages is None else self._averages.state_dict(),
+            # Whether each block's forward weight moved since its latest step (the next step
+            # treats its average accordingly; docs/maths.md §7.3).
+            "forward_moved": {
+                n: self._weight_version(b) != self._weight_versions[n]
+                for n, b in self._model_blocks
+                if n in self._weight_versions
+            },
         }
 
     def load_state_dict(self, state: dict):
@@ -1057,3 +1084,11 @@ class FeedbackTrainer:
             for n, (shape, batch) in (state.get("planned_for") or {}).items()
         }
         self._plans = {}  # made again, for the saved input shapes, at the next step
+        # Versions start afresh; a block whose W had moved since its latest step when the
+        # state was saved counts as moved at its next step (-1: no version matches).
+        moved = state.get("forward_moved") or {}
+        self._weight_versions = {
+            n: -1 if moved[n] else self._weight_version(b)
+            for n, b in self._model_blocks
+            if n in moved
+        }

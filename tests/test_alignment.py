@@ -305,8 +305,9 @@ def test_default_average_is_v_itself_once_the_forward_weight_moves():
     with torch.no_grad():
         block.weight.mul_(1.01)
     trainer.step()
-    assert trainer._averages.steps("0") == 1
-    assert torch.equal(block.feedback_weight_average, block.feedback_weight)
+    assert trainer._averages.steps("0") == 0  # dropped: targets use V, nothing copied
+    assert block.feedback_weight_average is None
+    assert block.target_feedback_weight is block.feedback_weight
 
 
 def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
