@@ -18,6 +18,9 @@ namespace dtp_ext {
 
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
+// Whether every element of `tensor` is finite, as a 0-dim bool tensor on its device (one pass).
+at::Tensor all_finite_of(const at::Tensor& tensor);
+
 // Checks the defined floating tensors among `tensors` (all on one device).
 void check_finite(const char* op, std::initializer_list<NamedTensor> tensors);
 
