@@ -46,6 +46,8 @@ def cpu_features():
     line = f"cpu {model}, AVX512-BF16 {yes('avx512_bf16')}, AMX-BF16 {yes('amx_bf16')}"
     # What the pooled passes take here, as the extension decides it (the CPU's flags).
     line += f", AVX-512 window kernels {'on' if ops.cpu_vector_kernels_enabled() else 'off'}"
+    chosen = "bf16" if dtp_ext.hardware.missing_bfloat16("cpu") is None else "fp32"
+    line += f", --precision auto picks {chosen}"
     if not flags & {"avx512_bf16", "amx_bf16"}:
         line += (
             " (no bfloat16 instructions: oneDNN emulates bfloat16 products in float32 here, "

@@ -185,6 +185,30 @@ def run(name, steps, batch, data, info, timed):
     return out
 
 
+def block_table(row) -> str:
+    """Markdown: per trained block, its planned settings, predicted floors and what was
+    measured after the last checkpoint (the feedback weight's angle to W^T: the trained V, and
+    the weight targets use), and its update against backprop's."""
+    steps = row["checkpoints"][-1]["warmup_steps"]
+    lines = [
+        f"{row['model']}, after {steps} warm-up steps",
+        "",
+        "| block | P | iterations | lr | V: predicted floor | V: measured | targets' weight: "
+        "predicted | measured | update vs BP | norm ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, b in row["final_blocks"].items():
+        if "iterations" not in b:
+            continue
+        lines.append(
+            f"| {name} | {b['positions']} | {b['iterations']} | {b['lr']:.3g} | "
+            f"{b['predicted_raw_angle']:.1f}° | {b.get('raw_weight_angle', float('nan')):.1f}° | "
+            f"{b['predicted_angle']:.1f}° | {b['weight_angle']:.1f}° | {b['update_angle']:.1f}° | "
+            f"{b['norm_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def report(name, r):
     u, n, w = r["update_angle"], r["norm_ratio"], r["weight_angle"]
     print(
@@ -203,7 +227,12 @@ def main(argv=None):
     p.add_argument("--timed-steps", type=int, default=5)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")
+    p.add_argument("--table", metavar="JSON", help="print the per-block tables of a --json file")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print("\n\n".join(block_table(row) for row in json.load(f)["rows"]))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     from conftest import cpu_features  # the benchmarks' CPU line

@@ -11,6 +11,7 @@ Fused C++ (and CUDA) kernels behind drop-in layers:
 from . import (  # noqa: F401
     alignment,
     functional,
+    hardware,
     metrics,
     ops,  # noqa: F401  (loads the compiled kernels; fails loudly if missing)
     reference,
@@ -37,6 +38,7 @@ __all__ = [
     "dtp_blocks",
     "alignment",
     "functional",
+    "hardware",
     "metrics",
     "reference",
 ]

@@ -13,7 +13,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from . import alignment, cuda_graphs, ops
+from . import alignment, cuda_graphs, hardware, ops
 from .averaging import FeedbackAverages
 from .cuda_graphs import LoopGraphs
 from .metrics import feedback_in_forward_shape
@@ -98,6 +98,25 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool, device=t.device)
     low, high = torch.aminmax(t)
     return torch.isfinite(low) & torch.isfinite(high)
+
+
+_WARNED_BFLOAT16: set[str] = set()
+
+
+def _warn_emulated_bfloat16(device: torch.device):
+    """Once per device type and process: bfloat16 asked for where it is emulated (slower)."""
+    if device.type in _WARNED_BFLOAT16:
+        return
+    _WARNED_BFLOAT16.add(device.type)
+    missing = hardware.missing_bfloat16(device)
+    if missing is not None:
+        warnings.warn(
+            f"FeedbackTrainer: bfloat16 feedback loops on {device.type} need {missing}; "
+            "float32 (compute_dtype=None) is faster here "
+            "(dtp_ext.hardware.preferred_compute_dtype picks for you)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _average_across_ranks(tensors, world: int):
@@ -512,8 +531,8 @@ class FeedbackTrainer:
                 return trained  # nothing to plan from yet (step() refuses it)
             old = self._plan_key.get(name)
             per_sample = tuple(x.shape[1:])
-            keys[name] = (per_sample, old[1] if old and old[0] == per_sample else x.shape[0])
-        if any(self._plan_key.get(n) != keys[n] or n not in self._plans for n in keys):
+            keys[name] = (per_sample, old[1] if old and old[0] == per_sample else None)
+        if any(k[1] is None for k in keys.values()) or any(n not in self._plans for n in keys):
             self._make_plans(trained, keys)
         return [(n, b, self._settings(n)) for n, b, _ in trained]
 
@@ -522,6 +541,22 @@ class FeedbackTrainer:
         return plan.iterations, plan.noise_std, plan.lr
 
     def _make_plans(self, trained, keys):
+        # A new input shape is planned for its batch: under torch.distributed the global one
+        # (every rank's shard: the noise samples an averaged gradient holds), so that every
+        # rank plans the same iterations (one all-reduce, when a shape is first seen).
+        new = [n for n, _, _ in trained if keys[n][1] is None]
+        if new:
+            recorded = dict((n, b.recorded_input) for n, b, _ in trained)
+            batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
+            if _process_group_size() > 1:
+                import torch.distributed as dist
+
+                device = recorded[new[0]].device
+                batches = batches.to(device)
+                dist.all_reduce(batches)
+            keys = dict(keys)
+            keys.update({n: (keys[n][0], int(b)) for n, b in zip(new, batches.tolist())})
+
         def shape_of(block, batch):
             x = block.recorded_input
             shape = alignment.block_shape(block, x)
@@ -839,9 +874,12 @@ class FeedbackTrainer:
                 )
 
     def _compute_dtype(self, block, x) -> torch.dtype:
+        dtype = x.dtype
         if self.compute_dtype is not None and block.weight.dtype == torch.float32:
-            return self.compute_dtype
-        return x.dtype
+            dtype = self.compute_dtype
+        if dtype == torch.bfloat16:
+            _warn_emulated_bfloat16(x.device)
+        return dtype
 
     def _train_block(self, name, block, x, buffers, k, sigma, lr, noise_x, noise_y, sync, world):
         """The block's losses for this step and the kernel that computed them."""

@@ -128,7 +128,8 @@ def add_parser(sub):
         choices=PRECISIONS,
         help="fp32 (default); bf16: forward under autocast and the "
         "feedback phase in bfloat16; fp16: the same in float16 "
-        "with a GradScaler (bp and ldrl)",
+        "with a GradScaler (bp and ldrl); auto: bf16 where the device has native bfloat16 "
+        "products (AVX512-BF16/AMX-BF16 CPUs, GPUs of compute capability 8+), else fp32",
     )
     a("--out", metavar="DIR", help="output folder (default runs/<dataset>-<algorithm>-<time>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -28,7 +28,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet32")
 SCHEDULERS = ("cosine", "step", "none")
 FEEDBACK_SYNCS = ("gradients", "weights")
 DRL_VARIANTS = ("p", "s")  # algorithms/drl.py
-PRECISIONS = ("fp32", "bf16", "fp16")  # precision.py
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # precision.py; auto: resolve picks
 MIXED_PRECISION_ALGORITHMS = ("bp", "ldrl")  # the others train in float32 only
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    precision: str = "fp32"  # fp32, bf16 or fp16 (precision.py)
+    precision: str = "fp32"  # fp32, bf16, fp16 or auto (precision.py; resolve picks for auto)
     out: str | None = None  # None: runs/<dataset>-<algorithm>-<time>
     # forward optimizer (SGD) and schedule
     lr: float | None = None  # None: see resolve.DEFAULT_LR
@@ -183,7 +183,7 @@ def validate(cfg: TrainConfig) -> None:
         ("precision", PRECISIONS),
     ):
         check_choice(name, getattr(cfg, name), choices)
-    if cfg.precision != "fp32" and cfg.algorithm not in MIXED_PRECISION_ALGORITHMS:
+    if cfg.precision not in ("fp32", "auto") and cfg.algorithm not in MIXED_PRECISION_ALGORITHMS:
         raise ConfigError(
             f"precision {cfg.precision!r} applies to "
             f"{' and '.join(MIXED_PRECISION_ALGORITHMS)} only; {cfg.algorithm} "

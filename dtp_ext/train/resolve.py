@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from dtp_ext import hardware
+
 from .catalog import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
 from .config import (
     MAX_ITERATIONS,
+    MIXED_PRECISION_ALGORITHMS,
     TARGET_ALGORITHMS,
     ConfigError,
     TrainConfig,
@@ -77,10 +80,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             "or needs a perturbation to reconstruct)"
         )
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.algorithm]
+    # auto: bf16 where the device computes it natively, else fp32 (emulated bf16 is slower).
+    precision = cfg.precision
+    if precision == "auto":
+        native = cfg.algorithm in MIXED_PRECISION_ALGORITHMS and not hardware.missing_bfloat16(
+            cfg.device
+        )
+        precision = "bf16" if native else "fp32"
     out = cfg.out or f"runs/{cfg.dataset}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     return dataclasses.replace(
         cfg,
         model=model,
+        precision=precision,
         lr=lr,
         out=out,
         t_max=cfg.t_max or cfg.epochs,
