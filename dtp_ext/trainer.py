@@ -637,7 +637,7 @@ class FeedbackTrainer:
         )
         lines.append(
             f"  target floor {self.target_angle:g}° per block, cost cap "
-            f"{'none' if self.max_cost is None else f'{self.max_cost:g}x a backprop step'}; "
+            f"{'none' if self.max_cost is None else f'{self.max_cost:g}x a backprop step (multiply-adds)'}; "
             f"{averaging}"
         )
         total = 0.0
