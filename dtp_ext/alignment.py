@@ -32,7 +32,7 @@ DEFAULT_AVERAGE_DECAY = 0.0
 # feedback-only warm-up).
 PLAN_AVERAGED_STEPS = 100
 DEFAULT_MAX_COST = 3.0  # feedback multiply-adds per step / a backprop step's
-MAX_ITERATIONS = 200
+MAX_PLANNED_ITERATIONS = 200
 # Planned rates keep c * fan_out / samples at most this (the floor is unstable at 1).
 STABILITY_LOAD = 0.5
 # A warm start runs this many e-folds of the transient from the random initial V.
@@ -203,8 +203,8 @@ def iteration_contraction(rate: float, momentum: float) -> float:
 def transient_iterations(rate: float, momentum: float, efolds: float = TRANSIENT_EFOLDS) -> int:
     """Iterations after which V's initial error has shrunk by e^-efolds."""
     rho = iteration_contraction(rate, momentum)
-    if rho >= 1:
-        return MAX_ITERATIONS * 1000
+    if rho >= 1:  # the iteration itself diverges (rate >= 2 (1 + momentum)): never settles
+        return 10**9
     if rho <= 0:
         return 1
     return max(1, math.ceil(efolds / -math.log(rho)))
@@ -285,14 +285,14 @@ def _predict(shape, iterations, rate, momentum, averaged_steps):
 
 
 def _fewest_iterations(shape, noise_std, lr, momentum, averaged_steps, target):
-    """The fewest iterations (1..MAX_ITERATIONS) whose floor meets `target`; MAX_ITERATIONS
-    when none does."""
-    for k in range(1, MAX_ITERATIONS + 1):
+    """The fewest iterations (1..MAX_PLANNED_ITERATIONS) whose floor meets `target`;
+    MAX_PLANNED_ITERATIONS when none does."""
+    for k in range(1, MAX_PLANNED_ITERATIONS + 1):
         rate = _rate_for(shape, k, noise_std, lr, momentum)
         _, floor = _predict(shape, k, rate, momentum, averaged_steps)
         if floor.stable and floor.angle <= target:
             return k
-    return MAX_ITERATIONS
+    return MAX_PLANNED_ITERATIONS
 
 
 def plan_feedback(

@@ -20,6 +20,8 @@ from .metrics import feedback_in_forward_shape
 from .nn import DTPBlock, dtp_blocks
 
 Number = int | float
+# Bounds that keep every derived size finite and within the ops' 64-bit integers.
+MAX_ITERATIONS = 10**9  # feedback iterations of one block in one step
 
 
 @dataclass
@@ -163,10 +165,6 @@ def _process_group_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-# Bounds that keep every derived size finite and within the ops' 64-bit integers.
-MAX_ITERATIONS = 10**9  # feedback iterations of one block in one step
 
 
 def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
