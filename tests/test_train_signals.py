@@ -171,10 +171,10 @@ def test_a_signal_while_the_checkpoint_is_written(tmp_path, monkeypatch, capfd):
             os.kill(os.getpid(), signal.SIGTERM)  # the flag is read by the next step
         return value
 
-    def save(state, path):
+    def save(state, path, **kwargs):
         saves.append(state["global_step"])
         os.kill(os.getpid(), signal.SIGINT)  # the handler only notes it; the save goes on
-        return inner_save(state, path)
+        return inner_save(state, path, **kwargs)
 
     monkeypatch.setattr(runner.Run, "_train_step", step)
     monkeypatch.setattr(ckpt, "save_atomic", save)
@@ -208,7 +208,7 @@ def test_checkpoint_every(tmp_path, monkeypatch):
     monkeypatch.setattr(
         ckpt,
         "save_atomic",
-        lambda state, path: saved.append(state["global_step"]) or inner(state, path),
+        lambda state, path, **kw: saved.append(state["global_step"]) or inner(state, path, **kw),
     )
     assert (
         main(

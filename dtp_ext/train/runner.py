@@ -201,6 +201,7 @@ class Run:
             "counter": self.counter.state,
             "window": {"counter": self.window.state, "steps": self.window_steps},
             "feedback_losses": dict(self.algorithm.last_feedback_losses),  # for the logs
+            "feedback_quality": self.algorithm.feedback_quality(),  # for the logs
             "elapsed": self.elapsed,
             "world_size": self.ctx.world,
             "threads": torch.get_num_threads(),
@@ -252,6 +253,7 @@ class Run:
                 int(window.get("steps", 0)),
             )
             self.algorithm.last_feedback_losses = dict(state.get("feedback_losses") or {})
+            self.algorithm.last_feedback_quality = dict(state.get("feedback_quality") or {})
             self._restore_rng(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise ckpt.CheckpointError(

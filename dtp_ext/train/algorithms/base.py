@@ -62,11 +62,13 @@ class Algorithm:
         self.blocks = dtp_blocks(model)
         self.trained = self.blocks[1:]
         self.last_feedback_losses: dict[str, float] = {}
+        # Per trained block, after the latest step (restored from a checkpoint for the logs).
+        self.last_feedback_quality: dict[str, dict] = {}
 
     def feedback_quality(self) -> dict[str, dict]:
         """Per trained block, how its feedback weight stands against its predicted floor after
         the latest step (FeedbackReport.alignment; {} for algorithms without one)."""
-        return {}
+        return self.last_feedback_quality
 
     def use_precision(self, precision) -> None:
         """--precision: the forward pass runs under `precision.autocast()`, the backward through

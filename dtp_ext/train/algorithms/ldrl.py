@@ -47,13 +47,13 @@ class LDRL(Algorithm):
 
     def feedback_quality(self):
         """FeedbackReport.alignment() of the latest step, with each block's settings."""
-        if self.last_report is None:
-            return {}
-        quality = self.last_report.alignment()
-        for name, row in quality.items():
-            plan = self.trainer.plans[name]
-            row.update(iterations=plan.iterations, lr=plan.lr)
-        return quality
+        if self.last_report is not None:
+            quality = self.last_report.alignment()
+            for name, row in quality.items():
+                plan = self.trainer.plans[name]
+                row.update(iterations=plan.iterations, lr=plan.lr)
+            self.last_feedback_quality, self.last_report = quality, None
+        return self.last_feedback_quality
 
     def update_directions(self, x, y):
         return fused_update_directions(self.model, self.blocks, x, y)
