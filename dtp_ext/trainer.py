@@ -610,9 +610,11 @@ class FeedbackTrainer:
         block's predicted noise floor and cost (flagging blocks predicted unstable or above
         `target_angle`), and why the model's other DTP blocks are skipped."""
         try:
-            trained = self._planned(self._trained_now())
+            trained = self._trained_now()
         except RuntimeError as exc:
             return f"FeedbackTrainer: nothing to train yet: {exc}"
+        if _process_group_size() == 1:  # planning may all-reduce: step() alone does it there
+            trained = self._planned(trained)
         how = (
             "as chosen by blocks="
             if self._chosen is not None
