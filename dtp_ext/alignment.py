@@ -262,7 +262,7 @@ def _iteration_cost(shape: BlockShape) -> float:
 def _rate_for(shape, iterations, noise_std, lr, momentum):
     if lr is not None:
         return lr * curvature(noise_std, shape.positions)
-    return min(STEP_RATE / iterations, _stable_rate(shape, momentum))
+    return min(STEP_RATE / max(iterations, 1), _stable_rate(shape, momentum))
 
 
 def _predict(shape, iterations, rate, momentum, averaged_steps):
@@ -363,7 +363,8 @@ def plan_feedback(
             notes.append("folded activation/pool: floor approximate")
         transient = math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
         warm_rate = min(max(rate, fastest_rate(momentum)), _stable_rate(shape, momentum))
-        warm_iterations = transient_iterations(warm_rate, momentum) if warm_start else 0
+        # No warm start where no iterations were asked for (iterations=0: feedback left as is).
+        warm_iterations = transient_iterations(warm_rate, momentum) if warm_start and k_final else 0
         plans.append(
             BlockPlan(
                 name=name,

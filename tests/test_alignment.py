@@ -460,3 +460,16 @@ def test_noise_floor_refuses_bad_input():
         noise_floor(3, 3, 10, float("nan"))
     with pytest.raises(ValueError, match="momentum must be in"):
         noise_floor(3, 3, 10, 0.01, 1.0)
+
+
+def test_zero_iterations_with_a_planned_lr_train_nothing():
+    """iterations=0 leaves the feedback as it is, warm start included, whatever is planned."""
+    torch.manual_seed(0)
+    model = small_net()
+    before = {n: b.feedback_weight.clone() for n, b in dtp_ext.dtp_blocks(model)}
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=0)
+    model(torch.randn(8, 1, 8, 8))
+    report = trainer.step()
+    assert all(losses.numel() == 0 for losses in report.losses.values())
+    for name, block in dtp_ext.dtp_blocks(model):
+        assert torch.equal(block.feedback_weight, before[name]), name
