@@ -332,12 +332,21 @@ def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
     assert trainer._averages.steps("0") == pytest.approx(window)
 
 
-def test_resume_with_averages_is_bitwise():
+@pytest.mark.parametrize(
+    "feedback_only, split, decay",
+    [(0, 3, "auto"), (4, 2, "auto"), (4, 4, "auto"), (2, 4, 0.9)],
+    ids=["training", "inside-warm-up", "at-warm-up-end", "window-decay-0.9"],
+)
+def test_resume_with_averages_is_bitwise(feedback_only, split, decay):
+    """Saved and resumed at step `split` of 6, the first `feedback_only` steps training the
+    feedback alone (the averages grow), then forward training (the default drops them, decay
+    0.9 keeps a drift-balanced window): the same weights and averages as an unbroken run."""
+
     def run(split):
         torch.manual_seed(0)
         model = small_net()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        trainer = dtp_ext.FeedbackTrainer(model)
+        trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
         data = torch.randn(6, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
         labels = torch.randint(0, 10, (6, 16), generator=torch.Generator().manual_seed(2))
         for i in range(6):
@@ -354,17 +363,23 @@ def test_resume_with_averages_is_bitwise():
                 model.load_state_dict(state[0])
                 opt = torch.optim.SGD(model.parameters(), lr=0.05)
                 opt.load_state_dict(state[1])
-                trainer = dtp_ext.FeedbackTrainer(model)
+                trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
                 trainer.load_state_dict(state[2])
                 torch.set_rng_state(state[3])
             out = model(data[i])
             trainer.step()
-            opt.zero_grad()
-            F.cross_entropy(out, labels[i]).backward()
-            opt.step()
+            if i >= feedback_only:
+                opt.zero_grad()
+                F.cross_entropy(out, labels[i]).backward()
+                opt.step()
         return model, trainer
 
-    (a, ta), (b, tb) = run(None), run(3)
+    (a, ta), (b, tb) = run(None), run(split)
+    if decay != "auto":
+        assert all(
+            block.feedback_weight_average is not None
+            for _, block in list(dtp_ext.dtp_blocks(a))[1:]
+        )
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), n
     for name, block in dtp_ext.dtp_blocks(a):
