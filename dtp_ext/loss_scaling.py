@@ -7,13 +7,16 @@ micro-batches) changes the direction of hidden updates, not only their size. Ins
 unscaled gradients, exactly as backprop would.
 
 The scale is process-wide, not thread-local, because autograd runs a CUDA backward on its own
-device threads; a backward started inside the `with` block sees it on any thread. Nested
-scales multiply.
+device threads; a backward started inside the `with` block sees it on any thread. It is the
+product of every `loss_scale` block active in the process: nested blocks multiply, and blocks
+that threads enter and leave in any order leave exactly the product of those still active (1.0
+once all have left; never a stale value restored out of order).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -22,6 +25,8 @@ from numbers import Real
 import torch
 
 _lock = threading.Lock()
+_active: dict[int, float] = {}  # every active loss_scale block's factor, by entry
+_entries = itertools.count()
 _scale = 1.0
 # The same value as a tensor: a torch.compile'd backward reads this one at run time.
 _scale_tensor = torch.ones((), dtype=torch.float64)
@@ -38,11 +43,16 @@ def _as_scale(k) -> float:
     return float(k)
 
 
-def _set(value: float):
+def _update(enter: tuple[int, float] | None = None, leave: int | None = None):
+    """Add or remove one active factor and set the scale to the product of those active."""
     global _scale
     with _lock:
-        _scale = value
-        _scale_tensor.fill_(value)
+        if enter is not None:
+            _active[enter[0]] = enter[1]
+        if leave is not None:
+            _active.pop(leave, None)
+        _scale = math.prod(_active.values())
+        _scale_tensor.fill_(_scale)
 
 
 @contextlib.contextmanager
@@ -56,13 +66,12 @@ def loss_scale(k) -> Iterator[None]:
     with dtp_ext.loss_scale(1 / n):                   # n accumulated micro-batches
         (loss / n).backward()
     """
-    factor = _as_scale(k)
-    previous = _scale
-    _set(previous * factor)
+    entry = (next(_entries), _as_scale(k))
+    _update(enter=entry)
     try:
         yield
     finally:
-        _set(previous)
+        _update(leave=entry[0])
 
 
 def current_loss_scale() -> float:

@@ -144,3 +144,68 @@ def test_bad_scale_is_refused(bad):
         with dtp_ext.loss_scale(bad):
             pass
     assert dtp_ext.current_loss_scale() == 1.0
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ("A+", "B+", "A-", "B-"),
+        ("A+", "B+", "B-", "A-"),
+        ("B+", "A+", "A-", "B-"),
+        ("B+", "A+", "B-", "A-"),
+        ("A+", "A-", "B+", "B-"),
+    ],
+    ids=lambda o: "".join(o),
+)
+def test_scales_entered_and_left_by_two_threads_in_any_order(order):
+    """Two threads' loss_scale blocks (A: 2, B: 3) entered and left in `order`: after every
+    event the scale is the product of the blocks still active, a backward on a third thread
+    sees it, and nothing is left behind (1.0 at the end)."""
+    factors = {"A": 2.0, "B": 3.0}
+    events = {name: [threading.Event(), threading.Event()] for name in factors}
+    done = threading.Event()
+    seen = []
+
+    def worker(name):
+        enter, leave = events[name]
+        enter.wait()
+        with dtp_ext.loss_scale(factors[name]):
+            seen.append(("entered", name))
+            done.set()
+            leave.wait()
+        seen.append(("left", name))
+        done.set()
+
+    threads = {n: threading.Thread(target=worker, args=(n,)) for n in factors}
+    for t in threads.values():
+        t.start()
+    active = set()
+    model, expected = unscaled("linear")
+    for event in order:
+        name, what = event[0], event[1]
+        done.clear()
+        events[name][0 if what == "+" else 1].set()
+        assert done.wait(5)
+        active = active | {name} if what == "+" else active - {name}
+        product = 1.0
+        for n in ("A", "B"):
+            if n in active:
+                product *= factors[n]
+        assert dtp_ext.current_loss_scale() == product
+        # A backward on a third thread, of a loss scaled by the current product.
+        result = {}
+
+        def third(k=product, result=result):
+            model.zero_grad()
+            x, y = batch("linear")
+            (k * F.cross_entropy(model(x), y)).backward()
+            result["grads"] = grads(model, x)
+
+        t = threading.Thread(target=third)
+        t.start()
+        t.join()
+        assert_close_all([g / product for g in result["grads"]], expected)
+    for t in threads.values():
+        t.join()
+    assert dtp_ext.current_loss_scale() == 1.0
+    assert float(dtp_ext.loss_scaling.scale_tensor()) == 1.0
