@@ -96,3 +96,46 @@ def test_opcheck_reconstruction_loop():
             *block.geometry().args(),
         ),
     )
+
+
+def test_float16_bias_gradient_accumulates_in_float32():
+    """A float16 reconstruction loop with float32 master feedback weights: the bias gradient is
+    a sum over the batch far past float16's 65504 here; summed in float32 it stays finite and
+    matches the float32 loop (a float16 partial sum made the bias and its momentum inf)."""
+    import pytest
+
+    torch.manual_seed(0)
+    block = __import__("dtp_ext").Linear(8, 4)
+    x32 = torch.full((4096, 8), 60.0) + torch.randn(4096, 8)
+    noise = torch.randn(1, *x32.shape) * 0.1
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        v, c = block.feedback_weight.clone(), block.feedback_bias.clone()
+        mv, mc = torch.zeros_like(v), torch.zeros_like(c)
+        try:
+            ops.reconstruction_feedback_loop(
+                x32.to(dtype),
+                block.weight.detach().to(dtype),
+                block.bias.detach().to(dtype),
+                v,
+                c,
+                mv,
+                mc,
+                1,
+                0.1,
+                1e-6,
+                0.9,
+                0.0,
+                1,
+                block.geometry(),
+                noise.to(dtype),
+            )
+        except (RuntimeError, NotImplementedError) as exc:  # no float16 products on this CPU
+            pytest.skip(f"float16 on the CPU: {exc}")
+        results[dtype] = (c, mc)
+    c16, mc16 = results[torch.float16]
+    assert torch.isfinite(c16).all() and torch.isfinite(mc16).all()
+    # The case: the batch sum behind the bias gradient (the momentum holds it times 2/B) is
+    # far beyond float16's range.
+    assert mc16.abs().max() * x32.shape[0] / 2 > 65504
+    torch.testing.assert_close(mc16, results[torch.float32][1], rtol=2e-2, atol=0)

@@ -504,9 +504,14 @@ at::Tensor reconstruction_feedback_loop(
         // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
         sgd_ldrl_update(state.weight, state.momentum_weight, feedback_pairing(g, residual, q, v),
                         at::Tensor(), grad_scale, weight_decay, momentum, lr);
-        sgd_ldrl_update(state.bias, state.momentum_bias,
-                        g.is_conv ? residual.sum({0, 2, 3}) : residual.sum(0), at::Tensor(),
-                        grad_scale, weight_decay, momentum, lr);
+        // The bias gradient accumulates in float32 for bfloat16/float16 (a float16 partial sum
+        // overflows at 65504, and the float32 master would take its inf), in the master's dtype.
+        const auto acc = is_reduced_float(residual) ? at::kFloat : residual.scalar_type();
+        const auto bias_grad =
+            (g.is_conv ? residual.sum({0, 2, 3}, false, acc) : residual.sum(0, false, acc))
+                .to(state.bias.scalar_type());
+        sgd_ldrl_update(state.bias, state.momentum_bias, bias_grad, at::Tensor(), grad_scale,
+                        weight_decay, momentum, lr);
         const auto r = to_opmath(flat(residual));  // the loss: a float32 reduction
         return at::dot(r, r);
       });
