@@ -138,6 +138,12 @@ def _autocast_dtype(x, weight) -> torch.dtype | None:
     return dtype
 
 
+def forward_clock() -> int:
+    """The count of training-mode block forwards so far (blocks' forward_stamp values are
+    taken from it)."""
+    return int(_FORWARD_CLOCK)
+
+
 class DTPBlock:
     """Behaviour shared by dtp_ext.Linear and dtp_ext.Conv2d (a mixin over the nn module)."""
 

@@ -17,7 +17,7 @@ from . import alignment, cuda_graphs, hardware, ops
 from .averaging import FeedbackAverages
 from .cuda_graphs import LoopGraphs
 from .metrics import feedback_in_forward_shape
-from .nn import DTPBlock, dtp_blocks
+from .nn import DTPBlock, dtp_blocks, forward_clock
 
 Number = int | float
 # Bounds that keep every derived size finite and within the ops' 64-bit integers.
@@ -368,6 +368,11 @@ class FeedbackTrainer:
         self._block_steps: dict[str, int] = {}
         self._warned: set[str] = set()
         self._initial_versions = {n: self._weight_version(b) for n, b in named}
+        # The forward clock at the latest step (at construction before any): blocks stamped
+        # after it ran since; see _not_run_since_last_step.
+        self._clock_at_step = forward_clock()
+        self._stale: set[str] = set()
+        self._last_trained: set[str] | None = None  # the blocks of the latest step
         self._weight_versions: dict[str, int] = {}  # at the end of each block's latest step
         if compute_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
@@ -476,7 +481,27 @@ class FeedbackTrainer:
         needed = [(n, b) for n, b in self._model_blocks if b.input_needs_target]
         return sorted(needed, key=lambda nb: nb[1].forward_stamp)
 
+    def _not_run_since_last_step(self, blocks) -> set[str]:
+        """The names among `blocks` that ran no training forward pass since the previous step()
+        while others did (a branch not taken this time): their recorded input is an older
+        batch's, so they are not trained this step. When none ran since (several steps on one
+        forward pass), the previous step's blocks are trained again and only they."""
+        names = {n for n, _ in blocks}
+        ran = {
+            n
+            for n, b in blocks
+            if b.forward_stamp is not None and b.forward_stamp > self._clock_at_step
+        }
+        if ran:
+            return names - ran
+        return names - self._last_trained if self._last_trained is not None else set()
+
     def _skip_reason(self, name, block) -> str | None:
+        if name in self._stale:
+            return (
+                "it did not run in the latest training forward pass (a branch not taken): not "
+                "trained on its older input"
+            )
         if self._chosen is not None:
             return None if any(n == name for n, _ in self._chosen) else "not in blocks="
         if block.input_needs_target is None:
@@ -507,6 +532,8 @@ class FeedbackTrainer:
             blocks = self._data_flow_blocks()
             if self._bound is None:
                 self._bind(blocks)
+        self._stale = self._not_run_since_last_step(blocks)
+        blocks = [(n, b) for n, b in blocks if n not in self._stale]
         unbound = [n for n, _ in blocks if n not in self._hyper]
         if unbound:
             if any(isinstance(self._spec[h], list) for h in HYPERPARAMETERS):
@@ -782,6 +809,8 @@ class FeedbackTrainer:
             self._restore(runs)
             raise
         self.steps += 1
+        self._clock_at_step = forward_clock()
+        self._last_trained = {n for n, _, _ in trained}
         for name, block, _ in trained:
             self._after_block_step(name, block, report)
         return report

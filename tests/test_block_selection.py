@@ -164,3 +164,37 @@ def test_lists_bound_by_name_survive_a_change_of_order_and_state_dict():
     )
     with pytest.raises(ValueError, match=r"state is for blocks \['body.2', 'head'\]"):
         other.load_state_dict(state)
+
+
+class Branches(nn.Module):
+    """stem -> (left or right) -> head: forward(x, side) runs one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = dtp_ext.Linear(4, 6)
+        self.left, self.right = dtp_ext.Linear(6, 6), dtp_ext.Linear(6, 6)
+        self.head = dtp_ext.Linear(6, 3)
+
+    def forward(self, x, side):
+        h = torch.tanh(self.stem(x))
+        return self.head(torch.tanh((self.left if side == "left" else self.right)(h)))
+
+
+def test_a_branch_not_taken_is_not_trained_on_its_older_input():
+    """A block this step's forward did not run keeps its feedback weights; explain() says why;
+    several steps on one forward pass still train every block that ran in it."""
+    torch.manual_seed(0)
+    model = Branches()
+    trainer = dtp_ext.FeedbackTrainer(model, 2, 0.1, 1e-2)
+    x = torch.randn(8, 4)
+    model(x, "left")
+    assert {n for n, _ in trainer.step().losses.items()} == {"left", "head"}
+    trainer.step()  # the same forward pass again: the same blocks
+    model(x, "right")
+    before = model.left.feedback_weight.clone()
+    report = trainer.step()
+    assert set(report.losses) == {"right", "head"}
+    assert torch.equal(model.left.feedback_weight, before)
+    assert "left: it did not run in the latest training forward pass" in trainer.explain()
+    model(x, "left")
+    assert set(trainer.step().losses) == {"left", "head"}
