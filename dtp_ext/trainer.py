@@ -167,6 +167,11 @@ def _process_group_size() -> int:
     return 1
 
 
+def _finite_real(value) -> bool:
+    """A finite real number (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+
+
 def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
     """A scalar or a list of per-block values: each finite, >= 0 (whole, and at most
     MAX_ITERATIONS, for iterations). The one check of per-block feedback settings (`dtp-ext
@@ -297,43 +302,24 @@ class FeedbackTrainer:
             raise ValueError(
                 f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}"
             )
-        if (
-            isinstance(memory_budget_mb, bool)
-            or not isinstance(memory_budget_mb, Real)
-            or not math.isfinite(memory_budget_mb)
-            or memory_budget_mb <= 0
-        ):
+        if not (_finite_real(memory_budget_mb) and memory_budget_mb > 0):
             raise ValueError(
                 f"FeedbackTrainer: memory_budget_mb must be a finite number > 0, got "
                 f"{memory_budget_mb!r}"
             )
-        if max_growth is not None and (
-            isinstance(max_growth, bool)
-            or not isinstance(max_growth, Real)
-            or not math.isfinite(max_growth)
-            or max_growth <= 1
-        ):
+        if max_growth is not None and not (_finite_real(max_growth) and max_growth > 1):
             raise ValueError(
                 f"FeedbackTrainer: max_growth must be None or a finite number > 1, got "
                 f"{max_growth!r}"
             )
         self.max_growth = None if max_growth is None else float(max_growth)
-        if (
-            isinstance(target_angle, bool)
-            or not isinstance(target_angle, Real)
-            or not 0 < target_angle < 90
-        ):
+        if not (_finite_real(target_angle) and 0 < target_angle < 90):
             raise ValueError(
                 f"FeedbackTrainer: target_angle must be a number of degrees in (0, 90), got "
                 f"{target_angle!r}"
             )
         self.target_angle = float(target_angle)
-        if max_cost is not None and (
-            isinstance(max_cost, bool)
-            or not isinstance(max_cost, Real)
-            or not math.isfinite(max_cost)
-            or max_cost <= 0
-        ):
+        if max_cost is not None and not (_finite_real(max_cost) and max_cost > 0):
             raise ValueError(
                 f"FeedbackTrainer: max_cost must be None or a finite number > 0 (feedback "
                 f"multiply-adds per step over a backprop step's), got {max_cost!r}"
@@ -342,10 +328,8 @@ class FeedbackTrainer:
         planning = any(self._spec[h] is None for h in HYPERPARAMETERS)
         if average_decay == "auto":
             average_decay = alignment.DEFAULT_AVERAGE_DECAY if planning else None
-        if average_decay is not None and (
-            isinstance(average_decay, bool)
-            or not isinstance(average_decay, Real)
-            or not 0 <= average_decay < 1
+        if average_decay is not None and not (
+            _finite_real(average_decay) and 0 <= average_decay < 1
         ):
             raise ValueError(
                 f"FeedbackTrainer: average_decay must be 'auto', None or a number in [0, 1), got "
