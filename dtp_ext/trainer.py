@@ -349,8 +349,10 @@ class FeedbackTrainer:
         # end of its latest step (whether W moved since).
         self._plans: dict[str, alignment.BlockPlan] = {}
         self._plan_key: dict[str, tuple] = {}
+        self._forward_macs = 0  # every block's forward multiply-adds, at the plans' batch
         self._block_steps: dict[str, int] = {}
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # blocks warned about as predicted unstable
+        self._warned_untrained = False
         self._initial_versions = {n: self._weight_version(b) for n, b in named}
         # The forward clock at the latest step (at construction before any): blocks stamped
         # after it ran since; see _not_run_since_last_step.
@@ -567,17 +569,17 @@ class FeedbackTrainer:
             keys.update({n: (keys[n][0], int(b)) for n, b in zip(new, batches.tolist())})
 
         def shape_of(block, batch):
+            """The block's shape on its recorded input, for `batch` samples."""
             x = block.recorded_input
             shape = alignment.block_shape(block, x)
             return dataclasses.replace(shape, batch=batch, macs=shape.macs * batch // x.shape[0])
 
         shapes = [(n, shape_of(b, keys[n][1])) for n, b, _ in trained]
-        # A backprop step's multiply-adds: every block's forward on the same batch, x 3.
+        # Every block's forward on the same batch (a backprop step is 3 of them); kept for
+        # explain(), which compares the plans' cost with it.
         batch = shapes[0][1].batch
-        backprop = sum(
-            alignment.block_shape(b, b.recorded_input).macs * batch // b.recorded_input.shape[0]
-            for _, b in self._model_blocks
-            if b.recorded_input is not None
+        self._forward_macs = sum(
+            shape_of(b, batch).macs for _, b in self._model_blocks if b.recorded_input is not None
         )
         settings = [self._hyper[n] for n, _, _ in trained]
         plans = alignment.plan_feedback(
@@ -589,7 +591,7 @@ class FeedbackTrainer:
             target_angle=self.target_angle,
             averaged_steps=None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,
             max_cost=self.max_cost,
-            backprop_macs=backprop,
+            backprop_macs=self._forward_macs,
             warm_start=self.warm_start,
         )
         for plan in plans:
@@ -669,11 +671,7 @@ class FeedbackTrainer:
             )
             lines.append("       " + alignment.describe_plan(plan))
         if self._plans and trained:
-            backprop = 3 * sum(
-                alignment.block_shape(b, b.recorded_input).macs
-                for _, b in self._model_blocks
-                if b.recorded_input is not None
-            )
+            backprop = 3 * self._forward_macs
             lines.append(
                 f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
                 f"{total / backprop if backprop else 0:.2f}x a backprop step's"
@@ -814,10 +812,10 @@ class FeedbackTrainer:
         """Warn once when a block's forward weights were updated before its feedback weights
         were ever trained: those updates used a random feedback weight's targets."""
         for name, block, _ in trained:
-            if self._block_steps.get(name, 0) or "untrained" in self._warned:
+            if self._block_steps.get(name, 0) or self._warned_untrained:
                 continue
             if self._weight_version(block) != self._initial_versions.get(name):
-                self._warned.add("untrained")
+                self._warned_untrained = True
                 warnings.warn(
                     f"FeedbackTrainer: the forward weights of block {name!r} were updated before "
                     "its feedback weights were trained: those updates followed targets from a "

@@ -82,16 +82,21 @@ def test_floor_formula_predicts_instability():
     assert norms[-1] > 10 * norms[9]
 
 
+def one_linear_block(*settings, dtype=torch.float32, **options):
+    """A Linear(48, 12) trained alone as block "0" of an nn.Sequential, after one training
+    forward pass on 32 random samples: (block, its input, its FeedbackTrainer)."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(48, 12).to(dtype)
+    x = torch.randn(32, 48, dtype=dtype)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), *settings, blocks=[block], **options)
+    block(x)
+    return block, x, trainer
+
+
 def test_floor_with_averaging_is_lower_and_measured_so():
     """The average of V over steps sits far closer to W^T than V itself, by the predicted
     averaging gain (within 50 %: one average of correlated steps, docs/maths.md §7.3)."""
-    torch.manual_seed(0)
-    block = dtp_ext.Linear(48, 12)
-    x = torch.randn(32, 48)
-    trainer = dtp_ext.FeedbackTrainer(
-        nn.Sequential(block), 5, 0.1, 1.0, average_decay=0.97, blocks=[block]
-    )
-    block(x)
+    block, _, trainer = one_linear_block(5, 0.1, 1.0, average_decay=0.97)
     for _ in range(200):
         trainer.step()
     plan = trainer.plans["0"]
@@ -293,11 +298,7 @@ def test_average_follows_a_moving_forward_weight_with_its_decay():
 
 
 def test_default_average_is_v_itself_once_the_forward_weight_moves():
-    torch.manual_seed(0)
-    block = dtp_ext.Linear(48, 12)
-    x = torch.randn(32, 48)
-    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block])
-    block(x)
+    block, _, trainer = one_linear_block()
     for _ in range(3):
         trainer.step()
     assert trainer._averages.steps("0") == 3
@@ -313,11 +314,7 @@ def test_default_average_is_v_itself_once_the_forward_weight_moves():
 def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
     """A W that moves 10 % a step gets the window where lag and noise balance,
     (noise_per_step / drift^2)^(1/3) steps, below the decay's 1 / (1 - decay)."""
-    torch.manual_seed(0)
-    block = dtp_ext.Linear(48, 12).double()
-    x = torch.randn(32, 48, dtype=torch.float64)
-    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), average_decay=0.97, blocks=[block])
-    block(x)
+    block, x, trainer = one_linear_block(dtype=torch.float64, average_decay=0.97)
     for _ in range(5):
         trainer.step()
     assert trainer._averages.steps("0") == 5  # W fixed: the plain mean of every step
@@ -392,11 +389,7 @@ def test_resume_with_averages_is_bitwise(feedback_only, split, decay):
 
 
 def test_warm_start_brings_a_random_feedback_weight_to_its_floor_at_the_first_step():
-    torch.manual_seed(0)
-    block = dtp_ext.Linear(48, 12)
-    x = torch.randn(32, 48)
-    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block])
-    block(x)
+    block, _, trainer = one_linear_block()
     report = trainer.step()
     plan = next(iter(trainer.plans.values()))
     assert report.losses["0"].numel() == plan.warm_start_iterations + plan.iterations
