@@ -112,7 +112,7 @@ def pytest_terminal_summary(terminalreporter):
             "fused_over_backprop": ratio_bp,
         }
         low = impls.get("fused-bf16", {}).get("median_s")
-        if low:  # issue 10's targets: >= 1.7x the float32 fused phase, >= 3.5x the reference
+        if low:  # the bf16 targets: >= 1.7x the float32 fused phase, >= 3.5x the reference
             row["fused_over_fused_bf16"] = f / low if f else None
             row["reference_over_fused_bf16"] = r / low if r else None
             tr.write_line(
@@ -121,7 +121,7 @@ def pytest_terminal_summary(terminalreporter):
                 f"{fmt(row['reference_over_fused_bf16'], 0, 2)}x"
             )
         graphed = impls.get("fused-graphs", {}).get("median_s")
-        if graphed:  # issue 14: the loops replayed from CUDA graphs (GPU only)
+        if graphed:  # the loops replayed from CUDA graphs (GPU only)
             row["fused_over_fused_graphs"] = f / graphed if f else None
             tr.write_line(
                 f"{'  CUDA graphs':<16}{batch:>6}{fmt(graphed, 10)}   fused/graphs "

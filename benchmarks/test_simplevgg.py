@@ -56,13 +56,13 @@ class Setup:
         self.model(self.x)
         self.trainer = dtp_ext.FeedbackTrainer(self.model, **PAPER)
         self.initial_trainer = self.trainer.state_dict()
-        # The same feedback phase in bfloat16 (float32 masters; issue 10).
+        # The same feedback phase in bfloat16 (float32 masters).
         self.trainer_bf16 = dtp_ext.FeedbackTrainer(
             self.model, **PAPER, compute_dtype=torch.bfloat16
         )
         self.initial_trainer_bf16 = self.trainer_bf16.state_dict()
-        # The same float32 phase with each block's loop replayed from a CUDA graph (issue 14;
-        # the warm-up round captures, the timed rounds replay: reset() restores in place).
+        # The same float32 phase with each block's loop replayed from a CUDA graph (the
+        # warm-up round captures, the timed rounds replay: reset() restores in place).
         self.trainer_graphs = (
             dtp_ext.FeedbackTrainer(self.model, **PAPER, cuda_graphs=True)
             if DEVICE.startswith("cuda")

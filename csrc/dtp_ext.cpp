@@ -1,9 +1,12 @@
-// Module init and the one TORCH_LIBRARY block that declares every op's schema. The public ops'
-// algorithms are registered once for every device (csrc/ops/block_ops.cpp); the private
-// elementwise ops (leading underscore) by each device in its own file (csrc/cpu/, csrc/cuda/).
-#include <Python.h>
+// The Python module dtp_ext._C (pybind11: build information and the switches and flags that
+// dtp_ext/ops.py wraps) and the one TORCH_LIBRARY block that declares every op's schema, the
+// one place each op's arguments are written (Python reads them from the registered schemas).
+// The public ops' algorithms are registered once for every device (csrc/ops/block_ops.cpp); the
+// private elementwise ops (leading underscore) by each device in its own file (csrc/cpu/,
+// csrc/cuda/).
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <string>
@@ -12,9 +15,27 @@
 #include "common/kernel_record.h"
 #include "cpu/windows_avx512.h"
 
+namespace py = pybind11;
+
 namespace {
 
-PyObject* build_info(PyObject*, PyObject*) {
+// dtp_ext.NonFiniteInputError, the ValueError subclass ops.py defines and registers with
+// _set_non_finite_input_error; ValueError until then.
+PyObject* non_finite_input_error = nullptr;
+
+// What a fused op's immediate finite check throws (finite_check.h): Python raises it as
+// dtp_ext.NonFiniteInputError, whichever way the op was called (torch.ops, a compiled graph, an
+// autograd backward), with the check's message.
+struct NonFiniteInput : torch::PyTorchError {
+  using torch::PyTorchError::PyTorchError;
+  PyObject* python_type() override {
+    return non_finite_input_error != nullptr ? non_finite_input_error : PyExc_ValueError;
+  }
+};
+
+void throw_non_finite_input(const std::string& message) { throw NonFiniteInput(message); }
+
+py::dict build_info() {
 #ifdef DTP_WITH_CUDA
   const bool with_cuda = true;
   const char* archs = DTP_CUDA_ARCH_LIST;
@@ -22,118 +43,84 @@ PyObject* build_info(PyObject*, PyObject*) {
   const bool with_cuda = false;
   const char* archs = "";
 #endif
-  return Py_BuildValue("{s:O,s:s,s:s,s:i}", "cuda", with_cuda ? Py_True : Py_False,
-                       "cuda_arch_list", archs, "torch_version_built", DTP_TORCH_VERSION, "openmp",
 #ifdef _OPENMP
-                       1
+  const int openmp = 1;
 #else
-                       0
+  const int openmp = 0;
 #endif
-  );
+  py::dict info;
+  info["cuda"] = with_cuda;
+  info["cuda_arch_list"] = archs;
+  info["torch_version_built"] = DTP_TORCH_VERSION;
+  info["openmp"] = openmp;
+  return info;
 }
 
-PyObject* set_finite_checks(PyObject*, PyObject* enabled) {
-  const int value = PyObject_IsTrue(enabled);
-  if (value < 0) return nullptr;
-  return PyBool_FromLong(dtp_ext::set_finite_checks(value != 0));
-}
-
-PyObject* finite_checks(PyObject*, PyObject*) {
-  return PyBool_FromLong(dtp_ext::finite_checks_enabled());
-}
-
-PyObject* defer_finite_checks(PyObject*, PyObject* mode) {
-  HANDLE_TH_ERRORS
-  const long value = PyLong_AsLong(mode);
-  if (value == -1 && PyErr_Occurred()) return nullptr;
-  return PyLong_FromLong(dtp_ext::set_defer_mode(static_cast<int>(value)));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* finite_checks_deferred_on(PyObject*, PyObject* device) {
-  HANDLE_TH_ERRORS
-  const char* name = PyUnicode_AsUTF8(device);
-  if (name == nullptr) return nullptr;
-  return PyBool_FromLong(dtp_ext::deferred_on(c10::Device(std::string(name))));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* pending_non_finite(PyObject*, PyObject* device) {
-  HANDLE_TH_ERRORS
-  const char* name = PyUnicode_AsUTF8(device);
-  if (name == nullptr) return nullptr;
-  const auto flag = dtp_ext::pending_non_finite(c10::Device(std::string(name)));
-  if (!flag.defined()) Py_RETURN_NONE;
-  return THPVariable_Wrap(flag);
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* clear_non_finite(PyObject*, PyObject* device) {
-  HANDLE_TH_ERRORS
-  const char* name = PyUnicode_AsUTF8(device);
-  if (name == nullptr) return nullptr;
-  dtp_ext::clear_non_finite(c10::Device(std::string(name)));
-  Py_RETURN_NONE;
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* non_finite_op(PyObject*, PyObject* code) {
-  const long long value = PyLong_AsLongLong(code);
-  if (value == -1 && PyErr_Occurred()) return nullptr;
-  return PyUnicode_FromString(dtp_ext::non_finite_op(value).c_str());
-}
-
-PyObject* set_cpu_vector_kernels(PyObject*, PyObject* enabled) {
-  const int value = PyObject_IsTrue(enabled);
-  if (value < 0) return nullptr;
-  return PyBool_FromLong(dtp_ext::set_vector_windows(value != 0));
-}
-
-PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
-  return PyBool_FromLong(dtp_ext::vector_windows_enabled());
-}
-
-PyObject* cpu_vector_windows(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(dtp_ext::vector_windows_written());
-}
-
-PyObject* last_kernel(PyObject*, PyObject*) {
-  return PyUnicode_FromString(dtp_ext::last_kernel().c_str());
-}
-
-PyMethodDef methods[] = {
-    {"defer_finite_checks", defer_finite_checks, METH_O,
-     "Where finite checks are deferred: 0 CUDA only, 1 everywhere, 2 nowhere; returns the "
-     "previous mode."},
-    {"finite_checks_deferred_on", finite_checks_deferred_on, METH_O,
-     "Whether a finite check on the device is deferred under the current mode."},
-    {"pending_non_finite", pending_non_finite, METH_O,
-     "The device's deferred non-finite flag (int32 0-d tensor, 0 or an op code), or None."},
-    {"clear_non_finite", clear_non_finite, METH_O, "Resets the device's deferred flag to 0."},
-    {"non_finite_op", non_finite_op, METH_O, "The op a deferred flag's code stands for."},
-    {"last_kernel", last_kernel, METH_NOARGS,
-     "The compiled kernel the dispatcher ran last on this thread, e.g. "
-     "'dtp_ext::ldrl_feedback_loop[CPU]' ('' before any)."},
-    {"build_info", build_info, METH_NOARGS, "What this build of dtp_ext._C contains."},
-    {"set_finite_checks", set_finite_checks, METH_O,
-     "Turns the fused ops' non-finite input checks on or off; returns the previous setting."},
-    {"finite_checks", finite_checks, METH_NOARGS,
-     "Whether the fused ops reject non-finite inputs."},
-    {"set_cpu_vector_kernels", set_cpu_vector_kernels, METH_O,
-     "Switches the CPU's AVX-512 pooled-window kernels on or off; returns the previous "
-     "setting."},
-    {"cpu_vector_windows", cpu_vector_windows, METH_NOARGS,
-     "Pool windows the AVX-512 kernels have written since the library loaded."},
-    {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
-     "Whether the CPU's pooled passes take the AVX-512 window kernels (the CPU has AVX-512 "
-     "F/BW/VL and they are on)."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+// Python's truth value of `value` (any object, as `bool(value)`).
+bool truth(const py::object& value) { return static_cast<bool>(py::bool_(value)); }
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PYBIND11_MODULE(_C, m) {
+  dtp_ext::set_non_finite_input_thrower(&throw_non_finite_input);
+  m.def(
+      "_set_non_finite_input_error",
+      [](const py::object& type) {
+        if (PyType_Check(type.ptr()) == 0 ||
+            PyObject_IsSubclass(type.ptr(), PyExc_ValueError) != 1) {
+          throw py::type_error("_set_non_finite_input_error: expects a ValueError subclass");
+        }
+        Py_XDECREF(non_finite_input_error);
+        non_finite_input_error = type.inc_ref().ptr();  // held for the life of the process
+      },
+      py::arg("type"),
+      "Registers the Python type (a ValueError subclass) of a refused non-finite input.");
+  m.def("defer_finite_checks",
+        torch::wrap_pybind_function([](int mode) { return dtp_ext::set_defer_mode(mode); }),
+        py::arg("mode"),
+        "Where finite checks are deferred: 0 CUDA only, 1 everywhere, 2 nowhere; returns the "
+        "previous mode.");
+  m.def("finite_checks_deferred_on", torch::wrap_pybind_function([](const std::string& device) {
+          return dtp_ext::deferred_on(c10::Device(device));
+        }),
+        py::arg("device"),
+        "Whether a finite check on the device is deferred under the current mode.");
+  m.def("pending_non_finite", torch::wrap_pybind_function([](const std::string& device) {
+          const auto flag = dtp_ext::pending_non_finite(c10::Device(device));
+          return flag.defined() ? py::reinterpret_steal<py::object>(THPVariable_Wrap(flag))
+                                : py::object(py::none());
+        }),
+        py::arg("device"),
+        "The device's deferred non-finite flag (int32 0-d tensor, 0 or an op code), or None.");
+  m.def("clear_non_finite", torch::wrap_pybind_function([](const std::string& device) {
+          dtp_ext::clear_non_finite(c10::Device(device));
+        }),
+        py::arg("device"), "Resets the device's deferred flag to 0.");
+  m.def("non_finite_op", &dtp_ext::non_finite_op, py::arg("code"),
+        "The op a deferred flag's code stands for.");
+  m.def("last_kernel", &dtp_ext::last_kernel,
+        "The compiled kernel the dispatcher ran last on this thread, e.g. "
+        "'dtp_ext::ldrl_feedback_loop[CPU]' ('' before any).");
+  m.def("build_info", &build_info, "What this build of dtp_ext._C contains.");
+  m.def(
+      "set_finite_checks",
+      [](const py::object& enabled) { return dtp_ext::set_finite_checks(truth(enabled)); },
+      py::arg("enabled"),
+      "Turns the fused ops' non-finite input checks on or off; returns the previous setting.");
+  m.def("finite_checks", &dtp_ext::finite_checks_enabled,
+        "Whether the fused ops reject non-finite inputs.");
+  m.def(
+      "set_cpu_vector_kernels",
+      [](const py::object& enabled) { return dtp_ext::set_vector_windows(truth(enabled)); },
+      py::arg("enabled"),
+      "Switches the CPU's AVX-512 pooled-window kernels on or off; returns the previous "
+      "setting.");
+  m.def("cpu_vector_windows", &dtp_ext::vector_windows_written,
+        "Pool windows the AVX-512 kernels have written since the library loaded.");
+  m.def("cpu_vector_kernels", &dtp_ext::vector_windows_enabled,
+        "Whether the CPU's pooled passes take the AVX-512 window kernels (the CPU has AVX-512 "
+        "F/BW/VL and they are on).");
+}
 
 // `output` (the block's output) may be omitted only for a block without activation and pool,
 // whose feedback difference does not depend on it.
@@ -187,15 +174,16 @@ TORCH_LIBRARY(dtp_ext, m) {
   m.def(
       "_noisy_difference(Tensor z_noisy, Tensor? clean_phi_output, Tensor? clean_indices, "
       "str activation, int pool, bool channels_last) -> Tensor");
-  // One SGD-momentum step on the feedback weight with the L-DRL gradient, in a single pass:
+  // One SGD-momentum step on a feedback parameter V, in a single pass:
   // g = grad_scale * (reconstruction - noise) + weight_decay * V; buf = momentum * buf + g;
   // V -= lr * buf (torch.optim.SGD without dampening or Nesterov). weight and momentum_buffer
-  // in one dense layout (contiguous or channels-last); an absent noise pairing is zero (the
-  // reconstruction loss's plain gradient). Returns <V, reconstruction> - 2 <V, noise> for the V
-  // before the step (B times the L-DRL loss; a reduction: float32 for a bfloat16/float16
-  // weight), from what the pass reads anyway.
+  // in one dense layout (contiguous or channels-last). With a noise pairing g is the L-DRL
+  // loop's gradient of the feedback weight; without one it is reconstruction_pairing alone (the
+  // reconstruction loop's gradients of the feedback weight and bias). Returns
+  // <V, reconstruction> - 2 <V, noise> for the V before the step (B times the L-DRL loss; a
+  // reduction: float32 for a bfloat16/float16 weight), from what the pass reads anyway.
   m.def(
-      "_sgd_ldrl_update(Tensor(a!) weight, Tensor(b!) momentum_buffer, "
+      "_sgd_momentum_update(Tensor(a!) weight, Tensor(b!) momentum_buffer, "
       "Tensor reconstruction_pairing, Tensor? noise_pairing, float grad_scale, "
       "float weight_decay, float momentum, float lr) -> Tensor");
   // unpool(delta * phi'(output), indices): the vector-Jacobian product of pool(phi(.)) at the

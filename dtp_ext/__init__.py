@@ -20,6 +20,8 @@ from .build import build_info
 from .convert import ConversionReport, convert
 from .loss_scaling import current_loss_scale, loss_scale
 from .nn import Conv2d, DTPBlock, Linear, dtp_blocks
+from .ops import NonFiniteInputError
+from .tensorboard import log_feedback_report
 from .trainer import FeedbackReport, FeedbackTrainer
 
 __version__ = "0.1.0"
@@ -32,6 +34,8 @@ __all__ = [
     "ConversionReport",
     "FeedbackTrainer",
     "FeedbackReport",
+    "NonFiniteInputError",
+    "log_feedback_report",
     "build_info",
     "loss_scale",
     "current_loss_scale",

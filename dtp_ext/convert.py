@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .functional import activation_name
@@ -71,14 +73,27 @@ def _pool_size(module):
     return k
 
 
-def _convert_leaf(module, beta):
-    """(dtp block, None) or (None, reason it stays as it is)."""
+def _default_generator(name: str, module: nn.Module) -> torch.Generator:
+    """The generator a block's feedback weights are drawn from when convert is given none:
+    seeded from torch.initial_seed() (what torch.manual_seed set; reading it draws nothing)
+    mixed with the block's qualified name, type and weight shape, so a seeded script converts
+    to the same feedback weights every run without touching the global random stream."""
+    key = f"dtp_ext.convert:{torch.initial_seed()}:{name}:{type(module).__name__}:"
+    key += str(tuple(module.weight.shape))
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def _convert_leaf(module, beta, name="", generator=None):
+    """(dtp block, None) or (None, reason it stays as it is). The block is built on the meta
+    device (its constructor's init draws nothing), takes `module`'s own weight and bias, and
+    draws its feedback weights from `generator` (None: the block's default generator)."""
     if type(module) is nn.Linear:
         block = Linear(
             module.in_features,
             module.out_features,
             module.bias is not None,
-            device=module.weight.device,
+            device="meta",
             dtype=module.weight.dtype,
             beta=beta,
         )
@@ -98,7 +113,7 @@ def _convert_leaf(module, beta):
                 module.dilation,
                 module.groups,
                 module.bias is not None,
-                device=module.weight.device,
+                device="meta",
                 dtype=module.weight.dtype,
                 beta=beta,
             )
@@ -106,9 +121,13 @@ def _convert_leaf(module, beta):
             return None, str(err)
     else:
         return None, None
+    block.to_empty(device=module.weight.device)
     block.weight = module.weight
     if module.bias is not None:
         block.bias = module.bias
+    block.reset_feedback_parameters(
+        _default_generator(name, module) if generator is None else generator
+    )
     block.train(module.training)
     return block, None
 
@@ -209,7 +228,7 @@ def _plain_reason(module, parent, previous: nn.Module | None, fold: bool = True)
     return "no DTP counterpart (parameter-free)"
 
 
-def _convert_children(parent, prefix, beta, fold, report, placeholders):
+def _convert_children(parent, prefix, beta, fold, report, placeholders, generator):
     names = list(parent._modules)
     sequential = isinstance(parent, nn.Sequential)
     previous = None  # the sibling before, as it was before conversion (in a Sequential)
@@ -218,7 +237,9 @@ def _convert_children(parent, prefix, beta, fold, report, placeholders):
         name = names[i]
         child = parent._modules[name]
         full = f"{prefix}{name}"
-        block, why = _convert_leaf(child, beta) if child is not None else (None, None)
+        block, why = (
+            _convert_leaf(child, beta, full, generator) if child is not None else (None, None)
+        )
         if block is None:
             if why:
                 report.left.append((full, type(child).__name__, why))
@@ -237,7 +258,9 @@ def _convert_children(parent, prefix, beta, fold, report, placeholders):
                                 "those of its children) have no DTP counterpart",
                             )
                         )
-                    _convert_children(child, full + ".", beta, fold, report, placeholders)
+                    _convert_children(
+                        child, full + ".", beta, fold, report, placeholders, generator
+                    )
                 else:
                     report.left.append(
                         (
@@ -289,14 +312,16 @@ def convert(
     inplace: bool = False,
     verbose: bool = False,
     return_report: bool = False,
+    generator: torch.Generator | None = None,
 ):
     """Return `model` with every nn.Linear / nn.Conv2d replaced by its DTP block.
 
     Forward weights are kept (the same values, so outputs are unchanged); feedback weights are
-    drawn fresh with PyTorch's default init. Every other leaf module stays as it is and is
-    listed in the report with the reason; difference targets pass through plain modules as a
-    gradient passes through any module (docs/maths.md §3), and so do activations applied as
-    functions in forward() (F.relu), which are not modules.
+    drawn fresh with PyTorch's default init, the distribution of a new dtp_ext.Linear/Conv2d's
+    (see "Random numbers" below). Every other leaf module stays as it is and is listed in the
+    report with the reason; difference targets pass through plain modules as a gradient passes
+    through any module (docs/maths.md §3), and so do activations applied as functions in
+    forward() (F.relu), which are not modules.
 
     `fold=True` folds, inside nn.Sequential containers, a directly following
     ReLU/ELU(alpha=1)/Tanh and, after a conv, a MaxPool2d with kernel = stride into the block
@@ -306,22 +331,35 @@ def convert(
     from backprop (docs/maths.md §9); unfolded, a perfect feedback weight gives backprop's
     updates and the floor formula applies exactly.
 
+    Random numbers: converting leaves torch's global random stream alone (a seeded script draws
+    the same dropout masks, noise and data order with or without convert). The feedback
+    weights come from `generator`, a torch.Generator drawn from block after block in the
+    report's order, or by default from one generator per block seeded from
+    torch.initial_seed() (what torch.manual_seed set) and the block's qualified name, type
+    and weight shape: the same seed converts to the same feedback weights. Two models
+    converted in one script then start with equal feedback weights in blocks of the same name
+    and shape; pass a generator to draw them apart.
+
     With `inplace=False` (default) the model is deep-copied first. `verbose` prints the
     conversion report; `return_report=True` returns (model, ConversionReport).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"convert: generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    block, why = _convert_leaf(model, beta)
+    block, why = _convert_leaf(model, beta, "", generator)
     if block is not None:
         model = block
         report.converted.append(("", type(model).__name__, []))
     elif why:
         report.left.append(("", type(model).__name__, why))
     elif list(model.children()):
-        _convert_children(model, "", beta, fold, report, set())
+        _convert_children(model, "", beta, fold, report, set(), generator)
     elif not isinstance(model, DTPBlock):
         report.left.append(("", type(model).__name__, _plain_reason(model, None, None, fold)))
     if verbose:

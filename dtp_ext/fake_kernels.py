@@ -1,18 +1,32 @@
-"""Fake (meta) kernels of the compiled ops: output sizes and strides, and the argument checks
-that need no data, for torch.compile, FakeTensor and opcheck.
+"""Fake (meta) kernels of the compiled ops, for torch.compile, FakeTensor and opcheck.
 
-They mirror csrc/common/block_geometry.cpp and csrc/ops/block_ops.cpp check for check, with the
-same messages; tests/test_fake_kernels.py runs one table of bad arguments through both and
-requires the same refusal. Every output is contiguous, as the compiled kernels return it.
+How far they go, decided on purpose: everything torch.compile needs (each output's sizes,
+strides, dtype and device) and every check the compiled kernels make without reading data
+(geometry, shapes, dtypes, devices, the scalar arguments' ranges), with the same messages. A
+call that the compiled op refuses is then refused when torch.compile traces it, with the
+compiled op's message, instead of tracing a graph with wrong shapes that fails later, in
+another op, or only when it runs. The checks that need data live in C++ only: non-finite
+inputs (csrc/common/finite_check.cpp), pool indices outside their windows, memory shared
+between a loop's in-place state and its other arguments, allocations that fail.
+
+The data-free checks are written twice (csrc/common/block_geometry.cpp and
+csrc/ops/block_ops.cpp, and here, check for check); tests/test_fake_kernels.py runs one table
+of bad arguments through both and requires the same refusal. The argument lists are not written
+here: each kernel takes the op's arguments as they come (*args) and reads them by name from the
+op's schema (_signatures.py). Every output is contiguous, as the compiled kernels return it.
 Sizes may be symbolic (torch.compile with dynamic shapes): only arithmetic and comparisons on
 them are used here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+
+from . import _signatures
 
 ACTIVATIONS = ("none", "identity", "relu", "elu", "tanh")
 # c10's names for dtypes, as the C++ messages print them.
@@ -58,7 +72,10 @@ def _pair(op, name, values, minimum):
     return values
 
 
-def parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool) -> Geometry:
+def parse_geometry(op, weight, a: SimpleNamespace) -> Geometry:
+    """The geometry arguments of a call (`a`, by name) for a block of forward weight `weight`."""
+    stride, padding, dilation, groups = a.stride, a.padding, a.dilation, a.groups
+    activation, pool = a.activation, a.pool
     _check(
         weight.dim() in (2, 4),
         op,
@@ -311,27 +328,14 @@ def check_stored_output(op, g: Geometry, output, indices, delta, expected):
         check_shape(op, "indices", indices, expected)
 
 
-# -- the ops ------------------------------------------------------------------------------
-def ldrl_loss(
-    x,
-    weight,
-    bias,
-    feedback_weight,
-    noise_x,
-    noise_y,
-    stride,
-    padding,
-    dilation,
-    groups,
-    activation,
-    pool,
-):
-    op = "dtp_ext.ldrl_loss"
-    g = parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool)
-    check_block_tensors(op, g, x, weight, bias)
+# -- the ops: each takes its op's name ("dtp_ext.<op>") and arguments by name -----------------
+def _ldrl_loss(op, a):
+    x, weight, feedback_weight = a.x, a.weight, a.feedback_weight
+    g = parse_geometry(op, weight, a)
+    check_block_tensors(op, g, x, weight, a.bias)
     check_feedback_weight(op, g, weight, feedback_weight, x)
-    check_noise(op, "noise_x", noise_x, x.shape, x)
-    check_noise(op, "noise_y", noise_y, block_output_sizes(g, x.shape, weight), x)
+    check_noise(op, "noise_x", a.noise_x, x.shape, x)
+    check_noise(op, "noise_y", a.noise_y, block_output_sizes(g, x.shape, weight), x)
     return (
         x.new_empty((), dtype=loss_dtype(x)),
         feedback_weight.new_empty(feedback_weight.shape),
@@ -339,186 +343,54 @@ def ldrl_loss(
     )
 
 
-def _feedback_loop(
-    op,
-    draws_eta,
-    x,
-    weight,
-    bias,
-    feedback_weight,
-    feedback_bias,
-    momentum_weight,
-    momentum_bias,
-    iterations,
-    noise_std,
-    lr,
-    momentum,
-    weight_decay,
-    chunk_iterations,
-    noise_x,
-    noise_y,
-    stride,
-    padding,
-    dilation,
-    groups,
-    activation,
-    pool,
-):
-    g = parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool)
-    check_block_tensors(op, g, x, weight, bias)
+def _feedback_loop(op, a):
+    """Both loops: ldrl_feedback_loop draws eta (it has noise_y), reconstruction's does not."""
+    x, weight, feedback_weight, iterations = a.x, a.weight, a.feedback_weight, a.iterations
+    draws_eta = hasattr(a, "noise_y")
+    noise_y = a.noise_y if draws_eta else None
+    g = parse_geometry(op, weight, a)
+    check_block_tensors(op, g, x, weight, a.bias)
     check_feedback_weight(op, g, weight, feedback_weight, x, allow_master=True)
     _check(iterations >= 0, op, "iterations must be >= 0, got ", iterations)
     _check(
-        noise_std >= 0 and abs(noise_std) != float("inf"),
+        a.noise_std >= 0 and abs(a.noise_std) != float("inf"),
         op,
         "noise_std must be finite and >= 0, got ",
-        noise_std,
+        a.noise_std,
     )
-    _check(lr >= 0 and lr != float("inf"), op, "lr must be finite and >= 0, got ", lr)
-    _check(0 <= momentum < 1, op, "momentum must be in [0, 1), got ", momentum)
+    _check(a.lr >= 0 and a.lr != float("inf"), op, "lr must be finite and >= 0, got ", a.lr)
+    _check(0 <= a.momentum < 1, op, "momentum must be in [0, 1), got ", a.momentum)
     _check(
-        weight_decay >= 0 and weight_decay != float("inf"),
+        a.weight_decay >= 0 and a.weight_decay != float("inf"),
         op,
         "weight_decay must be finite and >= 0, got ",
-        weight_decay,
+        a.weight_decay,
     )
-    _check(chunk_iterations >= 1, op, "chunk_iterations must be >= 1, got ", chunk_iterations)
-    for name, t, shape in (
-        ("feedback_bias", feedback_bias, [x.shape[1]]),
-        ("momentum_weight", momentum_weight, feedback_weight.shape),
-        ("momentum_bias", momentum_bias, [x.shape[1]]),
+    _check(a.chunk_iterations >= 1, op, "chunk_iterations must be >= 1, got ", a.chunk_iterations)
+    for name, shape in (
+        ("feedback_bias", [x.shape[1]]),
+        ("momentum_weight", feedback_weight.shape),
+        ("momentum_bias", [x.shape[1]]),
     ):
-        check_state(op, name, t, x, feedback_weight)
-        check_shape(op, name, t, shape)
-    if noise_x is not None:
-        check_noise(op, "noise_x", noise_x, [iterations, *x.shape], x)
+        check_state(op, name, getattr(a, name), x, feedback_weight)
+        check_shape(op, name, getattr(a, name), shape)
+    if a.noise_x is not None:
+        check_noise(op, "noise_x", a.noise_x, [iterations, *x.shape], x)
     if noise_y is not None:
         check_noise(
             op, "noise_y", noise_y, [iterations, *block_output_sizes(g, x.shape, weight)], x
         )
     _check(
-        not draws_eta or (noise_x is None) == (noise_y is None),
+        not draws_eta or (a.noise_x is None) == (noise_y is None),
         op,
         "noise_x and noise_y must be given together or not at all",
     )
     return x.new_empty((iterations,), dtype=loss_dtype(x))
 
 
-def ldrl_feedback_loop(
-    x,
-    weight,
-    bias,
-    feedback_weight,
-    feedback_bias,
-    momentum_weight,
-    momentum_bias,
-    iterations,
-    noise_std,
-    lr,
-    momentum,
-    weight_decay,
-    chunk_iterations,
-    noise_x,
-    noise_y,
-    stride,
-    padding,
-    dilation,
-    groups,
-    activation,
-    pool,
-):
-    return _feedback_loop(
-        "dtp_ext.ldrl_feedback_loop",
-        True,
-        x,
-        weight,
-        bias,
-        feedback_weight,
-        feedback_bias,
-        momentum_weight,
-        momentum_bias,
-        iterations,
-        noise_std,
-        lr,
-        momentum,
-        weight_decay,
-        chunk_iterations,
-        noise_x,
-        noise_y,
-        stride,
-        padding,
-        dilation,
-        groups,
-        activation,
-        pool,
-    )
-
-
-def reconstruction_feedback_loop(
-    x,
-    weight,
-    bias,
-    feedback_weight,
-    feedback_bias,
-    momentum_weight,
-    momentum_bias,
-    iterations,
-    noise_std,
-    lr,
-    momentum,
-    weight_decay,
-    chunk_iterations,
-    noise_x,
-    stride,
-    padding,
-    dilation,
-    groups,
-    activation,
-    pool,
-):
-    return _feedback_loop(
-        "dtp_ext.reconstruction_feedback_loop",
-        False,
-        x,
-        weight,
-        bias,
-        feedback_weight,
-        feedback_bias,
-        momentum_weight,
-        momentum_bias,
-        iterations,
-        noise_std,
-        lr,
-        momentum,
-        weight_decay,
-        chunk_iterations,
-        noise_x,
-        None,
-        stride,
-        padding,
-        dilation,
-        groups,
-        activation,
-        pool,
-    )
-
-
-def propagate_target(
-    output,
-    indices,
-    delta,
-    feedback_weight,
-    scale,
-    input_sizes,
-    stride,
-    padding,
-    dilation,
-    groups,
-    activation,
-    pool,
-):
-    op = "dtp_ext.propagate_target"
-    g = parse_geometry(op, feedback_weight, stride, padding, dilation, groups, activation, pool)
+def _propagate_target(op, a):
+    delta, feedback_weight, input_sizes = a.delta, a.feedback_weight, a.input_sizes
+    g = parse_geometry(op, feedback_weight, a)
     _check(
         delta.dtype in FLOAT_DTYPES,
         op,
@@ -526,10 +398,10 @@ def propagate_target(
         _dtype(delta),
     )
     _check(
-        scale > 0 and scale != float("inf"),
+        a.scale > 0 and a.scale != float("inf"),
         op,
         "scale (beta * batch) must be finite and > 0, got ",
-        scale,
+        a.scale,
     )
     _check(
         len(input_sizes) == (4 if g.is_conv else 2),
@@ -553,19 +425,17 @@ def propagate_target(
     )
     check_map_sizes(op, g, input_sizes, forward_shaped)
     check_stored_output(
-        op, g, output, indices, delta, block_output_sizes(g, input_sizes, forward_shaped)
+        op, g, a.output, a.indices, delta, block_output_sizes(g, input_sizes, forward_shaped)
     )
     return delta.new_empty(input_sizes)
 
 
-def block_weight_grad(
-    x, output, indices, delta, weight, stride, padding, dilation, groups, activation, pool
-):
-    op = "dtp_ext.block_weight_grad"
-    g = parse_geometry(op, weight, stride, padding, dilation, groups, activation, pool)
+def _block_weight_grad(op, a):
+    x, weight = a.x, a.weight
+    g = parse_geometry(op, weight, a)
     check_block_tensors(op, g, x, weight, None)
-    check_same_device_dtype(op, "delta", delta, x)
-    check_stored_output(op, g, output, indices, delta, block_output_sizes(g, x.shape, weight))
+    check_same_device_dtype(op, "delta", a.delta, x)
+    check_stored_output(op, g, a.output, a.indices, a.delta, block_output_sizes(g, x.shape, weight))
     return weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
@@ -576,51 +446,56 @@ def _pass_format(channels_last, pooled):
     return torch.channels_last if channels_last and pooled else torch.contiguous_format
 
 
-def _phi_unpool_difference(
-    op,
-    a,
-    a_noise,
-    alpha,
-    a_indices,
-    phi_b,
-    b_indices,
-    out_sizes,
-    pool,
-    activation,
-    scale,
-    channels_last,
-):
+def _phi_unpool_difference(op, a):
     return torch.empty(
-        out_sizes,
-        dtype=a.dtype,
-        device=a.device,
-        memory_format=_pass_format(channels_last, a_indices is not None),
+        a.out_sizes,
+        dtype=a.a.dtype,
+        device=a.a.device,
+        memory_format=_pass_format(a.channels_last, a.a_indices is not None),
     )
 
 
-def _noisy_difference(z_noisy, clean_phi_output, clean_indices, activation, pool, channels_last):
+def _noisy_difference(op, a):
     return torch.empty(
-        z_noisy.shape,
-        dtype=z_noisy.dtype,
-        device=z_noisy.device,
-        memory_format=_pass_format(channels_last, pool > 1),
+        a.z_noisy.shape,
+        dtype=a.z_noisy.dtype,
+        device=a.z_noisy.device,
+        memory_format=_pass_format(a.channels_last, a.pool > 1),
     )
 
 
-def _sgd_ldrl_update(
-    weight,
-    momentum_buffer,
-    reconstruction_pairing,
-    noise_pairing,
-    grad_scale,
-    weight_decay,
-    momentum,
-    lr,
-):
+def _sgd_momentum_update(op, a):
     # <weight, noise_pairing> before the step: a reduction, float32 for a low-precision weight.
-    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-    return weight.new_empty((), dtype=dtype)
+    return a.weight.new_empty((), dtype=loss_dtype(a.weight))
 
 
-def _activation_pool_backward(op, output, indices, delta, out_sizes, pool, activation):
-    return output.new_empty(out_sizes)
+def _activation_pool_backward(op, a):
+    return a.output.new_empty(a.out_sizes)
+
+
+def _kernel(name: str, body: Callable) -> Callable:
+    """The fake kernel of torch.ops.dtp_ext.<name>: its arguments as the dispatcher passes them,
+    bound to the schema's names for `body`."""
+
+    def kernel(*args, **kwargs):
+        return body(f"dtp_ext.{name}", _signatures.bind(name, args, kwargs))
+
+    kernel.__name__ = kernel.__qualname__ = name
+    return kernel
+
+
+# Every compiled op's fake kernel, by op name (ops.py registers them).
+KERNELS = {
+    name: _kernel(name, body)
+    for name, body in {
+        "ldrl_loss": _ldrl_loss,
+        "ldrl_feedback_loop": _feedback_loop,
+        "reconstruction_feedback_loop": _feedback_loop,
+        "propagate_target": _propagate_target,
+        "block_weight_grad": _block_weight_grad,
+        "_phi_unpool_difference": _phi_unpool_difference,
+        "_noisy_difference": _noisy_difference,
+        "_sgd_momentum_update": _sgd_momentum_update,
+        "_activation_pool_backward": _activation_pool_backward,
+    }.items()
+}

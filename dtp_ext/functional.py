@@ -95,24 +95,32 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _ldrl_inputs(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor):
+    """(x, noise_x, noise_y) of an L-DRL loss in the block's op layout: rows for a Linear (x
+    of any shape with in_features last), a batch of one for an unbatched (C, H, W) Conv2d
+    input. Both `ldrl_loss`es (this module's and reference.py's) take their inputs so."""
+    weight = block.weight
+    if weight.dim() == 2:
+        x = x.reshape(-1, weight.shape[1])
+        return x, noise_x.reshape(x.shape), noise_y.reshape(x.shape[0], weight.shape[0])
+    if x.dim() == 3:
+        return x.unsqueeze(0), noise_x.unsqueeze(0), noise_y.unsqueeze(0)
+    return x, noise_x, noise_y
+
+
 @torch.no_grad()
-def ldrl_loss(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor):
+def ldrl_loss(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor) -> ops.LdrlLoss:
     """SPEC §2.1 for one dtp_ext.Linear/Conv2d block on input batch `x` with explicit, already
-    scaled noise (noise_x has x's shape, noise_y the block output's). Returns (loss,
-    grad_feedback_weight, grad_feedback_bias) through the same fused kernels as
-    FeedbackTrainer; the bias gradient is exactly zero (both loss terms are differences of G,
-    so c cancels)."""
+    scaled noise (noise_x has x's shape, noise_y the block output's). Returns
+    LdrlLoss(loss, grad_feedback_weight, grad_feedback_bias) through the same fused kernels as
+    FeedbackTrainer (ops.ldrl_loss, on the block's tensors); the bias gradient is exactly zero
+    (both loss terms are differences of G, so c cancels). reference.ldrl_loss_and_grads takes
+    the same arguments and returns the same by autograd."""
     if not hasattr(block, "geometry") or not hasattr(block, "feedback_weight"):
         raise TypeError(
             f"ldrl_loss: layer must be a dtp_ext.Linear or dtp_ext.Conv2d, got {type(block).__name__}"
         )
-    weight = block.weight
-    if weight.dim() == 2:
-        x = x.reshape(-1, weight.shape[1])
-        noise_x = noise_x.reshape(x.shape)
-        noise_y = noise_y.reshape(x.shape[0], weight.shape[0])
-    elif x.dim() == 3:
-        x, noise_x, noise_y = x.unsqueeze(0), noise_x.unsqueeze(0), noise_y.unsqueeze(0)
+    x, noise_x, noise_y = _ldrl_inputs(block, x, noise_x, noise_y)
     return ops.ldrl_loss(
-        x, weight, block.bias, block.feedback_weight, noise_x, noise_y, block.geometry()
+        x, block.weight, block.bias, block.feedback_weight, noise_x, noise_y, block.geometry()
     )

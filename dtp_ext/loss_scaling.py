@@ -6,17 +6,18 @@ micro-batches) changes the direction of hidden updates, not only their size. Ins
 `with dtp_ext.loss_scale(k):` the blocks divide k out of the step and return k times the
 unscaled gradients, exactly as backprop would.
 
-The scale is process-wide, not thread-local, because autograd runs a CUDA backward on its own
-device threads; a backward started inside the `with` block sees it on any thread. It is the
-product of every `loss_scale` block active in the process: nested blocks multiply, and blocks
-that threads enter and leave in any order leave exactly the product of those still active (1.0
-once all have left; never a stale value restored out of order).
+Like torch.autocast, the scale belongs to the thread that enters the block: a CPU backward
+runs on the thread that calls it and reads that thread's scale (nested blocks multiply), so
+threads scaling different losses at the same time each get their own, in any order of entry and
+exit (a torch.compile'd backward reads it at run time too, through an op). Autograd runs a CUDA
+backward on its own device threads, which Python did not start: they see the scale of the
+threads inside a `loss_scale` block, which must then agree: two threads holding different scales
+while such a backward runs is refused, never guessed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -25,11 +26,11 @@ from numbers import Real
 import torch
 
 _lock = threading.Lock()
-_active: dict[int, float] = {}  # every active loss_scale block's factor, by entry
-_entries = itertools.count()
-_scale = 1.0
-# The same value as a tensor: a torch.compile'd backward reads this one at run time.
-_scale_tensor = torch.ones((), dtype=torch.float64)
+_local = threading.local()  # .factors: this thread's active loss_scale factors, innermost last
+_by_thread: dict[int, float] = {}  # product of each thread's active factors (threads with any)
+# What threads Python did not start read: the one product all threads agree on (NaN: they
+# disagree).
+_shared = 1.0
 
 
 def _as_scale(k) -> float:
@@ -43,16 +44,23 @@ def _as_scale(k) -> float:
     return float(k)
 
 
-def _update(enter: tuple[int, float] | None = None, leave: int | None = None):
-    """Add or remove one active factor and set the scale to the product of those active."""
-    global _scale
+def _factors() -> list[float]:
+    factors = getattr(_local, "factors", None)
+    if factors is None:
+        factors = _local.factors = []
+    return factors
+
+
+def _publish(factors: list[float]):
+    """Record this thread's product for threads Python did not start, and update theirs."""
+    global _shared
     with _lock:
-        if enter is not None:
-            _active[enter[0]] = enter[1]
-        if leave is not None:
-            _active.pop(leave, None)
-        _scale = math.prod(_active.values())
-        _scale_tensor.fill_(_scale)
+        if factors:
+            _by_thread[threading.get_ident()] = math.prod(factors)
+        else:
+            _by_thread.pop(threading.get_ident(), None)
+        values = set(_by_thread.values())
+        _shared = values.pop() if len(values) == 1 else (1.0 if not values else math.nan)
 
 
 @contextlib.contextmanager
@@ -66,19 +74,34 @@ def loss_scale(k) -> Iterator[None]:
     with dtp_ext.loss_scale(1 / n):                   # n accumulated micro-batches
         (loss / n).backward()
     """
-    entry = (next(_entries), _as_scale(k))
-    _update(enter=entry)
+    factor = _as_scale(k)
+    factors = _factors()
+    factors.append(factor)
+    _publish(factors)
     try:
         yield
     finally:
-        _update(leave=entry[0])
+        factors.pop()
+        _publish(factors)
+
+
+def _started_by_python() -> bool:
+    # Threads Python did not start (autograd's device threads) appear as dummy threads.
+    return not isinstance(threading.current_thread(), threading._DummyThread)
 
 
 def current_loss_scale() -> float:
-    """The product of the enclosing loss_scale factors (1.0 outside any)."""
-    return _scale
-
-
-def scale_tensor() -> torch.Tensor:
-    """current_loss_scale() as a 0-d float64 CPU tensor, updated in place."""
-    return _scale_tensor
+    """The product of this thread's enclosing loss_scale factors (1.0 outside any); on a thread
+    Python did not start (autograd's CUDA device threads), the scale the threads inside a
+    loss_scale block agree on."""
+    if _started_by_python():
+        return math.prod(_factors())
+    if math.isnan(_shared):
+        with _lock:
+            held = sorted(set(_by_thread.values()))
+        raise RuntimeError(
+            "dtp_ext.loss_scale: autograd runs this backward on its own device thread while "
+            f"threads hold different loss scales {held}, so whose loss it is cannot be told; "
+            "scale every concurrent backward alike, or run them one after another"
+        )
+    return _shared

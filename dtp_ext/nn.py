@@ -106,9 +106,8 @@ def _propagate_target(output, indices, delta, feedback_weight, step, input_shape
     """SPEC §3's target step beta*B*delta for a loss scaled by dtp_ext.loss_scale(k): the true
     step is beta*B*delta/k, and the returned delta_in is k times the unscaled one."""
     if torch.compiler.is_compiling():
-        # A compiled backward reads the scale from a tensor at run time (a Python float would
-        # be frozen into the graph when it is traced).
-        k = loss_scaling.scale_tensor()
+        # Read at run time through an op (a Python float would be frozen into the graph).
+        k = ops.current_loss_scale(delta)
         return (
             ops.propagate_target(
                 output, indices, delta / k, feedback_weight, step, input_shape, geometry
@@ -144,6 +143,72 @@ def forward_clock() -> int:
     return int(_FORWARD_CLOCK)
 
 
+def _draw_feedback(block, bias_bound: float, generator: torch.Generator | None):
+    """A block's feedback init: kaiming_uniform_(a=sqrt(5)) for the weight (torch.nn's default
+    layer init) and U(-bias_bound, bias_bound) for the bias, drawn from `generator` (None:
+    torch's global generator, in place, as torch.nn's layers draw theirs). A given generator's
+    values are drawn on its own device in the buffer's dtype and copied, so a CPU generator
+    serves a block on any device with the same distribution; a block on the meta device has no
+    values to draw."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{type(block).__name__}.reset_feedback_parameters: generator must be a "
+            f"torch.Generator or None, got {type(generator).__name__}"
+        )
+
+    def weight_init(t, gen):
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+
+    def bias_init(t, gen):
+        nn.init.uniform_(t, -bias_bound, bias_bound, generator=gen)
+
+    for tensor, init in ((block.feedback_weight, weight_init), (block.feedback_bias, bias_init)):
+        if generator is None:
+            init(tensor, None)
+        elif tensor.device.type != "meta":
+            drawn = torch.empty(tensor.shape, dtype=tensor.dtype, device=generator.device)
+            init(drawn, generator)
+            with torch.no_grad():
+                tensor.copy_(drawn)
+
+
+def _recomputing_in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass: a block forward then is activation
+    checkpointing's recomputation. (Compiled code never runs a block forward inside backward:
+    torch.compile handles checkpointing within its own graphs.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+# Plain Python run before and after the model's forward, never compiled (torch.compile would
+# guard on the lists' lengths and compile them again).
+@torch.compiler.disable
+def _start_pass(model, args):
+    for module in model.modules():
+        if isinstance(module, DTPBlock):
+            module._recorded_inputs.clear()
+            module._in_pass = True
+
+
+@torch.compiler.disable
+def _end_pass(model, args, output):
+    for module in model.modules():
+        if isinstance(module, DTPBlock):
+            module._in_pass = False
+
+
+def track_forward_passes(model: nn.Module) -> None:
+    """Make each call of `model` one forward pass for its DTP blocks: a block called several
+    times in it (weights shared across positions) records all those inputs, and its feedback
+    trains on them together. FeedbackTrainer does this for the model it is given; blocks called
+    outside a tracked forward keep the input of their latest call. Once per model (hooks on it,
+    module-level functions so the model still pickles)."""
+    if _start_pass not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_start_pass)
+        model.register_forward_hook(_end_pass, always_call=True)
+
+
 class DTPBlock:
     """Behaviour shared by dtp_ext.Linear and dtp_ext.Conv2d (a mixin over the nn module)."""
 
@@ -163,7 +228,11 @@ class DTPBlock:
         # so the model's state_dict keys stay torch.nn's plus the two feedback buffers.
         self.register_buffer("feedback_weight_average", None, persistent=False)
         self.reset_feedback_parameters()
-        self._recorded_input: torch.Tensor | None = None
+        # Inputs of this block's calls in the latest training forward pass (several when the
+        # model calls it more than once: see track_forward_passes), and whether that pass is
+        # still running.
+        self._recorded_inputs: list[torch.Tensor] = []
+        self._in_pass = False
         # Data flow of the latest training-mode forward: whether the input required grad (it
         # then needs a target, so FeedbackTrainer trains this block; None: not seen with
         # autograd on) and when the block ran (FeedbackTrainer orders blocks by it).
@@ -206,11 +275,7 @@ class DTPBlock:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         if self.training:
-            # What FeedbackTrainer.step() trains on: the input of the latest training forward.
-            self._recorded_input = x.detach()
-            self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
-            if torch.is_grad_enabled():
-                self._input_needs_target = x.requires_grad
+            self._record(x)
         if torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         ):
@@ -224,10 +289,48 @@ class DTPBlock:
         average = self.feedback_weight_average
         return self.feedback_weight if average is None else average
 
+    def _record(self, x):
+        """Keep what FeedbackTrainer.step() trains on: the input of the latest training forward
+        pass, and when and with what data flow the block ran in it."""
+        if _recomputing_in_backward():
+            # Activation checkpointing re-runs the block inside backward() on the input of the
+            # forward pass it replays: not a new forward pass, so no new input or stamp. Its
+            # reentrant variant ran that pass without autograd; the replay, with autograd on,
+            # tells whether the input needs a target.
+            if torch.is_grad_enabled():
+                self._input_needs_target = x.requires_grad
+            return
+        if not (self._in_pass and self._recorded_inputs):
+            # The first call of a pass: a further call of the same tracked model forward keeps
+            # this stamp (forward order is first use) and adds its input to this one's.
+            self._recorded_inputs.clear()
+            self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
+            if torch.is_grad_enabled():
+                self._input_needs_target = x.requires_grad
+        elif torch.is_grad_enabled():
+            self._input_needs_target = bool(self._input_needs_target) or x.requires_grad
+        self._recorded_inputs.append(x.detach())
+
     @property
     def recorded_input(self) -> torch.Tensor | None:
-        """Input of the latest training-mode forward pass (None before the first one)."""
-        return self._recorded_input
+        """Input of the latest training-mode forward pass (None before the first one). A block
+        the model called several times in one forward pass (weights shared across positions)
+        has all those inputs, concatenated along the batch, when a FeedbackTrainer tracks the
+        model's forward passes (track_forward_passes)."""
+        inputs = self._recorded_inputs
+        if not inputs:
+            return None
+        if len(inputs) > 1:
+            shapes = sorted({tuple(t.shape[1:]) for t in inputs})
+            if len(shapes) > 1:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the model called this block {len(inputs)} times in "
+                    f"one forward pass, on inputs of per-sample shapes {shapes}; its feedback "
+                    "trains on all of them concatenated along the batch, which needs one shape. "
+                    "Leave it out of FeedbackTrainer(blocks=...), or give each use its own block"
+                )
+            inputs[:] = [torch.cat(inputs)]
+        return inputs[0]
 
     @property
     def input_needs_target(self) -> bool | None:
@@ -243,7 +346,7 @@ class DTPBlock:
         return None if self._forward_stamp is None else int(self._forward_stamp)
 
     def clear_recorded_input(self):
-        self._recorded_input = None
+        self._recorded_inputs.clear()
 
     def extra_repr(self):
         extra = f", activation={self.activation!r}" if self.activation else ""
@@ -275,11 +378,12 @@ class Linear(DTPBlock, nn.Linear):
             {"device": device, "dtype": dtype},
         )
 
-    def reset_feedback_parameters(self):
-        # PyTorch's default init of nn.Linear(out_features, in_features), drawn independently.
-        nn.init.kaiming_uniform_(self.feedback_weight, a=math.sqrt(5))
+    def reset_feedback_parameters(self, generator: torch.Generator | None = None):
+        """Draw feedback_weight and feedback_bias afresh, with PyTorch's default init of
+        nn.Linear(out_features, in_features), independently of the forward weights.
+        `generator`: where the draws come from (None: torch's global generator)."""
         bound = 1 / math.sqrt(self.out_features) if self.out_features > 0 else 0
-        nn.init.uniform_(self.feedback_bias, -bound, bound)
+        _draw_feedback(self, bound, generator)
 
     def functional_kwargs(self):
         return {"activation": self.activation}
@@ -366,12 +470,13 @@ class Conv2d(DTPBlock, nn.Conv2d):
             {"device": device, "dtype": dtype},
         )
 
-    def reset_feedback_parameters(self):
-        # PyTorch's default init of the matching nn.ConvTranspose2d, drawn independently.
-        nn.init.kaiming_uniform_(self.feedback_weight, a=math.sqrt(5))
+    def reset_feedback_parameters(self, generator: torch.Generator | None = None):
+        """Draw feedback_weight and feedback_bias afresh, with PyTorch's default init of the
+        matching nn.ConvTranspose2d, independently of the forward weights. `generator`: where
+        the draws come from (None: torch's global generator)."""
         fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.feedback_weight)
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        nn.init.uniform_(self.feedback_bias, -bound, bound)
+        _draw_feedback(self, bound, generator)
 
     def functional_kwargs(self):
         return {

@@ -3,15 +3,21 @@
 This is the only module that touches torch.library. Each op's algorithm is written once in C++
 (csrc/ops/block_ops.cpp) and registered for the CPU and, in CUDA builds, for CUDA; its fused
 elementwise passes are private ops (torch.ops.dtp_ext._*) with one kernel per device
-(csrc/cpu/, csrc/cuda/); the dispatcher picks the kernels from the tensors' device. There is no Python fallback: if the compiled library
-is missing, importing dtp_ext fails.
+(csrc/cpu/, csrc/cuda/); the dispatcher picks the kernels from the tensors' device. There is
+no Python fallback: if the compiled library is missing, importing dtp_ext fails.
+
+Each op's arguments are written once, in its schema (csrc/dtp_ext.cpp): a wrapper below names
+its parameters (with a BlockGeometry for the geometry arguments) and passes them on by the
+schema's names (_call); the fake kernels read them by name too (_signatures.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +33,20 @@ except ImportError as exc:  # a source tree without its build, or a build for an
         "_C in place), or `python setup.py build_ext --inplace`. If dtp_ext is installed "
         "elsewhere, a source tree in the current folder shadows it: run from another folder."
     ) from exc
-from . import fake_kernels
+from . import _signatures, fake_kernels, loss_scaling
+
+
+class NonFiniteInputError(ValueError):
+    """A fused op refused a NaN/Inf input. The op raises it itself, however it was called (a
+    wrapper here, torch.ops.dtp_ext, a torch.compile'd graph, a DTP block's backward), naming
+    the op and the argument ("dtp_ext.<op>: <argument> contains non-finite values ..."), before
+    it writes anything; `check_non_finite` raises it for a deferred check ("dtp_ext.<op>: an
+    input contained non-finite values ... (a deferred check)"). A ValueError: `except
+    ValueError` catches it too."""
+
+
+# The compiled library raises its refusals of non-finite inputs as this type.
+_C._set_non_finite_input_error(NonFiniteInputError)
 
 _ops = torch.ops.dtp_ext
 
@@ -42,7 +61,7 @@ OP_NAMES = (
 PRIVATE_OP_NAMES = (
     "_phi_unpool_difference",
     "_noisy_difference",
-    "_sgd_ldrl_update",
+    "_sgd_momentum_update",
     "_activation_pool_backward",
 )
 
@@ -59,6 +78,7 @@ class BlockGeometry:
     pool: int = 0
 
     def args(self):
+        """The ops' geometry arguments, in their order (_signatures.GEOMETRY)."""
         return (
             list(self.stride),
             list(self.padding),
@@ -69,9 +89,42 @@ class BlockGeometry:
         )
 
 
-def ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, geometry: BlockGeometry):
-    """(loss, grad_feedback_weight, grad_feedback_bias) of SPEC §2.1 with explicit noise."""
-    return _ops.ldrl_loss(x, weight, bias, feedback_weight, noise_x, noise_y, *geometry.args())
+# How each public op's arguments are passed: (name, conversion) in the schema's order; ints,
+# floats and int lists are converted as the schema types them.
+_CONVERSIONS = {"int": int, "float": float, "List[int]": list}
+_ARGUMENTS = {
+    op: tuple((name, _CONVERSIONS.get(kind)) for name, kind in _signatures.arguments(op))
+    for op in OP_NAMES
+}
+_OPS = {op: getattr(_ops, op) for op in OP_NAMES}
+
+
+def _call(op: str, arguments: dict):
+    """torch.ops.dtp_ext.<op> on a wrapper's arguments (its locals()), passed by the schema's
+    names: `geometry` (a BlockGeometry) gives the geometry arguments."""
+    geometry = dict(zip(_signatures.GEOMETRY, arguments["geometry"].args()))
+    values = []
+    for name, convert in _ARGUMENTS[op]:
+        value = geometry[name] if name in geometry else arguments[name]
+        values.append(value if convert is None or value is None else convert(value))
+    return _OPS[op](*values)
+
+
+class LdrlLoss(NamedTuple):
+    """What every `ldrl_loss` returns (ops, functional, reference.ldrl_loss_and_grads): the
+    op's outputs, by their schema names."""
+
+    loss: torch.Tensor
+    grad_feedback_weight: torch.Tensor
+    grad_feedback_bias: torch.Tensor
+
+
+def ldrl_loss(
+    x, weight, bias, feedback_weight, noise_x, noise_y, geometry: BlockGeometry
+) -> LdrlLoss:
+    """LdrlLoss(loss, grad_feedback_weight, grad_feedback_bias) of SPEC §2.1 with explicit
+    noise, on a block's tensors (functional.ldrl_loss takes the block)."""
+    return LdrlLoss(*_call("ldrl_loss", locals()))
 
 
 def ldrl_feedback_loop(
@@ -93,24 +146,7 @@ def ldrl_feedback_loop(
     noise_y=None,
 ):
     """Runs the K-iteration L-DRL loop in place on the feedback weights; returns the losses."""
-    return _ops.ldrl_feedback_loop(
-        x,
-        weight,
-        bias,
-        feedback_weight,
-        feedback_bias,
-        momentum_weight,
-        momentum_bias,
-        int(iterations),
-        float(noise_std),
-        float(lr),
-        float(momentum),
-        float(weight_decay),
-        int(chunk_iterations),
-        noise_x,
-        noise_y,
-        *geometry.args(),
-    )
+    return _call("ldrl_feedback_loop", locals())
 
 
 def reconstruction_feedback_loop(
@@ -131,23 +167,7 @@ def reconstruction_feedback_loop(
     noise_x=None,
 ):
     """Vanilla DTP's feedback training (reconstruction loss), in place; returns the losses."""
-    return _ops.reconstruction_feedback_loop(
-        x,
-        weight,
-        bias,
-        feedback_weight,
-        feedback_bias,
-        momentum_weight,
-        momentum_bias,
-        int(iterations),
-        float(noise_std),
-        float(lr),
-        float(momentum),
-        float(weight_decay),
-        int(chunk_iterations),
-        noise_x,
-        *geometry.args(),
-    )
+    return _call("reconstruction_feedback_loop", locals())
 
 
 def propagate_target(
@@ -160,21 +180,19 @@ def propagate_target(
     geometry: BlockGeometry,
 ):
     """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (SPEC §3, scale = beta * B)."""
-    return _ops.propagate_target(
-        output, indices, delta, feedback_weight, float(scale), list(input_sizes), *geometry.args()
-    )
+    return _call("propagate_target", locals())
 
 
 def block_weight_grad(x, output, indices, delta, weight, geometry: BlockGeometry):
     """(grad_weight, grad_bias): the local vector-Jacobian product of delta through the block."""
-    return _ops.block_weight_grad(x, output, indices, delta, weight, *geometry.args())
+    return _call("block_weight_grad", locals())
 
 
 def set_finite_checks(enabled: bool) -> bool:
-    """Every fused op checks its inputs for NaN/Inf (on by default): on the CPU it raises a
-    ValueError naming the argument before writing anything; on CUDA the check is deferred (see
-    `deferred_finite_checks`), so it never synchronises the host. The check costs one reduction
-    per input. Process-wide; returns the previous setting."""
+    """Every fused op checks its inputs for NaN/Inf (on by default): on the CPU it raises
+    NonFiniteInputError (a ValueError) naming the argument before writing anything; on CUDA the
+    check is deferred (see `deferred_finite_checks`), so it never synchronises the host. The
+    check costs one reduction per input. Process-wide; returns the previous setting."""
     return _C.set_finite_checks(bool(enabled))
 
 
@@ -224,13 +242,13 @@ def clear_non_finite(device):
 
 
 def check_non_finite(device) -> None:
-    """Reads the device's deferred flag (one synchronisation), clears it, and raises ValueError
-    naming the op if one saw a non-finite input."""
+    """Reads the device's deferred flag (one synchronisation), clears it, and raises
+    NonFiniteInputError (a ValueError) naming the op if one saw a non-finite input."""
     flag = pending_non_finite(device)
     code = 0 if flag is None else int(flag)
     clear_non_finite(device)
     if code:
-        raise ValueError(
+        raise NonFiniteInputError(
             f"{non_finite_op(code)}: an input contained non-finite values (NaN or Inf) "
             "(a deferred check); every input of a fused op must be finite"
         )
@@ -251,10 +269,15 @@ def finite_checks(enabled: bool) -> Iterator[None]:
 
 
 def is_non_finite_input_error(exc: BaseException) -> bool:
-    """Whether `exc` is a fused op refusing a NaN/Inf input (immediate or deferred check)."""
-    return isinstance(exc, ValueError) and (
-        "contains non-finite values" in str(exc) or "contained non-finite values" in str(exc)
+    """Deprecated: `isinstance(exc, dtp_ext.NonFiniteInputError)`, which every refusal of a
+    non-finite input (immediate or deferred check) is."""
+    warnings.warn(
+        "dtp_ext.ops.is_non_finite_input_error is deprecated: use "
+        "isinstance(exc, dtp_ext.NonFiniteInputError)",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    return isinstance(exc, NonFiniteInputError)
 
 
 def cpu_vector_kernels_enabled() -> bool:
@@ -293,4 +316,18 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 # Fake (meta) kernels: sizes, strides and the data-free argument checks (fake_kernels.py).
 for _name in OP_NAMES + PRIVATE_OP_NAMES:
-    torch.library.register_fake(f"dtp_ext::{_name}")(getattr(fake_kernels, _name))
+    torch.library.register_fake(f"dtp_ext::{_name}")(fake_kernels.KERNELS[_name])
+
+
+@torch.library.custom_op("dtp_ext::current_loss_scale", mutates_args=())
+def current_loss_scale(like: torch.Tensor) -> torch.Tensor:
+    """dtp_ext.current_loss_scale() of the thread that runs it, as a 0-d float64 CPU tensor
+    (`like` only gives the op a tensor to dispatch on). An op, so a torch.compile'd backward
+    reads the scale when it runs, on its own thread, where a Python float would be frozen into
+    the graph when traced."""
+    return torch.tensor(loss_scaling.current_loss_scale(), dtype=torch.float64)
+
+
+@current_loss_scale.register_fake
+def _(like):
+    return torch.empty((), dtype=torch.float64, device="cpu")

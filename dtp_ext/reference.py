@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import functional, ops
 from .nn import DTPBlock, Linear
 
 __all__ = [
@@ -79,8 +79,12 @@ def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=Non
 
 
 def ldrl_loss(block, x, noise_x, noise_y, V=None, c=None):
-    """SPEC §2.1 as the paper computes it; differentiable with respect to V and c."""
-    x = block_input(block, x).detach()
+    """SPEC §2.1 as the paper computes it, on the inputs functional.ldrl_loss takes (x in any
+    shape the block accepts, noise_x shaped like x, noise_y like the block's output); the loss
+    alone, differentiable with respect to V and c (the block's feedback weight and bias unless
+    given)."""
+    x, noise_x, noise_y = functional._ldrl_inputs(block, x, noise_x, noise_y)
+    x = x.detach()
     with torch.no_grad():
         y, indices, pre_shape = forward_block(block, x)  # clean pass, again, for its indices
         y_noisy, indices_noisy, _ = forward_block(block, x + noise_x)
@@ -94,13 +98,14 @@ def ldrl_loss(block, x, noise_x, noise_y, V=None, c=None):
     return noise_term + reconstruction
 
 
-def ldrl_loss_and_grads(block, x, noise_x, noise_y):
-    """(loss, dloss/dV, dloss/dc) by autograd, for comparison with dtp_ext.functional."""
+def ldrl_loss_and_grads(block, x, noise_x, noise_y) -> ops.LdrlLoss:
+    """LdrlLoss(loss, dloss/dV, dloss/dc) by autograd: functional.ldrl_loss's arguments and
+    result, for comparison with it."""
     V = block.feedback_weight.detach().clone().requires_grad_(True)
     c = block.feedback_bias.detach().clone().requires_grad_(True)
     loss = ldrl_loss(block, x, noise_x, noise_y, V, c)
     grad_v, grad_c = torch.autograd.grad(loss, (V, c))
-    return loss.detach(), grad_v, grad_c
+    return ops.LdrlLoss(loss.detach(), grad_v, grad_c)
 
 
 def reconstruction_loss(block, x, eps, V=None, c=None):

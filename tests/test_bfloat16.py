@@ -1,4 +1,4 @@
-"""Mixed precision (issue 10): every fused op in bfloat16 against the float64 autograd
+"""Mixed precision: every fused op in bfloat16 against the float64 autograd
 reference, evaluated on the same bfloat16-rounded inputs and noise, on the 12 block shapes.
 
 Tolerances. bfloat16 keeps 8 significant bits: rounding to nearest has a unit roundoff of

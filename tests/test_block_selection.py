@@ -198,3 +198,153 @@ def test_a_branch_not_taken_is_not_trained_on_its_older_input():
     assert "left: it did not run in the latest training forward pass" in trainer.explain()
     model(x, "left")
     assert set(trainer.step().losses) == {"left", "head"}
+
+
+class Checkpointed(nn.Module):
+    """Blocks a, b, c, d; b runs under activation checkpointing."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.a = dtp_ext.Linear(4, 8, activation="elu")
+        self.b = dtp_ext.Linear(8, 8, activation="elu")
+        self.c = dtp_ext.Linear(8, 8, activation="elu")
+        self.d = dtp_ext.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = torch.utils.checkpoint.checkpoint(self.b, x, use_reentrant=self.use_reentrant)
+        return self.d(self.c(x))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recomputation_is_not_a_forward(use_reentrant):
+    """The recomputation inside backward() neither re-stamps the block (forward order stays
+    b, c, d: per-block lists bind to the right blocks) nor records a new input; reentrant
+    checkpointing's first pass runs without autograd, and its replay tells that b's input needs
+    a target, so b is trained from the first step."""
+    torch.manual_seed(0)
+    model = Checkpointed(use_reentrant)
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=[1, 2, 3], noise_std=0.1, lr=0.01)
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    stamps = {n: b.forward_stamp for n, b in model.named_children()}
+    assert stamps["a"] < stamps["b"] < stamps["c"] < stamps["d"]
+    report = trainer.step()
+    assert list(report.losses) == ["b", "c", "d"]
+    assert {n: len(report.losses[n]) for n in "bcd"} == {"b": 1, "c": 2, "d": 3}
+    assert model.b.recorded_input.shape == (5, 8)
+
+
+def test_count_error_names_the_blocks_left_out_and_why():
+    """A block whose only forward ran without autograd (torch.no_grad, or reentrant
+    checkpointing before its replay) is not trained; the list-length error says which and why."""
+    model = Checkpointed(use_reentrant=True)
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=[1, 2, 3], noise_std=0.1, lr=0.01)
+    model(torch.randn(5, 4))  # forward only: b's replay in backward() has not run
+    with pytest.raises(
+        ValueError,
+        match=r"2 DTP blocks are trained.*not trained: a: .*b: its "
+        r"training forward passes ran without autograd.*reentrant",
+    ):
+        trainer.step()
+
+
+class SharedBlock(nn.Module):
+    """Block b is applied twice in one forward (weights shared across depth)."""
+
+    def __init__(self, second_width=8):
+        super().__init__()
+        self.a = dtp_ext.Linear(4, 8, activation="elu")
+        self.b = dtp_ext.Linear(8, 8, activation="elu")
+        self.d = dtp_ext.Linear(8, 3)
+
+    def forward(self, x):
+        return self.d(self.b(self.b(self.a(x))))
+
+
+def test_block_called_twice_trains_on_both_inputs():
+    """A block called twice in one forward of the trainer's model trains on both inputs,
+    concatenated along the batch; its forward order is its first use; the next forward pass
+    starts afresh (gradient accumulation trains on the latest micro-batch)."""
+    torch.manual_seed(0)
+    model = SharedBlock()
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=[2, 3], noise_std=0.1, lr=0.01)
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    first = model.a(x).detach()
+    expected = torch.cat([first, model.b(first).detach()])
+    model(x).sum().backward()  # the pass the step trains on (the extra calls above are not)
+    assert torch.equal(model.b.recorded_input, expected)
+    assert model.a.forward_stamp < model.b.forward_stamp < model.d.forward_stamp
+    report = trainer.step()
+    assert {n: len(l) for n, l in report.losses.items()} == {"b": 2, "d": 3}
+
+    model(x[:2]).sum().backward()  # a new forward pass: only its inputs
+    assert model.b.recorded_input.shape == (4, 8)
+
+
+def test_block_called_twice_matches_one_call_on_the_concatenation():
+    """Feedback trained from a doubly-called block equals feedback trained from one call on
+    the concatenated batch, with the same noise."""
+    torch.manual_seed(0)
+    shared = SharedBlock()
+    single = dtp_ext.Linear(8, 8, activation="elu")
+    single.load_state_dict(shared.b.state_dict())
+    x = torch.randn(5, 4)
+    shared(x).sum().backward()
+    inputs = shared.b.recorded_input.clone()
+    single.train()
+    single(inputs.requires_grad_())
+    settings = dict(iterations=3, noise_std=0.1, lr=0.01)
+    torch.manual_seed(1)
+    dtp_ext.FeedbackTrainer(shared, blocks=[shared.b], **settings).step()
+    torch.manual_seed(1)
+    dtp_ext.FeedbackTrainer(single, **settings).step()
+    torch.testing.assert_close(shared.b.feedback_weight, single.feedback_weight)
+
+
+def test_block_called_on_different_shapes_in_one_forward_is_refused():
+    class TwoScales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = dtp_ext.Conv2d(1, 4, 3, padding=1)
+            self.conv = dtp_ext.Conv2d(4, 4, 3, padding=1, activation="elu")
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.conv(x).mean() + self.conv(x[..., ::2, ::2]).mean()
+
+    model = TwoScales()
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=0.01)
+    model(torch.randn(2, 1, 8, 8)).backward()
+    with pytest.raises(
+        RuntimeError,
+        match=r"called this block 2 times in one forward pass.*"
+        r"\(4, 4, 4\), \(4, 8, 8\).*needs one shape",
+    ):
+        trainer.step()
+
+
+def test_calls_outside_the_models_forward_keep_the_latest_input():
+    model = SharedBlock()
+    dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=0.01)
+    model(torch.randn(5, 4))
+    y = torch.randn(3, 8)
+    model.b(y)
+    model.b(2 * y)
+    assert torch.equal(model.b.recorded_input, 2 * y)
+
+
+def test_a_model_with_tracked_passes_still_pickles_and_copies():
+    import copy
+    import pickle
+
+    model = SharedBlock()
+    dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=0.1, lr=0.01)
+    clone = pickle.loads(pickle.dumps(model))
+    clone(torch.randn(5, 4))
+    assert clone.b.recorded_input.shape == (10, 8)
+    copied = copy.deepcopy(model)
+    copied(torch.randn(2, 4))
+    assert copied.b.recorded_input.shape == (4, 8) and model.b.recorded_input is None

@@ -1,8 +1,10 @@
-"""Issue 11, point 12: what a newcomer meets first. `dtp-ext --version`, `dtp-ext presets`
-(one line each), data errors that say where the official files come from, the README's
-conversion example runs as written, `dtp-ext figure` writes under runs/ (ignored by git, as is
-a stray ./figures), and the README says how to see which kernels a build has."""
+"""What a newcomer meets first. `dtp-ext --version`, `dtp-ext presets` (one line each), data
+errors that say where the official files come from, `dtp-ext figure` writes under runs/
+(ignored by git, as is a stray ./figures), and the README says how long the install's build
+takes, how to skip the CUDA kernels, how to take a quick look and how to see which kernels a
+build has. (The README's examples run in tests/test_docs_examples.py.)"""
 
+import argparse
 import re
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ import torch
 
 import dtp_ext
 from dtp_ext.cli import main
+from dtp_ext.cli import train as train_command
 from dtp_ext.train import PRESETS
 from dtp_ext.train.datasets import DatasetNotFound, load_split
 
@@ -64,26 +67,24 @@ def test_data_errors_say_where_the_official_files_are(tmp_path, dataset, source)
             load_split(dataset, None, "train")
 
 
-def _python_blocks(text):
-    return re.findall(r"```python\n(.*?)```", text, re.S)
-
-
 @pytest.mark.skipif(not README.exists(), reason="needs the source tree's README")
-def test_readme_conversion_example_runs(capsys):
-    """The block after the README's `<!-- example: conversion -->` marker, as written: a user's
-    network converted, FeedbackTrainer(model) with the defaults, the user's loop."""
+def test_readme_says_what_the_first_command_does():
+    """The install-and-run command as typed, then: the build's minutes of silence, how to skip
+    the CUDA kernels, and a quick look whose options the train command takes."""
     found = re.search(
-        r"<!-- example: conversion -->\n```python\n(.*?)```", README.read_text(), re.S
+        r"## Two commands\n.*?```bash\n(.*?)\n```\n\n(.*?)\n\n", README.read_text(), re.S
     )
-    assert found, "README.md lost its conversion example marker"
-    namespace = {"__name__": "readme_example"}
-    exec(compile(found.group(1), "README.md (conversion example)", "exec"), namespace)
-    out = capsys.readouterr().out
-    assert isinstance(namespace["report"], dtp_ext.ConversionReport)
-    assert sum(isinstance(m, dtp_ext.DTPBlock) for m in namespace["model"].modules()) == 4
-    assert "FeedbackTrainer: 3 of 4 DTP blocks trained" in out and "planned:" in out
-    assert set(namespace["trainer"].plans) == {"conv2", "fc1", "fc2"}
-    assert all(p.grad is not None for p in namespace["model"].parameters())
+    assert found, "README.md lost its first command"
+    command, after = found.group(1), " ".join(found.group(2).split())
+    assert command.endswith("&& pip install --no-build-isolation -e . && dtp-ext train")
+    assert "several minutes" in after and "nothing on screen" in after
+    assert "DTP_EXT_CUDA=0 pip install --no-build-isolation -e ." in after
+    quick = re.search(r"`dtp-ext (train --max-steps \d+)`", after)
+    assert quick, after
+    parser = argparse.ArgumentParser(prog="dtp-ext")
+    train_command.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(quick.group(1).split())
+    assert args.command == "train" and args.max_steps == int(quick.group(1).split()[-1])
 
 
 @pytest.mark.skipif(not README.exists(), reason="needs the source tree's README")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import dtp_ext
 from conftest import BLOCKS, make_block, output_shape
 from dtp_ext import functional, ops, reference
+from op_args import block_op_args, private_op_args
 
 HAS_GPU = torch.cuda.is_available()
 HAS_CUDA_KERNELS = ops.has_kernel("ldrl_feedback_loop", "CUDA")
@@ -194,19 +195,20 @@ def test_cuda_simplevgg_training_step_agrees_with_cpu():
 def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
     from test_finite_checks import op_calls
 
-    for op, args, call in op_calls("cuda"):
-        call({n: t.clone() for n, t in args.items()})  # valid inputs pass
-        for name in args:
-            bad = {n: t.clone() for n, t in args.items()}
+    for args in op_calls("cuda"):
+        op = args.op
+        args.clone().call()  # valid inputs pass
+        for name in args.floating_tensors():
+            bad = args.clone()
             bad[name].view(-1)[0] = float("nan")
             with pytest.raises(
                 ValueError, match=f"dtp_ext.{op}: {name} contains non-finite values"
             ):
-                call(bad)
+                bad.call()
             if name not in ("x", "delta"):  # a CPU tensor among CUDA ones is named too
-                mixed = dict(args, **{name: args[name].cpu()})
+                mixed = args.clone().replace(**{name: args[name].cpu()})
                 with pytest.raises(RuntimeError, match=f"dtp_ext.{op}: {name} must be on cuda"):
-                    call(mixed)
+                    mixed.call()
 
 
 @needs_cuda
@@ -215,10 +217,8 @@ def test_cuda_ops_reject_non_finite_inputs_and_cpu_tensors():
 )
 @pytest.mark.parametrize("op", ops.OP_NAMES)
 def test_cuda_opcheck_every_op(name, op):
-    from test_fake_kernels import op_args
-
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in op_args(name, k=2)[op]]
-    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args))
+    args = block_op_args(name, k=2)[op].map(torch.Tensor.cuda)
+    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, args.positional())
 
 
 @needs_cuda
@@ -227,21 +227,17 @@ def test_cuda_opcheck_every_op(name, op):
 def test_cuda_private_elementwise_ops_opcheck_and_match_the_cpu(op, pool):
     """Each elementwise pass's CUDA kernel passes opcheck and computes what the CPU kernel does
     (the per-element maths is one header), the in-place SGD step included."""
-    from test_ops import private_op_args
-
     assert ops.has_kernel(op, "CUDA")
 
     def args(device):
-        return [
-            a.to(device) if isinstance(a, torch.Tensor) else a for a in private_op_args(pool)[op]
-        ]
+        return private_op_args(pool)[op].map(lambda t: t.to(device))
 
-    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(args("cuda")))
+    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, args("cuda").positional())
     cpu_args, cuda_args = args("cpu"), args("cuda")
-    cpu_out = getattr(torch.ops.dtp_ext, op)(*cpu_args)
-    cuda_out = getattr(torch.ops.dtp_ext, op)(*cuda_args)
-    if op == "_sgd_ldrl_update":  # in place: the weight and momentum buffer
-        cpu_out, cuda_out = cpu_args[:2], cuda_args[:2]
+    cpu_out = cpu_args.call()
+    cuda_out = cuda_args.call()
+    if op == "_sgd_momentum_update":  # in place: the weight and momentum buffer
+        cpu_out, cuda_out = ([a["weight"], a["momentum_buffer"]] for a in (cpu_args, cuda_args))
     for c, g in zip(
         cpu_out if isinstance(cpu_out, list) else [cpu_out],
         cuda_out if isinstance(cuda_out, list) else [cuda_out],

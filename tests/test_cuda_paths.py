@@ -1,4 +1,4 @@
-"""CUDA paths the float64 NCHW agreement tests do not reach (issue 14.7): float32, other
+"""CUDA paths the float64 NCHW agreement tests do not reach: float32, other
 layouts, generator noise, concurrent streams, refused maps, grid-stride loops. They skip
 without a GPU and run in benchmarks/gpu_check.sh."""
 

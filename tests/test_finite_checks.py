@@ -5,136 +5,72 @@ import pytest
 import torch
 
 import dtp_ext
-from dtp_ext import ops
-from test_ops import sample_args
+from dtp_ext import _signatures, ops
+from op_args import block_op_args
 
 
 def op_calls(device="cpu"):
-    """(op name, {argument name: tensor}, call(args) -> result) for each op, valid inputs."""
-    block, x, y_shape, s, idx, geo, w, b = sample_args("conv-elu-pool2")
-    x = dtp_ext.reference.block_input(block, x)
-    fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
-    nx, ny = torch.randn_like(x) * 0.1, torch.randn(y_shape, dtype=x.dtype) * 0.1
-    delta = torch.randn(y_shape, dtype=x.dtype)
-    x, w, b, fw, fb, nx, ny, delta, s, idx = (
-        t.to(device) for t in (x, w, b, fw, fb, nx, ny, delta, s, idx)
-    )
-    d = torch.ops.dtp_ext
-    k = 2
-    loop_args = dict(
-        x=x,
-        weight=w,
-        bias=b,
-        feedback_weight=fw,
-        feedback_bias=fb,
-        momentum_weight=torch.zeros_like(fw),
-        momentum_bias=torch.zeros_like(fb),
-        noise_x=torch.stack([nx] * k),
-        noise_y=torch.stack([ny] * k),
-    )
+    """Valid arguments (OpArgs) of every op on `device` (conv-elu-pool2, 2 iterations); the
+    finite checks cover each one's floating-point tensors (`floating_tensors()`)."""
     return [
-        (
-            "ldrl_loss",
-            dict(x=x, weight=w, bias=b, feedback_weight=fw, noise_x=nx, noise_y=ny),
-            lambda a: d.ldrl_loss(
-                a["x"],
-                a["weight"],
-                a["bias"],
-                a["feedback_weight"],
-                a["noise_x"],
-                a["noise_y"],
-                *geo,
-            ),
-        ),
-        (
-            "ldrl_feedback_loop",
-            loop_args,
-            lambda a: d.ldrl_feedback_loop(
-                a["x"],
-                a["weight"],
-                a["bias"],
-                a["feedback_weight"],
-                a["feedback_bias"],
-                a["momentum_weight"],
-                a["momentum_bias"],
-                k,
-                0.1,
-                0.01,
-                0.9,
-                0.0,
-                1,
-                a["noise_x"],
-                a["noise_y"],
-                *geo,
-            ),
-        ),
-        (
-            "reconstruction_feedback_loop",
-            {n: t for n, t in loop_args.items() if n != "noise_y"},
-            lambda a: d.reconstruction_feedback_loop(
-                a["x"],
-                a["weight"],
-                a["bias"],
-                a["feedback_weight"],
-                a["feedback_bias"],
-                a["momentum_weight"],
-                a["momentum_bias"],
-                k,
-                0.1,
-                0.01,
-                0.9,
-                0.0,
-                1,
-                a["noise_x"],
-                *geo,
-            ),
-        ),
-        (
-            "propagate_target",
-            dict(output=s, delta=delta, feedback_weight=fw),
-            lambda a: d.propagate_target(
-                a["output"], idx, a["delta"], a["feedback_weight"], 1.4, list(x.shape), *geo
-            ),
-        ),
-        (
-            "block_weight_grad",
-            dict(x=x, output=s, delta=delta, weight=w),
-            lambda a: d.block_weight_grad(a["x"], a["output"], idx, a["delta"], a["weight"], *geo),
-        ),
+        args.map(lambda t: t.to(device)) for args in block_op_args("conv-elu-pool2", k=2).values()
     ]
 
 
-CASES = [(op, arg) for op, args, _ in op_calls() for arg in args]
+CASES = [(args.op, name) for args in op_calls() for name in args.floating_tensors()]
+
+
+def op_call(op):
+    (args,) = [a for a in op_calls() if a.op == op]
+    return args
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("op,arg", CASES, ids=[f"{o}-{a}" for o, a in CASES])
 def test_non_finite_input_is_rejected_naming_the_argument(op, arg, bad):
-    ((_, args, call),) = [c for c in op_calls() if c[0] == op]
-    args = {n: t.clone() for n, t in args.items()}
+    args = op_call(op).clone()
     args[arg].view(-1)[args[arg].numel() // 2] = bad
-    before = {n: t.clone() for n, t in args.items()}
-    with pytest.raises(ValueError, match=f"dtp_ext.{op}: {arg} contains non-finite values"):
-        call(args)
-    for n, t in args.items():  # nothing written, in-place buffers included
-        assert torch.equal(t, before[n]) or (n == arg and t.isnan().any())
+    before = args.clone()
+    with pytest.raises(
+        dtp_ext.NonFiniteInputError, match=f"dtp_ext.{op}: {arg} contains non-finite values"
+    ) as refused:
+        args.call()
+    assert isinstance(refused.value, ValueError)
+    for n in args.floating_tensors():  # nothing written, in-place buffers included
+        assert torch.equal(args[n], before[n]) or (n == arg and args[n].isnan().any())
+
+
+def test_wrappers_and_the_dtp_backward_raise_the_same_type():
+    """The type comes from the compiled op, whichever way it is called."""
+    args = op_call("block_weight_grad")
+    geometry = ops.BlockGeometry(*(args[n] for n in _signatures.GEOMETRY))
+    delta = args["delta"].clone()
+    delta.view(-1)[0] = float("nan")
+    with pytest.raises(dtp_ext.NonFiniteInputError, match="block_weight_grad: delta"):
+        ops.block_weight_grad(
+            args["x"], args["output"], args["indices"], delta, args["weight"], geometry
+        )
+    layer = dtp_ext.Linear(4, 3, activation="elu").double()
+    out = layer(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(dtp_ext.NonFiniteInputError):
+        (out.sum() * float("nan")).backward()
 
 
 def test_checks_can_be_switched_off_and_are_restored():
-    ((_, args, call),) = [c for c in op_calls() if c[0] == "ldrl_loss"]
-    args = dict(args, x=args["x"].clone())
+    args = op_call("ldrl_loss")
+    args = args.replace(x=args["x"].clone())
     args["x"][0, 0, 0, 0] = float("nan")
     assert ops.finite_checks_enabled()
     with ops.finite_checks(False):
         assert not ops.finite_checks_enabled()
-        loss, _, _ = call(args)
+        loss, _, _ = args.call()
     assert loss.isnan()  # what unchecked maths does with it
     assert ops.finite_checks_enabled()
 
 
 def test_valid_inputs_pass_the_checks():
-    for _, args, call in op_calls():
-        results = call({n: t.clone() for n, t in args.items()})
+    for args in op_calls():
+        results = args.clone().call()
         results = results if isinstance(results, tuple) else (results,)
         assert all(torch.isfinite(r).all() for r in results)
 
@@ -204,7 +140,7 @@ def test_check_non_finite_reads_and_clears_the_flag():
     with ops.deferred_finite_checks("everywhere"):
         (model(torch.randn(2, 4, dtype=torch.float64)).sum() * float("inf")).backward()
         with pytest.raises(
-            ValueError,
+            dtp_ext.NonFiniteInputError,
             match=r"dtp_ext.(propagate_target|block_weight_grad): an input "
             r"contained non-finite values",
         ):

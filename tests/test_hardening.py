@@ -184,16 +184,16 @@ def test_a_long_loop_stops_on_ctrl_c():
     try:
         assert proc.stdout.readline().strip() == "started"
         time.sleep(1.0)
-        sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:  # a failure must not leave a 10**8-iteration loop running
             proc.kill()
             proc.communicate()
+    # Stopped by the signal: the loop's 10**8 iterations would run far past the 30 s wait
+    # (a bound on how fast, rather than whether, would fail on a loaded machine).
     assert proc.returncode == 3, err
     assert "interrupted after" in out
-    assert time.monotonic() - sent < 5  # 100 ms polling; the rest is process exit
 
 
 def test_an_interrupted_trainer_step_restores_every_block():

@@ -112,17 +112,82 @@ def test_accumulated_micro_batches_equal_one_batch(net):
     assert_close_all([p.grad for p in model.parameters()], expected[:-1])
 
 
-def test_backward_on_another_thread_sees_the_scale():
-    """Autograd runs a CUDA backward on its own device threads: the scale is process-wide."""
+def test_a_thread_has_its_own_scale():
+    """Like torch.autocast, the scale belongs to the thread that enters the block: a thread
+    started inside it runs an unscaled backward unless it enters its own."""
     model, expected = unscaled("linear")
-    model.zero_grad()
-    x, y = batch("linear")
-    loss = 8.0 * F.cross_entropy(model(x), y)
-    with dtp_ext.loss_scale(8.0):
-        worker = threading.Thread(target=loss.backward)
+    result = {}
+
+    def plain():
+        model.zero_grad()
+        x, y = batch("linear")
+        F.cross_entropy(model(x), y).backward()
+        result["plain"] = grads(model, x)
+
+    def scaled():
+        model.zero_grad()
+        x, y = batch("linear")
+        with dtp_ext.loss_scale(8.0):
+            (8.0 * F.cross_entropy(model(x), y)).backward()
+        result["scaled"] = [g / 8.0 for g in grads(model, x)]
+
+    with dtp_ext.loss_scale(4.0):
+        for target in (plain, scaled):
+            worker = threading.Thread(target=target)
+            worker.start()
+            worker.join()
+    assert_close_all(result["plain"], expected)
+    assert_close_all(result["scaled"], expected)
+
+
+def test_threads_python_did_not_start_read_the_scale_threads_agree_on(monkeypatch):
+    """Autograd's CUDA device threads (dummy threads to Python) see the scale of the threads
+    inside a loss_scale block; while those disagree, reading it is refused, never guessed."""
+    on_device_thread = {"yes": False}
+    real = threading.current_thread
+    monkeypatch.setattr(
+        threading,
+        "current_thread",
+        lambda: (
+            threading._DummyThread.__new__(threading._DummyThread)
+            if on_device_thread["yes"]
+            else real()
+        ),
+    )
+
+    def device_thread_reads():
+        on_device_thread["yes"] = True
+        try:
+            return dtp_ext.current_loss_scale()
+        finally:
+            on_device_thread["yes"] = False
+
+    assert device_thread_reads() == 1.0
+    entered, leave = threading.Event(), threading.Event()
+
+    def other(k):
+        with dtp_ext.loss_scale(k):
+            entered.set()
+            leave.wait()
+
+    with dtp_ext.loss_scale(2.0):
+        assert device_thread_reads() == 2.0
+        worker = threading.Thread(target=other, args=(2.0,))
         worker.start()
+        entered.wait(5)
+        assert device_thread_reads() == 2.0  # two threads, one scale
+        leave.set()
         worker.join()
-    assert_close_all([g / 8.0 for g in grads(model, x)], expected)
+        entered.clear(), leave.clear()
+        worker = threading.Thread(target=other, args=(3.0,))
+        worker.start()
+        entered.wait(5)
+        with pytest.raises(RuntimeError, match=r"different loss scales \[2.0, 3.0\]"):
+            device_thread_reads()
+        leave.set()
+        worker.join()
+        assert device_thread_reads() == 2.0
+    assert device_thread_reads() == 1.0
 
 
 def test_scales_nest_multiply_and_restore():
@@ -159,53 +224,49 @@ def test_bad_scale_is_refused(bad):
 )
 def test_scales_entered_and_left_by_two_threads_in_any_order(order):
     """Two threads' loss_scale blocks (A: 2, B: 3) entered and left in `order`: after every
-    event the scale is the product of the blocks still active, a backward on a third thread
-    sees it, and nothing is left behind (1.0 at the end)."""
+    event each thread reads its own scale, a backward on a third thread with its own scale
+    (5) gets that scale's exact gradients, and nothing is left behind (1.0 everywhere at the
+    end)."""
     factors = {"A": 2.0, "B": 3.0}
     events = {name: [threading.Event(), threading.Event()] for name in factors}
     done = threading.Event()
-    seen = []
+    read = {}
 
     def worker(name):
         enter, leave = events[name]
         enter.wait()
         with dtp_ext.loss_scale(factors[name]):
-            seen.append(("entered", name))
+            read[name] = dtp_ext.current_loss_scale()
             done.set()
             leave.wait()
-        seen.append(("left", name))
+        read[name] = dtp_ext.current_loss_scale()
         done.set()
 
     threads = {n: threading.Thread(target=worker, args=(n,)) for n in factors}
     for t in threads.values():
         t.start()
-    active = set()
     model, expected = unscaled("linear")
     for event in order:
         name, what = event[0], event[1]
         done.clear()
         events[name][0 if what == "+" else 1].set()
         assert done.wait(5)
-        active = active | {name} if what == "+" else active - {name}
-        product = 1.0
-        for n in ("A", "B"):
-            if n in active:
-                product *= factors[n]
-        assert dtp_ext.current_loss_scale() == product
-        # A backward on a third thread, of a loss scaled by the current product.
+        assert read[name] == (factors[name] if what == "+" else 1.0)
+        assert dtp_ext.current_loss_scale() == 1.0  # the main thread holds none
         result = {}
 
-        def third(k=product, result=result):
+        def third(result=result):
             model.zero_grad()
             x, y = batch("linear")
-            (k * F.cross_entropy(model(x), y)).backward()
+            with dtp_ext.loss_scale(5.0):
+                (5.0 * F.cross_entropy(model(x), y)).backward()
             result["grads"] = grads(model, x)
 
         t = threading.Thread(target=third)
         t.start()
         t.join()
-        assert_close_all([g / product for g in result["grads"]], expected)
+        assert_close_all([g / 5.0 for g in result["grads"]], expected)
     for t in threads.values():
         t.join()
     assert dtp_ext.current_loss_scale() == 1.0
-    assert float(dtp_ext.loss_scaling.scale_tensor()) == 1.0
+    assert dtp_ext.loss_scaling._shared == 1.0 and not dtp_ext.loss_scaling._by_thread

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 10) above the ops: FeedbackTrainer(compute_dtype=...) with float32
+"""Mixed precision above the ops: FeedbackTrainer(compute_dtype=...) with float32
 master feedback weights, and DTP blocks under torch.autocast."""
 
 import copy

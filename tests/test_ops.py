@@ -1,12 +1,15 @@
 """The registered ops: dispatcher registration, opcheck, and argument checks in C++."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dtp_ext
-from conftest import make_block, output_shape
-from dtp_ext import ops
+from conftest import make_block
+from dtp_ext import _signatures, ops
+from op_args import block_op_args, private_op_args
 
 
 def test_every_op_has_a_compiled_cpu_kernel_and_build_info_says_so():
@@ -18,111 +21,81 @@ def test_every_op_has_a_compiled_cpu_kernel_and_build_info_says_so():
     assert info["cuda_built"] == bool(info["cuda_kernels"])
 
 
-def sample_args(name="conv-elu-pool2", k=2):
-    block, x = make_block(name)
-    y_shape = output_shape(block, x)
-    s, idx, _ = dtp_ext.reference.forward_block(block, x)
-    s = s.detach()
-    geo = block.geometry().args()
-    w, b = block.weight.detach(), block.bias.detach()
-    return block, x, y_shape, s, idx, geo, w, b
-
-
 @pytest.mark.parametrize("name", ["conv-elu-pool2", "linear-tanh"])
-def test_opcheck_every_op(name):
-    block, x, y_shape, s, idx, geo, w, b = sample_args(name)
-    x = dtp_ext.reference.block_input(block, x)
-    fw, fb = block.feedback_weight.clone(), block.feedback_bias.clone()
-    nx, ny = torch.randn_like(x) * 0.1, torch.randn(y_shape, dtype=x.dtype) * 0.1
-    torch.library.opcheck(torch.ops.dtp_ext.ldrl_loss.default, (x, w, b, fw, nx, ny, *geo))
+@pytest.mark.parametrize("op", ops.OP_NAMES)
+def test_opcheck_every_op(name, op):
     torch.library.opcheck(
-        torch.ops.dtp_ext.ldrl_feedback_loop.default,
-        (
-            x,
-            w,
-            b,
-            fw,
-            fb,
-            torch.zeros_like(fw),
-            torch.zeros_like(fb),
-            3,
-            0.1,
-            0.01,
-            0.9,
-            0.0,
-            2,
-            torch.stack([nx] * 3),
-            torch.stack([ny] * 3),
-            *geo,
-        ),
+        getattr(torch.ops.dtp_ext, op).default, block_op_args(name)[op].positional()
     )
-    delta = torch.randn(y_shape, dtype=x.dtype)
-    torch.library.opcheck(
-        torch.ops.dtp_ext.propagate_target.default, (s, idx, delta, fw, 1.4, list(x.shape), *geo)
+
+
+def test_each_wrapper_passes_its_ops_arguments_by_name():
+    """ops.<op>(..., geometry, ...) takes the schema's arguments, the geometry as one
+    BlockGeometry, and gives the op what a direct call with the same values gives."""
+    for op in ops.OP_NAMES:
+        params = list(inspect.signature(getattr(ops, op)).parameters)
+        schema = [n for n in _signatures.names(op) if n not in _signatures.GEOMETRY]
+        assert sorted(params) == sorted([*schema, "geometry"]), op
+    args = block_op_args("conv-elu-pool2")["propagate_target"]
+    block, _ = make_block("conv-elu-pool2")
+    wrapped = ops.propagate_target(
+        geometry=block.geometry(),
+        **{n: v for n, v in args.values.items() if n not in _signatures.GEOMETRY},
     )
-    torch.library.opcheck(torch.ops.dtp_ext.block_weight_grad.default, (x, s, idx, delta, w, *geo))
+    assert torch.equal(wrapped, args.call())
+    assert ops.LdrlLoss._fields == tuple(
+        r.name for r in torch.ops.dtp_ext.ldrl_loss.default._schema.returns
+    )
 
 
 def test_cpp_checks_name_op_argument_and_expectation():
-    block, x, y_shape, s, idx, geo, w, b = sample_args()
-    fw = block.feedback_weight
-    nx, ny = torch.zeros_like(x), torch.zeros(y_shape, dtype=x.dtype)
-    loss = torch.ops.dtp_ext.ldrl_loss
+    every = block_op_args("conv-elu-pool2")
+    loss = every["ldrl_loss"]
+    x, nx = loss["x"], loss["noise_x"]
     with pytest.raises(
         RuntimeError, match=r"dtp_ext.ldrl_loss: noise_y must have shape \[5, 4, 4, 4\]"
     ):
-        loss(x, w, b, fw, nx, torch.zeros(5, 4, 8, 8, dtype=x.dtype), *geo)
+        loss.replace(noise_y=torch.zeros(5, 4, 8, 8, dtype=x.dtype)).call()
     with pytest.raises(
         RuntimeError,
         match="dtp_ext.ldrl_loss: x must be float32, float64, bfloat16 or float16, got Int",
     ):
-        loss(x.int(), w, b, fw, nx, ny, *geo)
+        loss.replace(x=x.int()).call()
     with pytest.raises(
         RuntimeError, match="dtp_ext.ldrl_loss: feedback_weight must have dtype Double like x"
     ):
-        loss(x, w, b, fw.float(), nx, ny, *geo)
+        loss.replace(feedback_weight=loss["feedback_weight"].float()).call()
     with pytest.raises(RuntimeError, match="dtp_ext.ldrl_loss: x must have 3 channels"):
-        loss(x[:, :2], w, b, fw, nx[:, :2], ny, *geo)
+        loss.replace(x=x[:, :2], noise_x=nx[:, :2]).call()
     with pytest.raises(RuntimeError, match="activation must be one of"):
-        loss(x, w, b, fw, nx, ny, *geo[:4], "gelu", 2)
+        loss.replace(activation="gelu").call()
     with pytest.raises(RuntimeError, match="stride must have 2 entries"):
-        loss(x, w, b, fw, nx, ny, [1], *geo[1:])
-    loop = torch.ops.dtp_ext.ldrl_feedback_loop
-    z = torch.zeros_like(fw), torch.zeros_like(block.feedback_bias)
+        loss.replace(stride=[1]).call()
+    loop = every["ldrl_feedback_loop"].replace(noise_x=None, noise_y=None)
     for bad, match in [
-        ((-1, 0.1, 0.1, 0.9, 0.0, 1), "iterations must be >= 0"),
-        ((1, -0.1, 0.1, 0.9, 0.0, 1), "noise_std must be finite and >= 0"),
-        ((1, 0.1, float("nan"), 0.9, 0.0, 1), "lr must be finite"),
-        ((1, 0.1, 0.1, 1.5, 0.0, 1), r"momentum must be in \[0, 1\)"),
-        ((1, 0.1, 0.1, 0.9, 0.0, 0), "chunk_iterations must be >= 1"),
+        (dict(iterations=-1), "iterations must be >= 0"),
+        (dict(noise_std=-0.1), "noise_std must be finite and >= 0"),
+        (dict(lr=float("nan")), "lr must be finite"),
+        (dict(momentum=1.5), r"momentum must be in \[0, 1\)"),
+        (dict(chunk_iterations=0), "chunk_iterations must be >= 1"),
     ]:
         with pytest.raises(RuntimeError, match="dtp_ext.ldrl_feedback_loop: " + match):
-            loop(x, w, b, fw.clone(), block.feedback_bias.clone(), *z, *bad, None, None, *geo)
+            loop.replace(**bad).clone().call()
+    y_shape = loss["noise_y"].shape
     with pytest.raises(RuntimeError, match=r"noise_x must have shape \[2, 5, 3, 8, 8\]"):
-        loop(
-            x,
-            w,
-            b,
-            fw.clone(),
-            block.feedback_bias.clone(),
-            *z,
-            2,
-            0.1,
-            0.1,
-            0.9,
-            0.0,
-            1,
-            torch.zeros(1, *x.shape, dtype=x.dtype),
-            torch.zeros(2, *y_shape, dtype=x.dtype),
-            *geo,
-        )
-    target = torch.ops.dtp_ext.propagate_target
+        loop.replace(
+            iterations=2,
+            chunk_iterations=1,
+            noise_x=torch.zeros(1, *x.shape, dtype=x.dtype),
+            noise_y=torch.zeros(2, *y_shape, dtype=x.dtype),
+        ).clone().call()
+    target = every["propagate_target"].replace(delta=torch.zeros(y_shape, dtype=x.dtype))
     with pytest.raises(RuntimeError, match="dtp_ext.propagate_target: output is required"):
-        target(None, idx, torch.zeros(y_shape, dtype=x.dtype), fw, 1.0, list(x.shape), *geo)
+        target.replace(output=None).call()
     with pytest.raises(RuntimeError, match="indices must be given exactly when pool > 1"):
-        target(s, None, torch.zeros(y_shape, dtype=x.dtype), fw, 1.0, list(x.shape), *geo)
+        target.replace(indices=None).call()
     with pytest.raises(RuntimeError, match=r"scale \(beta \* batch\) must be finite and > 0"):
-        target(s, idx, torch.zeros(y_shape, dtype=x.dtype), fw, 0.0, list(x.shape), *geo)
+        target.replace(scale=0.0).call()
 
 
 def test_the_compiled_kernel_is_what_runs():
@@ -133,62 +106,14 @@ def test_the_compiled_kernel_is_what_runs():
     )
 
 
-def private_op_args(pool=2, activation="elu", dtype=torch.float64):
-    """Valid arguments of every private elementwise op (torch.ops.dtp_ext._*): a 2x3 map of
-    8x8 pre-activations, max-pooled by `pool` (0: no pool)."""
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(2, 3, 8, 8, dtype=dtype, generator=gen)
-    if pool:
-        s, idx = F.max_pool2d_with_indices(torch.tanh(z), pool, pool)
-    else:
-        s, idx = torch.tanh(z), None
-    noise = torch.randn(s.shape, dtype=dtype, generator=gen)
-    weight = torch.randn(4, 3, 3, 3, dtype=dtype, generator=gen)
-    pairing = torch.randn(weight.shape, dtype=dtype, generator=gen)
-    return {
-        "_phi_unpool_difference": [
-            "dtp_ext.test",
-            s,
-            noise,
-            0.5,
-            idx,
-            torch.tanh(s),
-            idx,
-            list(z.shape),
-            pool,
-            activation,
-            1.5,
-            False,
-        ],
-        "_noisy_difference": [z, torch.tanh(s), idx, activation, pool, False],
-        "_sgd_ldrl_update": [
-            weight,
-            torch.zeros_like(weight),
-            pairing,
-            pairing * 0.5,
-            0.25,
-            1e-3,
-            0.9,
-            0.1,
-        ],
-        "_activation_pool_backward": [
-            "dtp_ext.test",
-            s,
-            idx,
-            noise,
-            list(z.shape),
-            pool,
-            activation,
-        ],
-    }
-
-
 @pytest.mark.parametrize("pool", [0, 2])
 @pytest.mark.parametrize("op", ops.PRIVATE_OP_NAMES)
 def test_opcheck_private_elementwise_ops(op, pool):
     """The elementwise passes are private ops with a CPU kernel and a fake kernel each."""
     assert ops.has_kernel(op, "CPU")
-    torch.library.opcheck(getattr(torch.ops.dtp_ext, op).default, tuple(private_op_args(pool)[op]))
+    torch.library.opcheck(
+        getattr(torch.ops.dtp_ext, op).default, private_op_args(pool)[op].positional()
+    )
 
 
 def test_window_max_takes_nan_as_the_maximum_like_max_pool2d():

@@ -109,7 +109,7 @@ def test_sgd_update_returns_the_batch_loss_for_the_v_it_read():
     e = torch.randn(v.shape, dtype=torch.float64, generator=gen)
     dot = lambda a, b: torch.dot(a.double().flatten(), b.double().flatten()).item()
     w, buf = v.clone(), torch.zeros_like(v)
-    loss = torch.ops.dtp_ext._sgd_ldrl_update(w, buf, h, e, 0.25, 1e-3, 0.9, 0.1)
+    loss = torch.ops.dtp_ext._sgd_momentum_update(w, buf, h, e, 0.25, 1e-3, 0.9, 0.1)
     assert loss.dtype == torch.float64 and loss.dim() == 0
     assert abs(loss.item() - (dot(v, h) - 2 * dot(v, e))) < 1e-12 * v.numel()
     expected_buf = 0.25 * (h - e) + 1e-3 * v
@@ -120,10 +120,12 @@ def test_sgd_update_returns_the_batch_loss_for_the_v_it_read():
     master = v.float()
     h16, e16 = h.to(torch.bfloat16), e.to(torch.bfloat16)
     flat_w, flat_buf = master.clone(), torch.zeros_like(master)
-    flat_loss = torch.ops.dtp_ext._sgd_ldrl_update(flat_w, flat_buf, h16, e16, 0.25, 0, 0.9, 0.1)
+    flat_loss = torch.ops.dtp_ext._sgd_momentum_update(
+        flat_w, flat_buf, h16, e16, 0.25, 0, 0.9, 0.1
+    )
     cl_w = master.contiguous(memory_format=CL)
     cl_buf = torch.zeros_like(cl_w)
-    cl_loss = torch.ops.dtp_ext._sgd_ldrl_update(
+    cl_loss = torch.ops.dtp_ext._sgd_momentum_update(
         cl_w,
         cl_buf,
         h16.contiguous(memory_format=CL),
@@ -140,7 +142,9 @@ def test_sgd_update_returns_the_batch_loss_for_the_v_it_read():
     assert torch.equal(cl_w, flat_w) and torch.equal(cl_buf, flat_buf)
     assert cl_w.is_contiguous(memory_format=CL)
 
-    alone = torch.ops.dtp_ext._sgd_ldrl_update(v.clone(), torch.zeros_like(v), h, None, 1, 0, 0, 1)
+    alone = torch.ops.dtp_ext._sgd_momentum_update(
+        v.clone(), torch.zeros_like(v), h, None, 1, 0, 0, 1
+    )
     assert abs(alone.item() - dot(v, h)) < 1e-12 * v.numel()
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import dtp_ext
-from dtp_ext import hardware, trainer
+from dtp_ext import hardware
+from dtp_ext.feedback import block_loop
 from dtp_ext.train.config import TrainConfig
 from dtp_ext.train.resolve import resolve
 
@@ -17,7 +18,7 @@ from dtp_ext.train.resolve import resolve
 def cpu_with(monkeypatch):
     def set_flags(*flags):
         monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-        monkeypatch.setattr(trainer, "_WARNED_BFLOAT16", set())
+        monkeypatch.setattr(block_loop, "_WARNED_BFLOAT16", set())
 
     return set_flags
 

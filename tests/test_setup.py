@@ -214,7 +214,7 @@ def test_the_one_cuda_switch(setup_py):
 
 
 def test_no_other_cuda_switch_is_read_anywhere():
-    """Issue 12: DTP_EXT_CUDA is the only "CUDA must be present" variable."""
+    """DTP_EXT_CUDA is the only "CUDA must be present" variable."""
     old = ("DTP_EXT_EXPECT_CUDA_BUILD", "DTP_EXT_REQUIRE_CUDA")
     files = [
         ROOT / "setup.py",

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import dtp_ext
 from dtp_ext.cli import main
+from dtp_ext.train.events import event_files
 from tiny_runs import tiny_args
 
 pytestmark = pytest.mark.integration  # 2-process spawns
@@ -283,6 +284,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(ranks):
         for line in (ranks["out"] / "signalled" / "steps.jsonl").read_text().splitlines()
     ]
     assert [(r["step"], r.get("kind")) for r in steps] == [
+        (1, None),  # the run's first step
         (2, "stop"),
         (3, "epoch"),
         (4, None),
@@ -310,7 +312,10 @@ def test_ranks_end_with_identical_weights_and_feedback(ranks, job):
 def test_only_rank_0_writes(ranks):
     assert ranks["info"][1]["writes"] == []
     full = ranks["out"] / "full"
+    [events] = event_files(full)  # TensorBoard's, rank 0's alone
     assert {p.name for p in full.iterdir()} == {
+        events.name,
+        "config.json",
         "metrics.jsonl",
         "steps.jsonl",
         "summary.json",

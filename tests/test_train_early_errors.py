@@ -1,4 +1,4 @@
-"""Issue 11, point 9: errors that exit 2 with one line naming the argument or file and what was
+"""Errors that exit 2 with one line naming the argument or file and what was
 expected, never a traceback: --out that cannot be a run folder (before any data is read),
 damaged data files and out-of-range labels (naming the file and where good copies come from),
 hand-edited checkpoints with impossible counters (refused, not reported as finished), and

@@ -1,4 +1,4 @@
-"""Issue 11, point 8: one writer per run folder. A second `dtp-ext train` on an --out that a
+"""One writer per run folder. A second `dtp-ext train` on an --out that a
 running process writes is refused (exit 2, one line naming the holder) whatever its options
 (fresh, --overwrite, --resume), and the first run's outputs stay intact. That a run killed with
 SIGKILL leaves no stale lock is tested in test_train_signals.py

@@ -1,4 +1,4 @@
-"""Issue 11, point 10: --max-steps counts the run's steps from its start, in every invocation;
+"""--max-steps counts the run's steps from its start, in every invocation;
 a resumed run says from which step it continues and when there is nothing left to do (then it
 rewrites nothing); resuming with another --threads is accepted with a note that the result is
 not bitwise that of an uninterrupted run."""

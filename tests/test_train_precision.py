@@ -1,4 +1,4 @@
-"""Issue 10: `dtp-ext train --precision fp32|bf16|fp16`.
+"""`dtp-ext train --precision fp32|bf16|fp16`.
 
 bf16: the forward pass under autocast, the feedback phase in bfloat16 (float32 masters); fp16:
 the same in float16 plus a GradScaler whose scale reaches the DTP blocks through

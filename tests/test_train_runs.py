@@ -99,7 +99,7 @@ def test_out_with_a_run_needs_resume_or_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "existing", ["metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png"]
+    "existing", ["config.json", "metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png"]
 )
 def test_out_holding_files_a_run_would_write_is_refused_without_overwrite(
     tmp_path, capsys, existing

@@ -1,4 +1,4 @@
-"""Issue 11, point 7: SIGINT and SIGTERM stop `dtp-ext train` at the next step boundary with a
+"""SIGINT and SIGTERM stop `dtp-ext train` at the next step boundary with a
 checkpoint, one line saying how to resume, and exit code 128 + signal; --resume then ends bitwise
 identical (on the CPU, same --threads) to an uninterrupted run. Real signals to a real process
 (`python -m dtp_ext.train`), plus in-process checks of a signal arriving while the checkpoint is

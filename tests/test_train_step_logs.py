@@ -1,4 +1,4 @@
-"""Issue 11, point 11: short runs log and plot too. steps.jsonl gets a line every --log-every
+"""Short runs log and plot too. steps.jsonl gets a line every --log-every
 steps (loss, accuracy, feedback loss per block, alignment), the plots are drawn against
 optimizer steps, metrics.jsonl is not left empty, and the run's last line lists only the files
 that exist."""
@@ -13,6 +13,7 @@ import torch
 
 from dtp_ext.cli import main
 from dtp_ext.train import plots
+from dtp_ext.train.events import event_files
 from tiny_runs import tiny_args
 
 pytestmark = pytest.mark.integration  # every test runs `dtp-ext train` end to end
@@ -53,31 +54,36 @@ def test_a_max_steps_run_logs_every_step_and_plots(tmp_path, capsys):
     assert not (out / "metrics.jsonl").exists()  # no epoch completed: no (empty) epoch log
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
     files = listed_files(printed, out)
+    [events] = event_files(out)  # TensorBoard's (tests/test_tensorboard.py)
     assert files == [
+        "config.json",
         "steps.jsonl",
         "summary.json",
         "accuracy.png",
         "alignment.png",
         "checkpoint.pt",
+        events.name,
     ]
     assert sorted(files) == sorted(p.name for p in out.iterdir())
 
 
 def test_windows_epochs_and_stops(tmp_path):
-    """--log-every 4 over 2 epochs of 6 steps: lines at 4, 6 (epoch end), 8, 12 (epoch end);
-    each averages the steps since the previous one, so the lines of an epoch give its train loss.
-    A --max-steps stop adds a "stop" line without restarting the window."""
+    """--log-every 4 over 2 epochs of 6 steps: lines at 1 (the run's first step), 4, 6 (epoch
+    end), 8, 12 (epoch end); each averages the steps since the previous one, so the lines of an
+    epoch give its train loss. A --max-steps stop adds a "stop" line without restarting the
+    window."""
     out = tmp_path / "run"
     assert main(["train", *SIX, "--epochs", "2", "--log-every", "4", "--out", str(out)]) == 0
     records = lines(out)
     assert [(r["step"], r["steps"], r.get("kind")) for r in records] == [
-        (4, 4, None),
+        (1, 1, None),
+        (4, 3, None),
         (6, 2, "epoch"),
         (8, 2, None),
         (12, 4, "epoch"),
     ]
     epochs = lines(out, "metrics.jsonl")
-    for epoch, part in ((1, records[:2]), (2, records[2:])):
+    for epoch, part in ((1, records[:3]), (2, records[3:])):
         mean = sum(r["train_loss"] * r["steps"] for r in part) / sum(r["steps"] for r in part)
         assert mean == pytest.approx(epochs[epoch - 1]["train_loss"], rel=1e-9)
         assert (
@@ -104,7 +110,8 @@ def test_windows_epochs_and_stops(tmp_path):
     assert main(["train", "--resume", "--out", str(stopped), "--no-progress"]) == 0
     resumed = lines(stopped)
     assert [(r["step"], r["steps"], r.get("kind")) for r in resumed] == [
-        (4, 4, None),
+        (1, 1, None),
+        (4, 3, None),
         (6, 2, "epoch"),
         (7, 1, "stop"),
         (8, 2, None),
@@ -129,12 +136,13 @@ def test_plots_are_against_steps(tmp_path, monkeypatch):
     assert [list(l.get_xdata()) for l in top1_ax.get_lines() if l not in (train, test)] == [
         [6, 6]
     ]  # epoch end
-    assert list(train.get_xdata()) == [2, 4, 6]  # one point per steps.jsonl line, not one per epoch
+    # one point per steps.jsonl line (the first step's, then every 2nd), not one per epoch
+    assert list(train.get_xdata()) == [1, 2, 4, 6]
     assert list(test.get_xdata()) == [6]
     weight_ax, update_ax = alignment.axes
     layers = [l for l in update_ax.get_lines() if not l.get_label().startswith("_")]
     assert [l.get_label() for l in layers] == ["conv1", "conv2", "fc"]
-    assert all(list(l.get_xdata()) == [2, 4, 6] for l in layers)
+    assert all(list(l.get_xdata()) == [1, 2, 4, 6] for l in layers)
     monkeypatch.undo()
     for fig in figures:
         plt.close(fig)
@@ -165,12 +173,15 @@ def test_overwrite_removes_what_an_earlier_run_left(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert not (out / "metrics.jsonl").exists()  # the earlier run's, gone with the rest
     assert [r["step"] for r in lines(out)] == [1]
+    [events] = event_files(out)  # the earlier run's are gone too
     assert listed_files(printed, out) == [
+        "config.json",
         "steps.jsonl",
         "summary.json",
         "accuracy.png",
         "alignment.png",
         "checkpoint.pt",
+        events.name,
     ]
 
 
@@ -201,7 +212,7 @@ def test_measuring_at_a_stop_changes_nothing(tmp_path, algorithm):
     ]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
     assert main(["train", *common, "--max-steps", "2", "--out", str(tmp_path / "b")]) == 0
-    assert [r.get("kind") for r in lines(tmp_path / "b")] == ["stop"]
+    assert [(r["step"], r.get("kind")) for r in lines(tmp_path / "b")] == [(1, None), (2, "stop")]
     assert main(["train", "--resume", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
     assert a["global_step"] == b["global_step"] == 6

@@ -1,6 +1,7 @@
 """FeedbackTrainer and a full L-DRL training step against the reference."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -228,3 +229,20 @@ def test_a_refused_state_dict_writes_no_buffer():
     for name in before:
         for k in before[name]:
             assert torch.equal(after[name][k], before[name][k]), (name, k)
+
+
+def test_warnings_name_the_users_call():
+    """The trainer's warnings carry the file and line of the user's step() call, not a line
+    of dtp_ext or of torch's no_grad decorator."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 72), dtp_ext.Linear(72, 72), dtp_ext.Linear(72, 3))
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=1, noise_std=1.0, lr=0.5, max_growth=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()  # forward weights move before any feedback step: a warning
+    model(torch.randn(2, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.step()
+    assert len(caught) == 3  # two blocks predicted unstable, one forward-before-feedback
+    assert {(w.filename, w.category) for w in caught} == {(__file__, RuntimeWarning)}

@@ -50,12 +50,13 @@ C10_HOST_DEVICE inline bool window_takes(T candidate, T best) {
 }
 
 // The k x k window of a plane (`width` wide, neighbours `es` elements apart) starting at
-// position `first`, ranked by rank(value) (max-pool's rule): returns where the window's maximum
-// sits (a position of the plane) and stores its rank in `best`.
+// position `first`, ranked by rank(value) (max-pool's rule) in a row-major scan, for any k:
+// returns where the window's maximum sits (a position of the plane) and stores its rank in
+// `best`. (The CPU's window_argmax_2x2_or_scan takes 2x2 windows branch-free instead.)
 template <typename T, typename Rank, typename R>
-C10_HOST_DEVICE inline int64_t window_argmax_ranked(const T* plane, int64_t es, int64_t first,
-                                                    int64_t width, int64_t k, const Rank& rank,
-                                                    R& best) {
+C10_HOST_DEVICE inline int64_t window_argmax_scan(const T* plane, int64_t es, int64_t first,
+                                                  int64_t width, int64_t k, const Rank& rank,
+                                                  R& best) {
   int64_t best_at = first;
   best = rank(plane[first * es]);
   for (int64_t kh = 0; kh < k; ++kh) {
@@ -84,7 +85,7 @@ struct PhiRank {
 template <Activation A, typename T>
 C10_HOST_DEVICE inline int64_t window_argmax(const T* plane, int64_t es, int64_t first,
                                              int64_t width, int64_t k, T& best) {
-  return window_argmax_ranked(plane, es, first, width, k, PhiRank<A>{}, best);
+  return window_argmax_scan(plane, es, first, width, k, PhiRank<A>{}, best);
 }
 
 // The same rule on a 2x2 window (v0 v1 / v2 v3), branch-free as a tournament (v0 vs v1, v2 vs
@@ -185,12 +186,13 @@ C10_HOST_DEVICE inline T activation_backward(T delta, T h) {
   return delta * phi_prime_from_output<A>(h);
 }
 
-// One SGD-momentum step on one element of the feedback weight (torch.optim.SGD without
-// dampening or Nesterov) with the L-DRL gradient g = grad_scale * (h - e) + weight_decay * v
-// (without a noise pairing e: grad_scale * h + weight_decay * v).
+// One SGD-momentum step on one element of a feedback parameter (torch.optim.SGD without
+// dampening or Nesterov) with the gradient g = grad_scale * (h - e) + weight_decay * v (L-DRL's
+// for the feedback weight; without a noise pairing e, grad_scale * h + weight_decay * v: the
+// reconstruction loss's, and the feedback bias's).
 template <typename T>
-C10_HOST_DEVICE inline void sgd_ldrl_step(T& v, T& buf, T h, const T* e, T grad_scale,
-                                          T weight_decay, T momentum, T lr) {
+C10_HOST_DEVICE inline void sgd_momentum_step(T& v, T& buf, T h, const T* e, T grad_scale,
+                                              T weight_decay, T momentum, T lr) {
   const T g = grad_scale * (e ? h - *e : h) + weight_decay * v;
   buf = momentum * buf + g;
   v -= lr * buf;

@@ -26,10 +26,10 @@ using NoisyDifferenceKernel = at::Tensor (*)(const at::Tensor& z_noisy,
                                              const at::Tensor& clean_phi_output,
                                              const at::Tensor& clean_indices, Activation activation,
                                              int64_t pool, bool channels_last);
-using SgdLdrlUpdateKernel = at::Tensor (*)(at::Tensor& weight, at::Tensor& momentum_buffer,
-                                           const at::Tensor& reconstruction_pairing,
-                                           const at::Tensor& noise_pairing, double grad_scale,
-                                           double weight_decay, double momentum, double lr);
+using SgdMomentumUpdateKernel = at::Tensor (*)(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                               const at::Tensor& reconstruction_pairing,
+                                               const at::Tensor& noise_pairing, double grad_scale,
+                                               double weight_decay, double momentum, double lr);
 using ActivationPoolBackwardKernel = at::Tensor (*)(const char* op, const at::Tensor& output,
                                                     const at::Tensor& indices,
                                                     const at::Tensor& delta,
@@ -69,11 +69,11 @@ at::Tensor noisy_difference(const at::Tensor& z_noisy, const OptionalTensor& cle
            channels_last);
 }
 
-template <SgdLdrlUpdateKernel K>
-at::Tensor sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
-                           const at::Tensor& reconstruction_pairing,
-                           const OptionalTensor& noise_pairing, double grad_scale,
-                           double weight_decay, double momentum, double lr) {
+template <SgdMomentumUpdateKernel K>
+at::Tensor sgd_momentum_update(at::Tensor& weight, at::Tensor& momentum_buffer,
+                               const at::Tensor& reconstruction_pairing,
+                               const OptionalTensor& noise_pairing, double grad_scale,
+                               double weight_decay, double momentum, double lr) {
   return K(weight, momentum_buffer, reconstruction_pairing, or_undefined(noise_pairing), grad_scale,
            weight_decay, momentum, lr);
 }
@@ -90,12 +90,12 @@ at::Tensor activation_pool_backward(c10::string_view op, const at::Tensor& outpu
 
 // A device's registration of its four kernels (at the end of its file, inside
 // TORCH_LIBRARY_IMPL(dtp_ext, <device>, m)).
-template <PhiUnpoolDifferenceKernel P, NoisyDifferenceKernel N, SgdLdrlUpdateKernel S,
+template <PhiUnpoolDifferenceKernel P, NoisyDifferenceKernel N, SgdMomentumUpdateKernel S,
           ActivationPoolBackwardKernel B>
 void register_elementwise_kernels(torch::Library& m) {
   m.impl("_phi_unpool_difference", &phi_unpool_difference<P>);
   m.impl("_noisy_difference", &noisy_difference<N>);
-  m.impl("_sgd_ldrl_update", &sgd_ldrl_update<S>);
+  m.impl("_sgd_momentum_update", &sgd_momentum_update<S>);
   m.impl("_activation_pool_backward", &activation_pool_backward<B>);
 }
 
@@ -132,12 +132,12 @@ inline at::Tensor noisy_difference(const at::Tensor& z_noisy, const at::Tensor& 
 }
 
 // Returns <V, H> - 2 <V, E> for the weight V before the step (see the schema).
-inline at::Tensor sgd_ldrl_update(at::Tensor& weight, at::Tensor& momentum_buffer,
-                                  const at::Tensor& reconstruction_pairing,
-                                  const at::Tensor& noise_pairing, double grad_scale,
-                                  double weight_decay, double momentum, double lr) {
-  static const auto op_handle =
-      schema::handle<decltype(schema::sgd_ldrl_update<nullptr>)>("dtp_ext::_sgd_ldrl_update");
+inline at::Tensor sgd_momentum_update(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                      const at::Tensor& reconstruction_pairing,
+                                      const at::Tensor& noise_pairing, double grad_scale,
+                                      double weight_decay, double momentum, double lr) {
+  static const auto op_handle = schema::handle<decltype(schema::sgd_momentum_update<nullptr>)>(
+      "dtp_ext::_sgd_momentum_update");
   return op_handle.call(weight, momentum_buffer, reconstruction_pairing,
                         schema::as_optional(noise_pairing), grad_scale, weight_decay, momentum, lr);
 }

@@ -9,6 +9,7 @@ namespace dtp_ext {
 namespace {
 std::atomic<bool> checks_enabled{true};
 std::atomic<int> deferring{0};
+std::atomic<NonFiniteInputThrower> thrower{nullptr};
 
 std::mutex registry_mutex;
 std::vector<std::string> op_names{""};  // code -> op; code 0 means "all finite"
@@ -27,6 +28,8 @@ bool deferred_on(const c10::Device& device) {
   const int mode = deferring.load();
   return mode == 1 || (mode == 0 && device.is_cuda());
 }
+
+void set_non_finite_input_thrower(NonFiniteInputThrower t) { thrower.store(t); }
 
 bool finite_checks_enabled() { return checks_enabled.load(); }
 bool set_finite_checks(bool enabled) { return checks_enabled.exchange(enabled); }
@@ -68,9 +71,12 @@ void check_finite(const char* op, std::initializer_list<NamedTensor> tensors) {
   const auto ok = all_finite.cpu();  // the one synchronisation
   const auto* ok_ptr = ok.data_ptr<bool>();
   for (size_t i = 0; i < names.size(); ++i) {
-    TORCH_CHECK_VALUE(ok_ptr[i], op, ": ", names[i],
-                      " contains non-finite values (NaN or Inf); every input of a fused op must "
-                      "be finite");
+    if (ok_ptr[i]) continue;
+    const auto message = c10::str(op, ": ", names[i],
+                                  " contains non-finite values (NaN or Inf); every input of a "
+                                  "fused op must be finite");
+    if (const auto t = thrower.load()) t(message);
+    TORCH_CHECK_VALUE(false, message);
   }
 }
 

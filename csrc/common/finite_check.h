@@ -2,12 +2,13 @@
 // Rejects non-finite (NaN/Inf) inputs to the fused ops: a NaN that reached a feedback loop or a
 // target would otherwise end as NaN weights, silently.
 //
-// Immediate checks (the default on the CPU) raise ValueError "<op>: <name> contains non-finite
-// values" before the op writes anything: one reduction per tensor and one read of the flags
-// per call, a host synchronisation on a GPU. Deferred checks (the default on CUDA) never
-// synchronise: each call folds "some input was not finite" into a per-device flag tensor
-// holding the op's code, which the caller reads once per step (FeedbackTrainer's divergence
-// guard, or dtp_ext.ops.check_non_finite()).
+// Immediate checks (the default on the CPU) throw "<op>: <name> contains non-finite values"
+// before the op writes anything: one reduction per tensor and one read of the flags per call, a
+// host synchronisation on a GPU. What they throw is the installed thrower's exception (the
+// Python module's: dtp_ext.NonFiniteInputError, a ValueError), else a c10::ValueError. Deferred
+// checks (the default on CUDA) never synchronise: each call folds "some input was not finite" into
+// a per-device flag tensor holding the op's code, which the caller reads once per step
+// (FeedbackTrainer's divergence guard, or dtp_ext.ops.check_non_finite()).
 #include <ATen/ATen.h>
 
 #include <initializer_list>
@@ -23,6 +24,10 @@ at::Tensor all_finite_of(const at::Tensor& tensor);
 
 // Checks the defined floating tensors among `tensors` (all on one device).
 void check_finite(const char* op, std::initializer_list<NamedTensor> tensors);
+
+// Throws the exception of a refused input with `message`; must not return.
+using NonFiniteInputThrower = void (*)(const std::string& message);
+void set_non_finite_input_thrower(NonFiniteInputThrower thrower);
 
 bool finite_checks_enabled();
 // Returns the previous setting. Process-wide.

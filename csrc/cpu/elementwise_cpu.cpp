@@ -250,17 +250,18 @@ at::Tensor scatter_difference(const char* op, const at::Tensor& a_in, const at::
 }
 
 // Where the k x k window of a plane (neighbours `es` apart) starting at position `first` has
-// its maximum by rank(value) (max-pool's rule), with that rank in `best`; 2x2 branch-free.
+// its maximum by rank(value) (max-pool's rule), with that rank in `best`: a 2x2 window by the
+// branch-free tournament (window_argmax_2x2), any other by the row-major window_argmax_scan.
 template <typename T, typename Rank, typename R>
-C10_ALWAYS_INLINE int64_t ranked_window_argmax(const T* plane, int64_t es, int64_t first,
-                                               int64_t width, int64_t k, const Rank& rank,
-                                               R& best) {
+C10_ALWAYS_INLINE int64_t window_argmax_2x2_or_scan(const T* plane, int64_t es, int64_t first,
+                                                    int64_t width, int64_t k, const Rank& rank,
+                                                    R& best) {
   if (k == 2) {
     return first + window_argmax_2x2(rank(plane[first * es]), rank(plane[(first + 1) * es]),
                                      rank(plane[(first + width) * es]),
                                      rank(plane[(first + width + 1) * es]), width, best);
   }
-  return window_argmax_ranked(plane, es, first, width, k, rank, best);
+  return window_argmax_scan(plane, es, first, width, k, rank, best);
 }
 
 // phi(v) and phi(phi(v)) in float32 for every value v of a 16-bit float type (bfloat16 or
@@ -306,8 +307,8 @@ C10_ALWAYS_INLINE OwnedValues<T> noisy_window(const T* plane, int64_t es, int64_
                                               int64_t width, int64_t k, const PhiTables& tables,
                                               int64_t clean_at, const float* clean) {
   float best;
-  const int64_t at =
-      ranked_window_argmax(plane, es, (oh * width + ow) * k, width, k, PhiRanked{tables.phi}, best);
+  const int64_t at = window_argmax_2x2_or_scan(plane, es, (oh * width + ow) * k, width, k,
+                                               PhiRanked{tables.phi}, best);
   return owned_values<T>(at, tables.phi_of_phi[plane[at * es].x], clean_at, clean, 1.0f);
 }
 
@@ -404,8 +405,8 @@ void window_max_kernel(const at::Tensor& z, at::Tensor& out, at::Tensor& idx, in
         int64_t j = p * pooled;
         for (int64_t oh = 0; oh < out_h; ++oh) {
           for (int64_t ow = 0; ow < out_w; ++ow, ++j) {
-            ip[j] =
-                ranked_window_argmax(plane, 1, (oh * width + ow) * k, width, k, Stored{}, op[j]);
+            ip[j] = window_argmax_2x2_or_scan(plane, 1, (oh * width + ow) * k, width, k, Stored{},
+                                              op[j]);
           }
         }
       }
@@ -419,8 +420,8 @@ void window_max_kernel(const at::Tensor& z, at::Tensor& out, at::Tensor& idx, in
       for (int64_t ow = 0; ow < out_w; ++ow) {
         int64_t j = n * channels * pooled + oh * out_w + ow;
         for (int64_t c = 0; c < channels; ++c, j += pooled) {
-          ip[j] = ranked_window_argmax(image + c, channels, (oh * width + ow) * k, width, k,
-                                       Stored{}, op[j]);
+          ip[j] = window_argmax_2x2_or_scan(image + c, channels, (oh * width + ow) * k, width, k,
+                                            Stored{}, op[j]);
         }
       }
     }
@@ -503,15 +504,15 @@ at::Tensor noisy_difference_cpu(const at::Tensor& z, const at::Tensor& clean_phi
                             z.scalar_type());
 }
 
-at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
-                               const at::Tensor& reconstruction_pairing,
-                               const at::Tensor& noise_pairing, double grad_scale,
-                               double weight_decay, double momentum, double lr) {
+at::Tensor sgd_momentum_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                   const at::Tensor& reconstruction_pairing,
+                                   const at::Tensor& noise_pairing, double grad_scale,
+                                   double weight_decay, double momentum, double lr) {
   if (is_reduced_float(weight)) {
     // A bfloat16/float16 weight without a float32 master: the step in float32, rounded once.
     auto w = weight.to(at::kFloat), buf = momentum_buffer.to(at::kFloat);
-    auto dot = sgd_ldrl_update_cpu(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
-                                   weight_decay, momentum, lr);
+    auto dot = sgd_momentum_update_cpu(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
+                                       weight_decay, momentum, lr);
     weight.copy_(w);
     momentum_buffer.copy_(buf);
     return dot;
@@ -525,13 +526,13 @@ at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
   const auto h = reconstruction_pairing.contiguous(format);
   const auto e = noise_pairing.defined() ? noise_pairing.contiguous(format) : at::Tensor();
   TORCH_CHECK(!e.defined() || e.scalar_type() == h.scalar_type(),
-              "sgd_ldrl_update: the two pairings must share a dtype");
+              "dtp_ext._sgd_momentum_update: the two pairings must share a dtype");
   // <V, H> - 2 <V, E>, accumulated in double per chunk, chunks summed in order.
   double dot = 0;
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_momentum_update_cpu", [&] {
     using weight_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, h.scalar_type(), "sgd_ldrl_update_cpu_pairing", [&] {
+        at::kBFloat16, at::kHalf, h.scalar_type(), "sgd_momentum_update_cpu_pairing", [&] {
           using pairing_t = scalar_t;
           weight_t* v = weight.mutable_data_ptr<weight_t>();
           weight_t* buf = momentum_buffer.mutable_data_ptr<weight_t>();
@@ -549,7 +550,7 @@ at::Tensor sgd_ldrl_update_cpu(at::Tensor& weight, at::Tensor& momentum_buffer,
                   const auto ei = ep ? static_cast<weight_t>(ep[i]) : weight_t(0);
                   partial += static_cast<double>(v[i]) *
                              (static_cast<double>(hi) - 2.0 * static_cast<double>(ei));
-                  sgd_ldrl_step(v[i], buf[i], hi, ep ? &ei : nullptr, scale, wd, mu, step);
+                  sgd_momentum_step(v[i], buf[i], hi, ep ? &ei : nullptr, scale, wd, mu, step);
                 }
                 return partial;
               },
@@ -622,5 +623,5 @@ const bool kCpuLayoutRegistered = register_channels_last_rule(
 TORCH_LIBRARY_IMPL(dtp_ext, CPU, m) {
   dtp_ext::schema::register_elementwise_kernels<
       &dtp_ext::phi_unpool_difference_cpu, &dtp_ext::noisy_difference_cpu,
-      &dtp_ext::sgd_ldrl_update_cpu, &dtp_ext::activation_pool_backward_cpu>(m);
+      &dtp_ext::sgd_momentum_update_cpu, &dtp_ext::activation_pool_backward_cpu>(m);
 }

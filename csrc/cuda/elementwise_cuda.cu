@@ -193,22 +193,22 @@ at::Tensor noisy_difference_cuda(const at::Tensor& z_in, const at::Tensor& s_in,
 }
 
 template <typename T, typename I>
-__global__ void sgd_ldrl_update_kernel(T* v, T* buf, const T* h, const T* e, I n, T scale, T wd,
-                                       T mu, T step) {
+__global__ void sgd_momentum_update_kernel(T* v, T* buf, const T* h, const T* e, I n, T scale, T wd,
+                                           T mu, T step) {
   for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
-    sgd_ldrl_step(v[i], buf[i], h[i], e ? &e[i] : nullptr, scale, wd, mu, step);
+    sgd_momentum_step(v[i], buf[i], h[i], e ? &e[i] : nullptr, scale, wd, mu, step);
   }
 }
 
-at::Tensor sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
-                                const at::Tensor& reconstruction_pairing,
-                                const at::Tensor& noise_pairing, double grad_scale,
-                                double weight_decay, double momentum, double lr) {
+at::Tensor sgd_momentum_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
+                                    const at::Tensor& reconstruction_pairing,
+                                    const at::Tensor& noise_pairing, double grad_scale,
+                                    double weight_decay, double momentum, double lr) {
   if (is_reduced_float(weight)) {  // no float32 master: the step in float32, rounded once
     auto w = weight.to(at::kFloat);
     auto buf = momentum_buffer.to(at::kFloat);
-    auto dot = sgd_ldrl_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
-                                    weight_decay, momentum, lr);
+    auto dot = sgd_momentum_update_cuda(w, buf, reconstruction_pairing, noise_pairing, grad_scale,
+                                        weight_decay, momentum, lr);
     weight.copy_(w);
     momentum_buffer.copy_(buf);
     return dot;
@@ -229,10 +229,10 @@ at::Tensor sgd_ldrl_update_cuda(at::Tensor& weight, at::Tensor& momentum_buffer,
   const int64_t n = weight.numel();
   if (n == 0) return dot;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_ldrl_update_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sgd_momentum_update_cuda", [&] {
     with_index_type(n, [&](auto index) {
       using I = decltype(index);
-      sgd_ldrl_update_kernel<scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
+      sgd_momentum_update_kernel<scalar_t, I><<<blocks_for(n), kThreads, 0, stream>>>(
           weight.mutable_data_ptr<scalar_t>(), momentum_buffer.mutable_data_ptr<scalar_t>(),
           h.const_data_ptr<scalar_t>(), e.defined() ? e.const_data_ptr<scalar_t>() : nullptr,
           static_cast<I>(n), static_cast<scalar_t>(grad_scale), static_cast<scalar_t>(weight_decay),
@@ -334,5 +334,5 @@ at::Tensor activation_pool_backward_cuda(const char* op, const at::Tensor& outpu
 TORCH_LIBRARY_IMPL(dtp_ext, CUDA, m) {
   dtp_ext::schema::register_elementwise_kernels<
       &dtp_ext::phi_unpool_difference_cuda, &dtp_ext::noisy_difference_cuda,
-      &dtp_ext::sgd_ldrl_update_cuda, &dtp_ext::activation_pool_backward_cuda>(m);
+      &dtp_ext::sgd_momentum_update_cuda, &dtp_ext::activation_pool_backward_cuda>(m);
 }

@@ -155,12 +155,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
 // drawn per iteration (eps_k, then eta_k where the loss uses it) from torch's generator or
 // taken from explicit tensors, and F(x + eps) batched over chunks of iterations
 // (run_feedback_loop). `iteration` receives (eps, x + eps, op(x + eps) + bias, eta) in the
-// convolutions' layout and returns the loss.
+// convolutions' layout and returns the loss. A loop op gathers its arguments here once, by
+// name; the geometry arguments are parsed into `g`.
 struct FeedbackLoopArgs {
   const char* op;
   BlockGeometry g;
-  int64_t iterations, chunk_iterations;
-  double noise_std;
+  const at::Tensor& x;
+  const at::Tensor& weight;
+  const c10::optional<at::Tensor>& bias;
+  at::Tensor& feedback_weight;
+  at::Tensor& feedback_bias;
+  at::Tensor& momentum_weight;
+  at::Tensor& momentum_bias;
+  int64_t iterations;
+  double noise_std, lr, momentum, weight_decay;
+  int64_t chunk_iterations;
+  const c10::optional<at::Tensor>& noise_x;
+  const c10::optional<at::Tensor>& noise_y;  // absent for a loss without eta
   bool draws_eta;
 };
 
@@ -221,72 +232,68 @@ void check_state(const char* op, const char* name, const at::Tensor& t, const at
 }
 
 // Validates every argument of a feedback loop and picks the convolutions' layout.
-void check_feedback_loop(FeedbackLoopArgs& a, const at::Tensor& x, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const at::Tensor& feedback_weight,
-                         const at::Tensor& feedback_bias, const at::Tensor& momentum_weight,
-                         const at::Tensor& momentum_bias, double lr, double momentum,
-                         double weight_decay, const c10::optional<at::Tensor>& noise_x,
-                         const c10::optional<at::Tensor>& noise_y) {
+void check_feedback_loop(FeedbackLoopArgs& a) {
   const char* op = a.op;
   auto& g = a.g;
-  check_block_tensors(op, g, x, weight, bias);
-  check_feedback_weight(op, g, weight, feedback_weight, x, /*allow_master=*/true);
+  const auto& x = a.x;
+  check_block_tensors(op, g, x, a.weight, a.bias);
+  check_feedback_weight(op, g, a.weight, a.feedback_weight, x, /*allow_master=*/true);
   TORCH_CHECK(a.iterations >= 0, op, ": iterations must be >= 0, got ", a.iterations);
   TORCH_CHECK(a.noise_std >= 0 && std::isfinite(a.noise_std), op,
               ": noise_std must be finite and >= 0, got ", a.noise_std);
-  TORCH_CHECK(lr >= 0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
-  TORCH_CHECK(momentum >= 0 && momentum < 1, op, ": momentum must be in [0, 1), got ", momentum);
-  TORCH_CHECK(weight_decay >= 0 && std::isfinite(weight_decay), op,
-              ": weight_decay must be finite and >= 0, got ", weight_decay);
+  TORCH_CHECK(a.lr >= 0 && std::isfinite(a.lr), op, ": lr must be finite and >= 0, got ", a.lr);
+  TORCH_CHECK(a.momentum >= 0 && a.momentum < 1, op, ": momentum must be in [0, 1), got ",
+              a.momentum);
+  TORCH_CHECK(a.weight_decay >= 0 && std::isfinite(a.weight_decay), op,
+              ": weight_decay must be finite and >= 0, got ", a.weight_decay);
   TORCH_CHECK(a.chunk_iterations >= 1, op, ": chunk_iterations must be >= 1, got ",
               a.chunk_iterations);
   use_channels_last(g, x.sizes(), x.device());
   const int64_t in_dim = x.size(1);
-  check_state(op, "feedback_bias", feedback_bias, x, feedback_weight);
-  check_shape(op, "feedback_bias", feedback_bias, {in_dim});
-  check_state(op, "momentum_weight", momentum_weight, x, feedback_weight);
-  check_shape(op, "momentum_weight", momentum_weight, feedback_weight.sizes());
-  check_state(op, "momentum_bias", momentum_bias, x, feedback_weight);
-  check_shape(op, "momentum_bias", momentum_bias, {in_dim});
+  check_state(op, "feedback_bias", a.feedback_bias, x, a.feedback_weight);
+  check_shape(op, "feedback_bias", a.feedback_bias, {in_dim});
+  check_state(op, "momentum_weight", a.momentum_weight, x, a.feedback_weight);
+  check_shape(op, "momentum_weight", a.momentum_weight, a.feedback_weight.sizes());
+  check_state(op, "momentum_bias", a.momentum_bias, x, a.feedback_weight);
+  check_shape(op, "momentum_bias", a.momentum_bias, {in_dim});
 
-  const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
-  if (noise_x.has_value()) {
-    check_noise(op, "noise_x", *noise_x, noise_shape(x.sizes(), a.iterations), x);
+  const auto output_sizes = block_output_sizes(g, x.sizes(), a.weight);
+  if (a.noise_x.has_value()) {
+    check_noise(op, "noise_x", *a.noise_x, noise_shape(x.sizes(), a.iterations), x);
   }
-  if (noise_y.has_value()) {
-    check_noise(op, "noise_y", *noise_y, noise_shape(output_sizes, a.iterations), x);
+  if (a.noise_y.has_value()) {
+    check_noise(op, "noise_y", *a.noise_y, noise_shape(output_sizes, a.iterations), x);
   }
-  TORCH_CHECK(!a.draws_eta || noise_x.has_value() == noise_y.has_value(), op,
+  TORCH_CHECK(!a.draws_eta || a.noise_x.has_value() == a.noise_y.has_value(), op,
               ": noise_x and noise_y must be given together or not at all");
   check_no_overlap(op,
-                   {{"feedback_weight", &feedback_weight},
-                    {"feedback_bias", &feedback_bias},
-                    {"momentum_weight", &momentum_weight},
-                    {"momentum_bias", &momentum_bias}},
+                   {{"feedback_weight", &a.feedback_weight},
+                    {"feedback_bias", &a.feedback_bias},
+                    {"momentum_weight", &a.momentum_weight},
+                    {"momentum_bias", &a.momentum_bias}},
                    {{"x", &x},
-                    {"weight", &weight},
-                    {"bias", optional_ptr(bias)},
-                    {"noise_x", optional_ptr(noise_x)},
-                    {"noise_y", optional_ptr(noise_y)}});
+                    {"weight", &a.weight},
+                    {"bias", optional_ptr(a.bias)},
+                    {"noise_x", optional_ptr(a.noise_x)},
+                    {"noise_y", optional_ptr(a.noise_y)}});
   check_finite(op, {{"x", &x},
-                    {"weight", &weight},
-                    {"bias", optional_ptr(bias)},
-                    {"feedback_weight", &feedback_weight},
-                    {"feedback_bias", &feedback_bias},
-                    {"momentum_weight", &momentum_weight},
-                    {"momentum_bias", &momentum_bias},
-                    {"noise_x", optional_ptr(noise_x)},
-                    {"noise_y", optional_ptr(noise_y)}});
+                    {"weight", &a.weight},
+                    {"bias", optional_ptr(a.bias)},
+                    {"feedback_weight", &a.feedback_weight},
+                    {"feedback_bias", &a.feedback_bias},
+                    {"momentum_weight", &a.momentum_weight},
+                    {"momentum_bias", &a.momentum_bias},
+                    {"noise_x", optional_ptr(a.noise_x)},
+                    {"noise_y", optional_ptr(a.noise_y)}});
 }
 
 // The loop itself, on arguments check_feedback_loop accepted.
 template <typename Iteration>
-at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& x,
-                             const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                             const c10::optional<at::Tensor>& noise_x,
-                             const c10::optional<at::Tensor>& noise_y,
-                             const at::Tensor& unrolled_weight, Iteration iteration) {
+at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& unrolled_weight,
+                             Iteration iteration) {
   const auto& g = a.g;
+  const auto &x = a.x, &weight = a.weight;
+  const auto &bias = a.bias, &noise_x = a.noise_x, &noise_y = a.noise_y;
   const auto output_sizes = block_output_sizes(g, x.sizes(), weight);
   const auto x_conv = conv_layout(g, x.contiguous());
   const int64_t batch = x.size(0);
@@ -422,14 +429,25 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
                               c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.ldrl_feedback_loop";
   FeedbackLoopArgs args{
-      op,
-      start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
-      iterations,
-      chunk_iterations,
-      noise_std,
-      /*draws_eta=*/true};
-  check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
-                      momentum_bias, lr, momentum, weight_decay, noise_x, noise_y);
+      .op = op,
+      .g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
+      .x = x,
+      .weight = weight,
+      .bias = bias,
+      .feedback_weight = feedback_weight,
+      .feedback_bias = feedback_bias,
+      .momentum_weight = momentum_weight,
+      .momentum_bias = momentum_bias,
+      .iterations = iterations,
+      .noise_std = noise_std,
+      .lr = lr,
+      .momentum = momentum,
+      .weight_decay = weight_decay,
+      .chunk_iterations = chunk_iterations,
+      .noise_x = noise_x,
+      .noise_y = noise_y,
+      .draws_eta = true};
+  check_feedback_loop(args);
   // The clean and the noisy passes take the same route (the unrolled GEMM where it applies).
   const auto unrolled = unrolled_conv_weight(args.g, x.sizes(), weight);
   const auto clean = clean_pass(args.g, x.contiguous(), weight, bias, unrolled);
@@ -440,7 +458,7 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
   // momentum, so many small steps are not lost to bfloat16's rounding of V.
   const bool master = state.weight.scalar_type() != x.scalar_type();
   auto losses = run_feedback_loop(
-      args, x, weight, bias, noise_x, noise_y, unrolled,
+      args, unrolled,
       [&](const at::Tensor& eps, const at::Tensor&, const at::Tensor& z_noisy,
           const at::Tensor& eta) {
         // One copy casts V, in the convolutions' layout or, for NCHW convolutions, the
@@ -456,8 +474,9 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
         if (master) state.follow(terms.reconstruction_pairing);
         // The update returns B times the loss, <V, H> - 2 <V, E>, for the V of this iteration
         // (the float32 master).
-        return sgd_ldrl_update(state.weight, state.momentum_weight, terms.reconstruction_pairing,
-                               terms.noise_pairing, grad_scale, weight_decay, momentum, lr);
+        return sgd_momentum_update(state.weight, state.momentum_weight,
+                                   terms.reconstruction_pairing, terms.noise_pairing, grad_scale,
+                                   weight_decay, momentum, lr);
       });
   // dloss/dc is exactly zero: only momentum and weight decay move the feedback bias.
   sgd_momentum_decay(state.bias, state.momentum_bias, iterations, lr, momentum, weight_decay);
@@ -476,20 +495,32 @@ at::Tensor reconstruction_feedback_loop(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     c10::string_view activation, int64_t pool) {
   constexpr const char* op = "dtp_ext.reconstruction_feedback_loop";
+  const c10::optional<at::Tensor> no_noise_y;
   FeedbackLoopArgs args{
-      op,
-      start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
-      iterations,
-      chunk_iterations,
-      noise_std,
-      /*draws_eta=*/false};
-  check_feedback_loop(args, x, weight, bias, feedback_weight, feedback_bias, momentum_weight,
-                      momentum_bias, lr, momentum, weight_decay, noise_x, c10::nullopt);
+      .op = op,
+      .g = start_op(op, x.device(), weight, stride, padding, dilation, groups, activation, pool),
+      .x = x,
+      .weight = weight,
+      .bias = bias,
+      .feedback_weight = feedback_weight,
+      .feedback_bias = feedback_bias,
+      .momentum_weight = momentum_weight,
+      .momentum_bias = momentum_bias,
+      .iterations = iterations,
+      .noise_std = noise_std,
+      .lr = lr,
+      .momentum = momentum,
+      .weight_decay = weight_decay,
+      .chunk_iterations = chunk_iterations,
+      .noise_x = noise_x,
+      .noise_y = no_noise_y,
+      .draws_eta = false};
+  check_feedback_loop(args);
   const double grad_scale = 2.0 / static_cast<double>(x.size(0));
   LoopState state(feedback_weight, feedback_bias, momentum_weight, momentum_bias);
   const bool master = state.weight.scalar_type() != x.scalar_type();  // float32 masters
   auto losses = run_feedback_loop(
-      args, x, weight, bias, noise_x, c10::nullopt, unrolled_conv_weight(args.g, x.sizes(), weight),
+      args, unrolled_conv_weight(args.g, x.sizes(), weight),
       [&](const at::Tensor&, const at::Tensor& x_noisy, const at::Tensor& z_noisy,
           const at::Tensor&) {
         const auto& g = args.g;
@@ -502,16 +533,17 @@ at::Tensor reconstruction_feedback_loop(
         const auto residual = g.is_conv ? fq + c.view({1, -1, 1, 1}) - x_noisy : fq + c - x_noisy;
         // loss = mean_b sum (r - (x + eps))^2; dV = 2/B pairing(e, q); dc = 2/B sum_b,space e.
         // The fused SGD pass scales the pairings by 2/B; the loss is returned times B.
-        sgd_ldrl_update(state.weight, state.momentum_weight, feedback_pairing(g, residual, q, v),
-                        at::Tensor(), grad_scale, weight_decay, momentum, lr);
+        sgd_momentum_update(state.weight, state.momentum_weight,
+                            feedback_pairing(g, residual, q, v), at::Tensor(), grad_scale,
+                            weight_decay, momentum, lr);
         // The bias gradient accumulates in float32 for bfloat16/float16 (a float16 partial sum
         // overflows at 65504, and the float32 master would take its inf), in the master's dtype.
         const auto acc = is_reduced_float(residual) ? at::kFloat : residual.scalar_type();
         const auto bias_grad =
             (g.is_conv ? residual.sum({0, 2, 3}, false, acc) : residual.sum(0, false, acc))
                 .to(state.bias.scalar_type());
-        sgd_ldrl_update(state.bias, state.momentum_bias, bias_grad, at::Tensor(), grad_scale,
-                        weight_decay, momentum, lr);
+        sgd_momentum_update(state.bias, state.momentum_bias, bias_grad, at::Tensor(), grad_scale,
+                            weight_decay, momentum, lr);
         const auto r = to_opmath(flat(residual));  // the loss: a float32 reduction
         return at::dot(r, r);
       });

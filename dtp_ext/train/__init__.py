@@ -1,4 +1,4 @@
-"""`dtp-ext train`: train a network with L-DRL or a baseline and log alignment (issue 4).
+"""`dtp-ext train`: train a network with L-DRL or a baseline and log alignment.
 
 from dtp_ext.train import TrainConfig, train
 summary = train(TrainConfig(algorithm="ldrl", dataset="mnist", max_steps=100))

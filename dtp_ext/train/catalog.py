@@ -6,13 +6,14 @@ DTP blocks, and only those two algorithms' targets flow through autograd).
 Every algorithm trains the same module (BP simply ignores the feedback buffers), so weights,
 checkpoints and metrics have the same names whatever the algorithm. Each model also carries the
 feedback hyper-parameters known to work for it (per trained block, forward order; the
-torchvision models take one value for every trained block).
+torchvision models take one value for every trained block): MODELS is the one table of each
+model's settings, which resolve.py, the presets and the command's help read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 import dtp_ext
 from dtp_ext.models import ADAPTATIONS, mnist_convnet, simple_vgg, torchvision_model
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ModelSpec:
     min_size: int  # smallest square input it accepts
     about: str
     chain: bool = True  # an nn.Sequential of DTP blocks joined by Flatten
+    # The paper's feedback iterations on a dataset where they differ from feedback["ldrl"]'s
+    # (its presets, presets.py; other runs take the defaults).
+    paper_iterations: dict[str, list[int]] = field(default_factory=dict)
 
     def feedback_defaults(self, algorithm: str):
         family = {"dtp": "reconstruction", "tp": "reconstruction"}.get(algorithm, algorithm)
@@ -81,6 +85,7 @@ MODELS: dict[str, ModelSpec] = {
         },
         32,
         "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear",
+        paper_iterations={"imagenet32": [25, 35, 40, 60, 25]},  # SPEC §4
     ),
 }
 

@@ -13,7 +13,7 @@ from .config import TrainConfig
 from .datasets import ImageSet
 
 
-class Counter:
+class RunningTotals:
     """Running train loss and top-1/top-5 over an epoch (plain floats: saved in checkpoints)."""
 
     def __init__(self, state: dict | None = None):
@@ -69,7 +69,7 @@ def evaluate(
     lo, hi = shard(len(data), ctx.rank, ctx.world)
     was_training = model.training
     model.eval()
-    counter = Counter()
+    counter = RunningTotals()
     part = ImageSet(data.images[lo:hi], data.labels[lo:hi])
     for x, y in eval_batches(part, cfg.eval_batch_size, info.mean, info.std, ctx.device):
         logits = model(x)
@@ -77,5 +77,5 @@ def evaluate(
     model.train(was_training)
     if ctx.world > 1:
         keys = ("loss", "top1", "top5", "seen")
-        counter = Counter(dict(zip(keys, ctx.sum_floats([counter.state[k] for k in keys]))))
+        counter = RunningTotals(dict(zip(keys, ctx.sum_floats([counter.state[k] for k in keys]))))
     return counter.means("test")

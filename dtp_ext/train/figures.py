@@ -1,4 +1,5 @@
-"""The paper's alignment figures as commands (`dtp-ext figure jmc|gmp`, SPEC §6).
+"""The paper's alignment figures (SPEC §6), which `dtp-ext figure jmc|gmp` writes (its command
+line: dtp_ext/cli/figure.py).
 
 jmc: on one fixed batch, train only the feedback of the output block for many iterations and
      follow its alignment with the forward Jacobian: L-DRL's V against W^T, DRL's direct

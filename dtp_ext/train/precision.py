@@ -50,9 +50,7 @@ class Precision:
         try:
             with dtp_ext.loss_scale(scale):
                 self.scaler.scale(loss).backward()
-        except ValueError as exc:
-            if not ops.is_non_finite_input_error(exc):
-                raise
+        except ops.NonFiniteInputError:
             for p in params:
                 if p.requires_grad:
                     p.grad = torch.full_like(p, math.inf)

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from .catalog import MODELS
+from .config import DEFAULT_LR
+
 BETA = 0.7
 
-_PAPER_FEEDBACK_CIFAR = {
-    "feedback_iterations": [20, 30, 35, 55, 20],
-    "feedback_noise": [0.4, 0.4, 0.2, 0.2, 0.08],
-    "feedback_lr": [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
-}
+
+def _paper_feedback(model: str, dataset: str) -> dict[str, Any]:
+    """The model's L-DRL feedback settings (catalog.py), with the paper's iterations on
+    `dataset` where they differ."""
+    spec = MODELS[model]
+    iterations, noise, lr = spec.feedback["ldrl"]
+    return {
+        "feedback_iterations": list(spec.paper_iterations.get(dataset, iterations)),
+        "feedback_noise": list(noise),
+        "feedback_lr": list(lr),
+    }
 
 
-def _ldrl_paper(dataset: str, lr_paper: float, batch: int, iterations) -> dict[str, Any]:
+def _ldrl_paper(dataset: str, lr_paper: float, batch: int) -> dict[str, Any]:
     return dict(
-        _PAPER_FEEDBACK_CIFAR,
+        _paper_feedback("simplevgg", dataset),
         algorithm="ldrl",
         dataset=dataset,
         model="simplevgg",
@@ -34,14 +43,12 @@ def _ldrl_paper(dataset: str, lr_paper: float, batch: int, iterations) -> dict[s
         t_max=85,
         eta_min=round(BETA * 1e-5, 12),
         augment=True,
-        feedback_iterations=iterations,
     )
 
 
 def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> dict[str, Any]:
-    """Full MNIST / Fashion-MNIST, 5 epochs of the small conv net. lr 0.01 (gradient units) is
-    the value SPEC §4 found stable for L-DRL; BP and vanilla DTP share it (the same step size in
-    gradient units); DRL and SPEC's TP diverge there and use 0.001.
+    """Full MNIST / Fashion-MNIST, 5 epochs of the small conv net, at each algorithm's default
+    lr (config.DEFAULT_LR, which says why) and the model's feedback settings (catalog.py).
 
     `penultimate` "gradient" (presets `<dataset>-dtp-lee`, `<dataset>-tp-lee`): the last hidden
     block's target by a gradient step through the output block, as Lee et al. 2015 (why:
@@ -55,9 +62,8 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> dict[
         "momentum": 0.9,
         "weight_decay": 0.0,
         "scheduler": "cosine",
-        "lr": {"drl": 0.001, "tp": 0.001}.get(algorithm, 0.01),
+        "lr": DEFAULT_LR[algorithm],
     }
-    # Feedback settings: the model's defaults for the algorithm (catalog.py).
     if penultimate == "gradient":
         cfg["penultimate_target"] = "gradient"
     if algorithm == "tp" and penultimate == "gradient":
@@ -68,7 +74,7 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> dict[
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cifar10-simplevgg-ldrl": _ldrl_paper("cifar10", 0.05, 128, [20, 30, 35, 55, 20]),
+    "cifar10-simplevgg-ldrl": _ldrl_paper("cifar10", 0.05, 128),
     "cifar10-simplevgg-bp": {
         "algorithm": "bp",
         "dataset": "cifar10",
@@ -83,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eta_min": 1e-5,
         "augment": True,
     },
-    "imagenet32-simplevgg-ldrl": _ldrl_paper("imagenet32", 0.01, 256, [25, 35, 40, 60, 25]),
+    "imagenet32-simplevgg-ldrl": _ldrl_paper("imagenet32", 0.01, 256),
     "imagenet32-simplevgg-bp": {
         "algorithm": "bp",
         "dataset": "imagenet32",

@@ -10,6 +10,7 @@ from dtp_ext import hardware
 
 from .catalog import DEFAULT_MODEL, MODELS, model_spec, trained_block_count
 from .config import (
+    DEFAULT_LR,
     MAX_ITERATIONS,
     MIXED_PRECISION_ALGORITHMS,
     TARGET_ALGORITHMS,
@@ -19,13 +20,6 @@ from .config import (
     validate,
 )
 from .datasets import INFO
-
-# Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
-# bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
-# was unstable on the MNIST conv net: 83% after one epoch). tp and drl move hidden layers by
-# G(t) or Q(t - h), much larger than backprop's step with untrained feedback, and diverge at
-# 0.01 on MNIST. The paper presets set their own lrs.
-DEFAULT_LR = {"bp": 0.01, "ldrl": 0.01, "dtp": 0.01, "tp": 0.001, "drl": 0.001}
 
 # What trains a model that is not a chain (a converted torchvision network).
 CHAIN_FREE_ALGORITHMS = ("bp", "ldrl")

@@ -35,7 +35,8 @@ from .batches import batch_count, normalise, shard, steps_per_epoch, train_batch
 from .catalog import build_model, model_spec
 from .config import ConfigError, TrainConfig
 from .datasets import INFO, load_split
-from .evaluation import Counter, batch_totals, evaluate
+from .evaluation import RunningTotals, batch_totals, evaluate
+from .events import EventLog, event_files
 from .plots import write_plots
 from .precision import MAX_CONSECUTIVE_OVERFLOWS, Precision
 from .probe import layer_metrics
@@ -46,8 +47,17 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-# What a run writes in --out (besides the checkpoint); a fresh run removes stale copies.
-OUTPUTS = ("metrics.jsonl", "steps.jsonl", "summary.json", "accuracy.png", "alignment.png")
+# What a run writes in --out (besides the checkpoint and the TensorBoard event files, see
+# events.py); a fresh run removes stale copies.
+CONFIG_NAME = "config.json"  # the resolved options, written as the run starts
+OUTPUTS = (
+    CONFIG_NAME,
+    "metrics.jsonl",
+    "steps.jsonl",
+    "summary.json",
+    "accuracy.png",
+    "alignment.png",
+)
 
 
 def default_log_every(planned_steps: int) -> int:
@@ -161,14 +171,15 @@ class Run:
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self._checkpoint_step: int | None = None  # the step of the latest checkpoint on disk
-        self.counter = Counter()
+        self.counter = RunningTotals()
         self.window, self.window_steps = (
-            Counter(),
+            RunningTotals(),
             0,
         )  # train metrics since the last steps.jsonl line
         self.elapsed = 0.0
         self.resumed_from: int | None = None
         self.stop_requested = False
+        self.events: EventLog | None = None  # rank 0's TensorBoard writer while training
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg.batch_size, ctx.world)
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -246,10 +257,10 @@ class Run:
             self.precision.load_state_dict(state.get("precision") or {})
             self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
             self.global_step, self.elapsed = int(state["global_step"]), float(state["elapsed"])
-            self.counter = Counter(state["counter"])
+            self.counter = RunningTotals(state["counter"])
             window = state.get("window") or {}  # absent from checkpoints of older versions
             self.window, self.window_steps = (
-                Counter(window.get("counter")),
+                RunningTotals(window.get("counter")),
                 int(window.get("steps", 0)),
             )
             self.algorithm.last_feedback_losses = dict(state.get("feedback_losses") or {})
@@ -333,10 +344,11 @@ class Run:
                 f.write(json.dumps(r) + "\n")
 
     def _log_step(self, kind: str | None = None, alignment: dict | None = None):
-        """A steps.jsonl line (rank 0): train metrics over the steps since the previous regular
-        line, the lr, the last feedback losses and the alignment on the probe batch. `kind`
-        "epoch" marks an epoch's end; "stop" a run stopping (--max-steps, a signal), which
-        leaves the window running so that the regular lines match an uninterrupted run."""
+        """A steps.jsonl line (rank 0), and its scalars in the TensorBoard event file: train
+        metrics over the steps since the previous regular line, the lr, the last feedback
+        losses and the alignment on the probe batch. `kind` "epoch" marks an epoch's end;
+        "stop" a run stopping (--max-steps, a signal), which leaves the window running so that
+        the regular lines match an uninterrupted run."""
         if self.ctx.main:
             record = {
                 "step": self.global_step,
@@ -356,17 +368,17 @@ class Run:
             self.step_records.append(record)
             with open(self.out / "steps.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.events is not None:
+                self.events.write(record)
         if kind != "stop":
-            self.window, self.window_steps = Counter(), 0
+            self.window, self.window_steps = RunningTotals(), 0
 
     def _alignment(self) -> dict:
         """layer_metrics on the probe batch; {} when the weights have gone non-finite (the step
         guard then stops the run with the reason; a log line must not crash it first)."""
         try:
             return layer_metrics(self.algorithm, *self.probe)
-        except (ValueError, FloatingPointError) as exc:
-            if isinstance(exc, ValueError) and not ops.is_non_finite_input_error(exc):
-                raise
+        except (ops.NonFiniteInputError, FloatingPointError):
             return {}
 
     def _stop(self, why: str, signum: int | None = None):
@@ -416,11 +428,9 @@ class Run:
         cause = ""
         try:
             loss, logits = self.algorithm.train_step(x, y, self.global_step)
-        except (FloatingPointError, ValueError) as exc:
+        except (FloatingPointError, ops.NonFiniteInputError) as exc:
             # FeedbackTrainer refuses non-finite feedback steps; a fused op refuses a non-finite
             # input (e.g. the DTP backward of a NaN loss) before any gradient is written.
-            if isinstance(exc, ValueError) and not ops.is_non_finite_input_error(exc):
-                raise
             loss, logits, cause = None, None, f" ({exc})"
         params = [p for _, p in self.named_params]
         totals = self.ctx.step_totals(
@@ -488,6 +498,8 @@ class Run:
             )
             self.records.append(record)
             self._write_records()
+            if self.events is not None:
+                self.events.write(record, epoch=True)
         if self.window_steps:
             self._log_step("epoch", alignment)
         with warnings.catch_warnings():
@@ -497,7 +509,7 @@ class Run:
                 "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
             )
             self.scheduler.step()
-        self.epoch, self.step_in_epoch, self.counter = self.epoch + 1, 0, Counter()
+        self.epoch, self.step_in_epoch, self.counter = self.epoch + 1, 0, RunningTotals()
         self.save()
         self._plot()
         return record
@@ -513,6 +525,8 @@ class Run:
             if not hasattr(self, "records"):  # a fresh run: no stale outputs of an earlier one
                 for name in OUTPUTS:
                     (self.out / name).unlink(missing_ok=True)
+                for path in event_files(self.out):
+                    path.unlink(missing_ok=True)
                 self.records, self.step_records = [], []
         batch = f"batch {cfg.batch_size}"
         if ctx.world > 1:
@@ -532,6 +546,24 @@ class Run:
         left = self._nothing_left()
         if left:
             return self._nothing_to_do(left)
+        if ctx.main:
+            self._start_files()
+        try:
+            return self._train()
+        finally:
+            if self.events is not None:
+                self.events.close()
+                self.events = None
+
+    def _start_files(self):
+        """What a run writes before its first step (rank 0): config.json, and the TensorBoard
+        event file, holding a resumed run's kept JSONL lines (events.py)."""
+        (self.out / CONFIG_NAME).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        if self.cfg.tensorboard:
+            self.events = EventLog.open(self.out, self.step_records, self.records, self.log)
+
+    def _train(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
         signum = self._signal_agreed()  # received while the data was read
         if signum:
             self._stop("signal", signum)
@@ -573,9 +605,9 @@ class Run:
                     refresh=False,
                 )
                 last = self.step_in_epoch == self.steps_per_epoch
-                if (
-                    self.global_step % cfg.log_every == 0 and not last
-                ):  # the epoch's end logs its own
+                # The run's first step has a line at once, for whoever watches the file; the
+                # epoch's end logs its own.
+                if (self.global_step % cfg.log_every == 0 or self.global_step == 1) and not last:
                     self._log_step()
                 if self.stop_requested:  # a signal on some rank: all ranks agree on this step
                     signum = interrupt.requested() or interrupt.signal.SIGTERM
@@ -737,4 +769,5 @@ class Run:
                 f"{'-' if d is None else f'{d:.2f}':>10}{update:>13.1f}°"
             )
         written = [n for n in (*OUTPUTS, ckpt.CHECKPOINT_NAME) if (self.out / n).exists()]
+        written += [p.name for p in event_files(self.out)]
         self.log(f"wrote in {self.out}: {', '.join(written)}")

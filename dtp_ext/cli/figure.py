@@ -1,14 +1,31 @@
-"""The `dtp-ext` command line: `dtp-ext train ...` (its options and run: dtp_ext/train/command.py),
-`dtp-ext figure jmc|gmp` and `dtp-ext presets`."""
+"""`dtp-ext figure jmc|gmp`: its options, their checks, and the run that writes the paper's
+alignment figure (the figures themselves: dtp_ext/train/figures.py)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
+from dtp_ext.train import outdir
+from dtp_ext.train.catalog import DEFAULT_MODEL
+from dtp_ext.train.config import ConfigError, by_value
+from dtp_ext.train.datasets import DatasetNotFound
+from dtp_ext.train.figures import JMC_EVERY, gmp, jmc, write_figure
 
-def _add_figure_parser(sub):
+from .formatting import HelpFormatter
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+FIGURES = {"jmc": jmc, "gmp": gmp}
+
+
+def _default(name: str, figure: str):
+    return inspect.signature(FIGURES[figure]).parameters[name].default
+
+
+def add_parser(sub):
+    """The `figure` subcommand on the subparsers `sub` of the top-level parser."""
     p = sub.add_parser(
         "figure",
         help="regenerate the paper's JMC or GMP alignment figure",
@@ -18,30 +35,35 @@ def _add_figure_parser(sub):
         "after feedback training (L-DRL, L-DRL with random feedback, DRL). "
         "Writes OUT/<kind>.png and OUT/<kind>.json; about 15 s (jmc) and "
         "40 s (gmp) on MNIST on one core.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("kind", choices=("jmc", "gmp"))
+    p.add_argument("kind", choices=tuple(FIGURES))
     p.add_argument(
         "--dataset",
-        choices=("mnist", "fashion-mnist", "cifar10"),
-        default="mnist",
-        help="mnist (shipped, default) uses mnist-convnet; cifar10 (needs --data-dir) SimpleVGG",
+        choices=DATASETS,
+        default=_default("dataset", "jmc"),
+        help="mnist is shipped, the others need --data-dir; the model: "
+        + by_value({d: DEFAULT_MODEL[d] for d in DATASETS}),
     )
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument(
-        "--iterations", type=int, help="feedback iterations (default 3000 jmc, 1000 gmp)"
+        "--iterations",
+        type=int,
+        help="feedback iterations (default: "
+        + ", ".join(f"{_default('iterations', f)} for {f}" for f in FIGURES)
+        + ")",
     )
-    p.add_argument("--batch-size", type=int, default=128, help="the fixed batch (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=int, default=_default("batch_size", "jmc"), help="the fixed batch"
+    )
+    p.add_argument("--seed", type=int, default=_default("seed", "jmc"), help="random seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/figures", metavar="DIR", help="default runs/figures")
+    p.add_argument("--out", default="runs/figures", metavar="DIR", help="output folder")
+    return p
 
 
-def _figure_options(args: argparse.Namespace) -> dict:
+def _options(args: argparse.Namespace) -> dict:
     """The figure's options, checked (ConfigError names the argument and what was expected)."""
-    from .train import outdir
-    from .train.config import ConfigError
-    from .train.figures import JMC_EVERY
-
     if args.batch_size < 1:
         raise ConfigError(
             f"--batch-size must be >= 1 (images in the fixed batch), got {args.batch_size}"
@@ -71,15 +93,12 @@ def _figure_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _run_figure(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Runs `dtp-ext figure` as parsed by `add_parser`; returns the exit code."""
     import torch
 
-    from .train.config import ConfigError
-    from .train.datasets import DatasetNotFound
-    from .train.figures import write_figure
-
     try:
-        options = _figure_options(args)
+        options = _options(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         data = write_figure(args.kind, Path(args.out), **options)
@@ -96,48 +115,3 @@ def _run_figure(args: argparse.Namespace) -> int:
             print(f"GMP {variant:<12}" + "  ".join(f"{n} {a:5.1f}" for n, a in angles.items()))
     print(f"wrote {args.out}/{args.kind}.png and {args.kind}.json")
     return 0
-
-
-def _run_presets(args: argparse.Namespace) -> int:
-    from .train.presets import PRESETS, describe
-
-    width = max(map(len, PRESETS))
-    print("presets of dtp-ext train --config NAME (options on the command line override them):")
-    for name in sorted(PRESETS):
-        print(f"  {name:<{width}}  {describe(name)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from . import __version__
-    from .train import command
-
-    parser = argparse.ArgumentParser(
-        prog="dtp-ext",
-        description="dtp_ext: difference target propagation with learned backprop targets (L-DRL)",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"dtp-ext {__version__} (torch {torch.__version__})"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    command.add_parser(sub)
-    _add_figure_parser(sub)
-    sub.add_parser(
-        "presets",
-        help="list the presets of dtp-ext train --config, one line each",
-        description="List the presets of `dtp-ext train --config NAME`, one line each.",
-    )
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        return command.run(args)
-    if args.command == "figure":
-        return _run_figure(args)
-    if args.command == "presets":
-        return _run_presets(args)
-    parser.error(f"unknown command {args.command!r}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

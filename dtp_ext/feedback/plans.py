@@ -1,0 +1,145 @@
+"""Each trained block's plan (dtp_ext.alignment.plan_feedback: settings, predicted floor and
+cost), kept per block and made again when a block's per-sample input shape changes
+(docs/feedback_trainer.md §2, docs/maths.md §8)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import alignment
+from ..user_warnings import warn_at_caller
+from .ranks import process_group_size, sum_across_ranks
+from .selection import TrainedBlock
+from .settings import HYPERPARAMETERS, BlockSettings
+
+
+class BlockPlans:
+    """The plans by block name, the input shape each was made for, and every block's forward
+    multiply-adds at the plans' batch (what explain() compares their cost with)."""
+
+    def __init__(self):
+        self._plans: dict[str, alignment.BlockPlan] = {}
+        self._planned_for: dict[str, tuple] = {}  # name -> (per-sample shape, batch)
+        self.forward_macs = 0  # every block's forward multiply-adds, at the plans' batch
+        self._warned: set[str] = set()  # blocks warned about as predicted unstable
+
+    def __getitem__(self, name: str) -> alignment.BlockPlan:
+        return self._plans[name]
+
+    def get(self, name: str) -> alignment.BlockPlan | None:
+        return self._plans.get(name)
+
+    def as_dict(self) -> dict[str, alignment.BlockPlan]:
+        return dict(self._plans)
+
+    def clear(self):
+        """Plan every block again at the next step (a setting changed)."""
+        self._plans = {}
+
+    def apply(
+        self, trained: list[TrainedBlock], model_blocks: list, **options
+    ) -> list[TrainedBlock]:
+        """`trained` with each block's settings taken from its plan, made for the blocks'
+        recorded inputs when missing or when a block's per-sample input shape changed; the batch
+        a block was first planned for is kept. `options`: plan_feedback's momentum,
+        target_angle, averaged_steps, max_cost and warm_start."""
+        keys = {}
+        for t in trained:
+            x = t.block.recorded_input
+            if x is None:
+                return trained  # nothing to plan from yet (step() refuses it)
+            old = self._planned_for.get(t.name)
+            per_sample = tuple(x.shape[1:])
+            keys[t.name] = (per_sample, old[1] if old and old[0] == per_sample else None)
+        if any(k[1] is None for k in keys.values()) or any(n not in self._plans for n in keys):
+            self._make(trained, keys, model_blocks, options)
+        return [
+            dataclasses.replace(t, settings=self._settings(self._plans[t.name])) for t in trained
+        ]
+
+    @staticmethod
+    def _settings(plan: alignment.BlockPlan) -> BlockSettings:
+        return BlockSettings(plan.iterations, plan.noise_std, plan.lr)
+
+    def _make(self, trained, keys, model_blocks, options):
+        # A new input shape is planned for its batch: under torch.distributed the global one
+        # (every rank's shard: the noise samples an averaged gradient holds), so that every
+        # rank plans the same iterations (one all-reduce, when a shape is first seen).
+        new = [t.name for t in trained if keys[t.name][1] is None]
+        if new:
+            recorded = {t.name: t.block.recorded_input for t in trained}
+            batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
+            if process_group_size() > 1:
+                batches = sum_across_ranks(batches.to(recorded[new[0]].device))
+            keys = dict(keys)
+            keys.update({n: (keys[n][0], int(b)) for n, b in zip(new, batches.tolist())})
+
+        def shape_of(block, batch):
+            """The block's shape on its recorded input, for `batch` samples."""
+            x = block.recorded_input
+            shape = alignment.block_shape(block, x)
+            return dataclasses.replace(shape, batch=batch, macs=shape.macs * batch // x.shape[0])
+
+        shapes = [(t.name, shape_of(t.block, keys[t.name][1])) for t in trained]
+        # Every block's forward on the same batch (a backprop step is 3 of them); kept for
+        # explain(), which compares the plans' cost with it.
+        batch = shapes[0][1].batch
+        self.forward_macs = sum(
+            shape_of(b, batch).macs for _, b in model_blocks if b.recorded_input is not None
+        )
+        given = {
+            h: [t.settings.values()[i] for t in trained] for i, h in enumerate(HYPERPARAMETERS)
+        }
+        plans = alignment.plan_feedback(shapes, **given, **options, backprop_macs=self.forward_macs)
+        for plan in plans:
+            self._plans[plan.name] = plan
+            self._planned_for[plan.name] = keys[plan.name]
+            if not plan.raw_floor.stable and plan.name not in self._warned:
+                self._warned.add(plan.name)
+                warn_at_caller(
+                    f"FeedbackTrainer: block {plan.name!r}'s feedback settings are predicted "
+                    f"{plan.notes[0]}; its feedback weight would grow step after step "
+                    "(dtp_ext.alignment.noise_floor, docs/maths.md §7)",
+                )
+
+    def describe(self, trained: list[TrainedBlock]) -> list[str]:
+        """explain()'s lines for `trained` (numbered): each block's settings and, once planned,
+        its plan, then the plans' predicted cost against a backprop step's."""
+        lines, total = [], 0.0
+        for i, t in enumerate(trained, 1):
+            kind = type(t.block).__name__
+            plan = self._plans.get(t.name)
+            if plan is None:
+                given = ", ".join(
+                    f"{h} {'planned at the first step' if v is None else f'{v:g}'}"
+                    for h, v in zip(HYPERPARAMETERS, t.settings.values())
+                )
+                lines.append(f"  {i}. {t.name} ({kind}): {given}")
+                continue
+            total += plan.cost
+            k, sigma, lr = t.settings.values()
+            flag = "  <-- " + "; ".join(plan.notes) if plan.notes else ""
+            lines.append(
+                f"  {i}. {t.name} ({kind}): iterations {k}, noise_std {sigma:g}, lr {lr:g}{flag}"
+            )
+            lines.append("       " + alignment.describe_plan(plan))
+        if self._plans and trained:
+            backprop = 3 * self.forward_macs
+            lines.append(
+                f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
+                f"{total / backprop if backprop else 0:.2f}x a backprop step's"
+            )
+        return lines
+
+    def state_dict(self) -> dict:
+        """The input shape each block was planned for: {name: [per-sample shape, batch]}."""
+        return {n: [list(k[0]), k[1]] for n, k in self._planned_for.items()}
+
+    def load_state_dict(self, planned_for: dict):
+        """Plan again, at the next step, for the saved input shapes and batches."""
+        self._planned_for = {
+            n: (tuple(shape), int(batch)) for n, (shape, batch) in planned_for.items()
+        }
+        self._plans = {}

@@ -1,0 +1,50 @@
+"""The feedback settings' rules: the bounds, the one check of per-block values, and the record
+of one block's settings (docs/feedback_trainer.md §2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+# Bounds that keep every derived size finite and within the ops' 64-bit integers.
+MAX_ITERATIONS = 10**9  # feedback iterations of one block in one step
+
+HYPERPARAMETERS = ("iterations", "noise_std", "lr")
+
+SYNC_MODES = (None, "gradients", "weights", "none")
+
+
+def finite_real(value) -> bool:
+    """A finite real number (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+
+
+def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
+    """A scalar or a list of per-block values: each finite, >= 0 (whole, and at most
+    MAX_ITERATIONS, for iterations). The one check of per-block feedback settings (`dtp-ext
+    train`'s config calls it too); errors start with `owner`."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    prefix = f"{owner}: " if owner else ""
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{prefix}{name} entries must be finite numbers >= 0, got {v!r}")
+        if integer and int(v) != v:
+            raise ValueError(f"{prefix}{name} entries must be whole numbers, got {v!r}")
+        if integer and v > MAX_ITERATIONS:
+            raise ValueError(f"{prefix}{name} entries must be at most {MAX_ITERATIONS}, got {v!r}")
+    cast = int if integer else float
+    return [cast(v) for v in values] if isinstance(value, (list, tuple)) else cast(value)
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """One block's feedback settings for a step; None: planned (dtp_ext.alignment.plan_feedback)."""
+
+    iterations: int | None = None
+    noise_std: float | None = None
+    lr: float | None = None
+
+    def values(self) -> tuple:
+        """(iterations, noise_std, lr), in HYPERPARAMETERS' order."""
+        return self.iterations, self.noise_std, self.lr
