@@ -18,7 +18,7 @@ from .nn import Conv2d, DTPBlock, Linear
 class ConversionReport:
     """What `convert` did: the blocks it made (with what it folded into them) and every leaf
     module it left as a plain torch module, each with the reason. Difference targets pass
-    through plain modules as a gradient would (SPEC §3); functional calls inside a module's
+    through plain modules as a gradient would (docs/maths.md §3); functional calls inside a module's
     forward() (torch.flatten, F.relu, residual `+`) are not modules and are not listed."""
 
     converted: list[tuple[str, str, list[str]]] = field(default_factory=list)  # name, type, folded

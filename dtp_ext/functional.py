@@ -1,4 +1,4 @@
-"""The functional form of a DTP block (SPEC §1), as torch.nn.functional is for torch.nn.
+"""The functional form of a DTP block (docs/maths.md §1), as torch.nn.functional is for torch.nn.
 
 `block_forward` and `feedback_block` take tensors and the block's options, in plain torch ops
 with autograd: dtp_ext.Linear/Conv2d run `block_forward` as their forward, and the autograd
@@ -66,7 +66,7 @@ def feedback_block(
     dilation=1,
     groups=1,
 ):
-    """G(y) = V phi(unpool(y)) + c (SPEC §1): MaxUnpool2d with the forward's indices, the
+    """G(y) = V phi(unpool(y)) + c (docs/maths.md §1): MaxUnpool2d with the forward's indices, the
     activation, then the linear / transposed-conv map with the same stride, padding and
     dilation as the forward conv, its output sized to the forward input's `input_shape`."""
     if indices is not None:
@@ -110,7 +110,7 @@ def _ldrl_inputs(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.T
 
 @torch.no_grad()
 def ldrl_loss(block, x: torch.Tensor, noise_x: torch.Tensor, noise_y: torch.Tensor) -> ops.LdrlLoss:
-    """SPEC §2.1 for one dtp_ext.Linear/Conv2d block on input batch `x` with explicit, already
+    """docs/maths.md §2 for one dtp_ext.Linear/Conv2d block on input batch `x` with explicit, already
     scaled noise (noise_x has x's shape, noise_y the block output's). Returns
     LdrlLoss(loss, grad_feedback_weight, grad_feedback_bias) through the same fused kernels as
     FeedbackTrainer (ops.ldrl_loss, on the block's tensors); the bias gradient is exactly zero

@@ -1,6 +1,6 @@
 """dtp_ext.loss_scale: tell the DTP blocks that the loss they receive gradients of was scaled.
 
-A DTP block turns its incoming gradient delta into a finite target step beta*B*delta (SPEC §3,
+A DTP block turns its incoming gradient delta into a finite target step beta*B*delta (docs/maths.md §3,
 §10), so a loss multiplied by k (GradScaler, a manual scale, 1/n for n accumulated
 micro-batches) changes the direction of hidden updates, not only their size. Inside
 `with dtp_ext.loss_scale(k):` the blocks divide k out of the step and return k times the

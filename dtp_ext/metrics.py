@@ -1,4 +1,4 @@
-"""Alignment metrics between forward and feedback weights (SPEC §6)."""
+"""Alignment metrics between forward and feedback weights (docs/maths.md §12)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def simple_vgg(
     beta: float = 0.7,
     input_size: int = 32,
 ) -> nn.Sequential:
-    """SimpleVGG (SPEC §1): five conv3x3 (stride 1, padding 1) -> ELU -> maxpool 2x2 blocks
+    """SimpleVGG (docs/maths.md §1): five conv3x3 (stride 1, padding 1) -> ELU -> maxpool 2x2 blocks
     named conv1..conv5, flatten, and `fc`: Linear(widths[-1] * (input_size/32)^2 -> classes).
     2,221,706 parameters for 10 classes on 32x32 inputs."""
     layers, cin = OrderedDict(), in_channels
@@ -44,7 +44,7 @@ def simple_vgg(
 def mnist_convnet(
     num_classes: int = 10, in_channels: int = 1, input_size: int = 28, beta: float = 0.7
 ) -> nn.Sequential:
-    """conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear: the SPEC §4 "Stability" network."""
+    """conv5x5 16 ELU pool2, conv5x5 32 ELU pool2, linear: the network of docs/maths.md §14's divergence note."""
     side = ((input_size - 4) // 2 - 4) // 2
     return nn.Sequential(
         OrderedDict(

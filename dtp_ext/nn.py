@@ -1,12 +1,12 @@
 """Drop-in DTP layers: dtp_ext.Linear and dtp_ext.Conv2d.
 
 Each is a subclass of its torch.nn twin with the same forward weights and state_dict keys, plus
-two buffers, `feedback_weight` and `feedback_bias` (SPEC §1). They are buffers, not parameters,
+two buffers, `feedback_weight` and `feedback_bias` (docs/maths.md §1). They are buffers, not parameters,
 on purpose: autograd never trains them (FeedbackTrainer's fused loop does), so the optimizer
 you build from `model.parameters()` can never touch them, while state_dict, `.to()` and
 checkpoints carry them like any weight.
 
-A block computes s = pool(phi(op(x))). Its backward pass (SPEC §3) returns weight gradients by
+A block computes s = pool(phi(op(x))). Its backward pass (docs/maths.md §3) returns weight gradients by
 the block's own local vector-Jacobian product, and hands the previous block the difference
 target in gradient units, delta_in = (G(s) - G(s - beta*B*delta)) / (beta*B).
 """
@@ -103,7 +103,7 @@ class _DTPBlockFunction(torch.autograd.Function):
 
 
 def _propagate_target(output, indices, delta, feedback_weight, step, input_shape, geometry):
-    """SPEC §3's target step beta*B*delta for a loss scaled by dtp_ext.loss_scale(k): the true
+    """docs/maths.md §3's target step beta*B*delta for a loss scaled by dtp_ext.loss_scale(k): the true
     step is beta*B*delta/k, and the returned delta_in is k times the unscaled one."""
     if torch.compiler.is_compiling():
         # Read at run time through an op (a Python float would be frozen into the graph).
@@ -335,7 +335,7 @@ class DTPBlock:
     @property
     def input_needs_target(self) -> bool | None:
         """Whether the input of the latest training-mode forward pass with autograd on required
-        grad, i.e. something trainable produced it and it needs a target (SPEC §10); None
+        grad, i.e. something trainable produced it and it needs a target (docs/maths.md §5); None
         before such a pass."""
         return self._input_needs_target
 
@@ -419,7 +419,7 @@ class Conv2d(DTPBlock, nn.Conv2d):
     """nn.Conv2d (+ activation, + max-pool) with a learned transposed-conv feedback block.
 
     The feedback weight has the conv weight's shape (Cout, Cin/groups, kH, kW); with an
-    identical tensor the feedback's linear part is the exact adjoint of the conv (SPEC §1).
+    identical tensor the feedback's linear part is the exact adjoint of the conv (docs/maths.md §1).
     """
 
     def __init__(

@@ -122,7 +122,7 @@ class LdrlLoss(NamedTuple):
 def ldrl_loss(
     x, weight, bias, feedback_weight, noise_x, noise_y, geometry: BlockGeometry
 ) -> LdrlLoss:
-    """LdrlLoss(loss, grad_feedback_weight, grad_feedback_bias) of SPEC §2.1 with explicit
+    """LdrlLoss(loss, grad_feedback_weight, grad_feedback_bias) of docs/maths.md §2 with explicit
     noise, on a block's tensors (functional.ldrl_loss takes the block)."""
     return LdrlLoss(*_call("ldrl_loss", locals()))
 
@@ -179,7 +179,7 @@ def propagate_target(
     input_sizes: Sequence[int],
     geometry: BlockGeometry,
 ):
-    """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (SPEC §3, scale = beta * B)."""
+    """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (docs/maths.md §3, scale = beta * B)."""
     return _call("propagate_target", locals())
 
 

@@ -1,10 +1,10 @@
 """Every autograd computation of the library, in plain torch ops, the way the paper's code
-computes it (SPEC §1-§5). The fused kernels are checked and timed against it, and the training
+computes it (docs/maths.md §1-§4, §10). The fused kernels are checked and timed against it, and the training
 command's baselines compute with it:
 
-- one block: the L-DRL loss and its gradients (SPEC §2.1), vanilla DTP's reconstruction loss
-  (SPEC §5), and their feedback loops with torch.optim.SGD (`feedback_loop`);
-- a chain of blocks: per-block records, the paper-form targets of DTP and TP (SPEC §3, §5) and
+- one block: the L-DRL loss and its gradients (docs/maths.md §2), vanilla DTP's reconstruction loss
+  (docs/maths.md §10), and their feedback loops with torch.optim.SGD (`feedback_loop`);
+- a chain of blocks: per-block records, the paper-form targets of DTP and TP (docs/maths.md §3, §10) and
   the layer-local losses' weight gradients (`dtp_weight_gradients` for L-DRL's DTP step);
 - backprop through the same weights, for any model (`backprop_twin`, `backprop_gradients`).
 
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 FEEDBACK_LOSSES = ("ldrl", "reconstruction")
-PENULTIMATE_TARGETS = ("feedback", "gradient")  # the first is SPEC §5's form (`targets`)
+PENULTIMATE_TARGETS = ("feedback", "gradient")  # the first is docs/maths.md §10's form (`targets`)
 
 
 # -- one block ------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def feedback_block(block, y, indices, pre_pool_shape, input_shape, V=None, c=Non
 
 
 def ldrl_loss(block, x, noise_x, noise_y, V=None, c=None):
-    """SPEC §2.1 as the paper computes it, on the inputs functional.ldrl_loss takes (x in any
+    """docs/maths.md §2 as the paper computes it, on the inputs functional.ldrl_loss takes (x in any
     shape the block accepts, noise_x shaped like x, noise_y like the block's output); the loss
     alone, differentiable with respect to V and c (the block's feedback weight and bias unless
     given)."""
@@ -109,7 +109,7 @@ def ldrl_loss_and_grads(block, x, noise_x, noise_y) -> ops.LdrlLoss:
 
 
 def reconstruction_loss(block, x, eps, V=None, c=None):
-    """Vanilla DTP's feedback loss (SPEC §5), mean_b |(x + eps) - G(F(x + eps))|^2 with the
+    """Vanilla DTP's feedback loss (docs/maths.md §10), mean_b |(x + eps) - G(F(x + eps))|^2 with the
     noisy pass's pool indices; x in the block's op layout."""
     with torch.no_grad():
         y_noisy, indices, pre = forward_block(block, x + eps)
@@ -131,8 +131,8 @@ def feedback_loop(
     *,
     loss: str = "ldrl",
 ):
-    """SPEC §2.2 (`loss="ldrl"`) or vanilla DTP's feedback training (`loss="reconstruction"`,
-    SPEC §5; no noise_y) for one block with torch.optim.SGD, on copies of its feedback weights.
+    """docs/maths.md §4 (`loss="ldrl"`) or vanilla DTP's feedback training (`loss="reconstruction"`,
+    docs/maths.md §10; no noise_y) for one block with torch.optim.SGD, on copies of its feedback weights.
     Returns (V, c, losses, optimizer_state); pass optimizer_state back in to carry momentum
     across batches."""
     if loss not in FEEDBACK_LOSSES:
@@ -203,7 +203,7 @@ def forward_records(
 
 
 def first_target(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
-    """t_N = s_N - beta * grad of the sum-reduced cross-entropy (SPEC §3, paper form)."""
+    """t_N = s_N - beta * grad of the sum-reduced cross-entropy (docs/maths.md §3, paper form)."""
     with torch.enable_grad():
         s = logits.detach().requires_grad_(True)
         grad = torch.autograd.grad(F.cross_entropy(s, labels, reduction="sum"), s)[0]
@@ -233,7 +233,7 @@ def targets(
     difference: bool = True,
     penultimate: str = "feedback",
 ) -> list[torch.Tensor]:
-    """Targets t_1..t_N (paper form, SPEC §3) of DTP (`difference`: t_{n-1} = s_{n-1} +
+    """Targets t_1..t_N (paper form, docs/maths.md §3) of DTP (`difference`: t_{n-1} = s_{n-1} +
     G_n(t_n) - G_n(s_n)) or TP (t_{n-1} = G_n(t_n)), all with clean pool indices. t_N = s_N -
     beta * grad of the sum-reduced CE; t_{N-1} through the output block's G ("feedback") or
     by `penultimate_gradient_target` ("gradient")."""
@@ -292,7 +292,7 @@ def layer_loss_gradients(
 
 
 def dtp_weight_gradients(blocks: Sequence, x: torch.Tensor, labels: torch.Tensor, beta: float):
-    """Forward-weight gradients of one DTP step on a chain of blocks (SPEC §3, paper form),
+    """Forward-weight gradients of one DTP step on a chain of blocks (docs/maths.md §3, paper form),
     divided by beta to be in this library's gradient units. Returns [(grad_W, grad_b), ...]."""
     logits, records = forward_records(blocks, x)
     return layer_loss_gradients(records, targets(logits, labels, records, beta), beta)

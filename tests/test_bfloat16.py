@@ -172,7 +172,7 @@ def pooled_at(block, x, idx):
 
 
 def ldrl_loss_with_indices(block, x, nx, ny, V, device):
-    """reference.ldrl_loss (SPEC §2.1), pool indices from the bfloat16 passes on `device`."""
+    """reference.ldrl_loss (docs/maths.md §2), pool indices from the bfloat16 passes on `device`."""
     idx = bf16_indices(block, x, False, device)
     idx_noisy = bf16_indices(block, x + nx, True, device)
     with torch.no_grad():
@@ -254,7 +254,7 @@ def test_ldrl_feedback_loop_bfloat16(block_name, masters, device):
 
 
 def reconstruction_loss_with_indices(block, x, eps, V, c, device):
-    """Vanilla DTP's loss mean_b sum (G(F(x + eps)) - (x + eps))^2 (SPEC §5), G unpooling with
+    """Vanilla DTP's loss mean_b sum (G(F(x + eps)) - (x + eps))^2 (docs/maths.md §10), G unpooling with
     the noisy pass's indices, taken from the bfloat16 pass as the op does (see above)."""
     idx = bf16_indices(block, x + eps, True, device)
     with torch.no_grad():

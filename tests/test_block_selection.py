@@ -1,4 +1,4 @@
-"""Which blocks FeedbackTrainer trains: by data flow, in forward execution order (SPEC §10)."""
+"""Which blocks FeedbackTrainer trains: by data flow, in forward execution order (docs/maths.md §5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The fused K-iteration feedback loop (SPEC §2.2) against torch.optim.SGD on the reference."""
+"""The fused K-iteration feedback loop (docs/maths.md §4) against torch.optim.SGD on the reference."""
 
 import pytest
 import torch
@@ -102,7 +102,7 @@ def train_jmc(block, x, steps=2000, sigma=0.1, lr=0.02):
 
 @pytest.mark.integration
 def test_jmc_linear_block_aligns_to_one_degree():
-    """SPEC §8.2: L-DRL drives angle(W, V^T) to about 1 degree on a linear block."""
+    """docs/maths.md §13.2: L-DRL drives angle(W, V^T) to about 1 degree on a linear block."""
     torch.manual_seed(0)
     block = dtp_ext.Linear(20, 10).double()
     x = torch.randn(256, 20, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_jmc_linear_block_aligns_to_one_degree():
 
 @pytest.mark.integration
 def test_jmc_conv_block_aligns_with_transposed_conv():
-    """SPEC §8.2 for conv vs transposed conv (feedback weight in the conv's own shape)."""
+    """docs/maths.md §13.2 for conv vs transposed conv (feedback weight in the conv's own shape)."""
     torch.manual_seed(0)
     block = dtp_ext.Conv2d(3, 4, 3, padding=1).double()
     x = torch.randn(256, 3, 6, 6, dtype=torch.float64)

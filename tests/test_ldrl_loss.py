@@ -1,4 +1,4 @@
-"""The fused L-DRL loss and gradient (SPEC §2.1) against the autograd reference."""
+"""The fused L-DRL loss and gradient (docs/maths.md §2) against the autograd reference."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def test_fused_loss_and_gradients_equal_reference_float64(block_name):
     ref_loss, ref_v, ref_c = reference.ldrl_loss_and_grads(block, x, noise_x, noise_y)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_v, ref_v, rtol=1e-10, atol=1e-12)
-    assert torch.count_nonzero(grad_c) == 0  # exactly zero by construction (SPEC §2.1)
+    assert torch.count_nonzero(grad_c) == 0  # exactly zero by construction (docs/maths.md §2)
     torch.testing.assert_close(ref_c, torch.zeros_like(ref_c), rtol=0, atol=1e-12)
 
 
@@ -61,7 +61,7 @@ def test_non_contiguous_inputs_give_the_same_result(block_name):
 
 
 def test_linear_loss_and_gradient_expectation_monte_carlo():
-    """SPEC §8.1: E[loss] = sigma^2 (|V - W^T|^2 - |W|^2), E[grad] = 2 sigma^2 (V - W^T)."""
+    """docs/maths.md §13.1: E[loss] = sigma^2 (|V - W^T|^2 - |W|^2), E[grad] = 2 sigma^2 (V - W^T)."""
     torch.manual_seed(0)
     block = dtp_ext.Linear(6, 4, bias=True).double()
     sigma, batch, draws = 0.2, 512, 400

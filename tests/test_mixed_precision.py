@@ -16,7 +16,7 @@ BF16 = torch.bfloat16
 
 
 def jmc_angle(block, x, compute_dtype, iterations=2000, sigma=0.1, lr=0.02):
-    """SPEC §8.2 through FeedbackTrainer: one step of `iterations` L-DRL iterations on a fixed
+    """docs/maths.md §13.2 through FeedbackTrainer: one step of `iterations` L-DRL iterations on a fixed
     batch; angle(W, V) afterwards."""
     block = copy.deepcopy(block).train()
     block(x)  # records the input
@@ -37,7 +37,7 @@ def jmc_angle(block, x, compute_dtype, iterations=2000, sigma=0.1, lr=0.02):
 @pytest.mark.parametrize("kind", ["linear", pytest.param("conv", marks=pytest.mark.slow)])
 @pytest.mark.integration
 def test_jmc_in_bfloat16_within_one_degree_of_float32(kind):
-    """2000 L-DRL iterations (SPEC §8.2: sigma 0.1, batch 256, momentum 0.9) computed in
+    """2000 L-DRL iterations (docs/maths.md §13.2: sigma 0.1, batch 256, momentum 0.9) computed in
     bfloat16 with float32 masters end within 1 degree of the float32 run. Without masters the
     small late steps (lr * gradient ~ 1e-4 of |V|) would round away in bfloat16."""
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def test_autocast_runs_blocks_like_nn_modules_and_trainer_steps_after_it():
     assert (out.float() - reference_out).norm() < 2e-2 * reference_out.norm()
 
     # Backward: parameters get gradients in their own dtype; the last block's gradient is
-    # backprop's (SPEC §8.3), so it matches the plain twin's under the same autocast.
+    # backprop's (docs/maths.md §13.3), so it matches the plain twin's under the same autocast.
     with torch.autocast("cpu", dtype=BF16):
         loss = F.cross_entropy(model(x), y)
         twin_loss = F.cross_entropy(twin(x), y)
@@ -178,7 +178,7 @@ def test_compute_dtype_bfloat16_step_close_to_float32_step():
 
 
 def gmp_angle(activation, beta, dtype):
-    """SPEC §8.4/8.5's network (V = W^T) in `dtype`: the first layer's DTP update against
+    """docs/maths.md §13.4/13.5's network (V = W^T) in `dtype`: the first layer's DTP update against
     backprop's, computed in float64 on the same (rounded) weights and input."""
     from test_targets import dtp_and_bp_grads
 
@@ -202,7 +202,7 @@ def gmp_angle(activation, beta, dtype):
     "activation, beta", [(None, 0.7), (None, 5.0), ("tanh", 3.0), ("tanh", 0.3), ("tanh", 0.03)]
 )
 def test_gmp_angles_in_bfloat16_within_two_degrees_of_float64(activation, beta):
-    """SPEC §8.4 (linear net, V = W^T: DTP equals backprop for any beta) and §8.5 (tanh: the
+    """docs/maths.md §13.4 (linear net, V = W^T: DTP equals backprop for any beta) and §13.5 (tanh: the
     angle shrinks with beta): the same angles with every block in bfloat16, within 2 degrees.
     (Measured: at most 0.31 degrees in bfloat16, 0.06 in float16 on the CPU.)"""
     exact = gmp_angle(activation, beta, torch.float64)
@@ -214,7 +214,7 @@ def test_gmp_angles_in_bfloat16_within_two_degrees_of_float64(activation, beta):
 def test_float16_autocast_with_grad_scaler_needs_and_uses_the_loss_scale_api():
     """float16 training: torch.autocast(float16) + torch.amp.GradScaler. Inside
     dtp_ext.loss_scale(scaler.get_scale()) the unscaled gradients equal those of the unscaled
-    float16 loss (to float16 rounding); without it the scale changes the target step (SPEC §10)
+    float16 loss (to float16 rounding); without it the scale changes the target step (docs/maths.md §6)
     and the hidden blocks' updates are wrong. (Measured: 0.000 degrees with the API, a power-of-two
     scale being exact; 69 and 94 degrees on the first block's weight and bias without it.)"""
 

@@ -150,7 +150,7 @@ def test_ldrl_feedback_loop_equals_reference_sgd(block_x, k, chunk, sigma, lr, m
 def test_reconstruction_feedback_loop_equals_reference_sgd(
     block_x, k, chunk, sigma, lr, momentum, wd
 ):
-    """Vanilla DTP's loop (SPEC §5) against torch.optim.SGD on the autograd reconstruction loss."""
+    """Vanilla DTP's loop (docs/maths.md §10) against torch.optim.SGD on the autograd reconstruction loss."""
     block, x = block_x
     xin = reference.block_input(block, x)
     nx = torch.randn(k, *xin.shape, dtype=x.dtype) * sigma

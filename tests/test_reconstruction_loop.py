@@ -1,4 +1,4 @@
-"""The fused vanilla-DTP feedback loop (reconstruction loss, SPEC §5) against autograd."""
+"""The fused vanilla-DTP feedback loop (reconstruction loss, docs/maths.md §10) against autograd."""
 
 import torch
 

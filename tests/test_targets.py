@@ -1,4 +1,4 @@
-"""Difference-target propagation (SPEC §3) and the gradient checks of SPEC §8.3–8.5."""
+"""Difference-target propagation (docs/maths.md §3) and the gradient checks of docs/maths.md §13.3–13.5."""
 
 import pytest
 import torch
@@ -114,7 +114,7 @@ def test_full_network_gradients_equal_reference_targets():
 
 
 def test_output_block_gradient_equals_backprop_for_any_feedback():
-    """SPEC §8.3."""
+    """docs/maths.md §13.3."""
     torch.manual_seed(1)
     model = small_vgg()
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
@@ -126,7 +126,7 @@ def test_output_block_gradient_equals_backprop_for_any_feedback():
 
 @pytest.mark.parametrize("beta", [0.7, 5.0])
 def test_linear_network_with_transposed_feedback_equals_backprop(beta):
-    """SPEC §8.4: linear blocks, V = W^T, any beta."""
+    """docs/maths.md §13.4: linear blocks, V = W^T, any beta."""
     torch.manual_seed(2)
     model = nn.Sequential(
         dtp_ext.Linear(8, 7, beta=beta),
@@ -160,14 +160,14 @@ def gmp_angles(activation, betas):
 
 
 def test_tanh_network_gradient_angle_shrinks_with_beta():
-    """SPEC §8.5 with a smooth activation: the first layer's DTP gradient approaches backprop's
+    """docs/maths.md §13.5 with a smooth activation: the first layer's DTP gradient approaches backprop's
     as beta -> 0 up to the plateau left by phi'(phi(a)) != phi'(a), and shrinks monotonically."""
     angles = gmp_angles("tanh", [3.0, 0.3, 0.03])
     assert angles[0] > angles[1] > angles[2]
 
 
 def test_relu_beta_to_zero_limit_is_backprop_except_dead_units_with_negative_delta():
-    """SPEC §8.5 for ReLU, made precise. With V = W^T, (G(s) - G(s - c delta)) / c tends to
+    """docs/maths.md §13.5 for ReLU, made precise. With V = W^T, (G(s) - G(s - c delta)) / c tends to
     W^T (relu'(z) delta) wherever the unit is alive (s > 0). At a dead unit (s = 0) the difference
     relu(0) - relu(-c delta) is one-sided and scale-free: it passes delta < 0 for every c, where
     backprop passes nothing. So the angle to backprop plateaus instead of vanishing (README)."""

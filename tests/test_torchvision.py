@@ -103,7 +103,7 @@ def test_one_training_step_leaves_every_weight_finite(name):
     trainer.step()
     F.cross_entropy(out, y).backward()
     opt.step()
-    # Every block but the stem, whose input is the data, trains its feedback (SPEC §10).
+    # Every block but the stem, whose input is the data, trains its feedback (docs/maths.md §5).
     assert {n for n, _ in trainer.blocks} == {n for n, _ in blocks[1:]}
     after = converted.state_dict()
     stem = blocks[0][0]

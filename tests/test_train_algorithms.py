@@ -55,7 +55,7 @@ def test_bp_step_is_plain_backprop():
 
 @pytest.mark.parametrize("name", ["ldrl", "dtp", "tp", "drl"])
 def test_output_block_update_is_backprop(name):
-    """SPEC §3: the last block's target is s_N - beta*grad, so its update is BP's for any feedback."""
+    """docs/maths.md §3: the last block's target is s_N - beta*grad, so its update is BP's for any feedback."""
     model = linear_chain(activation="tanh")
     x, y = batch()
     algo = make_algorithm(name, model, settings(2), (4,), 3)
@@ -77,7 +77,7 @@ def test_ldrl_with_transposed_feedback_matches_backprop_in_linear_nets():
 
 def test_tp_with_exact_inverse_feedback_equals_difference_targets():
     """With G = F^-1 (square linear blocks), G(t) = s + G(t) - G(s): TP's targets are DTP's
-    (SPEC's form, every target through a feedback block)."""
+    (the paper's form, every target through a feedback block)."""
     model = linear_chain(widths=(5, 5, 5, 5))
     with torch.no_grad():
         for layer in list(model)[1:]:
@@ -110,7 +110,7 @@ def _random_feedback_chain():
 
 
 def _hand_targets(model, x, y, *, difference, penultimate):
-    """SPEC §3/§5 written out for the 3-block chain: s_n, then the targets t_3, t_2, t_1."""
+    """docs/maths.md §3/§10 written out for the 3-block chain: s_n, then the targets t_3, t_2, t_1."""
     l1, l2, l3 = model
     s1 = torch.tanh(F.linear(x, l1.weight, l1.bias))
     s2 = torch.tanh(F.linear(s1, l2.weight, l2.bias))
@@ -146,7 +146,7 @@ def _hand_updates(model, x, y, **kw):
 def test_reconstruction_algorithms_targets_by_hand(name, difference, penultimate):
     """TP: t_{n-1} = G_n(t_n); DTP: s_{n-1} + G_n(t_n) - G_n(s_n); the last hidden block's target
     is s - beta * dL/ds ("gradient", Lee et al.) or goes through the output block's G ("feedback",
-    SPEC's form, the default). Checked on the update directions and on the .grad a training step
+    the paper's form, the default). Checked on the update directions and on the .grad a training step
     leaves."""
     model = _random_feedback_chain()
     x, y = batch()
@@ -176,7 +176,7 @@ def test_tp_targets_differ_between_the_two_penultimate_choices():
 
 
 def test_dtp_explicit_targets_equal_the_fused_backward():
-    """SPEC's vanilla DTP by the DTP blocks' fused backward = the explicit paper-form targets."""
+    """The paper's vanilla DTP by the DTP blocks' fused backward = the explicit paper-form targets."""
     from dtp_ext.train.algorithms.base import target_update_directions
 
     model = _random_feedback_chain()
@@ -230,7 +230,7 @@ def test_drl_q_gradient_matches_autograd():
 
 
 def test_vanilla_dtp_feedback_converges_to_the_inverse():
-    """SPEC §8.7: the reconstruction loss's fixed point for a square invertible W is W^-1."""
+    """docs/maths.md §13.7: the reconstruction loss's fixed point for a square invertible W is W^-1."""
     torch.manual_seed(0)
     block = dtp_ext.Linear(3, 3).double()
     with torch.no_grad():

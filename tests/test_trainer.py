@@ -13,7 +13,7 @@ from dtp_ext import reference
 
 
 def simple_vgg_small(classes=10, channels=(4, 4, 6, 6, 8)):
-    """SimpleVGG's shape (SPEC §1) with small channels: 5 x (conv3x3, ELU, pool2), linear."""
+    """SimpleVGG's shape (docs/maths.md §1) with small channels: 5 x (conv3x3, ELU, pool2), linear."""
     layers, cin = [], 3
     for c in channels:
         layers.append(dtp_ext.Conv2d(cin, c, 3, padding=1, activation="elu", pool=2))

@@ -8,8 +8,8 @@ namespace dtp_ext {
 
 // Output maps with at most this many positions take the im2col + GEMM weight-gradient path
 // (bfloat16 on a CPU with native bfloat16 products: up to 16, where the GEMM beats oneDNN's
-// weight-gradient kernel; SimpleVGG's 4x4 block was 2.0x faster than float32 instead of 1.3x
-// on AMX, and a 256ch 4x4 pairing at batch 32 took 6.6 vs 14.1 ms on an AVX512-BF16 EPYC).
+// weight-gradient kernel on both AMX and AVX512-BF16 CPUs; benchmarks/RESULTS.md, Kernel
+// choices).
 constexpr int64_t kSmallMapPositions = 4;
 constexpr int64_t kSmallMapPositionsNativeBf16 = 16;
 
@@ -174,8 +174,8 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
     // weight-gradient kernel, whose per-call cost dominates at a few positions. The columns are
     // built channels-last: rows of the padded NHWC input are whole channel vectors, so one
     // strided view of it is the column matrix [B*L, kH*kW*Cin] and one copy of contiguous
-    // rows makes it (ATen's NCHW im2col, then tensordot's transposing copy, took 2.4-3x
-    // longer: SimpleVGG's 256ch 4x4 block at batch 128, bfloat16, 8.0 vs 2.5 ms per pairing).
+    // rows makes it (ATen's NCHW im2col, then tensordot's transposing copy, took markedly
+    // longer: benchmarks/RESULTS.md, Kernel choices).
     const int64_t batch = p.size(0), cin = p.size(1), cout = q.size(1);
     const int64_t kh = feedback_weight.size(2), kw = feedback_weight.size(3);
     auto padded = at::zeros(
@@ -195,14 +195,12 @@ at::Tensor feedback_pairing(const BlockGeometry& g, const at::Tensor& p, const a
   if (pairs_in_float32(g, p, q, feedback_weight)) {
     // Mixed precision on a CPU without native bfloat16 products (float16 anywhere on the CPU):
     // the conv's weight-gradient pairing runs in float32 on float32 copies of its low-precision
-    // operands (oneDNN's emulated bfloat16 weight-gradient kernel was slower than float32's: 77
-    // and 113 ms vs 72 and 75 ms, casts included, SimpleVGG's 128ch 16x16 and 256ch 8x8 layers
-    // at batch 32). With AVX512-BF16 or AMX-BF16 (pairs_in_float32 false) the bfloat16 kernel,
-    // which accumulates in float32 and rounds its output once, is faster (AMX Xeon: 1.6 vs 7.3
-    // ms and 1.4 vs 3.2 ms per call; AVX512-BF16 EPYC: 8.0 vs 17.7-25.6 ms for the 128ch 16x16
-    // pairing, torch 2.14.1), as the GEMM pairings (linear blocks, the small-map im2col path)
-    // are; the SGD pass reads every pairing into float32. On CUDA every pairing runs in the low
-    // dtype (cuBLAS/cuDNN accumulate in float32).
+    // operands (oneDNN's emulated bfloat16 weight-gradient kernel was slower than float32's,
+    // casts included). With AVX512-BF16 or AMX-BF16 (pairs_in_float32 false) the bfloat16
+    // kernel, which accumulates in float32 and rounds its output once, is faster, as the GEMM
+    // pairings (linear blocks, the small-map im2col path) are (benchmarks/RESULTS.md, Kernel
+    // choices); the SGD pass reads every pairing into float32. On CUDA every pairing runs in
+    // the low dtype (cuBLAS/cuDNN accumulate in float32).
     // The weight gradient reads only the weight's shape (and layout): an uninitialised float32
     // tensor in the convolutions' layout stands in for it, without a copy.
     const auto stand_in =

@@ -24,7 +24,8 @@ at::Tensor activate(Activation activation, const at::Tensor& z);
 // padding within the kernel: a 3x3 conv with padding 1 on a 2x2 or 1x1 map) is one dense
 // matrix product; its weight unrolled to [Cout*OH*OW, Cin*H*W] (NCHW order on both sides), or
 // undefined for any other block. The feedback loops build it once per call: their batched
-// noisy passes are one GEMM (12x faster than oneDNN's conv at 2x2 maps in bfloat16 on AMX).
+// noisy passes are one GEMM (much faster than oneDNN's conv at such small maps:
+// benchmarks/RESULTS.md, Kernel choices).
 at::Tensor unrolled_conv_weight(const BlockGeometry& g, at::IntArrayRef input_sizes,
                                 const at::Tensor& weight);
 

@@ -103,8 +103,8 @@ C10_ALWAYS_INLINE OwnedValues<O> owned_values(const T* a, const int64_t* a_idx, 
 // output once instead of zero-filling and scattering. NCHW: planes are contiguous and disjoint,
 // one task per plane range. Channels-last: a plane's positions are C elements apart, so writing
 // plane by plane touches a cache line per element; each task takes rows of windows of an image
-// instead and writes each window position's C channels contiguously (measured 2x faster than
-// plane by plane on SimpleVGG's 128-channel 32x32 maps). There, whole(image, n, oh, ow, j) may
+// instead and writes each window position's C channels contiguously (faster than plane by
+// plane: benchmarks/RESULTS.md, Kernel choices). There, whole(image, n, oh, ow, j) may
 // write a window's k x k positions for every channel at once (the AVX-512 kernels) and return
 // true; the positions the window owns beyond them are then zeroed here.
 struct NoWholeWindows {
@@ -313,7 +313,7 @@ C10_ALWAYS_INLINE OwnedValues<T> noisy_window(const T* plane, int64_t es, int64_
 }
 
 // write_pooled_windows's loops written out: through its per-element callback this pass ran
-// about 30 % slower (0.95 vs 1.25 ms, bfloat16, 256 channels, 8x8, batch 32).
+// markedly slower (benchmarks/RESULTS.md, Kernel choices).
 template <typename T>
 void noisy_difference_lookup(const T* z, const PhiTables& tables, const float* clean,
                              const int64_t* clean_idx, T* out, int64_t images, const PoolGrid& g,
@@ -607,11 +607,9 @@ at::Tensor activation_pool_backward_cpu(const char* op, const at::Tensor& output
 }
 
 // On the CPU, oneDNN's convolutions on large maps run markedly faster on channels-last tensors
-// (measured 1.6-1.8x at 16x16 maps for the three products L-DRL needs) even counting the
-// layout conversions, and still at 8x8 (AMD EPYC, SimpleVGG's 128->256 block at batch 32: the
-// batched noisy pass 89 vs 118 ms float32, 40 vs 64 ms bfloat16; the weight gradient 4.0 vs
-// 7.3 ms float32, 1.8 vs 1.7 bfloat16); at 4x4 NCHW is as fast or faster. Output maps with at
-// least this many positions run channels-last.
+// (the three products L-DRL needs) even counting the layout conversions, and still faster at
+// 8x8 maps; at 4x4 NCHW is as fast or faster (benchmarks/RESULTS.md, Kernel choices). Output
+// maps with at least this many positions run channels-last.
 constexpr int64_t kChannelsLastMinPositions = 64;
 
 const bool kCpuLayoutRegistered = register_channels_last_rule(

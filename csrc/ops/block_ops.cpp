@@ -54,7 +54,7 @@ CleanPass clean_pass(const BlockGeometry& g, const at::Tensor& x, const at::Tens
   return clean;
 }
 
-// One L-DRL evaluation (SPEC §2.1) given the clean pass and the noisy pre-activation
+// One L-DRL evaluation (docs/maths.md §2) given the clean pass and the noisy pre-activation
 // op(x + eps) + bias:
 //   a = phi(unpool(F(x+eps))) - phi(unpool(y)),  u = phi(unpool(y+eta)) - phi(unpool(y)),
 //   E = pairing(eps, a)  (independent of V),  H = pairing(V.u, u),
@@ -110,8 +110,8 @@ void check_noise(const char* op, const char* name, const at::Tensor& noise,
   check_shape(op, name, noise, expected);
 }
 
-// SPEC §2.1 for one block with explicit (already scaled) noise: the loss and its gradient with
-// respect to the feedback weight and bias, in closed form (no autograd).
+// docs/maths.md §2 for one block with explicit (already scaled) noise: the loss and its gradient
+// with respect to the feedback weight and bias, in closed form (no autograd).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ldrl_loss(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& feedback_weight, const at::Tensor& noise_x, const at::Tensor& noise_y,
@@ -336,8 +336,8 @@ at::Tensor run_feedback_loop(const FeedbackLoopArgs& a, const at::Tensor& unroll
         if (draw_in_place) {
           eps_draws[i].normal_(0.0, a.noise_std);
         } else {
-          // Rounded first, then laid out: reordering 2-byte elements is twice as fast as a
-          // copy that also converts (4M elements into channels-last: 1.55 vs 3.09 ms).
+          // Rounded first, then laid out: reordering 2-byte elements is faster than a copy
+          // that also converts (benchmarks/RESULTS.md, Kernel choices).
           eps_draws[i].copy_(
               at::empty(x.sizes(), draw_options).normal_(0.0, a.noise_std).to(x.scalar_type()));
         }
@@ -414,8 +414,8 @@ void sgd_momentum_decay(at::Tensor& param, at::Tensor& buffer, int64_t iteration
   param.mul_(m[3]).add_(old_buffer, m[2]);
 }
 
-// SPEC §2.2 for one block: `iterations` steps of fresh noise, loss, SGD-momentum update of the
-// feedback weight and bias (updated in place with their momentum buffers). Returns the loss of
+// docs/maths.md §4 for one block: `iterations` steps of fresh noise, loss, SGD-momentum update of
+// the feedback weight and bias (updated in place with their momentum buffers). Returns the loss of
 // every iteration. Noise comes from torch's default generator, or from noise_x / noise_y
 // (shapes [iterations, *x.shape] and [iterations, *output.shape]) when given.
 at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
@@ -484,8 +484,8 @@ at::Tensor ldrl_feedback_loop(const at::Tensor& x, const at::Tensor& weight,
   return losses;
 }
 
-// Vanilla DTP's feedback training (SPEC §5, Lee et al.): `iterations` SGD-momentum steps on
-// mean_b sum ((x + eps) - G(F(x + eps)))^2, G unpooling with the noisy pass's indices. Noise
+// Vanilla DTP's feedback training (docs/maths.md §10, Lee et al.): `iterations` SGD-momentum steps
+// on mean_b sum ((x + eps) - G(F(x + eps)))^2, G unpooling with the noisy pass's indices. Noise
 // eps_k from torch's default generator, or noise_x ([iterations, *x.shape]) when given.
 at::Tensor reconstruction_feedback_loop(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -573,7 +573,7 @@ void check_stored_output(const char* op, const BlockGeometry& g, const at::Tenso
   }
 }
 
-// SPEC §3: delta_in = (G(s) - G(s - scale * delta)) / scale with scale = beta * B.
+// docs/maths.md §3: delta_in = (G(s) - G(s - scale * delta)) / scale with scale = beta * B.
 at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
                             const c10::optional<at::Tensor>& indices, const at::Tensor& delta,
                             const at::Tensor& feedback_weight, double scale,

@@ -53,7 +53,7 @@ def _simplevgg(channels: int, size: int, classes: int, beta: float) -> nn.Sequen
 
 
 MODELS: dict[str, ModelSpec] = {
-    # L-DRL values: SPEC §4. The baselines' values were only checked to train stably on MNIST
+    # L-DRL values: docs/maths.md §14. The baselines' values were only checked to train stably on MNIST
     # for a few hundred steps (the reconstruction loss and DRL's Q diverge at L-DRL's lrs).
     "mnist-convnet": ModelSpec(
         _mnist_convnet,
@@ -85,7 +85,7 @@ MODELS: dict[str, ModelSpec] = {
         },
         32,
         "5 x (conv3x3 ELU pool2), channels 128-128-256-256-512, linear",
-        paper_iterations={"imagenet32": [25, 35, 40, 60, 25]},  # SPEC §4
+        paper_iterations={"imagenet32": [25, 35, 40, 60, 25]},  # docs/maths.md §14
     ),
 }
 
@@ -150,7 +150,7 @@ def build_model(name: str, channels: int, size: int, classes: int, beta: float) 
 
 def trained_block_count(name: str, channels: int, size: int, classes: int) -> int:
     """Feedback blocks that get trained: every DTP block but the first, the one fed by the data
-    (SPEC §1). The torchvision networks are counted on the meta device (no memory, no init
+    (docs/maths.md §1). The torchvision networks are counted on the meta device (no memory, no init
     cost); each has exactly one block that sees the data, its stem conv."""
     spec = model_spec(name)
     if spec.chain:

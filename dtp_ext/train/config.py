@@ -9,7 +9,7 @@ file (`--config`), then the command line. Options left as None are resolved from
 the model and the algorithm (see `resolve`), so `--dataset cifar10` alone picks SimpleVGG with
 the paper's per-layer feedback settings instead of the MNIST ones.
 
-Forward learning rates are in this library's gradient units (SPEC §3): for the DTP algorithms
+Forward learning rates are in this library's gradient units (docs/maths.md §3): for the DTP algorithms
 lr_here = beta * lr_paper, and weight decay wd_here = wd_paper / beta keeps the paper's decay
 per step (the DTP layers return grad/beta while decay is added to the gradient as is).
 """
@@ -40,7 +40,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # precision.py; auto: resolve pic
 MIXED_PRECISION_ALGORITHMS = ("bp", "ldrl")  # the others train in float32 only
 TARGET_ALGORITHMS = ("ldrl", "dtp", "tp", "drl")  # forward lr in gradient units (× beta)
 
-# Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (SPEC §4 "Stability"), and
+# Forward lr when none is given. ldrl/dtp: 0.01 in gradient units (docs/maths.md §14 "Stability"), and
 # bp the same, so that L-DRL with perfect feedback would take exactly BP's steps (BP at 0.05
 # was unstable on the MNIST conv net: 83% after one epoch). tp and drl move hidden layers by
 # G(t) or Q(t - h), much larger than backprop's step with untrained feedback, and diverge at
@@ -137,7 +137,7 @@ class TrainConfig:
     lr: float | None = option(None, "learning rate", group=SGD, unset=by_value(DEFAULT_LR))
     momentum: float = option(0.9, "momentum", group=SGD)
     weight_decay: float = option(0.0, "weight decay", group=SGD)
-    # cosine holds eta_min after t_max (SPEC §9)
+    # cosine holds eta_min after t_max (docs/maths.md §14)
     scheduler: str = option("cosine", "lr schedule, per epoch", choices=SCHEDULERS, group=SGD)
     t_max: int | None = option(
         None,
@@ -196,7 +196,7 @@ class TrainConfig:
     penultimate_target: str | None = option(
         None,
         "dtp and tp: the last hidden block's target through the output block's feedback, "
-        "'feedback' (SPEC §5), or by a gradient step through the output block, 'gradient' "
+        "'feedback' (docs/maths.md §10), or by a gradient step through the output block, 'gradient' "
         "(Lee et al. 2015)",
         choices=PENULTIMATE_TARGETS,
         group=FEEDBACK,

@@ -1,4 +1,4 @@
-"""The paper's alignment figures (SPEC §6), which `dtp-ext figure jmc|gmp` writes (its command
+"""The paper's alignment figures (docs/maths.md §12), which `dtp-ext figure jmc|gmp` writes (its command
 line: dtp_ext/cli/figure.py).
 
 jmc: on one fixed batch, train only the feedback of the output block for many iterations and

@@ -50,6 +50,16 @@ def requested() -> int | None:
     return _received
 
 
+def agreed(ctx) -> int | None:
+    """The signal any rank received, or None: collective under several processes (`ctx`, a
+    distributed.Context), every rank gets the same answer; a rank that received none takes
+    another rank's as SIGTERM, its usual meaning."""
+    signum = requested()
+    if not ctx.any(signum is not None):
+        return None
+    return signum or signal.SIGTERM
+
+
 def _handler(signum, frame):
     global _received, _count
     _count += 1

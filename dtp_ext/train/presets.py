@@ -1,4 +1,4 @@
-"""Named configurations for `--config NAME` (SPEC §4 for the paper's benchmarks).
+"""Named configurations for `--config NAME` (docs/maths.md §14 for the paper's benchmarks).
 
 Learning rates here are in this library's units: for the target-propagation algorithms
 lr = beta * lr_paper and weight_decay = wd_paper / beta (see config.py); eta_min likewise
@@ -52,7 +52,7 @@ def _mnist(dataset: str, algorithm: str, penultimate: str = "feedback") -> dict[
 
     `penultimate` "gradient" (presets `<dataset>-dtp-lee`, `<dataset>-tp-lee`): the last hidden
     block's target by a gradient step through the output block, as Lee et al. 2015 (why:
-    docs/baselines.md); the plain `-dtp` / `-tp` presets are SPEC §5's form."""
+    docs/baselines.md); the plain `-dtp` / `-tp` presets are docs/maths.md §10's form."""
     cfg = {
         "algorithm": algorithm,
         "dataset": dataset,

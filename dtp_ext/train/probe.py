@@ -1,4 +1,4 @@
-"""Per-layer alignment metrics (SPEC §6) for the epoch log.
+"""Per-layer alignment metrics (docs/maths.md §12) for the epoch log.
 
 - weight angle / distance between each block's forward weight and its feedback weight;
 - update angle: between the algorithm's weight update direction and backprop's gradient on a

@@ -5,7 +5,7 @@ does the algorithm's feedback training for the batch, in the order the algorithm
 During the first `feedback.feedback_only_steps` steps it trains the feedback weights only and
 leaves every .grad None, so the loop's optimizer step changes no forward weight.
 `update_directions` returns, without side effects, the weight update direction each block would
-get on a batch: compared with backprop's gradient, it gives the per-layer GMP angle (SPEC §6).
+get on a batch: compared with backprop's gradient, it gives the per-layer GMP angle (docs/maths.md §12).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class FeedbackSettings:
 
 class Algorithm:
     name = "?"
-    has_feedback_weights = True  # whether the blocks' V are meant to align with W (SPEC §6)
+    has_feedback_weights = (
+        True  # whether the blocks' V are meant to align with W (docs/maths.md §12)
+    )
     epoch = 0  # set by the training loop at the start of every epoch
     precision = Precision("fp32", "cpu")  # bp, ldrl: --precision's, set by use_precision
 
@@ -104,7 +106,7 @@ class Algorithm:
 
 
 def fused_update_directions(model: nn.Module, blocks, x, y) -> list[torch.Tensor]:
-    """Weight gradients through the DTP blocks' own backward (difference targets, SPEC §3).
+    """Weight gradients through the DTP blocks' own backward (difference targets, docs/maths.md §3).
     Eval mode, so the inputs recorded for the feedback phase are left alone."""
     was_training = model.training
     model.eval()

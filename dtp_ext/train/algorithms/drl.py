@@ -1,4 +1,4 @@
-"""DRL / DDTP-linear, "p" and "s" variants (Meulemans et al. 2020; SPEC §5).
+"""DRL / DDTP-linear, "p" and "s" variants (Meulemans et al. 2020; docs/maths.md §10).
 
 Direct linear feedback Q_k from the output to each hidden block output h_k (k < N):
 target t_k = h_k + Q_k (t_N - h_N). Q_k is trained with

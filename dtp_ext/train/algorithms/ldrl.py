@@ -1,4 +1,4 @@
-"""L-DRL (SPEC §2-§3): fused feedback training, then the DTP blocks' fused backward."""
+"""L-DRL (docs/maths.md §2-§4): fused feedback training, then the DTP blocks' fused backward."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class LDRL(Algorithm):
         report = self.last_report = self.trainer.step()
         self.last_feedback_losses = report.final_losses()
         if not self.feedback.feedback_only(step):
-            # The backward reads the feedback weights now: the freshly trained ones (SPEC §2.2).
+            # The backward reads the feedback weights now: the freshly trained ones (docs/maths.md §4).
             self.precision.backward(loss, self.model.parameters())
         return loss.detach(), logits.detach()
 

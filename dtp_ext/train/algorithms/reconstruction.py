@@ -1,11 +1,11 @@
-"""Vanilla DTP (Lee et al. 2015) and TP (SPEC §5): feedback trained to invert the block,
+"""Vanilla DTP (Lee et al. 2015) and TP (docs/maths.md §10): feedback trained to invert the block,
 mean_b sum ((x + eps) - G(F(x + eps)))^2 with the noisy pass's pool indices.
 
 Training runs through the fused kernel `dtp_ext.ops.reconstruction_feedback_loop` (the whole
 K-iteration loop in one call), checked against `dtp_ext.reference.feedback_loop(...,
 loss="reconstruction")`; the targets and layer-local gradients are dtp_ext.reference's.
 
-Targets (paper form, SPEC §3): t_N = s_N - beta * grad of the sum-reduced CE, then for the
+Targets (paper form, docs/maths.md §3): t_N = s_N - beta * grad of the sum-reduced CE, then for the
 blocks below, vanilla DTP's t_{n-1} = s_{n-1} + G_n(t_n) - G_n(s_n) and TP's t_{n-1} = G_n(t_n);
 layer-local losses 1/2 mean_b |s_n - t_n|^2, their gradients divided by beta (this library's
 units).
@@ -13,14 +13,14 @@ units).
 The last hidden block's target: `penultimate_target` (`--penultimate-target` in the training
 command, a constructor option here):
 
-- "feedback" (default: SPEC §5's form): t_{N-1} through the output block's G as every other
+- "feedback" (default: docs/maths.md §10's form): t_{N-1} through the output block's G as every other
   target (vanilla DTP by the DTP blocks' fused backward, as L-DRL).
 - "gradient" (Lee et al. 2015's Algorithm 1): t_{N-1} = s_{N-1} - beta * d(sum_b CE)/d s_{N-1},
   one gradient step through the output block. The output block and the last hidden block then
   take backprop's step exactly, and only the targets of the blocks below go through learned
   feedback. The output block's G is still trained, but shapes no target.
 
-Why the second choice exists (SPEC's TP collapses on mnist-convnet): docs/baselines.md.
+Why the second choice exists (the paper's TP collapses on mnist-convnet): docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _ReconstructionFeedback(Algorithm):
 
     def _explicit_train_step(self, x, y, step):
         """Block by block: forward, feedback training, then the targets with the fresh feedback
-        weights and the layer-local losses' gradients (SPEC §2.2's order)."""
+        weights and the layer-local losses' gradients (docs/maths.md §4's order)."""
         logits, records = forward_records(self.model, x)
         self.train_feedback([r.input for r in records[1:]], step)
         if not self.feedback.feedback_only(step):
@@ -121,7 +121,7 @@ class VanillaDTP(_ReconstructionFeedback):
     def train_step(self, x, y, step):
         if self.penultimate_target == "gradient":
             return self._explicit_train_step(x, y, step)
-        # SPEC's form: every target through the DTP blocks' fused backward.
+        # the paper's form: every target through the DTP blocks' fused backward.
         self.model.train()
         logits = self.model(x)
         self.train_feedback([b.recorded_input for _, b in self.trained], step)
