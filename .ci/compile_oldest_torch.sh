@@ -4,7 +4,7 @@
 # build_info(). A lent GPU machine may come with an older torch than the one CI tests with (the
 # H200s have had 2.11.0+cu130); this makes a build error show up here, not in its minutes.
 # Then it runs, on the CPU with that torch, the build and setup tests and the tests that
-# tests/test_cuda.py draws its cases from (fake kernels, finite checks, hardening, ops).
+# tests/cuda/test_kernels_match_cpu.py draws its cases from (fake kernels, finite checks, bad and extreme inputs, registered ops).
 # Usage (repository root): bash .ci/compile_oldest_torch.sh   (CI runs it after the tests)
 # Needs nvcc (CUDA 13: torch's PyPI wheels from 2.11 on are CUDA 13 builds) and PyPI.
 set -euo pipefail
@@ -68,7 +68,8 @@ print("smoke step:", report.kernels)
 PY
 t3=$(date +%s)
 echo "+ tests with torch $oldest (CPU; DTP_EXT_CUDA=1: the fatbin is checked too)"
-DTP_EXT_CUDA=1 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_build.py \
-  tests/test_setup.py tests/test_ops.py tests/test_fake_kernels.py tests/test_finite_checks.py \
-  tests/test_hardening.py tests/test_cuda.py
+DTP_EXT_CUDA=1 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/packaging/test_built_library.py \
+  tests/packaging/test_setup_py.py tests/ops/test_registered_ops.py tests/ops/test_fake_kernels.py tests/ops/test_finite_checks.py \
+  tests/ops/test_bad_and_extreme_inputs.py tests/trainer/test_refusals_and_restores.py \
+  tests/layers/test_layers.py tests/cuda/test_kernels_match_cpu.py
 echo "+ torch $oldest: compiled in $((t2 - t1)) s, imported, ran a step and the tests ($(($(date +%s) - t3)) s); $(($(date +%s) - t0)) s in all"

@@ -6,7 +6,7 @@
 #      archs: $TORCH_CUDA_ARCH_LIST, else the visible GPU's with PTX),
 #   2. runs the CUDA and build tests with DTP_EXT_CUDA=1 (missing CUDA kernels fail, and the
 #      fatbin's machine code and PTX are read with cuobjdump and checked), the bfloat16/float16
-#      op tests on the GPU included (tests/test_bfloat16.py's cuda cases),
+#      op tests on the GPU included (tests/precision/test_bfloat16_ops.py's cuda cases),
 #   3. runs the SimpleVGG GPU benchmarks (batch 128, paper iterations),
 #   4. runs `python -m dtp_ext.train --device cuda` for 200 steps, then 200 with --precision bf16,
 #   5. checks issue 3's targets (training step) and issue 10's (bfloat16 feedback phase) against
@@ -98,8 +98,8 @@ fi
 
 # 2. CUDA and build tests: with DTP_EXT_CUDA=1 nothing here may skip for a missing build.
 if ((BUILT)); then
-  stage tests 180 15 "$PY" -m pytest tests/test_cuda.py tests/test_cuda_paths.py tests/test_cuda_graphs.py tests/test_build.py tests/test_setup.py \
-    tests/test_bfloat16.py tests/test_alignment.py -q -p no:cacheprovider -rfEs
+  stage tests 180 15 "$PY" -m pytest tests/cuda/test_kernels_match_cpu.py tests/cuda/test_dtypes_layouts_streams.py tests/cuda/test_cuda_graphs.py tests/packaging/test_built_library.py tests/packaging/test_setup_py.py \
+    tests/precision/test_bfloat16_ops.py tests/trainer/test_alignment.py -q -p no:cacheprovider -rfEs
 else
   skip tests "no build"
 fi
@@ -169,7 +169,7 @@ SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/b
 if ((BUILT)) && [[ -n $SANITIZER ]]; then
   stage memcheck 150 12 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 20 \
-    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -x \
+    "$PY" -m pytest tests/cuda/test_kernels_match_cpu.py -q -p no:cacheprovider -x \
     -k "(loss_equals_cpu or feedback_loop_targets or reconstruction_loop) and (conv-elu-pool2 or linear-tanh)"
   grep -m1 "ERROR SUMMARY" "$LOGS/memcheck.log" >>"$SUMMARY"
 elif ((BUILT)); then

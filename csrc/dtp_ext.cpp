@@ -146,7 +146,7 @@ TORCH_LIBRARY(dtp_ext, m) {
   m.def(
       "propagate_target(Tensor? output, Tensor? indices, Tensor delta, Tensor feedback_weight, "
       "float scale, int[] input_sizes, int[] stride, int[] padding, int[] dilation, int groups, "
-      "str activation, int pool) -> Tensor");
+      "str activation, int pool, Tensor? loss_scale=None) -> Tensor");
   m.def(
       "block_weight_grad(Tensor x, Tensor? output, Tensor? indices, Tensor delta, Tensor weight, "
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, int pool) -> "

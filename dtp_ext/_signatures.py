@@ -2,7 +2,7 @@
 
 The TORCH_LIBRARY block of csrc/dtp_ext.cpp is the one place an op's arguments are written
 (names, order, types). The typed wrappers (ops.py), the fake kernels (fake_kernels.py) and the
-tests' argument builder (tests/op_args.py) take them from here instead of spelling the lists
+tests' argument builder (tests/helpers/op_args.py) take them from here instead of spelling the lists
 again. Read once per op, after dtp_ext._C has registered the schemas.
 """
 
@@ -26,6 +26,13 @@ def arguments(op: str) -> tuple[tuple[str, str], ...]:
     return tuple((a.name, str(a.type)) for a in schema.arguments)
 
 
+@functools.cache
+def defaults(op: str) -> dict:
+    """The schema's default values of torch.ops.dtp_ext.<op>'s arguments that have one."""
+    schema = getattr(torch.ops.dtp_ext, op).default._schema
+    return {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+
+
 def names(op: str) -> tuple[str, ...]:
     """The argument names of torch.ops.dtp_ext.<op>, in the schema's order."""
     return tuple(name for name, _ in arguments(op))
@@ -41,6 +48,8 @@ def bind(op: str, args: tuple, kwargs: dict | None = None) -> SimpleNamespace:
         if name not in expected or name in bound:
             raise TypeError(f"dtp_ext.{op}: unexpected or repeated argument {name!r}")
         bound[name] = value
+    for name, default in defaults(op).items():  # a call may leave out what has a default
+        bound.setdefault(name, default)
     missing = [name for name in expected if name not in bound]
     if missing:
         raise TypeError(f"dtp_ext.{op}: missing arguments {missing}")

@@ -16,7 +16,7 @@ What a replay relies on, and how it is kept:
   the finite checks and TF32 switches are in the key; a change captures again.
 - Noise: torch's graph-safe generator replays draw from the generator's offset at replay time
   and advance it by the whole graph's draws, so a replayed step draws the numbers the eager
-  loop would have (tests/test_cuda_graphs.py checks replay against eager, bitwise).
+  loop would have (tests/cuda/test_cuda_graphs.py checks replay against eager, bitwise).
 - Errors: non-finite inputs are caught by the deferred device flags the captured checks set
   (read once per step by the divergence guard); a check that reads its result on the host
   (`deferred_finite_checks("nowhere")`) cannot be captured, so those loops run eagerly. Ctrl-C

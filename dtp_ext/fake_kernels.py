@@ -10,7 +10,7 @@ inputs (csrc/common/finite_check.cpp), pool indices outside their windows, memor
 between a loop's in-place state and its other arguments, allocations that fail.
 
 The data-free checks are written twice (csrc/common/block_geometry.cpp and
-csrc/ops/block_ops.cpp, and here, check for check); tests/test_fake_kernels.py runs one table
+csrc/ops/block_ops.cpp, and here, check for check); tests/ops/test_fake_kernels.py runs one table
 of bad arguments through both and requires the same refusal. The argument lists are not written
 here: each kernel takes the op's arguments as they come (*args) and reads them by name from the
 op's schema (_signatures.py). Every output is contiguous, as the compiled kernels return it.

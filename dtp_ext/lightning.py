@@ -37,6 +37,7 @@ except ModuleNotFoundError as exc:
     ) from exc
 
 from .loss_scaling import loss_scale
+from .nn import end_forward_pass, start_forward_pass
 from .trainer import FeedbackReport, FeedbackTrainer
 
 __all__ = ["FeedbackCallback"]
@@ -107,6 +108,7 @@ class FeedbackCallback(Callback):
         self._pending_state: dict | None = None
         self._scale: contextlib.ExitStack | None = None
         self._feedback_due = True  # automatic optimisation: one feedback phase per window
+        self._pass_open = False
         self._device: torch.device | None = None
 
     # -- setup -------------------------------------------------------------------------------
@@ -150,7 +152,22 @@ class FeedbackCallback(Callback):
         if self.restore_rng:
             _set_rng_state(state.get("rng"), self._device)
 
-    # -- the feedback phase and the loss scale --------------------------------------------------
+    # -- the forward pass, the feedback phase and the loss scale ------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # training_step is one forward pass for the blocks, however it reaches them (self(x),
+        # self.net(x), several calls): a block it calls several times trains on all its inputs.
+        self._close_pass(pl_module)
+        start_forward_pass(pl_module)
+        self._pass_open = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._close_pass(pl_module)
+
+    def _close_pass(self, pl_module) -> None:
+        if self._pass_open:
+            self._pass_open = False
+            end_forward_pass(pl_module)
+
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
@@ -159,6 +176,7 @@ class FeedbackCallback(Callback):
                 "FeedbackCallback: a backward pass ran before the callback's setup for fit; "
                 "pass the callback to lightning.Trainer(callbacks=[...]) and call trainer.fit"
             )
+        self._close_pass(pl_module)
         self._leave_scale()  # a previous backward that raised before on_after_backward
         if self._feedback_due or not pl_module.automatic_optimization:
             self.last_report = self.feedback_trainer.step()
@@ -178,6 +196,7 @@ class FeedbackCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._close_pass(pl_module)
         self._leave_scale()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

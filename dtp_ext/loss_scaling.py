@@ -92,10 +92,14 @@ def _started_by_python() -> bool:
 
 def current_loss_scale() -> float:
     """The product of this thread's enclosing loss_scale factors (1.0 outside any); on a thread
-    Python did not start (autograd's CUDA device threads), the scale the threads inside a
-    loss_scale block agree on."""
-    if _started_by_python():
-        return math.prod(_factors())
+    Python did not start (autograd's CUDA device threads) that holds none, the scale the
+    threads inside a loss_scale block agree on. Its limit: a device thread cannot tell whose
+    backward it runs, and a thread outside any block holds nothing it could see, so an
+    unscaled CUDA backward on one thread while another thread is inside a block reads that
+    block's scale. Run unscaled CUDA backward passes outside other threads' blocks."""
+    factors = _factors()
+    if factors or _started_by_python():
+        return math.prod(factors)
     if math.isnan(_shared):
         with _lock:
             held = sorted(set(_by_thread.values()))

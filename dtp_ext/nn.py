@@ -106,13 +106,17 @@ def _propagate_target(output, indices, delta, feedback_weight, step, input_shape
     """docs/maths.md §3's target step beta*B*delta for a loss scaled by dtp_ext.loss_scale(k): the true
     step is beta*B*delta/k, and the returned delta_in is k times the unscaled one."""
     if torch.compiler.is_compiling():
-        # Read at run time through an op (a Python float would be frozen into the graph).
-        k = ops.current_loss_scale(delta)
-        return (
-            ops.propagate_target(
-                output, indices, delta / k, feedback_weight, step, input_shape, geometry
-            )
-            * k
+        # The scale read at run time through an op (a Python float would be frozen into the
+        # graph) and divided out of the step inside propagate_target, as eager does.
+        return ops.propagate_target(
+            output,
+            indices,
+            delta,
+            feedback_weight,
+            step,
+            input_shape,
+            geometry,
+            loss_scale=ops.current_loss_scale(delta),
         )
     return ops.propagate_target(
         output,
@@ -181,21 +185,29 @@ def _recomputing_in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# Plain Python run before and after the model's forward, never compiled (torch.compile would
-# guard on the lists' lengths and compile them again).
-@torch.compiler.disable
-def _start_pass(model, args):
+def start_forward_pass(model: nn.Module, *args) -> None:
+    """Open a forward pass for `model`'s DTP blocks: until end_forward_pass, a block's first
+    training call starts its recorded inputs afresh and its further calls add theirs. Nested
+    opens (a tracked model inside a tracked model) count as one pass. Activation
+    checkpointing's recomputation inside backward() opens nothing."""
+    if _recomputing_in_backward():
+        return
     for module in model.modules():
         if isinstance(module, DTPBlock):
-            module._recorded_inputs.clear()
-            module._in_pass = True
+            if module._pass_depth == 0:
+                module._pass_fresh = True
+                module._in_pass = True
+            module._pass_depth += 1
 
 
-@torch.compiler.disable
-def _end_pass(model, args, output):
+def end_forward_pass(model: nn.Module, *args) -> None:
+    """Close what start_forward_pass(model) opened."""
+    if _recomputing_in_backward():
+        return
     for module in model.modules():
-        if isinstance(module, DTPBlock):
-            module._in_pass = False
+        if isinstance(module, DTPBlock) and module._pass_depth > 0:
+            module._pass_depth -= 1
+            module._in_pass = module._pass_depth > 0
 
 
 def track_forward_passes(model: nn.Module) -> None:
@@ -203,10 +215,11 @@ def track_forward_passes(model: nn.Module) -> None:
     times in it (weights shared across positions) records all those inputs, and its feedback
     trains on them together. FeedbackTrainer does this for the model it is given; blocks called
     outside a tracked forward keep the input of their latest call. Once per model (hooks on it,
-    module-level functions so the model still pickles)."""
-    if _start_pass not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_start_pass)
-        model.register_forward_hook(_end_pass, always_call=True)
+    module-level functions so the model still pickles; plain attribute updates that
+    torch.compile traces without a graph break)."""
+    if start_forward_pass not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(start_forward_pass)
+        model.register_forward_hook(end_forward_pass, always_call=True)
 
 
 class DTPBlock:
@@ -232,7 +245,9 @@ class DTPBlock:
         # model calls it more than once: see track_forward_passes), and whether that pass is
         # still running.
         self._recorded_inputs: list[torch.Tensor] = []
-        self._in_pass = False
+        self._in_pass = False  # inside a tracked forward pass (start_forward_pass)
+        self._pass_fresh = False  # that pass has not recorded this block yet
+        self._pass_depth = 0  # nested opens of the pass (hooks only)
         # Data flow of the latest training-mode forward: whether the input required grad (it
         # then needs a target, so FeedbackTrainer trains this block; None: not seen with
         # autograd on) and when the block ran (FeedbackTrainer orders blocks by it).
@@ -297,19 +312,29 @@ class DTPBlock:
             # forward pass it replays: not a new forward pass, so no new input or stamp. Its
             # reentrant variant ran that pass without autograd; the replay, with autograd on,
             # tells whether the input needs a target.
-            if torch.is_grad_enabled():
+            # Replays run in reverse order and one block may be replayed several times: a
+            # replay only ever adds that an input needs a target.
+            if torch.is_grad_enabled() and (x.requires_grad or self._input_needs_target is None):
                 self._input_needs_target = x.requires_grad
             return
-        if not (self._in_pass and self._recorded_inputs):
+        if self._pass_fresh or not self._in_pass:
             # The first call of a pass: a further call of the same tracked model forward keeps
             # this stamp (forward order is first use) and adds its input to this one's.
-            self._recorded_inputs.clear()
+            # A new list, not the old one cleared: torch.compile then never reads (and guards
+            # on) what the previous pass left.
+            self._pass_fresh = False
+            self._recorded_inputs = [x.detach()]
             self._forward_stamp = _FORWARD_CLOCK.add_(1).clone()
             if torch.is_grad_enabled():
                 self._input_needs_target = x.requires_grad
-        elif torch.is_grad_enabled():
+            return
+        if torch.is_grad_enabled():
             self._input_needs_target = bool(self._input_needs_target) or x.requires_grad
         self._recorded_inputs.append(x.detach())
+
+    def recorded_calls(self) -> list[torch.Tensor]:
+        """The inputs of the block's calls in the latest training forward pass, one per call."""
+        return list(self._recorded_inputs)
 
     @property
     def recorded_input(self) -> torch.Tensor | None:

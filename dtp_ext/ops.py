@@ -178,8 +178,11 @@ def propagate_target(
     scale: float,
     input_sizes: Sequence[int],
     geometry: BlockGeometry,
+    loss_scale: torch.Tensor | None = None,
 ):
-    """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (docs/maths.md §3, scale = beta * B)."""
+    """delta_{n-1} = (G(s) - G(s - scale * delta)) / scale (docs/maths.md §3, scale = beta * B);
+    with `loss_scale` k (a 0-d float64 CPU tensor, read when the op runs) the step is scale / k
+    (docs/maths.md §6)."""
     return _call("propagate_target", locals())
 
 

@@ -579,7 +579,8 @@ at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
                             const at::Tensor& feedback_weight, double scale,
                             at::IntArrayRef input_sizes, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            c10::string_view activation, int64_t pool) {
+                            c10::string_view activation, int64_t pool,
+                            const c10::optional<at::Tensor>& loss_scale) {
   constexpr const char* op = "dtp_ext.propagate_target";
   auto g = start_op(op, delta.device(), feedback_weight, stride, padding, dilation, groups,
                     activation, pool);
@@ -587,6 +588,21 @@ at::Tensor propagate_target(const c10::optional<at::Tensor>& output_opt,
               ": delta must be float32, float64, bfloat16 or float16, got ", delta.scalar_type());
   TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
               ": scale (beta * batch) must be finite and > 0, got ", scale);
+  if (loss_scale.has_value()) {
+    // The loss's scale k as a tensor read when the op runs (a compiled backward's): the step
+    // on a k-scaled delta is scale / k, so the result is k times the unscaled one without
+    // dividing delta (which would push a float16 delta back into its underflow).
+    const auto& k = *loss_scale;
+    TORCH_CHECK(k.dim() == 0 && k.device().is_cpu() && k.scalar_type() == at::kDouble, op,
+                ": loss_scale must be a 0-d float64 CPU tensor, got ", k.scalar_type(), " ",
+                k.sizes(), " on ", k.device());
+    const double value = k.item<double>();
+    TORCH_CHECK(value > 0 && std::isfinite(value), op, ": loss_scale must be finite and > 0, got ",
+                value);
+    scale /= value;
+    TORCH_CHECK(scale > 0 && std::isfinite(scale), op,
+                ": scale / loss_scale must be finite and > 0, got ", scale);
+  }
   TORCH_CHECK(input_sizes.size() == static_cast<size_t>(g.is_conv ? 4 : 2), op,
               ": input_sizes must have ", g.is_conv ? 4 : 2, " entries, got ", input_sizes);
   check_same_device_dtype(op, "feedback_weight", feedback_weight, delta);

@@ -83,11 +83,15 @@ class BlockPlans:
             return dataclasses.replace(shape, batch=batch, macs=shape.macs * batch // x.shape[0])
 
         shapes = [(t.name, shape_of(t.block, keys[t.name][1])) for t in trained]
-        # Every block's forward on the same batch (a backprop step is 3 of them); kept for
-        # explain(), which compares the plans' cost with it.
-        batch = shapes[0][1].batch
-        self.forward_macs = sum(
-            shape_of(b, batch).macs for _, b in model_blocks if b.recorded_input is not None
+        # Every block call of the forward pass (a backprop step is 3 of them), at the plans'
+        # batch (under torch.distributed the global one: the planned over the recorded batch of
+        # the first trained block); kept for explain(), which compares the plans' cost with it.
+        # Counted per call: a block called several times costs that many forwards, whatever the
+        # shapes of its calls.
+        first = trained[0].block.recorded_input
+        scale = shapes[0][1].batch / first.shape[0]
+        self.forward_macs = scale * sum(
+            alignment.block_shape(b, x).macs for _, b in model_blocks for x in b.recorded_calls()
         )
         given = {
             h: [t.settings.values()[i] for t in trained] for i, h in enumerate(HYPERPARAMETERS)

@@ -1,0 +1,1 @@
+"""The command line: its options and the first commands a newcomer types."""

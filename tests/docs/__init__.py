@@ -1,0 +1,1 @@
+"""The documentation: its examples run as written and say what the code does."""

@@ -1,0 +1,1 @@
+"""Optional integrations: lightning, TensorBoard, torchvision."""

@@ -1,0 +1,1 @@
+"""The registered ops and their kernels (CPU, fake) against the autograd reference."""

@@ -1,0 +1,1 @@
+"""The build: setup.py's decisions, what the built library holds, the installed package."""

@@ -1,0 +1,1 @@
+"""FeedbackTrainer: block selection, feedback plans, memory, torch.compile."""
