@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtp_ext
-from tests.layers.test_convert_report import plain_leaves
+from tests.helpers.models import plain_leaves
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -7,24 +7,7 @@ import torch
 from torch import nn
 
 import dtp_ext
-
-
-def plain_leaves(original, converted, report):
-    """Names of the converted model's leaf modules that are neither DTP blocks nor the
-    nn.Identity placeholders left where modules were folded into a block."""
-    before = dict(original.named_modules(remove_duplicate=False))
-    leaves = {
-        n: m
-        for n, m in converted.named_modules(remove_duplicate=False)
-        if n and not list(m.children()) and not isinstance(m, dtp_ext.DTPBlock)
-    }
-    placeholders = {
-        n
-        for n, m in leaves.items()
-        if type(m) is torch.nn.Identity and type(before[n]) is not torch.nn.Identity
-    }
-    assert len(placeholders) == sum(len(folded) for _, _, folded in report.converted)
-    return set(leaves) - placeholders
+from tests.helpers.models import plain_leaves
 
 
 class Residual(nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 import dtp_ext
 from dtp_ext import metrics, ops, reference
 from tests.helpers.blocks import make_block
+from tests.helpers.models import dtp_and_bp_grads
 
 
 @pytest.mark.parametrize("beta", [0.7, 2.0])
@@ -62,41 +63,6 @@ def small_vgg(activation="elu", channels=(4, 6, 8), classes=5, beta=0.7, bias=Tr
         cin = c
     layers += [nn.Flatten(), dtp_ext.Linear(cin, classes, bias=bias, beta=beta)]
     return nn.Sequential(*layers).double()
-
-
-def dtp_and_bp_grads(model, x, y):
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    dtp = [p.grad.clone() for p in model.parameters()]
-    blocks = [m for _, m in dtp_ext.dtp_blocks(model)]
-    bp_model = nn.Sequential(*[_as_plain(m) for m in model]).double()
-    bp_model.zero_grad()
-    F.cross_entropy(bp_model(x), y).backward()
-    return dtp, [p.grad.clone() for p in bp_model.parameters()], blocks
-
-
-def _as_plain(m):
-    """The same block built from torch.nn modules, for backprop."""
-    if not isinstance(m, dtp_ext.DTPBlock):
-        return m
-    op = (
-        nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        if isinstance(m, dtp_ext.Linear)
-        else nn.Conv2d(
-            m.in_channels,
-            m.out_channels,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            m.groups,
-            m.bias is not None,
-        )
-    )
-    op = op.double()
-    op.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("feedback")})
-    acts = {None: nn.Identity(), "relu": nn.ReLU(), "elu": nn.ELU(), "tanh": nn.Tanh()}
-    return nn.Sequential(op, acts[m.activation], nn.MaxPool2d(m.pool) if m.pool else nn.Identity())
 
 
 def test_full_network_gradients_equal_reference_targets():

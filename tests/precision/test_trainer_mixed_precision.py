@@ -180,7 +180,7 @@ def test_compute_dtype_bfloat16_step_close_to_float32_step():
 def gmp_angle(activation, beta, dtype):
     """docs/maths.md §13.4/13.5's network (V = W^T) in `dtype`: the first layer's DTP update against
     backprop's, computed in float64 on the same (rounded) weights and input."""
-    from tests.ops.test_targets import dtp_and_bp_grads
+    from tests.helpers.models import dtp_and_bp_grads
 
     torch.manual_seed(3)
     model = nn.Sequential(

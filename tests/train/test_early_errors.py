@@ -16,8 +16,8 @@ import torch
 
 from dtp_ext.cli import main
 from dtp_ext.train import figures, runner
+from tests.helpers.datasets import fake_mnist, write_idx
 from tests.helpers.tiny_runs import tiny_args
-from tests.train.test_datasets import fake_mnist, write_idx
 
 TINY = tiny_args(64, 32)
 

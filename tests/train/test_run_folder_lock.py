@@ -11,7 +11,7 @@ import pytest
 from dtp_ext.cli import main
 from dtp_ext.train.config import ConfigError
 from dtp_ext.train.outdir import RunLock
-from tests.train.test_signals import ARGS, launch, wait_for_lines
+from tests.helpers.processes import ARGS, launch, wait_for_lines
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import dtp_ext
+from tests.helpers.models import HeadFirst
 
 
 def stem_model():
@@ -17,25 +18,6 @@ def stem_model():
         nn.Flatten(),
         dtp_ext.Linear(1568, 10),
     )
-
-
-class HeadFirst(nn.Module):
-    """Registers its head before its body, uses it last."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(32, 10)
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3),
-            nn.ReLU(),
-            nn.Conv2d(8, 8, 3),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def names(trainer):

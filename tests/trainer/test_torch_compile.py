@@ -121,7 +121,7 @@ def test_no_graph_break(name):
 
 def test_forward_order_is_recorded_under_compile():
     """Per-block lists follow forward order also when only compiled forwards ran."""
-    from tests.trainer.test_block_selection import HeadFirst
+    from tests.helpers.models import HeadFirst
 
     model = dtp_ext.convert(HeadFirst())
     compiled = torch.compile(model, backend="inductor")
