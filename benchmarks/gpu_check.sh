@@ -99,7 +99,8 @@ fi
 # 2. CUDA and build tests: with DTP_EXT_CUDA=1 nothing here may skip for a missing build.
 if ((BUILT)); then
   stage tests 180 15 "$PY" -m pytest tests/cuda/test_kernels_match_cpu.py tests/cuda/test_dtypes_layouts_streams.py tests/cuda/test_cuda_graphs.py tests/packaging/test_built_library.py tests/packaging/test_setup_py.py \
-    tests/precision/test_bfloat16_ops.py tests/trainer/test_alignment.py -q -p no:cacheprovider -rfEs
+    tests/precision/test_bfloat16_ops.py tests/trainer/test_alignment.py \
+    tests/ops/test_registered_ops.py tests/ops/test_bad_and_extreme_inputs.py -q -p no:cacheprovider -rfEs
 else
   skip tests "no build"
 fi

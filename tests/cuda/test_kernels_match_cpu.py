@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import dtp_ext
 from dtp_ext import functional, ops, reference
-from tests.helpers.blocks import BLOCKS, make_block, output_shape, saturated_block
+from tests.helpers.blocks import BLOCKS, make_block, output_shape
 from tests.helpers.cuda import HAS_CUDA_KERNELS, HAS_GPU, MISSING, needs_cuda, on_cuda
 from tests.helpers.op_args import block_op_args, op_calls, private_op_args
 
@@ -211,56 +211,6 @@ def test_cuda_private_elementwise_ops_opcheck_and_match_the_cpu(op, pool):
         cuda_out if isinstance(cuda_out, list) else [cuda_out],
     ):
         torch.testing.assert_close(g.cpu(), c)
-
-
-@needs_cuda
-def test_cuda_window_max_takes_nan_as_the_maximum_like_max_pool2d():
-    z = torch.tensor(
-        [[[[1.0, float("nan"), 3.0, 2.0], [4.0, 0.5, float("nan"), float("nan")]]]],
-        dtype=torch.float64,
-    ).cuda()
-    _, expected = F.max_pool2d_with_indices(z, 2, 2)
-    out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
-    assert out.flatten(2).isnan().nonzero()[:, 2].tolist() == expected.flatten().tolist()
-
-
-@needs_cuda
-@pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
-def test_cuda_ties_after_saturation_equal_the_reference(kind):
-    block, x = saturated_block(kind)
-    nx, ny = torch.randn_like(x) * 0.1, torch.randn(4, 3, 4, 4, dtype=x.dtype) * 0.1
-    ref = reference.ldrl_loss_and_grads(block, x, nx, ny)
-    gblock, gx, gnx, gny = on_cuda(block, x, nx, ny)
-    got = functional.ldrl_loss(gblock, gx, gnx, gny)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
-
-
-@needs_cuda
-@pytest.mark.parametrize("activation", ["relu", "elu", "tanh"])
-def test_cuda_nan_follows_atens_rules_like_the_cpu(activation):
-    torch.manual_seed(0)
-    b = dtp_ext.Conv2d(2, 3, 3, padding=1, activation=activation, pool=2).double()
-    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
-    x[1, 0, 3, 3] = float("nan")
-    nx, ny = torch.randn_like(x) * 0.1, torch.randn(2, 3, 4, 4, dtype=x.dtype) * 0.1
-    results = []
-    with ops.finite_checks(False):
-        for dev in ("cpu", "cuda"):
-            bb = copy.deepcopy(b).to(dev)
-            results.append(
-                ops._ops.ldrl_loss(
-                    x.to(dev),
-                    bb.weight.detach(),
-                    bb.bias.detach(),
-                    bb.feedback_weight,
-                    nx.to(dev),
-                    ny.to(dev),
-                    *bb.geometry().args(),
-                )
-            )
-    for a, c in zip(*results):
-        torch.testing.assert_close(c.cpu(), a, equal_nan=True, rtol=1e-10, atol=1e-12)
 
 
 @needs_cuda

@@ -32,6 +32,17 @@ def needs_cuda(test):
     return pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")(run)
 
 
+# The devices a check runs on, as a parameter: the CPU always, CUDA where a GPU is visible.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="needs a GPU"))]
+
+
+def require_device(device: str) -> None:
+    """Inside a test parametrised by DEVICES: on a GPU machine a build without the CUDA
+    kernels fails the CUDA case instead of skipping it."""
+    if device == "cuda" and not HAS_CUDA_KERNELS:
+        pytest.fail(MISSING)
+
+
 def on_cuda(block, *tensors):
     return (copy.deepcopy(block).cuda(),) + tuple(
         t.cuda() if t is not None else None for t in tensors

@@ -2,6 +2,7 @@
 arguments, saturated pools whose windows tie, NaN with the checks off, a loop too long to run
 (Ctrl-C stops it) and impossible sizes."""
 
+import copy
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from torch import nn
 import dtp_ext
 from dtp_ext import ops, reference
 from tests.helpers.blocks import pooled_block, saturated_block
+from tests.helpers.cuda import DEVICES, require_device
 
 
 def loop_args(block, x, **state):
@@ -75,8 +77,10 @@ def test_overlapping_in_place_arguments_are_refused(case, match):
     assert torch.equal(w, before)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
-def test_ties_after_saturation_follow_max_pool_of_phi(kind):
+def test_ties_after_saturation_follow_max_pool_of_phi(kind, device):
+    require_device(device)
     b, x = saturated_block(kind)
     with torch.no_grad():
         z = dtp_ext.functional.block_forward(x, b.weight, b.bias, padding=b.numeric_padding)[0]
@@ -85,11 +89,16 @@ def test_ties_after_saturation_follow_max_pool_of_phi(kind):
         ties = (windows == windows.max(-1, keepdim=True).values).sum(-1) > 1
     assert ties.sum() > 50  # the case at hand: many tied windows
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(4, 3, 4, 4, dtype=x.dtype) * 0.1
-    loss, grad_v, _ = dtp_ext.functional.ldrl_loss(b, x, nx, ny)
-    ref_loss, ref_grad, _ = reference.ldrl_loss_and_grads(b, x, nx, ny)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(grad_v, ref_grad, rtol=1e-10, atol=1e-12)
-    # The whole loop too (the noisy pass's indices come from the fused window max).
+    ref = reference.ldrl_loss_and_grads(b, x, nx, ny)
+    on_device = copy.deepcopy(b).to(device), x.to(device), nx.to(device), ny.to(device)
+    for got, expected in zip(dtp_ext.functional.ldrl_loss(*on_device), ref):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["elu-bias-60", "tanh-large-weights"])
+def test_ties_after_saturation_through_the_feedback_loop(kind):
+    """The whole loop too (the noisy pass's indices come from the fused window max)."""
+    b, x = saturated_block(kind)
     torch.manual_seed(1)
     v, c, losses, _ = reference.feedback_loop(b, x, 5, 0.1, 0.01)
     torch.manual_seed(1)
@@ -101,22 +110,32 @@ def test_ties_after_saturation_follow_max_pool_of_phi(kind):
     torch.testing.assert_close(b.feedback_weight, v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["relu", "elu", "tanh"])
-def test_nan_follows_atens_rules_with_checks_off(activation):
+def test_nan_follows_atens_rules_with_checks_off(activation, device):
     """With the finite checks off a NaN must propagate as in ATen (relu keeps NaN, max-pool
-    takes it), never be cleaned into a number silently."""
+    takes it), never be cleaned into a number silently: on every device, as the reference."""
+    require_device(device)
     torch.manual_seed(0)
     b = dtp_ext.Conv2d(2, 3, 3, padding=1, activation=activation, pool=2).double()
     x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     x[1, 0, 3, 3] = float("nan")
     nx, ny = torch.randn_like(x) * 0.1, torch.randn(2, 3, 4, 4, dtype=x.dtype) * 0.1
+    d = copy.deepcopy(b).to(device)
     with ops.finite_checks(False):
         a = ops._ops.ldrl_loss(
-            x, b.weight.detach(), b.bias.detach(), b.feedback_weight, nx, ny, *b.geometry().args()
+            x.to(device),
+            d.weight.detach(),
+            d.bias.detach(),
+            d.feedback_weight,
+            nx.to(device),
+            ny.to(device),
+            *d.geometry().args(),
         )
     ref = reference.ldrl_loss_and_grads(b, x, nx, ny)
     assert torch.isnan(a[0]) and torch.isnan(ref[0])
-    torch.testing.assert_close(a[1], ref[1], equal_nan=True, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a[1].cpu(), ref[1], equal_nan=True, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(a[2]) == 0  # the bias's gradient is zero by construction
 
 
 LONG_LOOP = textwrap.dedent("""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import dtp_ext
 from dtp_ext import _signatures, ops
 from tests.helpers.blocks import make_block, pooled_block
+from tests.helpers.cuda import DEVICES, require_device
 from tests.helpers.op_args import block_op_args, private_op_args
 
 
@@ -116,15 +117,18 @@ def test_opcheck_private_elementwise_ops(op, pool):
     )
 
 
-def test_window_max_takes_nan_as_the_maximum_like_max_pool2d():
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_max_takes_nan_as_the_maximum_like_max_pool2d(device):
     """ATen's rule (max_pool2d): a NaN anywhere in a window is its maximum (of several, the
-    last), and it is what the noisy difference scatters (per-element maths shared with CUDA)."""
+    last), and it is what the noisy difference scatters (per-element maths shared by the CPU
+    and CUDA kernels)."""
+    require_device(device)
     z = torch.tensor(
         [[[[1.0, float("nan"), 3.0, 2.0], [4.0, 0.5, float("nan"), float("nan")]]]],
         dtype=torch.float64,
     )
     _, expected = F.max_pool2d_with_indices(z, 2, 2)
-    out = torch.ops.dtp_ext._noisy_difference(z, None, None, "relu", 2, False)
+    out = torch.ops.dtp_ext._noisy_difference(z.to(device), None, None, "relu", 2, False).cpu()
     got = out.flatten(2).isnan().nonzero()[:, 2]
     assert got.tolist() == expected.flatten().tolist() == [1, 7]
     assert (out.flatten().nan_to_num(0) == 0).all()  # the rest of each window stays zero
