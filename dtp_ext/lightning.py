@@ -36,6 +36,7 @@ except ModuleNotFoundError as exc:
         'pip install lightning (or pip install "dtp_ext[lightning]")'
     ) from exc
 
+from .feedback.ranks import process_group_size, process_rank
 from .loss_scaling import loss_scale
 from .nn import end_forward_pass, start_forward_pass
 from .trainer import FeedbackReport, FeedbackTrainer
@@ -225,8 +226,8 @@ class FeedbackCallback(Callback):
         # Every process's generators: a collective under DDP, where Lightning calls this on
         # every rank when it saves a checkpoint.
         rng = _rng_state(self._device)
-        if _world_size() > 1:
-            gathered = [None] * _world_size()
+        if process_group_size() > 1:
+            gathered = [None] * process_group_size()
             torch.distributed.all_gather_object(gathered, rng)
             rng = gathered
         else:
@@ -254,16 +255,6 @@ class FeedbackCallback(Callback):
             )
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _rng_state(device: torch.device | None) -> dict:
     """The generators feedback noise comes from: torch's CPU one and, when the model is on a
     CUDA device, that device's."""
@@ -279,16 +270,16 @@ def _set_rng_state(states, device: torch.device | None):
             "FeedbackCallback: the checkpoint's callback state holds no generator states "
             "('rng'); resume with FeedbackCallback(restore_rng=False)"
         )
-    if len(states) != _world_size():
+    if len(states) != process_group_size():
         warnings.warn(
             f"FeedbackCallback: the checkpoint holds the generator states of {len(states)} "
-            f"processes, this run has {_world_size()}: the generators are not restored, so the "
+            f"processes, this run has {process_group_size()}: the generators are not restored, so the "
             "resumed run draws other noise than an uninterrupted one",
             RuntimeWarning,
             stacklevel=2,
         )
         return
-    state = states[_rank()]
+    state = states[process_rank()]
     on_cuda = device is not None and device.type == "cuda"
     if ("cuda" in state) != on_cuda:
         warnings.warn(

@@ -196,7 +196,6 @@ def start_forward_pass(model: nn.Module, *args) -> None:
         if isinstance(module, DTPBlock):
             if module._pass_depth == 0:
                 module._pass_fresh = True
-                module._in_pass = True
             module._pass_depth += 1
 
 
@@ -207,7 +206,6 @@ def end_forward_pass(model: nn.Module, *args) -> None:
     for module in model.modules():
         if isinstance(module, DTPBlock) and module._pass_depth > 0:
             module._pass_depth -= 1
-            module._in_pass = module._pass_depth > 0
 
 
 def track_forward_passes(model: nn.Module) -> None:
@@ -245,9 +243,8 @@ class DTPBlock:
         # model calls it more than once: see track_forward_passes), and whether that pass is
         # still running.
         self._recorded_inputs: list[torch.Tensor] = []
-        self._in_pass = False  # inside a tracked forward pass (start_forward_pass)
-        self._pass_fresh = False  # that pass has not recorded this block yet
-        self._pass_depth = 0  # nested opens of the pass (hooks only)
+        self._pass_depth = 0  # open tracked forward passes around it (start_forward_pass)
+        self._pass_fresh = False  # the open pass has not recorded this block yet
         # Data flow of the latest training-mode forward: whether the input required grad (it
         # then needs a target, so FeedbackTrainer trains this block; None: not seen with
         # autograd on) and when the block ran (FeedbackTrainer orders blocks by it).
@@ -317,7 +314,7 @@ class DTPBlock:
             if torch.is_grad_enabled() and (x.requires_grad or self._input_needs_target is None):
                 self._input_needs_target = x.requires_grad
             return
-        if self._pass_fresh or not self._in_pass:
+        if self._pass_fresh or self._pass_depth == 0:
             # The first call of a pass: a further call of the same tracked model forward keeps
             # this stamp (forward order is first use) and adds its input to this one's.
             # A new list, not the old one cleared: torch.compile then never reads (and guards

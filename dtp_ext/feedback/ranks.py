@@ -14,6 +14,15 @@ def process_group_size() -> int:
     return 1
 
 
+def process_rank() -> int:
+    """This process's rank in the initialised default process group; 0 without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over every rank, in place."""
     import torch.distributed as dist

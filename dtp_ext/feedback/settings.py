@@ -27,7 +27,7 @@ def check_per_block(name: str, value, *, integer: bool = False, owner: str = "Fe
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     prefix = f"{owner}: " if owner else ""
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v < 0:
+        if not finite_real(v) or v < 0:
             raise ValueError(f"{prefix}{name} entries must be finite numbers >= 0, got {v!r}")
         if integer and int(v) != v:
             raise ValueError(f"{prefix}{name} entries must be whole numbers, got {v!r}")
