@@ -25,13 +25,16 @@ import torch
 STEP_RATE = 0.05
 DEFAULT_NOISE_STD = 0.1
 DEFAULT_TARGET_ANGLE = 4.0  # degrees per block: ~20 degrees over the ~25 noisiest blocks
-# Once the forward weights move, the average's window is capped at 1 / (1 - decay) steps; 0:
-# targets use V itself then (an average lags a moving W: docs/maths.md §7.3, measured).
-DEFAULT_AVERAGE_DECAY = 0.0
+# Once the forward weights move, the average's window is capped at 1 / (1 - decay) steps (an
+# average lags a moving W: docs/maths.md §7.3, measured); 0: targets use V itself then.
+DEFAULT_AVERAGE_DECAY = 0.9
 # Plans meet their target with the plain mean over this many steps of a fixed W (a
 # feedback-only warm-up).
 PLAN_AVERAGED_STEPS = 100
 DEFAULT_MAX_COST = 3.0  # feedback multiply-adds per step / a backprop step's
+# The cap at a feedback-only step (a warm-up: no forward update to pay for, and what its
+# average reaches after PLAN_AVERAGED_STEPS steps is what training starts from).
+DEFAULT_FEEDBACK_ONLY_MAX_COST = 8.0
 MAX_PLANNED_ITERATIONS = 200
 # Planned rates keep c * fan_out / samples at most this (the floor is unstable at 1).
 STABILITY_LOAD = 0.5

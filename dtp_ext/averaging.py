@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# Above this drift per step (|W_t - W_t-1| / |W_t|) a block's targets use V itself
+# (docs/maths.md §7.3).
+MAX_DRIFT = 0.01
+
 
 class FeedbackAverages:
     """Per block: the average of its feedback weight, the steps it holds (a window), and the
@@ -46,7 +50,11 @@ class FeedbackAverages:
             return
         previous = self.previous[name]
         drift2 = (w - previous).double().pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-300)
+        # Where lag and noise balance, capped by the decay; none (V itself) where W moved more
+        # than MAX_DRIFT: fast training follows a lagging average badly, measurably so even
+        # for a window of two steps (docs/maths.md §7.3).
         window = (noise / drift2).pow(1 / 3).clamp(1.0, 1.0 / (1.0 - self.decay))
+        window = torch.where(drift2 > MAX_DRIFT**2, torch.ones_like(window), window)
         count = self.counts[name] + 1
         count = torch.where(drift2 > 0, torch.minimum(count, window), count)
         self.counts[name] = count

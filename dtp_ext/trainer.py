@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import alignment, ops
-from .averaging import FeedbackAverages
+from .averaging import MAX_DRIFT, FeedbackAverages
 from .cuda_graphs import LoopGraphs
 from .feedback.block_loop import LoopOptions, check_block, train_block
 from .feedback.guard import BlockRun, refuse_divergence, restore
@@ -49,7 +49,8 @@ class FeedbackTrainer:
     - `blocks`: the blocks to train, in that order (default: those whose input needs a target,
       in forward order; §1). `explain()` says which are trained, how, and why others are not.
     - `iterations`, `noise_std`, `lr`: None (planned per block at the first step within
-      `target_angle` and `max_cost`), a scalar or one entry per trained block (§2); `momentum`,
+      `target_angle` and `max_cost`, or `feedback_only_max_cost` at a step whose forward
+      weights did not move since the previous one), a scalar or one entry per trained block (§2); `momentum`,
       `weight_decay`: the feedback loop's SGD (docs/maths.md §4).
     - `average_decay`, `warm_start`: the feedback averages targets use and a block's extra
       iterations at its first step; "auto" (the default) turns both on when any setting is
@@ -82,6 +83,7 @@ class FeedbackTrainer:
         average_decay: float | str | None = "auto",
         warm_start: bool | str = "auto",
         max_cost: float | None = alignment.DEFAULT_MAX_COST,
+        feedback_only_max_cost: float | None = alignment.DEFAULT_FEEDBACK_ONLY_MAX_COST,
     ):
         named = dtp_blocks(model)
         if not named:
@@ -125,6 +127,17 @@ class FeedbackTrainer:
                 f"multiply-adds per step over a backprop step's), got {max_cost!r}"
             )
         self.max_cost = None if max_cost is None else float(max_cost)
+        if feedback_only_max_cost is not None and not (
+            finite_real(feedback_only_max_cost) and feedback_only_max_cost > 0
+        ):
+            raise ValueError(
+                f"FeedbackTrainer: feedback_only_max_cost must be None or a finite number > 0 "
+                f"(feedback multiply-adds per step over a backprop step's), got "
+                f"{feedback_only_max_cost!r}"
+            )
+        self.feedback_only_max_cost = (
+            None if feedback_only_max_cost is None else float(feedback_only_max_cost)
+        )
         planning = self._selection.planning
         if average_decay == "auto":
             average_decay = alignment.DEFAULT_AVERAGE_DECAY if planning else None
@@ -191,15 +204,21 @@ class FeedbackTrainer:
         lambda self, v: self._set_hyperparameter("lr", v),
     )
 
-    def _plan_options(self) -> dict:
-        """alignment.plan_feedback's options from this trainer's settings."""
-        return {
-            "momentum": self.momentum,
-            "target_angle": self.target_angle,
-            "averaged_steps": None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,
-            "max_cost": self.max_cost,
-            "warm_start": self.warm_start,
-        }
+    def _planned(self, trained: list) -> list:
+        """`trained` with its planned settings: a feedback-only step's (no trained block's
+        forward weight moved since its latest step: a warm-up, whose cost cap is
+        `feedback_only_max_cost`) or a training step's (`max_cost`)."""
+        feedback_only = self._history.forward_still(trained)
+        return self._plans.apply(
+            trained,
+            self._model_blocks,
+            feedback_only,
+            momentum=self.momentum,
+            target_angle=self.target_angle,
+            averaged_steps=None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,
+            max_cost=self.feedback_only_max_cost if feedback_only else self.max_cost,
+            warm_start=self.warm_start,
+        )
 
     @property
     def plans(self) -> dict[str, alignment.BlockPlan]:
@@ -221,7 +240,7 @@ class FeedbackTrainer:
         except RuntimeError as exc:
             return f"FeedbackTrainer: nothing to train yet: {exc}"
         if process_group_size() == 1:  # planning may all-reduce: step() alone does it there
-            trained = self._plans.apply(trained, self._model_blocks, **self._plan_options())
+            trained = self._planned(trained)
         how = (
             "as chosen by blocks="
             if self._selection.chosen is not None
@@ -237,15 +256,24 @@ class FeedbackTrainer:
             + (
                 "the feedback weight itself"
                 if self._averages.decay == 0
-                else f"a window of at most {1 / (1 - self._averages.decay):.3g} steps"
+                else f"a window of at most {1 / (1 - self._averages.decay):.3g} steps that "
+                "follows its drift (the feedback weight itself after a step that moved it more "
+                f"than {MAX_DRIFT:.0%})"
             )
             if self._averages is not None
             else "targets use the trained feedback weights themselves (no averaging)"
         )
         lines.append(
             f"  target floor {self.target_angle:g}° per block, cost cap "
-            f"{'none' if self.max_cost is None else f'{self.max_cost:g}x a backprop step (multiply-adds)'}; "
+            f"{'none' if self.max_cost is None else f'{self.max_cost:g}x a backprop step (multiply-adds)'}"
+            f" at a training step, {'none' if self.feedback_only_max_cost is None else f'{self.feedback_only_max_cost:g}x'}"
+            " at a feedback-only step (no forward weight moved since the previous step); "
             f"{averaging}"
+        )
+        lines.append(
+            "  plans for the next step, a "
+            + ("feedback-only" if self._plans.current else "training")
+            + " step:"
         )
         lines += self._plans.describe(trained)
         skipped = self._selection.skipped(trained)
@@ -302,7 +330,7 @@ class FeedbackTrainer:
         parameters = {p.untyped_storage().data_ptr(): n for n, p in self._model.named_parameters()}
         for t in trained:
             check_block(t.name, t.block, parameters)
-        trained = self._plans.apply(trained, self._model_blocks, **self._plan_options())
+        trained = self._planned(trained)
         self._history.warn_untrained_feedback(trained)
         try:
             for t in trained:

@@ -36,6 +36,13 @@ class BlockHistory:
             return 0
         return plans[name].warm_start_iterations
 
+    def forward_still(self, trained) -> bool:
+        """Whether no trained block's forward weight moved since that block's latest step, each
+        having stepped before: a feedback-only step (a warm-up before training)."""
+        return all(self._versions.get(t.name) == weight_version(t.block) for t in trained) and bool(
+            trained
+        )
+
     def warn_untrained_feedback(self, trained):
         """Warn once when a block's forward weights were updated before its feedback weights
         were ever trained: those updates used a random feedback weight's targets."""

@@ -16,14 +16,22 @@ from .settings import HYPERPARAMETERS, BlockSettings
 
 
 class BlockPlans:
-    """The plans by block name, the input shape each was made for, and every block's forward
-    multiply-adds at the plans' batch (what explain() compares their cost with)."""
+    """The plans by block name, for training steps and for feedback-only steps (each made
+    under its own cost cap, when first needed), the input shape each was made for, and every
+    block's forward multiply-adds at the plans' batch (what explain() compares their cost
+    with)."""
 
     def __init__(self):
-        self._plans: dict[str, alignment.BlockPlan] = {}
+        # {feedback_only: {name: plan}}; `current`: the kind the latest apply() used.
+        self._by_kind: dict[bool, dict[str, alignment.BlockPlan]] = {False: {}, True: {}}
+        self.current = False
         self._planned_for: dict[str, tuple] = {}  # name -> (per-sample shape, batch)
         self.forward_macs = 0  # every block's forward multiply-adds, at the plans' batch
         self._warned: set[str] = set()  # blocks warned about as predicted unstable
+
+    @property
+    def _plans(self) -> dict[str, alignment.BlockPlan]:
+        return self._by_kind[self.current]
 
     def __getitem__(self, name: str) -> alignment.BlockPlan:
         return self._plans[name]
@@ -36,15 +44,18 @@ class BlockPlans:
 
     def clear(self):
         """Plan every block again at the next step (a setting changed)."""
-        self._plans = {}
+        self._by_kind = {False: {}, True: {}}
 
     def apply(
-        self, trained: list[TrainedBlock], model_blocks: list, **options
+        self, trained: list[TrainedBlock], model_blocks: list, feedback_only: bool, **options
     ) -> list[TrainedBlock]:
-        """`trained` with each block's settings taken from its plan, made for the blocks'
-        recorded inputs when missing or when a block's per-sample input shape changed; the batch
-        a block was first planned for is kept. `options`: plan_feedback's momentum,
-        target_angle, averaged_steps, max_cost and warm_start."""
+        """`trained` with each block's settings taken from its plan for a training step or,
+        `feedback_only`, for a step whose forward weights stay put (made with that kind's
+        `max_cost` in `options`), made for the blocks' recorded inputs when missing or when a
+        block's per-sample input shape changed; the batch a block was first planned for is
+        kept. `options`: plan_feedback's momentum, target_angle, averaged_steps, max_cost and
+        warm_start."""
+        self.current = bool(feedback_only)
         keys = {}
         for t in trained:
             x = t.block.recorded_input
@@ -69,6 +80,8 @@ class BlockPlans:
         # rank plans the same iterations (one all-reduce, when a shape is first seen).
         new = [t.name for t in trained if keys[t.name][1] is None]
         if new:
+            # The other kind's plans were made for the old shapes: made again when needed.
+            self._by_kind[not self.current] = {}
             recorded = {t.name: t.block.recorded_input for t in trained}
             batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
             if process_group_size() > 1:
@@ -146,4 +159,4 @@ class BlockPlans:
         self._planned_for = {
             n: (tuple(shape), int(batch)) for n, (shape, batch) in planned_for.items()
         }
-        self._plans = {}
+        self.clear()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dtp_ext
-from dtp_ext import alignment, reference
+from dtp_ext import alignment, averaging, reference
 from dtp_ext.alignment import block_shape, curvature, noise_floor
 
 
@@ -158,6 +158,55 @@ def test_trainer_with_no_settings_plans_every_block_within_target_and_cap():
     assert sum(p.cost for p in plans.values()) <= trainer.max_cost * backprop * (1 + 1e-9)
 
 
+def test_feedback_only_steps_plan_under_their_own_cap():
+    """A step whose forward weights did not move since the previous one (a feedback-only
+    warm-up) is planned under feedback_only_max_cost, a training step under max_cost; the
+    first step (nothing to compare with) and any step after an optimizer step are training
+    steps."""
+    torch.manual_seed(0)
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = dtp_ext.FeedbackTrainer(model)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+
+    def step(update, first=False):
+        out = model(x)
+        text = trainer.explain()
+        report = trainer.step()
+        if update:
+            opt.zero_grad()
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        plans = trainer.plans
+        assert list(report.losses) == ["2", "5", "7"]
+        for n, p in plans.items():  # what ran is what the plan says
+            warm = p.warm_start_iterations if first else 0
+            assert report.losses[n].numel() == p.iterations + warm, n
+        cost = sum(p.cost for p in plans.values()) / backprop()
+        return text, {n: p.iterations for n, p in plans.items()}, cost
+
+    def backprop():
+        return 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
+
+    text, first, cost = step(False, first=True)
+    assert "a training step" in text and cost <= 3.0 * (1 + 1e-9)
+    text, warmup, cost = step(False)
+    assert "a feedback-only step" in text
+    assert 3.0 < cost <= 8.0 * (1 + 1e-9)
+    assert all(warmup[n] >= first[n] for n in first) and warmup != first
+    _, again, _ = step(True)  # W has not moved yet at this step: still feedback-only
+    assert again == warmup
+    text, training, cost = step(False)
+    assert "a training step" in text and training == first
+    # A frozen block does not make a step feedback-only while the others train.
+    for p in model[7].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    step(True)
+    _, frozen, _ = step(True)
+    assert frozen == first
+
+
 def test_explicit_settings_win_and_keep_the_papers_semantics():
     """All three settings given: used as given, no averaging, no warm start (the paper's
     loop); one given: kept, the others planned."""
@@ -297,14 +346,43 @@ def test_average_follows_a_moving_forward_weight_with_its_decay():
     torch.testing.assert_close(block.feedback_weight_average, before + (v - before) * 0.2)
 
 
-def test_default_average_is_v_itself_once_the_forward_weight_moves():
-    block, _, trainer = one_linear_block()
+def test_default_average_keeps_a_window_while_w_drifts_slowly_and_drops_it_when_fast():
+    """The default (decay 0.9): the plain mean while W stays put; a window of at most 10 steps
+    while W moves by at most MAX_DRIFT a step; V itself (the average restarts from it) after a
+    step that moved W more."""
+    block, x, trainer = one_linear_block(dtype=torch.float64)
+    assert trainer._averages.decay == alignment.DEFAULT_AVERAGE_DECAY == 0.9
+    for _ in range(3):
+        trainer.step()
+    assert trainer._averages.steps("0") == 3
+    for _ in range(12):
+        with torch.no_grad():
+            block.weight.mul_(1.001)  # drift 0.001: well below MAX_DRIFT
+        block(x)
+        trainer.step()
+    assert trainer._averages.steps("0") == pytest.approx(10)  # capped by the decay
+    assert not torch.equal(block.feedback_weight_average, block.feedback_weight)
+    with torch.no_grad():
+        block.weight.mul_(1.0 + 2 * averaging.MAX_DRIFT)
+    block(x)
+    trainer.step()
+    assert trainer._averages.steps("0") == 1
+    assert torch.equal(block.feedback_weight_average, block.feedback_weight)
+    with torch.no_grad():
+        block.weight.mul_(1.001)
+    block(x)
+    trainer.step()  # slow again: the window grows from V
+    assert trainer._averages.steps("0") == 2
+
+
+def test_decay_zero_drops_the_average_once_the_forward_weight_moves():
+    block, _, trainer = one_linear_block(average_decay=0.0)
     for _ in range(3):
         trainer.step()
     assert trainer._averages.steps("0") == 3
     assert not torch.equal(block.feedback_weight_average, block.feedback_weight)
     with torch.no_grad():
-        block.weight.mul_(1.01)
+        block.weight.mul_(1.0001)
     trainer.step()
     assert trainer._averages.steps("0") == 0  # dropped: targets use V, nothing copied
     assert block.feedback_weight_average is None
@@ -312,20 +390,20 @@ def test_default_average_is_v_itself_once_the_forward_weight_moves():
 
 
 def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
-    """A W that moves 10 % a step gets the window where lag and noise balance,
-    (noise_per_step / drift^2)^(1/3) steps, below the decay's 1 / (1 - decay)."""
-    block, x, trainer = one_linear_block(dtype=torch.float64, average_decay=0.97)
+    """A W that moves 0.9 % a step (below MAX_DRIFT) gets the window where lag and noise
+    balance, (noise_per_step / drift^2)^(1/3) steps, below the decay's 1 / (1 - decay)."""
+    block, x, trainer = one_linear_block(dtype=torch.float64, average_decay=0.999)
     for _ in range(5):
         trainer.step()
     assert trainer._averages.steps("0") == 5  # W fixed: the plain mean of every step
-    for _ in range(3):
+    for _ in range(30):
         with torch.no_grad():
-            block.weight.mul_(1.1)
+            block.weight.mul_(1.009)
         block(x)
         trainer.step()
     noise = trainer.plans["0"].noise_per_step
-    window = (noise / (0.1 / 1.1) ** 2) ** (1 / 3)
-    assert 1 < window < 1 / (1 - 0.97)
+    window = (noise / (0.009 / 1.009) ** 2) ** (1 / 3)
+    assert 1 < window < 35  # the count (35) is above it: the window binds
     assert trainer._averages.steps("0") == pytest.approx(window)
 
 
@@ -395,8 +473,8 @@ def test_warm_start_brings_a_random_feedback_weight_to_its_floor_at_the_first_st
     assert report.losses["0"].numel() == plan.warm_start_iterations + plan.iterations
     row = report.alignment()["0"]
     assert row["raw_angle"] < plan.raw_floor.angle + 10 and row["status"] == "ok"
-    second = trainer.step()
-    assert second.losses["0"].numel() == plan.iterations
+    second = trainer.step()  # no warm start again (W did not move: a feedback-only step's plan)
+    assert second.losses["0"].numel() == trainer.plans["0"].iterations
 
 
 def test_report_alignment_measures_what_the_block_holds():
@@ -451,6 +529,8 @@ def test_warns_once_when_forward_weights_move_before_their_feedback_is_trained()
         ({"target_angle": 90}, "target_angle must be a number of degrees"),
         ({"max_cost": 0}, "max_cost must be None or a finite number > 0"),
         ({"max_cost": float("inf")}, "max_cost must be None or a finite number > 0"),
+        ({"feedback_only_max_cost": -1}, "feedback_only_max_cost must be None or a finite"),
+        ({"feedback_only_max_cost": float("nan")}, "feedback_only_max_cost must be None or a"),
         ({"average_decay": 1.0}, "average_decay must be 'auto', None or a number in"),
         ({"average_decay": "yes"}, "average_decay must be 'auto', None or a number in"),
         ({"warm_start": 1}, "warm_start must be 'auto', True or False"),
