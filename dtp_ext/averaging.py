@@ -18,7 +18,7 @@ import torch
 
 # Above this drift per step (|W_t - W_t-1| / |W_t|) a block's targets use V itself
 # (docs/maths.md §7.3).
-MAX_DRIFT = 0.01
+MAX_DRIFT = 0.02
 
 
 class FeedbackAverages:
