@@ -17,12 +17,12 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from user_script_mnist import Net
 
 import dtp_ext
 from dtp_ext.train.batches import normalise
 from dtp_ext.train.catalog import build_model
 from dtp_ext.train.datasets import INFO, load_split
+from user_script_mnist import Net
 
 WINDOWS = ((1, 5), (10, 20), (30, 40))  # steps, 1-based, inclusive
 
