@@ -81,9 +81,12 @@ def measure(model, trainer, x, y, order, quality):
         row = {
             "update_angle": angle_degrees(g, g_bp),
             "norm_ratio": float(g.norm() / g_bp.norm()),
-            "weight_angle": weight_alignment(blocks[name])["angle"],
         }
         plan = plans.get(name)
+        # Taps weighed by their use on the block's map (docs/maths.md §12).
+        row["weight_angle"] = weight_alignment(
+            blocks[name], plan.shape.tap_use if plan is not None else (1.0,)
+        )["angle"]
         if plan is not None:
             row.update(
                 iterations=plan.iterations,

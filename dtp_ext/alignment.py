@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,23 +40,62 @@ MAX_PLANNED_ITERATIONS = 200
 STABILITY_LOAD = 0.5
 # A warm start runs this many e-folds of the transient from the random initial V.
 TRANSIENT_EFOLDS = 5.0
+# A planned block with few samples per iteration runs its iterations on S copies of its batch
+# (fresh noise each) at S times fewer iterations, S a power of two that keeps batch x positions
+# x S at most this: the same noise samples at the same floor (docs/maths.md §8), fewer passes
+# over the weights. Measured (benchmarks/noise_copies.py): 1.6-4x faster for linear layers and
+# 3x3 convs on 1x1 maps, slower once the rows pass ~1000.
+NOISE_COPY_ROWS = 512
 
 
 @dataclass(frozen=True)
 class BlockShape:
     """What a block's feedback floor and cost depend on."""
 
-    fan_in: int  # C_in / groups * kH * kW (Linear: in_features)
-    fan_out: int  # C_out / groups * kH * kW (Linear: out_features)
+    # The noise an iteration's gradient carries per feedback weight (docs/maths.md §7.1): the
+    # inputs one output position reads, C_in / groups x the kernel taps inside the input (the
+    # mean over the pairs a weight gradient sums, k*k away from the border; Linear:
+    # in_features), and the outputs one input position feeds (likewise; k*k / stride^2-ish
+    # for a strided kernel).
+    fan_in: float
+    fan_out: float
     batch: int  # samples in the recorded input (Linear: rows)
     positions: int  # output positions per sample, after the pool (Linear: 1)
     linear_feedback: bool  # no folded activation or pool: the floor formula is exact
     macs: int  # multiply-adds of one forward pass of the block on the batch
+    # Per kernel tap (row-major), the fraction of output positions at which it reads inside the
+    # input: a tap used at fewer positions learns more slowly (docs/maths.md §7.1). (1.0,): all
+    # taps everywhere (Linear, or a map large enough to ignore the border).
+    tap_use: tuple[float, ...] = (1.0,)
 
     @property
     def samples(self) -> int:
         """Noise samples one feedback iteration averages over: batch x positions."""
         return self.batch * self.positions
+
+
+def _tap_geometry(size: int, kernel: int, stride: int, padding: int, dilation: int):
+    """One spatial dimension of a convolution: (output size, mean taps inside the input over the
+    (output, tap) pairs, mean output reads of an input position over the same pairs, each tap's
+    fraction of output positions inside the input)."""
+    out = max((size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1, 1)
+    inside = [0] * out
+    reads = [0] * size
+    use = [0] * kernel
+    for i in range(out):
+        for t in range(kernel):
+            q = i * stride - padding + t * dilation
+            if 0 <= q < size:
+                inside[i] += 1
+                reads[q] += 1
+                use[t] += 1
+    pairs = max(sum(use), 1)
+    return (
+        out,
+        sum(n * n for n in inside) / pairs,
+        sum(n * n for n in reads) / pairs,
+        [u / out for u in use],
+    )
 
 
 def block_shape(block, x: torch.Tensor) -> BlockShape:
@@ -71,22 +110,25 @@ def block_shape(block, x: torch.Tensor) -> BlockShape:
             in_features, out_features, rows, 1, linear, rows * in_features * out_features
         )
     out_channels, in_per_group, kh, kw = weight.shape
-    taps = kh * kw
     groups = block.groups
-    size = []
-    for d, k in enumerate((kh, kw)):
-        extent = x.shape[2 + d] + 2 * block.numeric_padding[d] - block.dilation[d] * (k - 1) - 1
-        size.append(extent // block.stride[d] + 1)
-    conv_positions = size[0] * size[1]
+    dims = [
+        _tap_geometry(
+            x.shape[2 + d], k, block.stride[d], block.numeric_padding[d], block.dilation[d]
+        )
+        for d, k in enumerate((kh, kw))
+    ]
+    (oh, in_h, out_h, use_h), (ow, in_w, out_w, use_w) = dims
+    tap_use = tuple(a * b for a in use_h for b in use_w)
     pool = block.pool if block.pool and block.pool > 1 else 1
-    positions = (size[0] // pool) * (size[1] // pool)
+    positions = (oh // pool) * (ow // pool)
     return BlockShape(
-        in_per_group * taps,
-        out_channels // groups * taps,
+        in_per_group * in_h * in_w,
+        out_channels // groups * out_h * out_w,
         x.shape[0],
         max(positions, 1),
         linear and pool == 1,
-        x.shape[0] * conv_positions * out_channels * in_per_group * taps,
+        x.shape[0] * oh * ow * out_channels * in_per_group * kh * kw,
+        (1.0,) if all(u == 1.0 for u in tap_use) else tap_use,
     )
 
 
@@ -151,8 +193,8 @@ class Floor:
 
 
 def noise_floor(
-    fan_in: int,
-    fan_out: int,
+    fan_in: float,
+    fan_out: float,
     samples: int,
     rate: float,
     momentum: float = 0.9,
@@ -160,6 +202,7 @@ def noise_floor(
     iterations: int = 1,
     average_decay: float | None = None,
     averaged_steps: int | None = None,
+    tap_use: Sequence[float] = (1.0,),
 ) -> Floor:
     """The stationary angle between a feedback weight and W^T (docs/maths.md §7):
 
@@ -168,13 +211,17 @@ def noise_floor(
     with c = floor_constant(rate, momentum), rate = lr x curvature(noise_std, P), S = samples
     (batch x output positions, times the noise copies), and R = averaging_gain for a feedback
     weight averaged over steps of `iterations` iterations with `average_decay` (None: the raw
-    V; 1: the plain mean) after `averaged_steps` steps (None: stationary). Exact for a block with a linear
-    feedback path (no folded activation or pool) when fan_in + fan_out << S / c; kernels
-    larger than the map they run on (3x3 on <= 7x7) sit up to ~15 degrees off through their
-    border taps."""
-    for name, value in (("fan_in", fan_in), ("fan_out", fan_out), ("samples", samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"noise_floor: {name} must be an int >= 1, got {value!r}")
+    V; 1: the plain mean) after `averaged_steps` steps (None: stationary). For a kernel whose
+    taps read outside the input at some positions (`tap_use`: per tap, the fraction of
+    positions where it reads inside; BlockShape.tap_use), each tap floors with rate and S
+    scaled by its use, and the angle is that of the feedback the targets see, taps weighted
+    by their use (docs/maths.md §7.1). Exact for a block with a linear feedback path (no
+    folded activation or pool) when fan_in + fan_out << S / c."""
+    for name, value in (("fan_in", fan_in), ("fan_out", fan_out)):
+        if not _finite_positive(value):
+            raise ValueError(f"noise_floor: {name} must be a finite number > 0, got {value!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"noise_floor: samples must be an int >= 1, got {samples!r}")
     for name, value in (("rate", rate),):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"noise_floor: {name} must be a finite number >= 0, got {value!r}")
@@ -184,13 +231,37 @@ def noise_floor(
         raise ValueError(
             f"noise_floor: average_decay must be None or in [0, 1], got {average_decay!r}"
         )
-    c = floor_constant(rate, momentum)
-    load = c * fan_out / samples
+    uses = [float(u) for u in tap_use]
+    if not uses or any(not (0 <= u <= 1) for u in uses) or not any(u > 0 for u in uses):
+        raise ValueError(
+            f"noise_floor: tap_use must be fractions in [0, 1], one at least > 0, got {tap_use!r}"
+        )
+    weighted, total, load = 0.0, 0.0, 0.0
+    for use in uses:
+        if use == 0:
+            continue  # a tap that never reads the input is never used nor trained
+        c = floor_constant(rate * use, momentum)
+        tap_samples = samples * use
+        tap_load = c * fan_out / tap_samples
+        load = max(load, tap_load)
+        if not tap_load < 1:
+            continue
+        tan2 = c * (fan_in + fan_out) / tap_samples / (1 - tap_load)
+        weighted += use * tan2 / averaging_gain(c, iterations, average_decay, averaged_steps)
+        total += use
     if not load < 1:
         return Floor(90.0, math.inf, False, load)
-    tan2 = c * (fan_in + fan_out) / samples / (1 - load)
-    tan2 /= averaging_gain(c, iterations, average_decay, averaged_steps)
+    tan2 = weighted / total
     return Floor(math.degrees(math.atan(math.sqrt(tan2))), math.sqrt(1 + tan2), True, load)
+
+
+def _finite_positive(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def iteration_contraction(rate: float, momentum: float) -> float:
@@ -231,7 +302,7 @@ class BlockPlan:
 
     name: str
     shape: BlockShape
-    iterations: int
+    iterations: int  # per step, each on `copies` copies of the recorded batch
     noise_std: float
     lr: float
     rate: float  # lr x curvature
@@ -244,6 +315,7 @@ class BlockPlan:
     warm_start_lr: float
     planned: tuple[str, ...]  # which of iterations / noise_std / lr were chosen here
     notes: tuple[str, ...] = field(default=())
+    copies: int = 1  # noise copies: each iteration runs on this many copies of the batch
 
     @property
     def noise_per_step(self) -> float:
@@ -262,6 +334,26 @@ def _iteration_cost(shape: BlockShape) -> float:
     return 4.0 * shape.macs
 
 
+def noise_copies(shape: BlockShape, iterations: int) -> tuple[int, int]:
+    """(iterations, copies) that hold about `iterations` single-batch iterations' noise samples
+    (at most that many): copies of the batch where one iteration's rows (batch x positions) are
+    few, NOISE_COPY_ROWS at most."""
+    most = 1
+    while most * 2 * shape.samples <= NOISE_COPY_ROWS:
+        most *= 2
+    if iterations <= 1 or most == 1:
+        return iterations, 1
+    steps = -(-iterations // most)  # ceil
+    return steps, iterations // steps
+
+
+def with_copies(shape: BlockShape, copies: int) -> BlockShape:
+    """The shape of one iteration on `copies` copies of the batch."""
+    if copies == 1:
+        return shape
+    return replace(shape, batch=shape.batch * copies, macs=shape.macs * copies)
+
+
 def _rate_for(shape, iterations, noise_std, lr, momentum):
     if lr is not None:
         return lr * curvature(noise_std, shape.positions)
@@ -271,7 +363,9 @@ def _rate_for(shape, iterations, noise_std, lr, momentum):
 def _predict(shape, iterations, rate, momentum, averaged_steps):
     """(raw V's floor, the floor of its plain mean over `averaged_steps` steps or, None, the
     raw floor again)."""
-    raw = noise_floor(shape.fan_in, shape.fan_out, shape.samples, rate, momentum)
+    raw = noise_floor(
+        shape.fan_in, shape.fan_out, shape.samples, rate, momentum, tap_use=shape.tap_use
+    )
     if averaged_steps is None:
         return raw, raw
     averaged = noise_floor(
@@ -283,6 +377,7 @@ def _predict(shape, iterations, rate, momentum, averaged_steps):
         iterations=iterations,
         average_decay=1.0,
         averaged_steps=averaged_steps,
+        tap_use=shape.tap_use,
     )
     return raw, averaged
 
@@ -349,13 +444,18 @@ def plan_feedback(
         chosen = _fit_budget(rows, costs, budget, momentum, averaged_steps)
     plans = []
     for (name, shape, k, sigma, rate_lr, k_need, given_sigma), k_final in zip(rows, chosen):
+        copies = 1
+        if k is None and rate_lr is None:  # given iterations or lr keep their meaning
+            k_final, copies = noise_copies(shape, k_final)
+        single = shape
+        shape = with_copies(shape, copies)
         rate = _rate_for(shape, k_final, sigma, rate_lr, momentum)
         raw, floor = _predict(shape, k_final, rate, momentum, averaged_steps)
         cur = curvature(sigma, shape.positions)
         notes = []
         if not floor.stable:
             notes.append(
-                f"unstable: c * fan_out / (B P) = {floor.load:.2g} >= 1 (fan_out {shape.fan_out}, "
+                f"unstable: c * fan_out / (B P) = {floor.load:.2g} >= 1 (fan_out {shape.fan_out:.4g}, "
                 f"B*P {shape.samples}); lower its lr below "
                 f"{_stable_rate(shape, momentum) / cur if cur else 0:.3g} or raise the batch"
             )
@@ -365,13 +465,15 @@ def plan_feedback(
         if not shape.linear_feedback:
             notes.append("folded activation/pool: floor approximate")
         transient = math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
-        warm_rate = min(max(rate, fastest_rate(momentum)), _stable_rate(shape, momentum))
+        # The warm start runs on the batch itself, at the single-batch rate of the same floor
+        # (rate / copies) or faster (it only has to forget V's start).
+        warm_rate = min(max(rate / copies, fastest_rate(momentum)), _stable_rate(single, momentum))
         # No warm start where no iterations were asked for (iterations=0: feedback left as is).
         warm_iterations = transient_iterations(warm_rate, momentum) if warm_start and k_final else 0
         plans.append(
             BlockPlan(
                 name=name,
-                shape=shape,
+                shape=single,
                 iterations=k_final,
                 noise_std=sigma,
                 lr=rate / cur if cur else (rate_lr or 0.0),
@@ -379,7 +481,7 @@ def plan_feedback(
                 momentum=momentum,
                 floor=floor,
                 raw_floor=raw,
-                cost=k_final * _iteration_cost(shape),
+                cost=k_final * _iteration_cost(shape),  # the copies' products included
                 transient_steps=transient,
                 warm_start_iterations=warm_iterations,
                 warm_start_lr=warm_rate / cur if cur else 0.0,
@@ -389,6 +491,7 @@ def plan_feedback(
                     if given is None
                 ),
                 notes=tuple(notes),
+                copies=copies,
             )
         )
     return plans
@@ -443,13 +546,15 @@ def describe_plan(plan: BlockPlan) -> str:
     """One line: what a block's settings are predicted to give (explain()'s second line)."""
     s = plan.shape
     which = f"planned: {', '.join(plan.planned)}; " if plan.planned else ""
+    if plan.copies > 1:
+        which += f"each iteration on {plan.copies} noise copies of the batch; "
     warm = (
         f", warm start {plan.warm_start_iterations} it. at lr {plan.warm_start_lr:.3g}"
         if plan.warm_start_iterations
         else ""
     )
     return (
-        f"{which}fan_in {s.fan_in}, fan_out {s.fan_out}, B*P {s.batch}*{s.positions}; floor "
+        f"{which}fan_in {s.fan_in:.4g}, fan_out {s.fan_out:.4g}, B*P {s.batch}*{s.positions}; floor "
         f"{plan.floor.describe()}, raw V {plan.raw_floor.describe()}; settles in "
         f"~{plan.transient_steps} steps{warm}; cost {plan.cost / 1e6:.3g} M mult-adds/step"
     )

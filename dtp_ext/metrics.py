@@ -17,6 +17,17 @@ def feedback_in_forward_shape(block, weight: torch.Tensor | None = None) -> torc
     return fw.t() if isinstance(block, Linear) else fw
 
 
+def tap_weighted(w: torch.Tensor, tap_use=(1.0,)) -> torch.Tensor:
+    """A weight in the forward shape with each kernel tap scaled by the square root of its use
+    (BlockShape.tap_use): dot products of such tensors weigh each tap by how many output
+    positions it reads inside the input, i.e. compare what the feedback does on that map
+    (docs/maths.md §12). `tap_use` (1.0,): `w` itself."""
+    if len(tap_use) == 1:
+        return w
+    scale = torch.tensor(tap_use, dtype=w.dtype, device=w.device).sqrt()
+    return w * scale.reshape(w.shape[2:])
+
+
 def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     """Angle between two tensors flattened to vectors, in degrees."""
     a, b = a.detach().flatten().double(), b.detach().flatten().double()
@@ -24,11 +35,12 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
 
 
-def weight_alignment(block) -> dict[str, float]:
+def weight_alignment(block, tap_use=(1.0,)) -> dict[str, float]:
     """angle(W, V) in degrees and the relative distance |W - V| / |W| for one block, V the
-    feedback weight its targets use."""
-    w = block.weight.detach()
-    v = feedback_in_forward_shape(block).detach()
+    feedback weight its targets use; with `tap_use` (a plan's BlockShape.tap_use), kernel taps
+    weighed by their use on the map the block ran on (taps that only read padding left out)."""
+    w = tap_weighted(block.weight.detach(), tap_use)
+    v = tap_weighted(feedback_in_forward_shape(block).detach(), tap_use)
     return {
         "angle": angle_degrees(w, v),
         "distance": float((w - v).double().norm() / w.double().norm()),

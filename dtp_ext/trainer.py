@@ -338,6 +338,13 @@ class FeedbackTrainer:
                 x = block.recorded_input
                 buffers = self._buffers(name, block)
                 noise_x, noise_y = (noise or {}).get(name, (None, None))
+                copies = t.settings.copies
+                if copies > 1 and noise_x is not None:
+                    raise ValueError(
+                        f"FeedbackTrainer.step: block {name!r}'s plan runs each iteration on "
+                        f"{copies} noise copies of its batch, but noise= gives noise for the batch "
+                        "itself; give iterations= and lr= (a given setting is never copied)"
+                    )
                 warm = self._history.warm_start_pending(name, self.warm_start, self._plans)
                 if warm and noise_x is not None:
                     raise ValueError(
@@ -373,7 +380,7 @@ class FeedbackTrainer:
                         run.losses, kernel = train_block(
                             name,
                             block,
-                            x,
+                            x if copies == 1 else x.repeat(copies, *[1] * (x.dim() - 1)),
                             run.state(),
                             k,
                             sigma,
@@ -404,7 +411,7 @@ class FeedbackTrainer:
         for t in trained:
             plan = self._plans[t.name]
             self._history.record_step(t.name, t.block, plan, self._averages, self.warm_start)
-            report._quality[t.name] = measure_quality(t.block)
+            report._quality[t.name] = measure_quality(t.block, plan.shape.tap_use)
             report._plans[t.name] = plan
         return report
 

@@ -72,7 +72,7 @@ class BlockPlans:
 
     @staticmethod
     def _settings(plan: alignment.BlockPlan) -> BlockSettings:
-        return BlockSettings(plan.iterations, plan.noise_std, plan.lr)
+        return BlockSettings(plan.iterations, plan.noise_std, plan.lr, plan.copies)
 
     def _make(self, trained, keys, model_blocks, options):
         # A new input shape is planned for its batch: under torch.distributed the global one

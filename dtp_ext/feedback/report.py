@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import alignment
-from ..metrics import feedback_in_forward_shape
+from ..metrics import feedback_in_forward_shape, tap_weighted
 from ..nn import DTPBlock
 
 
@@ -83,19 +83,19 @@ def _angle_and_ratio(vv: float, ww: float, vw: float) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def measure_quality(block: DTPBlock) -> torch.Tensor:
+def measure_quality(block: DTPBlock, tap_use=(1.0,)) -> torch.Tensor:
     """|V|^2, |W|^2, <V, W>, |A|^2, <A, W> of `block` (A its averaged feedback weight, else V) as
     one float64 tensor on its device, without a host synchronisation (what
-    FeedbackReport.alignment() reads)."""
+    FeedbackReport.alignment() reads); kernel taps weighed by `tap_use` (its plan's)."""
     # Dot products in the feedback weight's own dtype (no float64 copies: for a wide layer
     # those cost as much as its feedback iterations); <A, .> only where A is not V.
-    v = feedback_in_forward_shape(block, block.feedback_weight).reshape(-1)
-    w = block.weight.detach().reshape(-1).to(v.dtype)
+    v = tap_weighted(feedback_in_forward_shape(block, block.feedback_weight), tap_use).reshape(-1)
+    w = tap_weighted(block.weight.detach(), tap_use).reshape(-1).to(v.dtype)
     vv, ww, vw = torch.dot(v, v), torch.dot(w, w), torch.dot(v, w)
     a = block.feedback_weight_average
     if a is None:
         aa, aw = vv, vw
     else:
-        a = feedback_in_forward_shape(block, a).reshape(-1)
+        a = tap_weighted(feedback_in_forward_shape(block, a), tap_use).reshape(-1)
         aa, aw = torch.dot(a, a), torch.dot(a, w)
     return torch.stack([vv, ww, vw, aa, aw]).double()

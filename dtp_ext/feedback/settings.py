@@ -44,6 +44,7 @@ class BlockSettings:
     iterations: int | None = None
     noise_std: float | None = None
     lr: float | None = None
+    copies: int = 1  # noise copies of the batch per iteration (planned only)
 
     def values(self) -> tuple:
         """(iterations, noise_std, lr), in HYPERPARAMETERS' order."""

@@ -22,8 +22,11 @@ def layer_metrics(
     metrics: dict[str, dict[str, float]] = {"update_angle": {}}
     if algorithm.has_feedback_weights:
         metrics["weight_angle"], metrics["weight_distance"] = {}, {}
+        # Kernel taps weighed by their use on the block's map where a plan knows it.
+        plans = getattr(getattr(algorithm, "trainer", None), "plans", {})
         for name, block in algorithm.trained:
-            alignment = weight_alignment(block)
+            plan = plans.get(name)
+            alignment = weight_alignment(block, plan.shape.tap_use if plan else (1.0,))
             metrics["weight_angle"][name] = alignment["angle"]
             metrics["weight_distance"][name] = alignment["distance"]
     bp = backprop_gradients(algorithm.model, blocks, x, y)

@@ -14,6 +14,7 @@ from torch import nn
 import dtp_ext
 from dtp_ext import alignment, averaging, reference
 from dtp_ext.alignment import block_shape, curvature, noise_floor
+from dtp_ext.metrics import feedback_in_forward_shape, tap_weighted
 
 
 def measured_tan2(block, x, iterations, noise_std, lr, steps, settle, momentum=0.9):
@@ -58,6 +59,70 @@ def test_floor_formula_predicts_a_single_blocks_stationary_angle(make, x_shape):
     measured = measured_tan2(block, x, k, sigma, lr, 180, 30)
     tan2 = math.tan(math.radians(predicted.angle)) ** 2
     assert measured == pytest.approx(tan2, rel=0.2)
+
+
+def tap_weighted_tan2(block, use):
+    w = tap_weighted(block.weight.detach().double(), use).flatten()
+    v = tap_weighted(feedback_in_forward_shape(block, block.feedback_weight).double(), use)
+    v = v.flatten()
+    cos = float(w @ v / (w.norm() * v.norm()))
+    return (1 - cos * cos) / (cos * cos)
+
+
+@pytest.mark.parametrize(
+    "channels, size, stride, batch",
+    [(32, 1, 1, 32), (32, 3, 1, 16), (64, 4, 2, 16), (32, 2, 2, 32)],
+    ids=["1x1-map", "3x3-map", "stride2-4x4", "stride2-2x2"],
+)
+def test_floor_formula_on_maps_smaller_than_the_kernel_reach(channels, size, stride, batch):
+    """A 3x3 conv on a map where its border taps read padding: the tap-geometry fans and
+    per-tap use (BlockShape) predict the stationary angle of the feedback the map sees (taps
+    weighed by use) within 20 % in tan^2; the full-kernel fans (C k^2) were 1.4-6x off (one of
+    the taps on a 1x1 map is ever used; a stride-2 kernel feeds ~k^2/4 outputs per input)."""
+    torch.manual_seed(0)
+    block = dtp_ext.Conv2d(32, channels, 3, padding=1, stride=stride)
+    x = torch.randn(batch, 32, size, size)
+    shape = block_shape(block, x)
+    rate = 0.02
+    predicted = noise_floor(
+        shape.fan_in, shape.fan_out, shape.samples, rate, 0.9, tap_use=shape.tap_use
+    )
+    trainer = dtp_ext.FeedbackTrainer(
+        nn.Sequential(block), 5, 0.1, rate / curvature(0.1, shape.positions), 0.9, blocks=[block]
+    )
+    block(x)
+    values = []
+    for step in range(150):
+        trainer.step()
+        if step >= 30:
+            values.append(tap_weighted_tan2(block, shape.tap_use))
+    tan2 = math.tan(math.radians(predicted.angle)) ** 2
+    assert sum(values) / len(values) == pytest.approx(tan2, rel=0.2)
+    full = noise_floor(32 * 9, channels * 9, shape.samples, rate, 0.9)
+    assert math.tan(math.radians(full.angle)) ** 2 > 1.4 * tan2
+
+
+def test_tap_geometry_of_a_block_shape():
+    """Counted by hand: a 3x3 kernel with padding 1 on a 1x1 map reads inside only with its
+    centre tap; on 2x2 every output reads 4 taps and the corners are used at 1 of 4 positions;
+    at stride 2 an input feeds 1 or 2 outputs per dimension instead of 3."""
+    conv = dtp_ext.Conv2d(8, 16, 3, padding=1)
+    one = block_shape(conv, torch.empty(2, 8, 1, 1))
+    assert (one.fan_in, one.fan_out) == (8, 16)
+    assert one.tap_use == (0, 0, 0, 0, 1, 0, 0, 0, 0)
+    two = block_shape(conv, torch.empty(2, 8, 2, 2))
+    assert (two.fan_in, two.fan_out) == (8 * 4, 16 * 4)
+    assert two.tap_use == pytest.approx((0.25, 0.5, 0.25, 0.5, 1, 0.5, 0.25, 0.5, 0.25))
+    strided = dtp_ext.Conv2d(8, 16, 3, padding=1, stride=2)
+    s = block_shape(strided, torch.empty(2, 8, 4, 4))
+    # Per dimension: outputs 0, 1 read inputs (-1, 0, 1) and (1, 2, 3): taps inside 2 and 3
+    # (mean over pairs (4 + 9) / 5); input 1 is read twice, 0, 2, 3 once: (1 + 4 + 1 + 1) / 5.
+    assert s.fan_in == pytest.approx(8 * (13 / 5) ** 2)
+    assert s.fan_out == pytest.approx(16 * (7 / 5) ** 2)
+    big = block_shape(conv, torch.empty(2, 8, 64, 64))
+    # A corner tap misses one row and one column of outputs.
+    assert min(big.tap_use) == pytest.approx((63 / 64) ** 2)
+    assert 8 * 9 * 0.95 < big.fan_in < 8 * 9
 
 
 def test_floor_formula_predicts_instability():
@@ -183,7 +248,8 @@ def test_feedback_only_steps_plan_under_their_own_cap():
             warm = p.warm_start_iterations if first else 0
             assert report.losses[n].numel() == p.iterations + warm, n
         cost = sum(p.cost for p in plans.values()) / backprop()
-        return text, {n: p.iterations for n, p in plans.items()}, cost
+        # Noise samples per step: iterations on `copies` copies of the batch each.
+        return text, {n: p.iterations * p.copies for n, p in plans.items()}, cost
 
     def backprop():
         return 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
@@ -542,8 +608,14 @@ def test_bad_planning_arguments_are_refused(kwargs, match):
 
 
 def test_noise_floor_refuses_bad_input():
-    with pytest.raises(ValueError, match="fan_in must be an int >= 1"):
+    with pytest.raises(ValueError, match="fan_in must be a finite number > 0"):
         noise_floor(0, 3, 10, 0.01)
+    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+        noise_floor(3, 3, 2.5, 0.01)
+    with pytest.raises(ValueError, match="tap_use must be fractions in"):
+        noise_floor(3, 3, 10, 0.01, tap_use=(0.0, 0.0))
+    with pytest.raises(ValueError, match="tap_use must be fractions in"):
+        noise_floor(3, 3, 10, 0.01, tap_use=(1.5,))
     with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
         noise_floor(3, 3, 10, float("nan"))
     with pytest.raises(ValueError, match="momentum must be in"):
@@ -561,3 +633,64 @@ def test_zero_iterations_with_a_planned_lr_train_nothing():
     assert all(losses.numel() == 0 for losses in report.losses.values())
     for name, block in dtp_ext.dtp_blocks(model):
         assert torch.equal(block.feedback_weight, before[name]), name
+
+
+def test_noise_copies_rule_and_floor():
+    """Few rows per iteration: the plan runs K iterations on S copies of the batch instead of
+    K*S iterations on it, rows (batch x positions x S) at most NOISE_COPY_ROWS, the same noise
+    samples per step (at most the single-batch plan's) and the same predicted floor."""
+    linear = alignment.BlockShape(512, 4096, 32, 1, True, 32 * 512 * 4096)
+    assert alignment.noise_copies(linear, 40) == (3, 13)  # ceil(40 / 16) iterations
+    assert alignment.noise_copies(linear, 1) == (1, 1)
+    wide = alignment.BlockShape(64, 64, 32, 196, True, 32 * 196 * 64 * 64)
+    assert alignment.noise_copies(wide, 40) == (40, 1)
+    for k in (2, 7, 16, 33):
+        (plan,) = alignment.plan_feedback([("b", linear)], iterations=[k], max_cost=None)
+        assert plan.copies == 1 and plan.iterations == k  # given iterations are never copied
+    (plan,) = alignment.plan_feedback([("b", linear)], max_cost=None)
+    assert plan.copies > 1 and plan.iterations * plan.copies <= alignment.MAX_PLANNED_ITERATIONS
+    single = alignment.noise_floor(
+        512,
+        4096,
+        32,
+        plan.rate / plan.copies,
+        iterations=plan.iterations * plan.copies,
+        average_decay=1.0,
+        averaged_steps=alignment.PLAN_AVERAGED_STEPS,
+    )
+    assert plan.floor.angle == pytest.approx(single.angle, rel=0.05)
+
+
+def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch():
+    """What ran is the loop on S copies of the recorded batch: bitwise the same feedback
+    weight as a trainer given the plan's iterations and lr on the repeated batch, same seed;
+    noise= for such a block is refused (it gives the batch's own noise)."""
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(64, 10)
+    twin = copy.deepcopy(block)
+    x = torch.randn(32, 64)
+    trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block], warm_start=False)
+    block(x)
+    torch.manual_seed(1)
+    report = trainer.step()
+    plan = trainer.plans["0"]
+    assert plan.copies > 1 and report.losses["0"].numel() == plan.iterations
+    text = trainer.explain()  # the next (feedback-only) step's plan
+    assert f"each iteration on {trainer.plans['0'].copies} noise copies of the batch" in text
+    given = dtp_ext.FeedbackTrainer(
+        nn.Sequential(twin),
+        plan.iterations,
+        plan.noise_std,
+        plan.lr,
+        blocks=[twin],
+        warm_start=False,
+        average_decay=None,
+    )
+    twin(x.repeat(plan.copies, 1))
+    torch.manual_seed(1)
+    given.step()
+    assert torch.equal(block.feedback_weight, twin.feedback_weight)
+    block(x)
+    noise = torch.zeros(plan.iterations, 32, 64), torch.zeros(plan.iterations, 32, 10)
+    with pytest.raises(ValueError, match="noise copies of its batch, but noise= gives"):
+        trainer.step(noise={"0": noise})
