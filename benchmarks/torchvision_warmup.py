@@ -24,6 +24,7 @@ gives the epoch time the warm-up is compared with (an estimate from those timed 
 
     python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...]
         [--steps 0,20,100] [--batch 32] [--timed-steps 5] [--threads N] [--json FILE]
+        [--feedback-only-max-cost X]
 """
 
 from __future__ import annotations
@@ -111,11 +112,11 @@ def measure(model, trainer, x, y, order, quality):
     return result, rows
 
 
-def timed_steps(model, data, info, batch, count):
+def timed_steps(model, data, info, batch, count, options):
     """Median seconds of an L-DRL training step at the defaults and of a backprop step, the
     two alternating (same weights at the start; each trains its own copy)."""
     ldrl = copy.deepcopy(model)
-    trainer = dtp_ext.FeedbackTrainer(ldrl)
+    trainer = dtp_ext.FeedbackTrainer(ldrl, **options)
     trainer.load_state_dict(TRAINERS[id(model)].state_dict())
     bp = backprop_twin(copy.deepcopy(model))
     opts = {
@@ -143,11 +144,11 @@ def timed_steps(model, data, info, batch, count):
 TRAINERS: dict[int, dtp_ext.FeedbackTrainer] = {}
 
 
-def run(name, steps, batch, data, info, timed):
+def run(name, steps, batch, data, info, timed, options):
     torch.manual_seed(0)
     model = build_model(name, info.channels, info.size, info.classes, 0.7)
     order = [n for n, _ in block_positions(model, (info.channels, info.size, info.size))]
-    trainer = TRAINERS[id(model)] = dtp_ext.FeedbackTrainer(model)
+    trainer = TRAINERS[id(model)] = dtp_ext.FeedbackTrainer(model, **options)
 
     def images(i, n=batch):
         return (normalise(data.images[i : i + n], info.mean, info.std), data.labels[i : i + n])
@@ -174,7 +175,7 @@ def run(name, steps, batch, data, info, timed):
         "final_blocks": rows,
     }
     if timed:
-        t = timed_steps(model, data, info, batch, timed)
+        t = timed_steps(model, data, info, batch, timed, options)
         epoch = t["bp"] * (len(data) // batch)
         out["step_seconds"] = t
         out["step_ratio"] = t["ldrl"] / t["bp"]
@@ -229,6 +230,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--timed-steps", type=int, default=5)
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--feedback-only-max-cost",
+        type=float,
+        help="FeedbackTrainer's feedback_only_max_cost (default: the library's)",
+    )
     p.add_argument("--json")
     p.add_argument("--table", metavar="JSON", help="print the per-block tables of a --json file")
     args = p.parse_args(argv)
@@ -250,8 +256,12 @@ def main(argv=None):
     print(
         f"{'model':<14}{'warm-up':>6}{'s':>8}  (median [min, max] over blocks; see the docstring)"
     )
+    options = {}
+    if args.feedback_only_max_cost is not None:
+        options["feedback_only_max_cost"] = args.feedback_only_max_cost
+        print(f"FeedbackTrainer options: {options}")
     rows = [
-        run(name, steps, args.batch, data, info, args.timed_steps)
+        run(name, steps, args.batch, data, info, args.timed_steps, options)
         for name in args.models.split(",")
     ]
     if args.json:
@@ -262,6 +272,7 @@ def main(argv=None):
                     "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "cpu": cpu_features(),
+                    "trainer_options": options,
                     "rows": rows,
                 },
                 f,

@@ -33,8 +33,10 @@ DEFAULT_AVERAGE_DECAY = 0.9
 PLAN_AVERAGED_STEPS = 100
 DEFAULT_MAX_COST = 3.0  # feedback multiply-adds per step / a backprop step's
 # The cap at a feedback-only step (a warm-up: no forward update to pay for, and what its
-# average reaches after PLAN_AVERAGED_STEPS steps is what training starts from).
-DEFAULT_FEEDBACK_ONLY_MAX_COST = 8.0
+# average reaches after PLAN_AVERAGED_STEPS steps is what training starts from): what the
+# target needs on the torchvision networks at batch 32 (resnet18 ~18x, vgg11_bn ~30x;
+# docs/maths.md §8).
+DEFAULT_FEEDBACK_ONLY_MAX_COST = 32.0
 MAX_PLANNED_ITERATIONS = 200
 # Planned rates keep c * fan_out / samples at most this (the floor is unstable at 1).
 STABILITY_LOAD = 0.5
