@@ -91,6 +91,7 @@ def measure(model, trainer, x, y, order, quality):
         if plan is not None:
             row.update(
                 iterations=plan.iterations,
+                copies=plan.copies,
                 lr=plan.lr,
                 positions=plan.shape.positions,
                 predicted_raw_angle=plan.raw_floor.angle,
@@ -189,6 +190,11 @@ def run(name, steps, batch, data, info, timed, options):
     return out
 
 
+def copies(b) -> str:
+    """' x S' for a block whose iterations each ran on S noise copies of its batch."""
+    return f" × {b['copies']}" if b.get("copies", 1) > 1 else ""
+
+
 def block_table(row) -> str:
     """Markdown: per trained block, its planned settings, predicted floors and what was
     measured after the last checkpoint (the feedback weight's angle to W^T: the trained V, and
@@ -197,7 +203,7 @@ def block_table(row) -> str:
     lines = [
         f"{row['model']}, after {steps} warm-up steps",
         "",
-        "| block | P | iterations | lr | V: predicted floor | V: measured | targets' weight: "
+        "| block | P | iterations (× noise copies) | lr | V: predicted floor | V: measured | targets' weight: "
         "predicted | measured | update vs BP | norm ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -205,7 +211,7 @@ def block_table(row) -> str:
         if "iterations" not in b:
             continue
         lines.append(
-            f"| {name} | {b['positions']} | {b['iterations']} | {b['lr']:.3g} | "
+            f"| {name} | {b['positions']} | {b['iterations']}{copies(b)} | {b['lr']:.3g} | "
             f"{b['predicted_raw_angle']:.1f}° | {b.get('raw_weight_angle', float('nan')):.1f}° | "
             f"{b['predicted_angle']:.1f}° | {b['weight_angle']:.1f}° | {b['update_angle']:.1f}° | "
             f"{b['norm_ratio']:.2f} |"

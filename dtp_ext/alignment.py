@@ -42,12 +42,13 @@ MAX_PLANNED_ITERATIONS = 200
 STABILITY_LOAD = 0.5
 # A warm start runs this many e-folds of the transient from the random initial V.
 TRANSIENT_EFOLDS = 5.0
-# A planned block with few samples per iteration runs its iterations on S copies of its batch
-# (fresh noise each) at S times fewer iterations, S a power of two that keeps batch x positions
-# x S at most this: the same noise samples at the same floor (docs/maths.md §8), fewer passes
-# over the weights. Measured (benchmarks/noise_copies.py): 1.6-4x faster for linear layers and
-# 3x3 convs on 1x1 maps, slower once the rows pass ~1000.
+# At a feedback-only step a planned block with few samples per iteration runs its iterations on
+# S copies of its batch (fresh noise each) at S times fewer iterations, batch x positions x S at
+# most this: the same noise samples at the same floor (docs/maths.md §8), fewer passes over the
+# weights. Measured (benchmarks/noise_copies.py): 1.6-4x faster for linear layers and 3x3 convs
+# on 1x1 maps, slower once the rows pass ~1000.
 NOISE_COPY_ROWS = 512
+COPIES_KEEP = 0.9  # the share of the planned noise samples copies must keep
 
 
 @dataclass(frozen=True)
@@ -321,13 +322,24 @@ class BlockPlan:
 
     @property
     def noise_per_step(self) -> float:
-        """tan^2 of the raw V's floor over the averaging gain of one more step: how much an
-        average over n steps holds is noise_per_step / n (docs/maths.md §7.3)."""
+        """tan^2 of the raw V's floor over the averaging gain of one more step (each tap's own,
+        with the noise copies): how much an average over n steps holds is noise_per_step / n
+        (docs/maths.md §7.3)."""
         if not self.raw_floor.stable:
             return float("inf")
-        c = floor_constant(self.rate, self.momentum)
-        gain = math.tanh(c * self.iterations) if c > 0 else 1.0
-        return math.tan(math.radians(self.raw_floor.angle)) ** 2 / max(gain, 1e-12)
+        s, many = self.shape, 10**6  # a mean of `many` steps: its gain is many x one step's
+        averaged = noise_floor(
+            s.fan_in,
+            s.fan_out,
+            s.samples * self.copies,
+            self.rate,
+            self.momentum,
+            iterations=self.iterations,
+            average_decay=1.0,
+            averaged_steps=many,
+            tap_use=s.tap_use,
+        )
+        return math.tan(math.radians(averaged.angle)) ** 2 * many
 
 
 def _iteration_cost(shape: BlockShape) -> float:
@@ -337,16 +349,16 @@ def _iteration_cost(shape: BlockShape) -> float:
 
 
 def noise_copies(shape: BlockShape, iterations: int) -> tuple[int, int]:
-    """(iterations, copies) that hold about `iterations` single-batch iterations' noise samples
-    (at most that many): copies of the batch where one iteration's rows (batch x positions) are
-    few, NOISE_COPY_ROWS at most."""
-    most = 1
-    while most * 2 * shape.samples <= NOISE_COPY_ROWS:
-        most *= 2
-    if iterations <= 1 or most == 1:
-        return iterations, 1
-    steps = -(-iterations // most)  # ceil
-    return steps, iterations // steps
+    """(iterations', copies), each iteration on at most NOISE_COPY_ROWS rows (batch x positions x
+    copies), that hold the most of `iterations` single-batch iterations' noise samples (never
+    more; the most copies among the fullest), or (iterations, 1) where copies would hold less
+    than COPIES_KEEP of them."""
+    best = (0, 1)
+    for copies in range(2, min(NOISE_COPY_ROWS // shape.samples, iterations) + 1):
+        steps = iterations // copies
+        if steps * copies >= best[0] * best[1]:
+            best = (steps, copies)
+    return best if best[0] * best[1] >= COPIES_KEEP * iterations else (iterations, 1)
 
 
 def with_copies(shape: BlockShape, copies: int) -> BlockShape:
@@ -407,6 +419,7 @@ def plan_feedback(
     max_cost: float | None = DEFAULT_MAX_COST,
     backprop_macs: float | None = None,
     warm_start: bool = True,
+    allow_copies: bool = False,
 ) -> list[BlockPlan]:
     """Per trained block (name, BlockShape), the feedback settings (docs/maths.md §8): a given
     value (an entry of `iterations` / `noise_std` / `lr` that is not None) is kept; the others
@@ -418,7 +431,10 @@ def plan_feedback(
     forward, input and weight gradients), the planned iterations are lowered where a degree
     costs most and matters least (minimising the sum over blocks of tan^2 weighted by the
     blocks before each: its error reaches all of them), and those blocks are noted above
-    target. `shapes` are in forward order."""
+    target. `allow_copies`: a block whose iterations and lr are both planned runs them on
+    noise copies of its batch where that is faster (`noise_copies`): for plans of a fixed W,
+    since fewer iterations a step, each faster, forget V's past more slowly per step
+    (docs/maths.md §8). `shapes` are in forward order."""
     n = len(shapes)
     iterations = list(iterations) if iterations is not None else [None] * n
     noise_std = list(noise_std) if noise_std is not None else [None] * n
@@ -446,8 +462,8 @@ def plan_feedback(
         chosen = _fit_budget(rows, costs, budget, momentum, averaged_steps)
     plans = []
     for (name, shape, k, sigma, rate_lr, k_need, given_sigma), k_final in zip(rows, chosen):
-        copies = 1
-        if k is None and rate_lr is None:  # given iterations or lr keep their meaning
+        single_iterations, copies = k_final, 1
+        if allow_copies and k is None and rate_lr is None:  # given settings keep their meaning
             k_final, copies = noise_copies(shape, k_final)
         single = shape
         shape = with_copies(shape, copies)
@@ -462,7 +478,13 @@ def plan_feedback(
                 f"{_stable_rate(shape, momentum) / cur if cur else 0:.3g} or raise the batch"
             )
         elif floor.angle > target_angle:
-            why = "cost cap" if k_final < k_need else "iteration cap" if k is None else "settings"
+            why = (
+                "cost cap"
+                if single_iterations < k_need
+                else "iteration cap"
+                if k is None
+                else "settings"
+            )
             notes.append(f"above target ({why})")
         if not shape.linear_feedback:
             notes.append("folded activation/pool: floor approximate")

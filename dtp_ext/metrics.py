@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,8 +25,13 @@ def tap_weighted(w: torch.Tensor, tap_use=(1.0,)) -> torch.Tensor:
     (docs/maths.md §12). `tap_use` (1.0,): `w` itself."""
     if len(tap_use) == 1:
         return w
-    scale = torch.tensor(tap_use, dtype=w.dtype, device=w.device).sqrt()
-    return w * scale.reshape(w.shape[2:])
+    return w * _tap_scale(tuple(tap_use), w.dtype, w.device).reshape(w.shape[2:])
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_scale(tap_use: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Kept: a host-to-device copy at every step would synchronise the stream.
+    return torch.tensor(tap_use, dtype=dtype).sqrt().to(device)
 
 
 def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:

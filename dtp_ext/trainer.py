@@ -380,7 +380,7 @@ class FeedbackTrainer:
                         run.losses, kernel = train_block(
                             name,
                             block,
-                            x if copies == 1 else x.repeat(copies, *[1] * (x.dim() - 1)),
+                            x if copies == 1 else torch.cat([x] * copies),  # keeps its layout
                             run.state(),
                             k,
                             sigma,

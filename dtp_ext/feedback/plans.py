@@ -109,7 +109,13 @@ class BlockPlans:
         given = {
             h: [t.settings.values()[i] for t in trained] for i, h in enumerate(HYPERPARAMETERS)
         }
-        plans = alignment.plan_feedback(shapes, **given, **options, backprop_macs=self.forward_macs)
+        plans = alignment.plan_feedback(
+            shapes,
+            **given,
+            **options,
+            backprop_macs=self.forward_macs,
+            allow_copies=self.current,  # a feedback-only step's W stays put (docs/maths.md §8)
+        )
         for plan in plans:
             self._plans[plan.name] = plan
             self._planned_for[plan.name] = keys[plan.name]

@@ -3,6 +3,7 @@ FeedbackTrainer makes from it, averaged feedback weights for the targets, and th
 quality a step reports."""
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -636,19 +637,30 @@ def test_zero_iterations_with_a_planned_lr_train_nothing():
 
 
 def test_noise_copies_rule_and_floor():
-    """Few rows per iteration: the plan runs K iterations on S copies of the batch instead of
-    K*S iterations on it, rows (batch x positions x S) at most NOISE_COPY_ROWS, the same noise
-    samples per step (at most the single-batch plan's) and the same predicted floor."""
+    """Few rows per iteration: a plan of a fixed W runs K' iterations on S copies of the batch
+    instead of K iterations on it, rows (batch x positions x S) at most NOISE_COPY_ROWS, K' S
+    the most samples up to K (never more), and the same predicted floor; a training plan, and
+    given iterations, run on the batch."""
     linear = alignment.BlockShape(512, 4096, 32, 1, True, 32 * 512 * 4096)
-    assert alignment.noise_copies(linear, 40) == (3, 13)  # ceil(40 / 16) iterations
+    assert alignment.noise_copies(linear, 40) == (4, 10)
+    assert alignment.noise_copies(linear, 7) == (1, 7)
     assert alignment.noise_copies(linear, 1) == (1, 1)
+    assert alignment.noise_copies(linear, 37) == (3, 12)  # 36 of 37: 16 copies would hold 32
+    rows = alignment.NOISE_COPY_ROWS
+    two = dataclasses.replace(linear, batch=rows // 2)  # room for 2 copies: odd K stays whole
+    assert alignment.noise_copies(two, 4) == (2, 2)
+    assert alignment.noise_copies(two, 5) == (5, 1)  # 2 x 2 would keep 4 of 5 samples
     wide = alignment.BlockShape(64, 64, 32, 196, True, 32 * 196 * 64 * 64)
     assert alignment.noise_copies(wide, 40) == (40, 1)
     for k in (2, 7, 16, 33):
-        (plan,) = alignment.plan_feedback([("b", linear)], iterations=[k], max_cost=None)
+        (plan,) = alignment.plan_feedback(
+            [("b", linear)], iterations=[k], max_cost=None, allow_copies=True
+        )
         assert plan.copies == 1 and plan.iterations == k  # given iterations are never copied
-    (plan,) = alignment.plan_feedback([("b", linear)], max_cost=None)
-    assert plan.copies > 1 and plan.iterations * plan.copies <= alignment.MAX_PLANNED_ITERATIONS
+    (training,) = alignment.plan_feedback([("b", linear)], max_cost=None)
+    (plan,) = alignment.plan_feedback([("b", linear)], max_cost=None, allow_copies=True)
+    assert training.copies == 1 and plan.copies > 1
+    assert plan.iterations * plan.copies <= training.iterations
     single = alignment.noise_floor(
         512,
         4096,
@@ -659,24 +671,34 @@ def test_noise_copies_rule_and_floor():
         averaged_steps=alignment.PLAN_AVERAGED_STEPS,
     )
     assert plan.floor.angle == pytest.approx(single.angle, rel=0.05)
+    # The window rule's noise per step is the planned average's, copies and tap use included.
+    n = alignment.PLAN_AVERAGED_STEPS
+    assert plan.noise_per_step / n == pytest.approx(
+        math.tan(math.radians(plan.floor.angle)) ** 2, rel=1e-6
+    )
+    conv = block_shape(dtp_ext.Conv2d(64, 64, 3, padding=1), torch.empty(8, 64, 2, 2))
+    (small,) = alignment.plan_feedback([("c", conv)], max_cost=None, allow_copies=True)
+    assert small.noise_per_step / n == pytest.approx(
+        math.tan(math.radians(small.floor.angle)) ** 2, rel=1e-6
+    )
 
 
 def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch():
-    """What ran is the loop on S copies of the recorded batch: bitwise the same feedback
-    weight as a trainer given the plan's iterations and lr on the repeated batch, same seed;
+    """At a feedback-only step what ran is the loop on S copies of the recorded batch: bitwise
+    the feedback weight of a trainer given the plan's iterations and lr on the repeated batch
+    from the same state, same seed; the training step before it ran on the batch itself.
     noise= for such a block is refused (it gives the batch's own noise)."""
     torch.manual_seed(0)
     block = dtp_ext.Linear(64, 10)
-    twin = copy.deepcopy(block)
     x = torch.randn(32, 64)
     trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block], warm_start=False)
     block(x)
-    torch.manual_seed(1)
-    report = trainer.step()
+    trainer.step()  # the first step is a training step's: on the batch itself
+    assert trainer.plans["0"].copies == 1
+    text = trainer.explain()  # the next step's: feedback-only (W did not move)
     plan = trainer.plans["0"]
-    assert plan.copies > 1 and report.losses["0"].numel() == plan.iterations
-    text = trainer.explain()  # the next (feedback-only) step's plan
-    assert f"each iteration on {trainer.plans['0'].copies} noise copies of the batch" in text
+    assert plan.copies > 1 and f"each iteration on {plan.copies} noise copies" in text
+    twin = copy.deepcopy(block)
     given = dtp_ext.FeedbackTrainer(
         nn.Sequential(twin),
         plan.iterations,
@@ -686,11 +708,14 @@ def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch():
         warm_start=False,
         average_decay=None,
     )
-    twin(x.repeat(plan.copies, 1))
+    given._momentum_buffers = copy.deepcopy(trainer._momentum_buffers)
+    twin(torch.cat([x] * plan.copies))
+    torch.manual_seed(1)
+    report = trainer.step()
     torch.manual_seed(1)
     given.step()
+    assert report.losses["0"].numel() == plan.iterations
     assert torch.equal(block.feedback_weight, twin.feedback_weight)
-    block(x)
     noise = torch.zeros(plan.iterations, 32, 64), torch.zeros(plan.iterations, 32, 10)
     with pytest.raises(ValueError, match="noise copies of its batch, but noise= gives"):
         trainer.step(noise={"0": noise})

@@ -51,7 +51,7 @@ class LDRL(Algorithm):
             quality = self.last_report.alignment()
             for name, row in quality.items():
                 plan = self.trainer.plans[name]
-                row.update(iterations=plan.iterations, lr=plan.lr)
+                row.update(iterations=plan.iterations, copies=plan.copies, lr=plan.lr)
             self.last_feedback_quality, self.last_report = quality, None
         return self.last_feedback_quality
 
