@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .feedback.settings import finite_real
+
 # Planned settings (docs/maths.md §8). Each block's lr x curvature x iterations per step: the
 # 5 iterations at rate 0.01 that the position-scaled default used, spread over however many
 # iterations the block gets (lr / S with K S iterations).
@@ -221,7 +223,7 @@ def noise_floor(
     by their use (docs/maths.md §7.1). Exact for a block with a linear feedback path (no
     folded activation or pool) when fan_in + fan_out << S / c."""
     for name, value in (("fan_in", fan_in), ("fan_out", fan_out)):
-        if not _finite_positive(value):
+        if not (finite_real(value) and value > 0):
             raise ValueError(f"noise_floor: {name} must be a finite number > 0, got {value!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"noise_floor: samples must be an int >= 1, got {samples!r}")
@@ -256,15 +258,6 @@ def noise_floor(
         return Floor(90.0, math.inf, False, load)
     tan2 = weighted / total
     return Floor(math.degrees(math.atan(math.sqrt(tan2))), math.sqrt(1 + tan2), True, load)
-
-
-def _finite_positive(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 def iteration_contraction(rate: float, momentum: float) -> float:
@@ -331,7 +324,7 @@ class BlockPlan:
         averaged = noise_floor(
             s.fan_in,
             s.fan_out,
-            s.samples * self.copies,
+            with_copies(s, self.copies).samples,
             self.rate,
             self.momentum,
             iterations=self.iterations,

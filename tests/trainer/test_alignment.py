@@ -18,8 +18,9 @@ from dtp_ext.alignment import block_shape, curvature, noise_floor
 from dtp_ext.metrics import feedback_in_forward_shape, tap_weighted
 
 
-def measured_tan2(block, x, iterations, noise_std, lr, steps, settle, momentum=0.9):
-    """Mean over steps settle..steps of tan^2 of the feedback weight's angle to W^T."""
+def measured_tan2(block, x, iterations, noise_std, lr, steps, settle, momentum=0.9, tap_use=(1.0,)):
+    """Mean over steps settle..steps of tan^2 of the feedback weight's angle to W^T, kernel
+    taps weighed by `tap_use`."""
     trainer = dtp_ext.FeedbackTrainer(
         nn.Sequential(block), iterations, noise_std, lr, momentum, blocks=[block]
     )
@@ -29,9 +30,9 @@ def measured_tan2(block, x, iterations, noise_std, lr, steps, settle, momentum=0
     for step in range(steps):
         trainer.step()
         if step >= settle:
-            w = block.weight.detach().double().flatten()
-            v = dtp_ext.metrics.feedback_in_forward_shape(block, block.feedback_weight)
-            v = v.double().flatten()
+            w = tap_weighted(block.weight.detach().double(), tap_use).flatten()
+            v = feedback_in_forward_shape(block, block.feedback_weight).double()
+            v = tap_weighted(v, tap_use).flatten()
             cos = float(w @ v / (w.norm() * v.norm()))
             values.append((1 - cos * cos) / (cos * cos))
     return sum(values) / len(values)
@@ -62,14 +63,6 @@ def test_floor_formula_predicts_a_single_blocks_stationary_angle(make, x_shape):
     assert measured == pytest.approx(tan2, rel=0.2)
 
 
-def tap_weighted_tan2(block, use):
-    w = tap_weighted(block.weight.detach().double(), use).flatten()
-    v = tap_weighted(feedback_in_forward_shape(block, block.feedback_weight).double(), use)
-    v = v.flatten()
-    cos = float(w @ v / (w.norm() * v.norm()))
-    return (1 - cos * cos) / (cos * cos)
-
-
 @pytest.mark.parametrize(
     "channels, size, stride, batch",
     [(32, 1, 1, 32), (32, 3, 1, 16), (64, 4, 2, 16), (32, 2, 2, 32)],
@@ -88,17 +81,10 @@ def test_floor_formula_on_maps_smaller_than_the_kernel_reach(channels, size, str
     predicted = noise_floor(
         shape.fan_in, shape.fan_out, shape.samples, rate, 0.9, tap_use=shape.tap_use
     )
-    trainer = dtp_ext.FeedbackTrainer(
-        nn.Sequential(block), 5, 0.1, rate / curvature(0.1, shape.positions), 0.9, blocks=[block]
-    )
-    block(x)
-    values = []
-    for step in range(150):
-        trainer.step()
-        if step >= 30:
-            values.append(tap_weighted_tan2(block, shape.tap_use))
+    lr = rate / curvature(0.1, shape.positions)
+    measured = measured_tan2(block, x, 5, 0.1, lr, 150, 30, tap_use=shape.tap_use)
     tan2 = math.tan(math.radians(predicted.angle)) ** 2
-    assert sum(values) / len(values) == pytest.approx(tan2, rel=0.2)
+    assert measured == pytest.approx(tan2, rel=0.2)
     full = noise_floor(32 * 9, channels * 9, shape.samples, rate, 0.9)
     assert math.tan(math.radians(full.angle)) ** 2 > 1.4 * tan2
 
