@@ -460,23 +460,34 @@ def test_average_window_shrinks_where_the_forward_weight_drifts_fast():
     assert trainer._averages.steps("0") == pytest.approx(window)
 
 
+def rng_state(device):
+    """The generator state the device's noise comes from."""
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device, state):
+    (torch.cuda.set_rng_state if device == "cuda" else torch.set_rng_state)(state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "feedback_only, split, decay",
     [(0, 3, "auto"), (4, 2, "auto"), (4, 4, "auto"), (2, 4, 0.9)],
     ids=["training", "inside-warm-up", "at-warm-up-end", "window-decay-0.9"],
 )
-def test_resume_with_averages_is_bitwise(feedback_only, split, decay):
+def test_resume_with_averages_is_bitwise(feedback_only, split, decay, device):
     """Saved and resumed at step `split` of 6, the first `feedback_only` steps training the
     feedback alone (the averages grow), then forward training (the default drops them, decay
     0.9 keeps a drift-balanced window): the same weights and averages as an unbroken run."""
 
     def run(split):
         torch.manual_seed(0)
-        model = small_net()
+        model = small_net().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
-        data = torch.randn(6, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        data = torch.randn(6, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
         labels = torch.randint(0, 10, (6, 16), generator=torch.Generator().manual_seed(2))
+        labels = labels.to(device)
         for i in range(6):
             if i == split:
                 state = copy.deepcopy(
@@ -484,16 +495,16 @@ def test_resume_with_averages_is_bitwise(feedback_only, split, decay):
                         model.state_dict(),
                         opt.state_dict(),
                         trainer.state_dict(),
-                        torch.get_rng_state(),
+                        rng_state(device),
                     )
                 )
-                model = small_net()
+                model = small_net().to(device)
                 model.load_state_dict(state[0])
                 opt = torch.optim.SGD(model.parameters(), lr=0.05)
                 opt.load_state_dict(state[1])
                 trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
                 trainer.load_state_dict(state[2])
-                torch.set_rng_state(state[3])
+                set_rng_state(device, state[3])
             out = model(data[i])
             trainer.step()
             if i >= feedback_only:
@@ -669,14 +680,15 @@ def test_noise_copies_rule_and_floor():
     )
 
 
-def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch(device):
     """At a feedback-only step what ran is the loop on S copies of the recorded batch: bitwise
     the feedback weight of a trainer given the plan's iterations and lr on the repeated batch
     from the same state, same seed; the training step before it ran on the batch itself.
     noise= for such a block is refused (it gives the batch's own noise)."""
     torch.manual_seed(0)
-    block = dtp_ext.Linear(64, 10)
-    x = torch.randn(32, 64)
+    block = dtp_ext.Linear(64, 10).to(device)
+    x = torch.randn(32, 64, device=device)
     trainer = dtp_ext.FeedbackTrainer(nn.Sequential(block), blocks=[block], warm_start=False)
     block(x)
     trainer.step()  # the first step is a training step's: on the batch itself
@@ -702,6 +714,9 @@ def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch():
     given.step()
     assert report.losses["0"].numel() == plan.iterations
     assert torch.equal(block.feedback_weight, twin.feedback_weight)
-    noise = torch.zeros(plan.iterations, 32, 64), torch.zeros(plan.iterations, 32, 10)
+    noise = (
+        torch.zeros(plan.iterations, 32, 64, device=device),
+        torch.zeros(plan.iterations, 32, 10, device=device),
+    )
     with pytest.raises(ValueError, match="noise copies of its batch, but noise= gives"):
         trainer.step(noise={"0": noise})
