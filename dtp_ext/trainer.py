@@ -182,6 +182,9 @@ class FeedbackTrainer:
         self.concurrent_blocks = bool(concurrent_blocks)
         self._streams = BlockStreams()
         self._momentum_buffers: dict[str, dict[str, torch.Tensor]] = {}
+        # The lr each block's momentum buffers were last used at (docs/maths.md §8: a planned lr
+        # that changes starts its buffers afresh).
+        self._buffer_lr: dict[str, float] = {}
         self.steps = 0
         self._selection.bind_initial()
 
@@ -297,6 +300,17 @@ class FeedbackTrainer:
         self._momentum_buffers[name] = buffers
         return buffers
 
+    def _restarts_momentum(self, name: str, lr: float) -> bool:
+        """Whether a block's momentum buffers start afresh at this step: its planned lr differs
+        from the one they were last used at (a plan for the other kind of step, or for a new
+        input shape). The buffers hold the gradients of the old plan's noise, which the new lr
+        would turn into a kick of V away from its floor: ~22x the old displacement where a
+        feedback-only step's copies raise the lr 22-fold (docs/maths.md §8). A given lr
+        (explicit, or set by the user between steps) keeps them, as torch.optim does."""
+        last = self._buffer_lr.get(name)
+        plan = self._plans.get(name)
+        return last is not None and last != lr and plan is not None and "lr" in plan.planned
+
     def chunk_iterations(self, block: DTPBlock, x: torch.Tensor) -> int:
         """How many iterations share one batched F(x + eps) under the memory budget."""
         return chunk_iterations(block, x, self.memory_budget_mb)
@@ -354,6 +368,9 @@ class FeedbackTrainer:
                     )
                 run = BlockRun.start(name, block, buffers)
                 runs.append(run)
+                if self._restarts_momentum(name, lr):
+                    for b in buffers.values():
+                        b.zero_()  # in place: captured CUDA graphs hold the addresses
                 # Blocks share no state during the feedback phase: on a GPU each runs on its
                 # own stream, so small blocks fill the device while large ones run.
                 try:
@@ -409,6 +426,7 @@ class FeedbackTrainer:
         self.steps += 1
         self._selection.stepped(trained)
         for t in trained:
+            self._buffer_lr[t.name] = t.settings.lr
             plan = self._plans[t.name]
             self._history.record_step(t.name, t.block, plan, self._averages, self.warm_start)
             report._quality[t.name] = measure_quality(t.block, plan.shape.tap_use)
@@ -430,9 +448,13 @@ class FeedbackTrainer:
             "block_steps": history["block_steps"],
             "planned_for": self._plans.state_dict(),
             "averages": None if self._averages is None else self._averages.state_dict(),
+            "buffer_lr": dict(self._buffer_lr),
             # Whether each block's forward weight moved since its latest step (the next step
             # treats its average accordingly; docs/maths.md §7.3).
             "forward_moved": history["forward_moved"],
+            # ...and a checksum of its forward weight then: the next step sees whether it moved
+            # since, whichever of the model and the trainer is loaded first.
+            "forward_digest": history["forward_digest"],
         }
 
     def load_state_dict(self, state: dict):
@@ -478,9 +500,13 @@ class FeedbackTrainer:
         if averages is not None:
             self._averages.load_state_dict(averages, blocks)
         self._momentum_buffers = loaded
+        buffer_lr = state.get("buffer_lr") or {}  # absent from older states: nothing restarts
+        self._buffer_lr = {n: float(v) for n, v in buffer_lr.items() if n in loaded}
         self.steps = int(state.get("steps", 0))
         self._history.load_state_dict(
-            state.get("block_steps") or {}, state.get("forward_moved") or {}
+            state.get("block_steps") or {},
+            state.get("forward_moved") or {},
+            state.get("forward_digest"),
         )
         # Plans are made again, for the saved input shapes, at the next step.
         self._plans.load_state_dict(state.get("planned_for") or {})

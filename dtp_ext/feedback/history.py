@@ -4,6 +4,8 @@ feedback averages and the warning about forward updates before any feedback trai
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from .. import alignment
@@ -17,6 +19,13 @@ def weight_version(block: DTPBlock) -> int:
     return block.weight._version
 
 
+def weight_digest(block: DTPBlock) -> int:
+    """A checksum of the forward weight's bytes: equal after a save and a load whatever the
+    order the model and the trainer are loaded in (loading bumps the version counter)."""
+    w = block.weight.detach().contiguous()
+    return zlib.crc32(w.view(torch.uint8).cpu().numpy())
+
+
 class BlockHistory:
     """What the trainer remembers of each block across steps: its step count, its forward
     weight's version at construction (whether W was updated before its feedback was ever
@@ -27,6 +36,9 @@ class BlockHistory:
         self.steps: dict[str, int] = {}
         self._initial_versions = {n: weight_version(b) for n, b in model_blocks}
         self._versions: dict[str, int] = {}  # at the end of each block's latest step
+        # After load_state_dict: {name: (moved when saved, the weight's digest when saved)},
+        # read at the next step (the model may be loaded after the trainer).
+        self._loaded: dict[str, tuple[bool, int]] = {}
         self._warned_untrained = False
 
     def warm_start_pending(self, name: str, warm_start: bool, plans) -> int:
@@ -36,9 +48,19 @@ class BlockHistory:
             return 0
         return plans[name].warm_start_iterations
 
+    def _settle_loaded(self):
+        """The versions of blocks whose state was loaded: a block counts as moved when it had
+        moved when saved or its forward weight's bytes differ from the saved ones."""
+        for n, b in self.model_blocks:
+            if n in self._loaded:
+                moved, digest = self._loaded.pop(n)
+                moved = moved or weight_digest(b) != digest
+                self._versions[n] = -1 if moved else weight_version(b)
+
     def forward_still(self, trained) -> bool:
         """Whether no trained block's forward weight moved since that block's latest step, each
         having stepped before: a feedback-only step (a warm-up before training)."""
+        self._settle_loaded()
         return all(self._versions.get(t.name) == weight_version(t.block) for t in trained) and bool(
             trained
         )
@@ -70,6 +92,7 @@ class BlockHistory:
     ):
         """A successful step's bookkeeping for one block: its step count and its average (after
         the burn-in: none after a warm start, else its transient)."""
+        self._settle_loaded()
         steps = self.steps[name] = self.steps.get(name, 0) + 1
         version = weight_version(block)
         moved = self._versions.get(name, version) != version
@@ -80,20 +103,31 @@ class BlockHistory:
 
     def state_dict(self) -> dict:
         """Each block's steps, and whether its forward weight moved since its latest step (the
-        next step treats its average accordingly; docs/maths.md §7.3)."""
+        next step treats its average accordingly; docs/maths.md §7.3) and a digest of its
+        forward weight, which tells the resumed trainer whether W moved since the save."""
+        self._settle_loaded()
+        known = [(n, b) for n, b in self.model_blocks if n in self._versions]
         return {
             "block_steps": dict(self.steps),
-            "forward_moved": {
-                n: weight_version(b) != self._versions[n]
-                for n, b in self.model_blocks
-                if n in self._versions
-            },
+            "forward_moved": {n: weight_version(b) != self._versions[n] for n, b in known},
+            "forward_digest": {n: weight_digest(b) for n, b in known},
         }
 
-    def load_state_dict(self, block_steps: dict, forward_moved: dict):
+    def load_state_dict(self, block_steps: dict, forward_moved: dict, digests: dict | None):
         self.steps = {n: int(v) for n, v in block_steps.items()}
-        # Versions start afresh; a block whose W had moved since its latest step when the
-        # state was saved counts as moved at its next step (-1: no version matches).
+        names = {n for n, _ in self.model_blocks}
+        if digests:
+            # Read at the next step, against the weights the model holds by then.
+            self._versions = {}
+            self._loaded = {
+                n: (bool(forward_moved[n]), int(digests[n]))
+                for n in forward_moved
+                if n in names and n in digests
+            }
+            return
+        # A state without digests (older versions): versions start afresh; a block whose W had
+        # moved when saved counts as moved at its next step (-1: no version matches).
+        self._loaded = {}
         self._versions = {
             n: -1 if forward_moved[n] else weight_version(b)
             for n, b in self.model_blocks

@@ -470,15 +470,18 @@ def set_rng_state(device, state):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("trainer_first", [False, True], ids=["model-loaded-first", "trainer-first"])
 @pytest.mark.parametrize(
     "feedback_only, split, decay",
     [(0, 3, "auto"), (4, 2, "auto"), (4, 4, "auto"), (2, 4, 0.9)],
     ids=["training", "inside-warm-up", "at-warm-up-end", "window-decay-0.9"],
 )
-def test_resume_with_averages_is_bitwise(feedback_only, split, decay, device):
+def test_resume_with_averages_is_bitwise(feedback_only, split, decay, trainer_first, device):
     """Saved and resumed at step `split` of 6, the first `feedback_only` steps training the
     feedback alone (the averages grow), then forward training (the default drops them, decay
-    0.9 keeps a drift-balanced window): the same weights and averages as an unbroken run."""
+    0.9 keeps a drift-balanced window): the same weights and averages as an unbroken run,
+    whichever of the model and the trainer is loaded first (loading the model bumps its
+    weights' version counters: the next step must still know that W did not move)."""
 
     def run(split):
         torch.manual_seed(0)
@@ -499,11 +502,14 @@ def test_resume_with_averages_is_bitwise(feedback_only, split, decay, device):
                     )
                 )
                 model = small_net().to(device)
+                trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
+                if trainer_first:
+                    trainer.load_state_dict(state[2])
                 model.load_state_dict(state[0])
                 opt = torch.optim.SGD(model.parameters(), lr=0.05)
                 opt.load_state_dict(state[1])
-                trainer = dtp_ext.FeedbackTrainer(model, average_decay=decay)
-                trainer.load_state_dict(state[2])
+                if not trainer_first:
+                    trainer.load_state_dict(state[2])
                 set_rng_state(device, state[3])
             out = model(data[i])
             trainer.step()
@@ -706,7 +712,8 @@ def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch(device):
         warm_start=False,
         average_decay=None,
     )
-    given._momentum_buffers = copy.deepcopy(trainer._momentum_buffers)
+    # The training step's plan had another lr: its momentum starts afresh (zero), as given's.
+    assert plan.lr != trainer._buffer_lr["0"]
     twin(torch.cat([x] * plan.copies))
     torch.manual_seed(1)
     report = trainer.step()
@@ -720,3 +727,79 @@ def test_a_planned_block_with_noise_copies_runs_on_copies_of_its_batch(device):
     )
     with pytest.raises(ValueError, match="noise copies of its batch, but noise= gives"):
         trainer.step(noise={"0": noise})
+
+
+def kick_net():
+    """A small net whose 128 -> 16 layer runs on 39 noise copies of its batch of 8 at a
+    feedback-only step, at 22x its first (training) step's lr."""
+    return nn.Sequential(
+        dtp_ext.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        dtp_ext.Conv2d(8, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        dtp_ext.Linear(128, 16),
+        nn.ReLU(),
+        dtp_ext.Linear(16, 10),
+    )
+
+
+def test_a_planned_lr_that_changes_starts_the_momentum_afresh():
+    """A feedback-only warm-up brings V towards its floor from the first step on: the momentum
+    the training step's plan left, applied at the feedback-only plan's 22x larger lr, kicked V
+    away (raw angle 25.6 -> 56 degrees in six steps, its average worse for ~30 steps). What
+    ran is the loop from zero buffers; a given lr keeps them."""
+    torch.manual_seed(0)
+    model = kick_net()
+    trainer = dtp_ext.FeedbackTrainer(model)
+    torch.manual_seed(5)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(7)]
+    model(batches[0])
+    start = trainer.step().alignment()["5"]["raw_angle"]
+    assert trainer.plans["5"].copies == 1
+    model(batches[1])
+    trainer.explain()  # plans the feedback-only step
+    plan = trainer.plans["5"]
+    assert plan.copies > 1 and plan.lr > 10 * trainer._buffer_lr["5"]
+    angles = []
+    for x in batches[1:]:
+        model(x)
+        angles.append(trainer.step().alignment()["5"]["raw_angle"])
+    assert max(angles) < start + 2, (start, angles)
+
+
+def test_a_given_lr_changed_between_steps_keeps_the_momentum():
+    """As torch.optim: a user's new lr applies to the buffers the old one left (the reference
+    loop with its optimizer state carried over, same noise)."""
+
+    def run(keep):
+        torch.manual_seed(0)
+        block = dtp_ext.Linear(16, 8).double()
+        trainer = dtp_ext.FeedbackTrainer(
+            nn.Sequential(block), 2, 0.1, 0.01, blocks=[block], warm_start=False
+        )
+        block(torch.randn(4, 16, dtype=torch.float64))
+        torch.manual_seed(1)
+        trainer.step()
+        trainer.lr = 0.02
+        if not keep:
+            for b in trainer._momentum_buffers["0"].values():
+                b.zero_()
+        trainer.step()
+        return block.feedback_weight
+
+    kept = run(True)
+    assert not torch.equal(kept, run(False))
+    torch.manual_seed(0)
+    block = dtp_ext.Linear(16, 8).double()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    state = None
+    for lr in (0.01, 0.02):
+        if state is not None:
+            for group in state["param_groups"]:
+                group["lr"] = lr
+        v, c, _, state = reference.feedback_loop(block, x, 2, 0.1, lr, 0.9, optimizer_state=state)
+        block.feedback_weight.copy_(v)
+        block.feedback_bias.copy_(c)
+    torch.testing.assert_close(kept, v, rtol=1e-12, atol=1e-12)
