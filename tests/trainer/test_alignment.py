@@ -470,7 +470,9 @@ def set_rng_state(device, state):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("trainer_first", [False, True], ids=["model-loaded-first", "trainer-first"])
+@pytest.mark.parametrize(
+    "trainer_first", [False, True], ids=["model-loaded-first", "trainer-first"]
+)
 @pytest.mark.parametrize(
     "feedback_only, split, decay",
     [(0, 3, "auto"), (4, 2, "auto"), (4, 4, "auto"), (2, 4, 0.9)],
