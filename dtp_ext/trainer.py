@@ -185,6 +185,8 @@ class FeedbackTrainer:
         # The lr each block's momentum buffers were last used at (docs/maths.md §8: a planned lr
         # that changes starts its buffers afresh).
         self._buffer_lr: dict[str, float] = {}
+        # Each block's feedback quality after its latest step (FeedbackReport: is V growing?).
+        self._last_quality: dict[str, torch.Tensor] = {}
         self.steps = 0
         self._selection.bind_initial()
 
@@ -430,6 +432,9 @@ class FeedbackTrainer:
             plan = self._plans[t.name]
             self._history.record_step(t.name, t.block, plan, self._averages, self.warm_start)
             report._quality[t.name] = measure_quality(t.block, plan.shape.tap_use)
+            if t.name in self._last_quality:
+                report._previous[t.name] = self._last_quality[t.name]
+            self._last_quality[t.name] = report._quality[t.name]
             report._plans[t.name] = plan
         return report
 

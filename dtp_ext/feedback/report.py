@@ -24,6 +24,8 @@ class FeedbackReport:
     # tensor on the block's device (measure_quality), and the block's plan; read on demand by
     # alignment().
     _quality: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # The same, after each block's previous step (absent at its first): whether |V|/|W| grows.
+    _previous: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _plans: dict[str, alignment.BlockPlan] = field(default_factory=dict, repr=False)
     _alignment: dict[str, dict] | None = field(default=None, repr=False)
 
@@ -42,22 +44,36 @@ class FeedbackReport:
         - `predicted_angle`, `predicted_norm_ratio`: V's predicted noise floor, 1/cos of it
           (docs/maths.md §7); a raw norm ratio well above it means V is unstable or still
           far from its floor;
-        - `status`: "ok", "settling" (raw angle more than 10 degrees above its floor) or
-          "unstable" (predicted, or |V|/|W| more than twice the prediction).
+        - `status`: "ok", "settling" (raw angle more than 10 degrees above its floor, or
+          |V|/|W| above twice the prediction but falling: a V on its way down from a start or
+          from an earlier plan's higher floor) or "unstable" (predicted, or |V|/|W| more than
+          twice the prediction and not falling since the block's previous step).
         """
         if self._alignment is None:
             names = list(self._quality)
+            before = [n for n in names if n in self._previous]
             values = (
-                torch.stack([self._quality[n].to("cpu") for n in names]).tolist() if names else []
+                torch.stack(
+                    [self._quality[n].to("cpu") for n in names]
+                    + [self._previous[n].to("cpu") for n in before]
+                ).tolist()
+                if names
+                else []
             )
+            previous = {
+                n: _angle_and_ratio(*v[:3])[1] for n, v in zip(before, values[len(names) :])
+            }
             self._alignment = {}
             for name, (vv, ww, vw, aa, aw) in zip(names, values):
                 plan = self._plans[name]
                 raw_angle, raw_ratio = _angle_and_ratio(vv, ww, vw)
                 angle, ratio = _angle_and_ratio(aa, ww, aw)
                 floor = plan.raw_floor
-                if not floor.stable or raw_ratio > 2 * floor.norm_ratio:
+                high = raw_ratio > 2 * floor.norm_ratio
+                if not floor.stable or (high and raw_ratio >= previous.get(name, 0.0)):
                     status = "unstable"
+                elif high:
+                    status = "settling"
                 elif raw_angle > floor.angle + 10:
                     status = "settling"
                 else:

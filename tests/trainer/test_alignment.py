@@ -565,6 +565,37 @@ def test_report_alignment_measures_what_the_block_holds():
     assert row["predicted_norm_ratio"] == plan.raw_floor.norm_ratio
 
 
+def test_status_unstable_only_while_the_norm_ratio_is_not_falling():
+    """A V above twice its predicted |V|/|W| is unstable while that ratio grows, settling while
+    it falls: after the first (training) step a feedback-only plan predicts a floor far below
+    the one V sits at (73.6 degrees, |V|/|W| 3.4, against 40 degrees, 1.3) and V takes its
+    transient to get there: no false alarm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        dtp_ext.Linear(512, 16),
+        nn.ReLU(),
+        dtp_ext.Linear(16, 10),
+    )
+    trainer = dtp_ext.FeedbackTrainer(model)
+    reports = []
+    for _ in range(4):
+        model(torch.randn(8, 3, 8, 8))
+        reports.append(trainer.step())
+    rows = [r.alignment()["3"] for r in reports]
+    assert rows[0]["status"] == "ok"  # at the training plan's own (high) floor
+    for before, row in zip(rows[:2], rows[1:3]):  # the feedback-only steps: above twice...
+        assert row["raw_norm_ratio"] > 2 * row["predicted_norm_ratio"]
+        assert row["raw_norm_ratio"] < before["raw_norm_ratio"] and row["status"] == "settling"
+    # The same measurement, read as growing since the previous step: unstable.
+    last = reports[1]
+    last._previous["3"] = last._quality["3"] * torch.tensor([0.5, 1, 1, 1, 1], dtype=torch.float64)
+    last._alignment = None
+    assert last.alignment()["3"]["status"] == "unstable"
+
+
 def test_warns_once_when_forward_weights_move_before_their_feedback_is_trained():
     torch.manual_seed(0)
     model = small_net()
