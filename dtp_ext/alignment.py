@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 
 import torch
 
@@ -225,18 +226,31 @@ def noise_floor(
     for name, value in (("fan_in", fan_in), ("fan_out", fan_out)):
         if not (finite_real(value) and value > 0):
             raise ValueError(f"noise_floor: {name} must be a finite number > 0, got {value!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"noise_floor: samples must be an int >= 1, got {samples!r}")
-    for name, value in (("rate", rate),):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"noise_floor: {name} must be a finite number >= 0, got {value!r}")
-    if not 0 <= momentum < 1:
+    if not (finite_real(samples) and samples >= 1 and float(samples).is_integer()):
+        raise ValueError(f"noise_floor: samples must be a whole number >= 1, got {samples!r}")
+    if not (finite_real(rate) and rate >= 0):
+        raise ValueError(f"noise_floor: rate must be a finite number >= 0, got {rate!r}")
+    if not (finite_real(momentum) and 0 <= momentum < 1):
         raise ValueError(f"noise_floor: momentum must be in [0, 1), got {momentum!r}")
-    if average_decay is not None and not 0 <= average_decay <= 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, Integral) or iterations < 0:
+        raise ValueError(f"noise_floor: iterations must be an int >= 0, got {iterations!r}")
+    if average_decay is not None and not (finite_real(average_decay) and 0 <= average_decay <= 1):
         raise ValueError(
             f"noise_floor: average_decay must be None or in [0, 1], got {average_decay!r}"
         )
-    uses = [float(u) for u in tap_use]
+    if averaged_steps is not None and not (finite_real(averaged_steps) and averaged_steps >= 1):
+        raise ValueError(
+            f"noise_floor: averaged_steps must be None or a number >= 1, got {averaged_steps!r}"
+        )
+    # Plain floats from here on (numpy or other real numbers give the same floor, as floats).
+    fan_in, fan_out, samples = float(fan_in), float(fan_out), float(samples)
+    rate, momentum = float(rate), float(momentum)
+    if finite_real(tap_use):
+        tap_use = (tap_use,)  # one tap (or every tap) used this much
+    try:
+        uses = [float(u) for u in tap_use]
+    except (TypeError, ValueError):
+        uses = []
     if not uses or any(not (0 <= u <= 1) for u in uses) or not any(u > 0 for u in uses):
         raise ValueError(
             f"noise_floor: tap_use must be fractions in [0, 1], one at least > 0, got {tap_use!r}"

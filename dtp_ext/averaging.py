@@ -92,18 +92,24 @@ class FeedbackAverages:
                     f"FeedbackTrainer.load_state_dict: feedback average of {name!r}, which this "
                     f"trainer does not train (it trains {sorted(blocks)})"
                 )
-            ok = (
-                w.shape == block.feedback_weight.shape
-                and name in counts
-                and name in previous
-                and previous[name].shape == block.weight.shape
-            )
-            if not ok:
-                raise ValueError(
-                    f"FeedbackTrainer.load_state_dict: feedback average of {name!r} does not fit "
-                    f"the block (average {tuple(w.shape)}, expected "
-                    f"{tuple(block.feedback_weight.shape)}, with its count and previous weight)"
+            if w.shape != block.feedback_weight.shape:
+                why = f"average {tuple(w.shape)}, expected {tuple(block.feedback_weight.shape)}"
+            elif name not in counts or name not in previous:
+                missing = [
+                    k for k, d in (("counts", counts), ("previous", previous)) if name not in d
+                ]
+                why = f"the state has no {' or '.join(missing)} entry for it: a damaged state"
+            elif previous[name].shape != block.weight.shape:
+                why = (
+                    f"previous forward weight {tuple(previous[name].shape)}, expected "
+                    f"{tuple(block.weight.shape)}"
                 )
+            else:
+                continue
+            raise ValueError(
+                f"FeedbackTrainer.load_state_dict: feedback average of {name!r} does not fit the "
+                f"block ({why})"
+            )
         self.weights, self.counts, self.previous = {}, {}, {}
         for name, w in weights.items():
             block = blocks[name]

@@ -474,7 +474,9 @@ class FeedbackTrainer:
             if buffers["weight"].shape != block.feedback_weight.shape:
                 raise ValueError(
                     f"FeedbackTrainer.load_state_dict: momentum buffer of {name!r} has shape "
-                    f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}"
+                    f"{tuple(buffers['weight'].shape)}, expected {tuple(block.feedback_weight.shape)}: "
+                    f"this model's block {name!r} is not the layer the state was saved from "
+                    "(load it into the model it was saved with)"
                 )
         # Every buffer checked before any is written: into the existing buffers where they match
         # (as nn.Module.load_state_dict does), so captured CUDA graphs, which hold their

@@ -133,9 +133,15 @@ class BlockSelection:
             if saved:
                 self.bind([(n, by_name[n]) for n in saved])
         elif saved != self.bound_names():
+            absent = [n for n in saved if n not in by_name]
             raise ValueError(
                 f"FeedbackTrainer.load_state_dict: state is for blocks {saved}, this "
-                f"trainer trains {self.bound_names()} (forward order)"
+                + (
+                    f"model has no DTP blocks named {absent} (its blocks: {list(by_name)}): "
+                    "a state saved from another model"
+                    if absent
+                    else f"trainer trains {self.bound_names()} (forward order)"
+                )
             )
         return dict(self.bound or [])
 

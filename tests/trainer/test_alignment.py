@@ -7,6 +7,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -647,8 +648,21 @@ def test_bad_planning_arguments_are_refused(kwargs, match):
 def test_noise_floor_refuses_bad_input():
     with pytest.raises(ValueError, match="fan_in must be a finite number > 0"):
         noise_floor(0, 3, 10, 0.01)
-    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+    with pytest.raises(ValueError, match="samples must be a whole number >= 1"):
         noise_floor(3, 3, 2.5, 0.01)
+    for bad in (dict(rate=True), dict(momentum=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            noise_floor(3, 3, 10, **{"rate": 0.01, **bad})
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        noise_floor(3, 3, 10, 0.01, iterations=-3)
+    with pytest.raises(ValueError, match="averaged_steps must be None or a number >= 1"):
+        noise_floor(3, 3, 10, 0.01, iterations=2, average_decay=1.0, averaged_steps=-5)
+    with pytest.raises(ValueError, match="tap_use must be fractions in"):
+        noise_floor(3, 3, 10, 0.01, tap_use="abc")
+    # Numbers of other numeric types, and a scalar tap use, are what they say.
+    expected = noise_floor(3, 3, 8, 0.05, tap_use=(0.5,))
+    assert noise_floor(3, 3, np.int64(8), np.float64(0.05), tap_use=0.5) == expected
+    assert noise_floor(3.0, 3.0, 8.0, 0.05, tap_use=[0.5]) == expected
     with pytest.raises(ValueError, match="tap_use must be fractions in"):
         noise_floor(3, 3, 10, 0.01, tap_use=(0.0, 0.0))
     with pytest.raises(ValueError, match="tap_use must be fractions in"):

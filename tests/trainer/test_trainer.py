@@ -195,8 +195,27 @@ def test_mismatched_state_dicts_are_refused_with_the_reason():
     trainer.step()
     state = trainer.state_dict()
     wider = simple_vgg_small(channels=(4, 4, 6, 6, 9))
-    with pytest.raises(ValueError, match=r"momentum buffer of '\d+' has shape .* expected"):
+    with pytest.raises(
+        ValueError,
+        match=r"momentum buffer of '\d+' has shape .* expected .*: this model's block '\d+' is "
+        "not the layer the state was saved from",
+    ):
         dtp_ext.FeedbackTrainer(wider, **PAPER).load_state_dict(state)
+    # Another model, whose blocks have other names: named, with the model's own.
+    renamed = nn.Sequential(nn.Identity(), *model)
+    with pytest.raises(
+        ValueError, match=r"this model has no DTP blocks named \[.*\] \(its blocks: \['1', "
+    ):
+        dtp_ext.FeedbackTrainer(renamed, **PAPER).load_state_dict(state)
+    # A damaged state (an average without its count) says what is missing.
+    averaged = dtp_ext.FeedbackTrainer(model, average_decay=0.9)
+    averaged.step()
+    averaged.step()
+    damaged = averaged.state_dict()
+    assert damaged["averages"]["weights"]
+    damaged["averages"]["counts"] = {}
+    with pytest.raises(ValueError, match="the state has no counts entry for it: a damaged state"):
+        dtp_ext.FeedbackTrainer(model, average_decay=0.9).load_state_dict(damaged)
     with pytest.raises(ValueError, match="expected a dict from FeedbackTrainer.state_dict"):
         trainer.load_state_dict(model.state_dict())
     # A model's state_dict of another shape: torch's own message names the feedback buffer too.
