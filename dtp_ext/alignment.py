@@ -25,7 +25,7 @@ from .feedback.settings import finite_real
 # Planned settings (docs/maths.md §8). Each block's lr x curvature x iterations per step: the
 # 5 iterations at rate 0.01 that the position-scaled default used, spread over however many
 # iterations the block gets (lr / S with K S iterations).
-STEP_RATE = 0.05
+STEP_RATE = 0.05  # per step, at momentum 0.9 (other momenta: step_rate, the same floor constant)
 DEFAULT_NOISE_STD = 0.1
 DEFAULT_TARGET_ANGLE = 4.0  # degrees per block: ~20 degrees over the ~25 noisiest blocks
 # Once the forward weights move, the average's window is capped at 1 / (1 - decay) steps (an
@@ -375,10 +375,29 @@ def with_copies(shape: BlockShape, copies: int) -> BlockShape:
     return replace(shape, batch=shape.batch * copies, macs=shape.macs * copies)
 
 
+def step_rate(momentum: float) -> float:
+    """The planned rate x iterations of a step: STEP_RATE at momentum 0.9, scaled by
+    (1 - momentum) / 0.1 elsewhere, which keeps the floor constant c ~ rate / (2 (1 - momentum))
+    and V's contraction per step (below the critical rate): the same floors and transients at
+    any momentum (docs/maths.md §8). Unscaled, momentum 0 got a tenth of the floor constant and
+    ten times the transient, momentum 0.999 a hundred times the constant (unstable plans)."""
+    return STEP_RATE * (1 - momentum) / (1 - 0.9)
+
+
 def _rate_for(shape, iterations, noise_std, lr, momentum):
     if lr is not None:
         return lr * curvature(noise_std, shape.positions)
-    return min(STEP_RATE / max(iterations, 1), _stable_rate(shape, momentum))
+    return min(step_rate(momentum) / max(iterations, 1), _stable_rate(shape, momentum))
+
+
+def _warm_rate(rate, copies, single, momentum):
+    """The warm start's rate: the single-batch rate of the same floor (rate / copies) or, to
+    forget V's random start faster, the critical rate; at most a tenth of a step's rate, whose
+    floor the warm start reaches (at momentum 0.9 the critical rate, 0.0026, is below it; at
+    momentum 0 the critical rate, 1, would leave V at a floor far above its plan's), and never
+    unstable."""
+    fast = min(max(rate / copies, fastest_rate(momentum)), step_rate(momentum) / 10)
+    return min(max(rate / copies, fast), _stable_rate(single, momentum))
 
 
 def _predict(shape, iterations, rate, momentum, averaged_steps):
@@ -432,7 +451,7 @@ def plan_feedback(
     value (an entry of `iterations` / `noise_std` / `lr` that is not None) is kept; the others
     are chosen so that the block's floor, with its feedback weight averaged over
     `averaged_steps` steps of a fixed W (None: not averaged), meets `target_angle` with the
-    fewest iterations, at lr = STEP_RATE /
+    fewest iterations, at lr = step_rate(momentum) /
     (iterations x curvature) lowered where needed to keep the floor stable. Then, when the
     chosen iterations cost more than `max_cost` times a backprop step (`backprop_macs` x 3:
     forward, input and weight gradients), the planned iterations are lowered where a degree
@@ -492,13 +511,14 @@ def plan_feedback(
                 if k is None
                 else "settings"
             )
-            notes.append(f"above target ({why})")
+            # Two decimals: a floor of 4.03 is above a target of 4 but prints as 4.0 elsewhere.
+            notes.append(f"above target ({why}: {floor.angle:.2f}° > {target_angle:g}°)")
         if not shape.linear_feedback:
             notes.append("folded activation/pool: floor approximate")
         transient = math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
         # The warm start runs on the batch itself, at the single-batch rate of the same floor
         # (rate / copies) or faster (it only has to forget V's start).
-        warm_rate = min(max(rate / copies, fastest_rate(momentum)), _stable_rate(single, momentum))
+        warm_rate = _warm_rate(rate, copies, single, momentum)
         # No warm start where no iterations were asked for (iterations=0: feedback left as is).
         warm_iterations = transient_iterations(warm_rate, momentum) if warm_start and k_final else 0
         plans.append(

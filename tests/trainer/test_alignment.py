@@ -211,6 +211,15 @@ def test_trainer_with_no_settings_plans_every_block_within_target_and_cap():
     assert sum(p.cost for p in plans.values()) <= trainer.max_cost * backprop * (1 + 1e-9)
 
 
+def test_a_block_above_target_is_flagged_with_its_floor():
+    """The flag says by how much: a floor of 4.03 degrees printed as 4.0 read as a false flag."""
+    shape = alignment.BlockShape(512, 512, 32, 1, True, 512 * 512 * 32)
+    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=1.0, backprop_macs=shape.macs)
+    (note,) = plan.notes
+    assert plan.floor.angle > 4
+    assert note == f"above target (cost cap: {plan.floor.angle:.2f}° > 4°)"
+
+
 def test_feedback_only_steps_plan_under_their_own_cap():
     """A step whose forward weights did not move since the previous one (a feedback-only
     warm-up) is planned under feedback_only_max_cost, a training step under max_cost; the
@@ -813,6 +822,29 @@ def test_a_planned_lr_that_changes_starts_the_momentum_afresh():
         model(x)
         angles.append(trainer.step().alignment()["5"]["raw_angle"])
     assert max(angles) < start + 2, (start, angles)
+
+
+@pytest.mark.parametrize(
+    "momentum", [0.0, 0.5, pytest.param(0.999, marks=pytest.mark.integration)]
+)  # 0.999: ~10^4 warm-start iterations (sqrt(momentum) per iteration at best)
+def test_planned_settings_hold_their_floor_at_any_momentum(momentum):
+    """The planned step rate scales with 1 - momentum (the same floor constant): at momentum 0
+    the warm start and the plan's floor agree from the first step (the critical-rate warm
+    start left V at 73 degrees against a predicted 8, still 32 after 32 steps), and at 0.999 the
+    plans stay well inside stability (|V|/|W| ~16 against a predicted 2 without the scaling)."""
+    torch.manual_seed(0)
+    model = kick_net()
+    trainer = dtp_ext.FeedbackTrainer(model, momentum=momentum)
+    torch.manual_seed(3)
+    for _ in range(3):
+        model(torch.randn(8, 3, 8, 8))
+        rows = trainer.step().alignment()
+        for name, row in rows.items():
+            plan = trainer.plans[name]
+            assert plan.raw_floor.stable and plan.raw_floor.load <= alignment.STABILITY_LOAD + 1e-9
+            assert row["raw_angle"] < row["predicted_angle"] + 10, (name, row)
+            assert row["status"] == "ok", (name, row)
+    assert alignment.step_rate(0.9) == alignment.STEP_RATE
 
 
 def test_a_given_lr_changed_between_steps_keeps_the_momentum():
