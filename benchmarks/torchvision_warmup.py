@@ -16,13 +16,17 @@ checkpoint one fixed batch (MNIST training images 32000..) measures, per DTP blo
   (its average over steps), next to the planned floor the trainer predicted for each
   (dtp_ext.alignment, docs/maths.md §7).
 
+A name `tv:NAME` (e.g. `tv:resnet50`) is instead torchvision.models.NAME(num_classes=10) as it
+is, random weights, converted with `dtp_ext.convert`'s defaults, on MNIST padded to 32x32 and
+repeated to three channels: what a user gets from a network the catalog does not adapt.
+
 The output block's update is backprop's exactly: update summaries are over the other blocks.
 After the warm-up, `--timed-steps` training steps of L-DRL (forward, trainer.step(), backward,
 SGD step) and of backprop (the same network through dtp_ext.reference.backprop_twin) alternate;
 their medians give the step-cost ratio, and the backprop step x the steps of one MNIST epoch
 gives the epoch time the warm-up is compared with (an estimate from those timed steps).
 
-    python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,...]
+    python benchmarks/torchvision_warmup.py [--models resnet-small,resnet18,tv:resnet50,...]
         [--steps 0,20,100] [--batch 32] [--timed-steps 5] [--threads N] [--json FILE]
         [--feedback-only-max-cost X]
 """
@@ -46,6 +50,26 @@ from dtp_ext.train.catalog import block_positions, build_model
 from dtp_ext.train.datasets import INFO, load_split
 
 MODELS = ("resnet-small", "resnet18", "vgg11_bn", "mobilenet_v2", "squeezenet1_1")
+AS_IS = "tv:"  # a torchvision network as it is (see the docstring)
+
+
+def build(name, info):
+    """(converted model, per-sample input shape, uint8 images -> model input) for `name`."""
+
+    def mnist(images):
+        return normalise(images, info.mean, info.std)
+
+    if not name.startswith(AS_IS):
+        model = build_model(name, info.channels, info.size, info.classes, 0.7)
+        return model, (info.channels, info.size, info.size), mnist
+    import torchvision
+
+    plain = getattr(torchvision.models, name[len(AS_IS) :])(num_classes=info.classes)
+
+    def padded(images):  # 28x28 -> 32x32 (0: MNIST's background), grey -> RGB
+        return mnist(F.pad(images, (2, 2, 2, 2))).repeat(1, 3, 1, 1)
+
+    return dtp_ext.convert(plain), (3, 32, 32), padded
 
 
 def directions(model, x, y):
@@ -113,7 +137,7 @@ def measure(model, trainer, x, y, order, quality):
     return result, rows
 
 
-def timed_steps(model, data, info, batch, count, options):
+def timed_steps(model, data, prepare, batch, count, options):
     """Median seconds of an L-DRL training step at the defaults and of a backprop step, the
     two alternating (same weights at the start; each trains its own copy)."""
     ldrl = copy.deepcopy(model)
@@ -126,7 +150,7 @@ def timed_steps(model, data, info, batch, count, options):
     }
     times = {"ldrl": [], "bp": []}
     for i in range(count + 1):  # the first round warms the allocator and oneDNN up
-        x = normalise(data.images[i * batch : (i + 1) * batch], info.mean, info.std)
+        x = prepare(data.images[i * batch : (i + 1) * batch])
         y = data.labels[i * batch : (i + 1) * batch]
         for kind, net in (("ldrl", ldrl), ("bp", bp)):
             net.train()
@@ -147,12 +171,12 @@ TRAINERS: dict[int, dtp_ext.FeedbackTrainer] = {}
 
 def run(name, steps, batch, data, info, timed, options):
     torch.manual_seed(0)
-    model = build_model(name, info.channels, info.size, info.classes, 0.7)
-    order = [n for n, _ in block_positions(model, (info.channels, info.size, info.size))]
+    model, shape, prepare = build(name, info)
+    order = [n for n, _ in block_positions(model, shape)]
     trainer = TRAINERS[id(model)] = dtp_ext.FeedbackTrainer(model, **options)
 
     def images(i, n=batch):
-        return (normalise(data.images[i : i + n], info.mean, info.std), data.labels[i : i + n])
+        return (prepare(data.images[i : i + n]), data.labels[i : i + n])
 
     probe = images(32000)
     results, seconds, quality = [], 0.0, {}  # seconds: the warm-up steps' own time
@@ -176,7 +200,7 @@ def run(name, steps, batch, data, info, timed, options):
         "final_blocks": rows,
     }
     if timed:
-        t = timed_steps(model, data, info, batch, timed, options)
+        t = timed_steps(model, data, prepare, batch, timed, options)
         epoch = t["bp"] * (len(data) // batch)
         out["step_seconds"] = t
         out["step_ratio"] = t["ldrl"] / t["bp"]
