@@ -28,6 +28,8 @@ class BlockPlans:
         self._planned_for: dict[str, tuple] = {}  # name -> (per-sample shape, batch)
         self.forward_macs = 0  # every block's forward multiply-adds, at the plans' batch
         self._warned: set[str] = set()  # blocks warned about as predicted unstable
+        self._warned_small: set[str] = set()  # ...as unstable at a smaller batch than planned
+        self._small_streak: dict[str, int] = {}  # steps in a row at such batches, by block
 
     @property
     def _plans(self) -> dict[str, alignment.BlockPlan]:
@@ -66,9 +68,33 @@ class BlockPlans:
             keys[t.name] = (per_sample, old[1] if old and old[0] == per_sample else None)
         if any(k[1] is None for k in keys.values()) or any(n not in self._plans for n in keys):
             self._make(trained, keys, model_blocks, options)
+        self._warn_small_batches(trained)
         return [
             dataclasses.replace(t, settings=self._settings(self._plans[t.name])) for t in trained
         ]
+
+    def _warn_small_batches(self, trained):
+        """Warn once per block when batches so much smaller than the one its plan was made for
+        (and kept: docs/feedback_trainer.md §2) that its settings are unstable there (the
+        floor's load c * fan_out / (B P) grows as the batch shrinks) come two steps in a row:
+        V grows only while they last, so an epoch's last, partial batch is no concern."""
+        world = process_group_size()
+        for t in trained:
+            plan = self._plans[t.name]
+            batch = t.block.recorded_input.shape[0] * world  # the plans' batch is the global one
+            load = plan.raw_floor.load * plan.shape.batch / batch
+            streak = self._small_streak[t.name] = (
+                self._small_streak.get(t.name, 0) + 1 if load >= 1 else 0
+            )
+            if streak >= 2 and t.name not in self._warned_small:
+                self._warned_small.add(t.name)
+                warn_at_caller(
+                    f"FeedbackTrainer: block {t.name!r}'s feedback settings were planned for a "
+                    f"batch of {plan.shape.batch} and are unstable at the latest steps' {batch} "
+                    f"(c * fan_out / (B P) = {load:.2g} >= 1): its feedback weight grows while "
+                    "such batches last; drop or merge small batches (DataLoader(drop_last=True)), or "
+                    "give the trainer a lower lr (docs/maths.md §7.4)",
+                )
 
     @staticmethod
     def _settings(plan: alignment.BlockPlan) -> BlockSettings:

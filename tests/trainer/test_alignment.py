@@ -847,6 +847,28 @@ def test_planned_settings_hold_their_floor_at_any_momentum(momentum):
     assert alignment.step_rate(0.9) == alignment.STEP_RATE
 
 
+def test_warns_once_when_a_smaller_batch_makes_a_plan_unstable():
+    """Plans are kept for the batch they were made for; batches small enough to push a block's
+    load c * fan_out / (B P) to 1 or more, two steps in a row, are warned about once, naming it
+    (a half batch is not, nor one small batch between full ones: an epoch's last)."""
+    torch.manual_seed(0)
+    model = kick_net()
+    trainer = dtp_ext.FeedbackTrainer(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in (32, 32, 16, 1, 32):
+            model(torch.randn(batch, 3, 8, 8))
+            trainer.step()
+        assert not [w for w in caught if "planned for a batch" in str(w.message)]
+        for _ in range(3):
+            model(torch.randn(1, 3, 8, 8))
+            trainer.step()
+    (warning,) = [str(w.message) for w in caught if "planned for a batch" in str(w.message)]
+    assert "block '7''s feedback settings were planned for a batch of 32" in warning
+    assert "unstable at the latest steps' 1" in warning and "drop_last=True" in warning
+    assert trainer.plans["7"].raw_floor.load * 32 >= 1
+
+
 def test_a_given_lr_changed_between_steps_keeps_the_momentum():
     """As torch.optim: a user's new lr applies to the buffers the old one left (the reference
     loop with its optimizer state carried over, same noise)."""
