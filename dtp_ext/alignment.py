@@ -396,7 +396,7 @@ def _warm_rate(rate, copies, single, momentum):
     floor the warm start reaches (at momentum 0.9 the critical rate, 0.0026, is below it; at
     momentum 0 the critical rate, 1, would leave V at a floor far above its plan's), and never
     unstable."""
-    fast = min(max(rate / copies, fastest_rate(momentum)), step_rate(momentum) / 10)
+    fast = min(fastest_rate(momentum), step_rate(momentum) / 10)
     return min(max(rate / copies, fast), _stable_rate(single, momentum))
 
 

@@ -51,6 +51,8 @@ class BlockHistory:
     def _settle_loaded(self):
         """The versions of blocks whose state was loaded: a block counts as moved when it had
         moved when saved or its forward weight's bytes differ from the saved ones."""
+        if not self._loaded:  # every step after the first one after a load
+            return
         for n, b in self.model_blocks:
             if n in self._loaded:
                 moved, digest = self._loaded.pop(n)

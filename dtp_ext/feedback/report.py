@@ -72,9 +72,7 @@ class FeedbackReport:
                 high = raw_ratio > 2 * floor.norm_ratio
                 if not floor.stable or (high and raw_ratio >= previous.get(name, 0.0)):
                     status = "unstable"
-                elif high:
-                    status = "settling"
-                elif raw_angle > floor.angle + 10:
+                elif high or raw_angle > floor.angle + 10:
                     status = "settling"
                 else:
                     status = "ok"
