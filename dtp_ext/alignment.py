@@ -37,8 +37,8 @@ PLAN_AVERAGED_STEPS = 100
 DEFAULT_MAX_COST = 3.0  # feedback multiply-adds per step / a backprop step's
 # The cap at a feedback-only step (a warm-up: no forward update to pay for, and what its
 # average reaches after PLAN_AVERAGED_STEPS steps is what training starts from): what the
-# target needs on the torchvision networks at batch 32 (resnet18 ~18x, vgg11_bn ~30x;
-# docs/maths.md §8).
+# target needs on resnet18 at batch 32 (~18x); deeper or wider networks reach it after more
+# warm-up steps instead (docs/maths.md §8).
 DEFAULT_FEEDBACK_ONLY_MAX_COST = 32.0
 MAX_PLANNED_ITERATIONS = 200
 # Planned rates keep c * fan_out / samples at most this (the floor is unstable at 1).
@@ -326,6 +326,7 @@ class BlockPlan:
     planned: tuple[str, ...]  # which of iterations / noise_std / lr were chosen here
     notes: tuple[str, ...] = field(default=())
     copies: int = 1  # noise copies: each iteration runs on this many copies of the batch
+    capped: bool = False  # its planned iterations were lowered to fit the cost cap
 
     @property
     def noise_per_step(self) -> float:
@@ -347,6 +348,35 @@ class BlockPlan:
             tap_use=s.tap_use,
         )
         return math.tan(math.radians(averaged.angle)) ** 2 * many
+
+    def steps_to(self, angle: float) -> int | None:
+        """The fewest steps of a fixed W after which V's plain mean is within `angle` degrees of
+        W^T by the floor formula (docs/maths.md §7.3: its tan^2 falls as 1 / steps once they
+        outlast V's decorrelation); None where it never is (an unstable floor)."""
+        if not self.raw_floor.stable:
+            return None
+        s = self.shape
+
+        def floor(steps):
+            return noise_floor(
+                s.fan_in,
+                s.fan_out,
+                with_copies(s, self.copies).samples,
+                self.rate,
+                self.momentum,
+                iterations=self.iterations,
+                average_decay=1.0,
+                averaged_steps=steps,
+                tap_use=s.tap_use,
+            ).angle
+
+        lo, hi = 0, 1
+        while floor(hi) > angle:  # the angle falls as 1 / sqrt(steps): a finite bound exists
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # floor(lo) > angle >= floor(hi) (lo 0: one step already does)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if floor(mid) > angle else (lo, mid)
+        return hi
 
 
 def _iteration_cost(shape: BlockShape) -> float:
@@ -504,13 +534,28 @@ def plan_feedback(
                 f"{_stable_rate(shape, momentum) / cur if cur else 0:.3g} or raise the batch"
             )
         elif floor.angle > target_angle:
-            why = (
-                "cost cap"
-                if single_iterations < k_need
-                else "iteration cap"
-                if k is None
-                else "settings"
-            )
+            if single_iterations < k_need:
+                why = "cost cap"
+            elif k is not None:
+                why = "settings"
+            elif (
+                copies > 1
+                and _predict(
+                    single,
+                    single_iterations,
+                    _rate_for(single, single_iterations, sigma, rate_lr, momentum),
+                    momentum,
+                    averaged_steps,
+                )[1].angle
+                <= target_angle
+            ):
+                # The copies hold at least COPIES_KEEP of the planned iterations' samples.
+                why = (
+                    f"noise copies: {k_final} x {copies} of the {single_iterations} "
+                    "iterations' samples"
+                )
+            else:
+                why = "iteration cap"
             # Two decimals: a floor of 4.03 is above a target of 4 but prints as 4.0 elsewhere.
             notes.append(f"above target ({why}: {floor.angle:.2f}° > {target_angle:g}°)")
         if not shape.linear_feedback:
@@ -543,6 +588,7 @@ def plan_feedback(
                 ),
                 notes=tuple(notes),
                 copies=copies,
+                capped=single_iterations < k_need,
             )
         )
     return plans

@@ -30,6 +30,9 @@ class BlockPlans:
         self._warned: set[str] = set()  # blocks warned about as predicted unstable
         self._warned_small: set[str] = set()  # ...as unstable at a smaller batch than planned
         self._small_streak: dict[str, int] = {}  # steps in a row at such batches, by block
+        # {kind: (the target angle, the multiply-adds per step of the plan without a cost cap)},
+        # for a kind whose plan the cap cut (explain() says what meeting the target takes).
+        self._uncapped: dict[bool, tuple[float, float]] = {}
 
     @property
     def _plans(self) -> dict[str, alignment.BlockPlan]:
@@ -47,6 +50,7 @@ class BlockPlans:
     def clear(self):
         """Plan every block again at the next step (a setting changed)."""
         self._by_kind = {False: {}, True: {}}
+        self._uncapped = {}
 
     def apply(
         self, trained: list[TrainedBlock], model_blocks: list, feedback_only: bool, **options
@@ -108,6 +112,7 @@ class BlockPlans:
         if new:
             # The other kind's plans were made for the old shapes: made again when needed.
             self._by_kind[not self.current] = {}
+            self._uncapped.pop(not self.current, None)
             recorded = {t.name: t.block.recorded_input for t in trained}
             batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
             if process_group_size() > 1:
@@ -142,6 +147,18 @@ class BlockPlans:
             backprop_macs=self.forward_macs,
             allow_copies=self.current,  # a feedback-only step's W stays put (docs/maths.md §8)
         )
+        self._uncapped.pop(self.current, None)
+        if any(plan.capped for plan in plans):
+            uncapped = alignment.plan_feedback(
+                shapes,
+                **given,
+                **{**options, "max_cost": None},
+                allow_copies=self.current,
+            )
+            self._uncapped[self.current] = (
+                options["target_angle"],
+                sum(plan.cost for plan in uncapped),
+            )
         for plan in plans:
             self._plans[plan.name] = plan
             self._planned_for[plan.name] = keys[plan.name]
@@ -180,7 +197,33 @@ class BlockPlans:
                 f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
                 f"{total / backprop if backprop else 0:.2f}x a backprop step's"
             )
+            lines += self._describe_cap(trained, backprop)
         return lines
+
+    def _describe_cap(self, trained, backprop) -> list[str]:
+        """What the blocks the cost cap holds above target would need: the uncapped plan's
+        cost and, at a feedback-only step, the steps after which their averages meet the
+        target at this cap (at a training step W moves: the average's window is capped)."""
+        if self.current not in self._uncapped:
+            return []
+        target, needed = self._uncapped[self.current]
+        capped = [self._plans[t.name] for t in trained if self._plans[t.name].capped]
+        capped = [p for p in capped if p.floor.angle > target]
+        if not capped:
+            return []
+        cap = "feedback_only_max_cost" if self.current else "max_cost"
+        line = (
+            f"  {len(capped)} block(s) above target for the cost cap: meeting it costs "
+            f"{needed / backprop if backprop else 0:.3g}x a backprop step (raise {cap})"
+        )
+        if self.current:
+            steps = [p.steps_to(target) for p in capped]
+            if None not in steps:
+                line += (
+                    f"; at this cap their averages meet it after ~{max(steps)} feedback-only "
+                    "steps (docs/maths.md §7.3)"
+                )
+        return [line]
 
     def state_dict(self) -> dict:
         """The input shape each block was planned for: {name: [per-sample shape, batch]}."""

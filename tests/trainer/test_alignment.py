@@ -220,6 +220,77 @@ def test_a_block_above_target_is_flagged_with_its_floor():
     assert note == f"above target (cost cap: {plan.floor.angle:.2f}° > 4°)"
 
 
+def test_a_block_above_target_for_its_noise_copies_says_so():
+    """Copies hold at least 90 % of the planned iterations' samples, which can leave a floor
+    just above target: the flag names the copies, not an iteration cap that was never hit."""
+    shape = alignment.BlockShape(240, 10, 32, 1, True, 240 * 10 * 32)
+    (single,) = alignment.plan_feedback([("b", shape)], max_cost=None)
+    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=None, allow_copies=True)
+    assert single.floor.angle <= 4 and not single.notes
+    assert plan.iterations * plan.copies < single.iterations and plan.floor.angle > 4
+    assert plan.notes == (
+        f"above target (noise copies: {plan.iterations} x {plan.copies} of the "
+        f"{single.iterations} iterations' samples: {plan.floor.angle:.2f}° > 4°)",
+    )
+    assert not plan.capped
+
+
+def test_steps_to_an_angle_are_the_fewest_whose_averaged_floor_meets_it():
+    shape = alignment.BlockShape(512, 512, 32, 1, True, 512 * 512 * 32)
+    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=1.0, backprop_macs=shape.macs)
+    assert plan.capped and plan.floor.angle > 4
+
+    def averaged(steps):
+        s = plan.shape
+        return noise_floor(
+            s.fan_in, s.fan_out, s.samples, plan.rate, plan.momentum,
+            iterations=plan.iterations, average_decay=1.0, averaged_steps=steps,
+        ).angle  # fmt: skip
+
+    for angle in (4.0, 1.0, plan.floor.angle):
+        n = plan.steps_to(angle)
+        assert averaged(n) <= angle < averaged(n - 1) if n > 1 else averaged(1) <= angle
+    assert plan.steps_to(plan.floor.angle) == alignment.PLAN_AVERAGED_STEPS
+    # Past V's decorrelation the averaged tan^2 falls as 1 / steps.
+    ratio = (math.tan(math.radians(plan.floor.angle)) / math.tan(math.radians(4.0))) ** 2
+    assert plan.steps_to(4.0) == pytest.approx(alignment.PLAN_AVERAGED_STEPS * ratio, rel=0.02)
+    assert plan.steps_to(plan.raw_floor.angle) == 1
+    unstable = dataclasses.replace(plan, raw_floor=alignment.Floor(90.0, math.inf, False, 2.0))
+    assert unstable.steps_to(4.0) is None
+
+
+def test_explain_says_what_the_blocks_the_cap_holds_above_target_need():
+    """At a feedback-only step under a cap the target does not fit: the uncapped plan's cost
+    and the steps after which the capped blocks' averages meet the target at this cap."""
+    torch.manual_seed(0)
+    model = small_net()
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=0.5, feedback_only_max_cost=1.0)
+    x = torch.randn(32, 1, 8, 8)
+    model(x)
+    trainer.step()
+    model(x)
+    text = trainer.explain()
+    assert "a feedback-only step" in text
+    plans = trainer.plans
+    capped = [p for p in plans.values() if p.capped and p.floor.angle > 4]
+    assert capped
+    shapes = [(n, p.shape) for n, p in plans.items()]
+    uncapped = alignment.plan_feedback(shapes, max_cost=None, allow_copies=True)
+    backprop = 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
+    need = sum(p.cost for p in uncapped) / backprop
+    steps = max(p.steps_to(4.0) for p in capped)
+    assert (
+        f"  {len(capped)} block(s) above target for the cost cap: meeting it costs {need:.3g}x "
+        "a backprop step (raise feedback_only_max_cost); at this cap their averages meet it "
+        f"after ~{steps} feedback-only steps"
+    ) in text
+    # Uncapped: nothing to say.
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=None)
+    model(x)
+    assert "a training step" in trainer.explain()
+    assert "for the cost cap" not in trainer.explain()
+
+
 def test_feedback_only_steps_plan_under_their_own_cap():
     """A step whose forward weights did not move since the previous one (a feedback-only
     warm-up) is planned under feedback_only_max_cost, a training step under max_cost; the
