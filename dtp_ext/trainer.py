@@ -209,15 +209,22 @@ class FeedbackTrainer:
         lambda self, v: self._set_hyperparameter("lr", v),
     )
 
+    def _sync_mode(self, world: int) -> str:
+        """How the ranks sync their feedback (docs/feedback_trainer.md §6): `sync`, or
+        "gradients" by default, under a process group of more than one rank."""
+        return (self.sync or "gradients") if world > 1 else "none"
+
     def _planned(self, trained: list) -> list:
         """`trained` with its planned settings: a feedback-only step's (no trained block's
         forward weight moved since its latest step: a warm-up, whose cost cap is
         `feedback_only_max_cost`) or a training step's (`max_cost`)."""
         feedback_only = self._history.forward_still(trained)
+        world = process_group_size()
         return self._plans.apply(
             trained,
             self._model_blocks,
             feedback_only,
+            ranks=world if self._sync_mode(world) != "none" else 1,
             momentum=self.momentum,
             target_angle=self.target_angle,
             averaged_steps=None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,
@@ -332,7 +339,7 @@ class FeedbackTrainer:
         report = FeedbackReport()
         runs: list[BlockRun] = []
         world = process_group_size()
-        sync = (self.sync or "gradients") if world > 1 else "none"
+        sync = self._sync_mode(world)
         options = LoopOptions(
             self.momentum,
             self.weight_decay,

@@ -10,7 +10,7 @@ import torch
 
 from .. import alignment
 from ..user_warnings import warn_at_caller
-from .ranks import process_group_size, sum_across_ranks
+from .ranks import sum_across_ranks
 from .selection import TrainedBlock
 from .settings import HYPERPARAMETERS, BlockSettings
 
@@ -53,14 +53,21 @@ class BlockPlans:
         self._uncapped = {}
 
     def apply(
-        self, trained: list[TrainedBlock], model_blocks: list, feedback_only: bool, **options
+        self,
+        trained: list[TrainedBlock],
+        model_blocks: list,
+        feedback_only: bool,
+        ranks: int = 1,
+        **options,
     ) -> list[TrainedBlock]:
         """`trained` with each block's settings taken from its plan for a training step or,
         `feedback_only`, for a step whose forward weights stay put (made with that kind's
         `max_cost` in `options`), made for the blocks' recorded inputs when missing or when a
         block's per-sample input shape changed; the batch a block was first planned for is
-        kept. `options`: plan_feedback's momentum, target_angle, averaged_steps, max_cost and
-        warm_start."""
+        kept. `ranks`: the processes whose batches a feedback weight's noise averages over (under
+        torch.distributed: every rank when the ranks sync their feedback, 1 when each trains
+        its own): plans are made for their summed batch. `options`: plan_feedback's momentum,
+        target_angle, averaged_steps, max_cost and warm_start."""
         self.current = bool(feedback_only)
         keys = {}
         for t in trained:
@@ -71,21 +78,22 @@ class BlockPlans:
             per_sample = tuple(x.shape[1:])
             keys[t.name] = (per_sample, old[1] if old and old[0] == per_sample else None)
         if any(k[1] is None for k in keys.values()) or any(n not in self._plans for n in keys):
-            self._make(trained, keys, model_blocks, options)
-        self._warn_small_batches(trained)
+            self._make(trained, keys, model_blocks, ranks, options)
+        self._warn_small_batches(trained, ranks)
         return [
             dataclasses.replace(t, settings=self._settings(self._plans[t.name])) for t in trained
         ]
 
-    def _warn_small_batches(self, trained):
+    def _warn_small_batches(self, trained, ranks):
         """Warn once per block when batches so much smaller than the one its plan was made for
         (and kept: docs/feedback_trainer.md §2) that its settings are unstable there (the
         floor's load c * fan_out / (B P) grows as the batch shrinks) come two steps in a row:
         V grows only while they last, so an epoch's last, partial batch is no concern."""
-        world = process_group_size()
         for t in trained:
             plan = self._plans[t.name]
-            batch = t.block.recorded_input.shape[0] * world  # the plans' batch is the global one
+            batch = (
+                t.block.recorded_input.shape[0] * ranks
+            )  # as the plans' batch: summed over ranks
             load = plan.raw_floor.load * plan.shape.batch / batch
             streak = self._small_streak[t.name] = (
                 self._small_streak.get(t.name, 0) + 1 if load >= 1 else 0
@@ -104,10 +112,12 @@ class BlockPlans:
     def _settings(plan: alignment.BlockPlan) -> BlockSettings:
         return BlockSettings(plan.iterations, plan.noise_std, plan.lr, plan.copies)
 
-    def _make(self, trained, keys, model_blocks, options):
-        # A new input shape is planned for its batch: under torch.distributed the global one
-        # (every rank's shard: the noise samples an averaged gradient holds), so that every
-        # rank plans the same iterations (one all-reduce, when a shape is first seen).
+    def _make(self, trained, keys, model_blocks, ranks, options):
+        # A new input shape is planned for its batch: under torch.distributed, where the ranks
+        # sync their feedback, the global one (every rank's shard: the noise samples an averaged
+        # gradient, or each step's average of the ranks' feedback weights, holds), so that
+        # every rank plans the same iterations (one all-reduce, when a shape is first seen);
+        # where each rank trains its own feedback, the rank's own batch.
         new = [t.name for t in trained if keys[t.name][1] is None]
         if new:
             # The other kind's plans were made for the old shapes: made again when needed.
@@ -115,7 +125,7 @@ class BlockPlans:
             self._uncapped.pop(not self.current, None)
             recorded = {t.name: t.block.recorded_input for t in trained}
             batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
-            if process_group_size() > 1:
+            if ranks > 1:
                 batches = sum_across_ranks(batches.to(recorded[new[0]].device))
             keys = dict(keys)
             keys.update({n: (keys[n][0], int(b)) for n, b in zip(new, batches.tolist())})
@@ -128,7 +138,7 @@ class BlockPlans:
 
         shapes = [(t.name, shape_of(t.block, keys[t.name][1])) for t in trained]
         # Every block call of the forward pass (a backprop step is 3 of them), at the plans'
-        # batch (under torch.distributed the global one: the planned over the recorded batch of
+        # batch (summed over the ranks where they sync: the planned over the recorded batch of
         # the first trained block); kept for explain(), which compares the plans' cost with it.
         # Counted per call: a block called several times costs that many forwards, whatever the
         # shapes of its calls.

@@ -113,3 +113,34 @@ def test_weight_sync_keeps_ranks_identical(tmp_path):
 def test_bad_sync_mode():
     with pytest.raises(ValueError, match="sync must be one of"):
         dtp_ext.FeedbackTrainer(build_model(), iterations=1, noise_std=0.1, lr=0.1, sync="mean")
+
+
+def plans_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        batches = {}
+        for sync in ("gradients", "weights", "none"):
+            model = build_model()
+            trainer = dtp_ext.FeedbackTrainer(model, sync=sync)  # planned settings
+            model(torch.randn(BATCH, 3, 8, 8, dtype=torch.float64))
+            trainer.step()
+            batches[sync] = {n: p.shape.batch for n, p in trainer.plans.items()}
+        torch.save(batches, os.path.join(out_dir, f"plans{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_plans_are_for_the_batch_whose_noise_the_feedback_holds(tmp_path):
+    """Ranks that sync their feedback plan for the global batch (the same plans on every rank);
+    a rank that trains its own plans for its own batch: planned for the global one, its floor's
+    load would be the ranks' count times the planned (unstable from 2 ranks on at the planned
+    load of 1/2)."""
+    mp.spawn(plans_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        batches = torch.load(tmp_path / f"plans{rank}.pt")
+        assert set(batches["gradients"]) == {"1", "3"}
+        for sync, batch in (("gradients", WORLD * BATCH), ("weights", WORLD * BATCH)):
+            assert batches[sync] == {n: batch for n in batches["gradients"]}, sync
+        assert batches["none"] == {n: BATCH for n in batches["gradients"]}
