@@ -327,6 +327,10 @@ class BlockPlan:
     notes: tuple[str, ...] = field(default=())
     copies: int = 1  # noise copies: each iteration runs on this many copies of the batch
     capped: bool = False  # its planned iterations were lowered to fit the cost cap
+    # Without a cost cap: the multiply-adds per step of the iterations it would plan on its
+    # batch (the measure the cap is applied to), and whether their floor meets the target.
+    uncapped_cost: float = 0.0
+    uncapped_meets_target: bool = True
 
     @property
     def noise_per_step(self) -> float:
@@ -352,7 +356,10 @@ class BlockPlan:
     def steps_to(self, angle: float) -> int | None:
         """The fewest steps of a fixed W after which V's plain mean is within `angle` degrees of
         W^T by the floor formula (docs/maths.md §7.3: its tan^2 falls as 1 / steps once they
-        outlast V's decorrelation); None where it never is (an unstable floor)."""
+        outlast V's decorrelation); None where it never is (an unstable floor, or no iterations
+        and a floor above `angle`)."""
+        if not (finite_real(angle) and 0 < angle < 90):
+            raise ValueError(f"steps_to: angle must be in (0, 90) degrees, got {angle!r}")
         if not self.raw_floor.stable:
             return None
         s = self.shape
@@ -371,7 +378,9 @@ class BlockPlan:
             ).angle
 
         lo, hi = 0, 1
-        while floor(hi) > angle:  # the angle falls as 1 / sqrt(steps): a finite bound exists
+        while floor(hi) > angle:  # with iterations, the angle falls as 1 / sqrt(steps)
+            if self.iterations == 0 or hi > 2**62:
+                return None
             lo, hi = hi, hi * 2
         while hi - lo > 1:  # floor(lo) > angle >= floor(hi) (lo 0: one step already does)
             mid = (lo + hi) // 2
@@ -453,14 +462,23 @@ def _predict(shape, iterations, rate, momentum, averaged_steps):
 
 
 def _fewest_iterations(shape, noise_std, lr, momentum, averaged_steps, target):
-    """The fewest iterations (1..MAX_PLANNED_ITERATIONS) whose floor meets `target`;
-    MAX_PLANNED_ITERATIONS when none does."""
+    """(The fewest iterations (1..MAX_PLANNED_ITERATIONS) whose floor meets `target`, True), or
+    (MAX_PLANNED_ITERATIONS, False) when none does."""
     for k in range(1, MAX_PLANNED_ITERATIONS + 1):
         rate = _rate_for(shape, k, noise_std, lr, momentum)
         _, floor = _predict(shape, k, rate, momentum, averaged_steps)
         if floor.stable and floor.angle <= target:
-            return k
-    return MAX_PLANNED_ITERATIONS
+            return k, True
+    return MAX_PLANNED_ITERATIONS, False
+
+
+def _above(angle: float, target: float) -> str:
+    """`angle` with the decimals (2 or more) that show it above `target` (4.003 reads 4.003,
+    not 4.00)."""
+    digits = 2
+    while digits < 6 and round(angle, digits) <= target:
+        digits += 1
+    return f"{angle:.{digits}f}° > {target:g}°"
 
 
 def plan_feedback(
@@ -505,19 +523,21 @@ def plan_feedback(
                 f"block {name!r}: noise_std 0 leaves the planned lr undefined (it scales as "
                 "1 / noise_std^2); give lr explicitly or a noise_std > 0"
             )
-        k_need = (
-            k
+        k_need, meets = (
+            (k, True)
             if k is not None
             else _fewest_iterations(shape, sigma, rate_lr, momentum, averaged_steps, target_angle)
         )
-        rows.append([name, shape, k, sigma, rate_lr, k_need, given_sigma])
+        rows.append([name, shape, k, sigma, rate_lr, k_need, given_sigma, meets])
     costs = [_iteration_cost(r[1]) for r in rows]
     chosen = [r[5] for r in rows]
     if max_cost is not None and backprop_macs:
         budget = max_cost * 3.0 * backprop_macs
         chosen = _fit_budget(rows, costs, budget, momentum, averaged_steps)
     plans = []
-    for (name, shape, k, sigma, rate_lr, k_need, given_sigma), k_final in zip(rows, chosen):
+    for (name, shape, k, sigma, rate_lr, k_need, given_sigma, meets), k_final, iteration in zip(
+        rows, chosen, costs
+    ):
         single_iterations, copies = k_final, 1
         if allow_copies and k is None and rate_lr is None:  # given settings keep their meaning
             k_final, copies = noise_copies(shape, k_final)
@@ -556,8 +576,9 @@ def plan_feedback(
                 )
             else:
                 why = "iteration cap"
-            # Two decimals: a floor of 4.03 is above a target of 4 but prints as 4.0 elsewhere.
-            notes.append(f"above target ({why}: {floor.angle:.2f}° > {target_angle:g}°)")
+            # Decimals that show it: a floor of 4.03 is above a target of 4 but prints as 4.0
+            # elsewhere.
+            notes.append(f"above target ({why}: {_above(floor.angle, target_angle)})")
         if not shape.linear_feedback:
             notes.append("folded activation/pool: floor approximate")
         transient = math.ceil(transient_iterations(rate, momentum) / k_final) if k_final else 0
@@ -589,6 +610,8 @@ def plan_feedback(
                 notes=tuple(notes),
                 copies=copies,
                 capped=single_iterations < k_need,
+                uncapped_cost=k_need * iteration,
+                uncapped_meets_target=meets,
             )
         )
     return plans
@@ -605,7 +628,7 @@ def _fit_budget(rows, costs, budget, momentum, averaged_steps):
         return need
     fixed = sum(k * c for r, k, c in zip(rows, need, costs) if r[2] is not None)
     weights = []
-    for depth, ((_, shape, k, sigma, rate_lr, k_need, _), cost) in enumerate(zip(rows, costs), 1):
+    for depth, ((_, shape, k, sigma, rate_lr, k_need, *_), cost) in enumerate(zip(rows, costs), 1):
         if k is not None:
             weights.append(None)
             continue

@@ -224,7 +224,10 @@ class FeedbackTrainer:
             trained,
             self._model_blocks,
             feedback_only,
-            ranks=world if self._sync_mode(world) != "none" else 1,
+            # Under "weights" and "none" each rank's iterations run on its own batch: planned
+            # for the global one, a block planned at half its stability limit is at it on 2
+            # ranks (docs/feedback_trainer.md §6).
+            ranks=world if self._sync_mode(world) == "gradients" else 1,
             momentum=self.momentum,
             target_angle=self.target_angle,
             averaged_steps=None if self._averages is None else alignment.PLAN_AVERAGED_STEPS,

@@ -5,6 +5,7 @@ cost), kept per block and made again when a block's per-sample input shape chang
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -30,9 +31,9 @@ class BlockPlans:
         self._warned: set[str] = set()  # blocks warned about as predicted unstable
         self._warned_small: set[str] = set()  # ...as unstable at a smaller batch than planned
         self._small_streak: dict[str, int] = {}  # steps in a row at such batches, by block
-        # {kind: (the target angle, the multiply-adds per step of the plan without a cost cap)},
-        # for a kind whose plan the cap cut (explain() says what meeting the target takes).
-        self._uncapped: dict[bool, tuple[float, float]] = {}
+        # {kind: (target_angle, averaged_steps)} its plans were made with (explain() says what
+        # the blocks a cost cap holds above target would need).
+        self._made_with: dict[bool, tuple[float, int | None]] = {}
 
     @property
     def _plans(self) -> dict[str, alignment.BlockPlan]:
@@ -50,7 +51,7 @@ class BlockPlans:
     def clear(self):
         """Plan every block again at the next step (a setting changed)."""
         self._by_kind = {False: {}, True: {}}
-        self._uncapped = {}
+        self._made_with = {}
 
     def apply(
         self,
@@ -64,9 +65,9 @@ class BlockPlans:
         `feedback_only`, for a step whose forward weights stay put (made with that kind's
         `max_cost` in `options`), made for the blocks' recorded inputs when missing or when a
         block's per-sample input shape changed; the batch a block was first planned for is
-        kept. `ranks`: the processes whose batches a feedback weight's noise averages over (under
-        torch.distributed: every rank when the ranks sync their feedback, 1 when each trains
-        its own): plans are made for their summed batch. `options`: plan_feedback's momentum,
+        kept. `ranks`: the processes whose batches each feedback iteration's gradient averages
+        over (under torch.distributed: every rank when the ranks sync their feedback gradients,
+        1 when each iterates on its own batch): plans are made for their summed batch. `options`: plan_feedback's momentum,
         target_angle, averaged_steps, max_cost and warm_start."""
         self.current = bool(feedback_only)
         keys = {}
@@ -114,15 +115,14 @@ class BlockPlans:
 
     def _make(self, trained, keys, model_blocks, ranks, options):
         # A new input shape is planned for its batch: under torch.distributed, where the ranks
-        # sync their feedback, the global one (every rank's shard: the noise samples an averaged
-        # gradient, or each step's average of the ranks' feedback weights, holds), so that
-        # every rank plans the same iterations (one all-reduce, when a shape is first seen);
-        # where each rank trains its own feedback, the rank's own batch.
+        # sync their feedback gradients, the global one (every rank's shard: the noise samples
+        # an averaged gradient holds), so that every rank plans the same iterations (one
+        # all-reduce, when a shape is first seen); where each rank iterates on its own batch,
+        # that batch (its stability limit is the rank's).
         new = [t.name for t in trained if keys[t.name][1] is None]
         if new:
             # The other kind's plans were made for the old shapes: made again when needed.
             self._by_kind[not self.current] = {}
-            self._uncapped.pop(not self.current, None)
             recorded = {t.name: t.block.recorded_input for t in trained}
             batches = torch.tensor([recorded[n].shape[0] for n in new], dtype=torch.int64)
             if ranks > 1:
@@ -157,18 +157,10 @@ class BlockPlans:
             backprop_macs=self.forward_macs,
             allow_copies=self.current,  # a feedback-only step's W stays put (docs/maths.md §8)
         )
-        self._uncapped.pop(self.current, None)
-        if any(plan.capped for plan in plans):
-            uncapped = alignment.plan_feedback(
-                shapes,
-                **given,
-                **{**options, "max_cost": None},
-                allow_copies=self.current,
-            )
-            self._uncapped[self.current] = (
-                options["target_angle"],
-                sum(plan.cost for plan in uncapped),
-            )
+        self._made_with[self.current] = (
+            options.get("target_angle", alignment.DEFAULT_TARGET_ANGLE),
+            options.get("averaged_steps", alignment.PLAN_AVERAGED_STEPS),
+        )
         for plan in plans:
             self._plans[plan.name] = plan
             self._planned_for[plan.name] = keys[plan.name]
@@ -211,28 +203,37 @@ class BlockPlans:
         return lines
 
     def _describe_cap(self, trained, backprop) -> list[str]:
-        """What the blocks the cost cap holds above target would need: the uncapped plan's
-        cost and, at a feedback-only step, the steps after which their averages meet the
-        target at this cap (at a training step W moves: the average's window is capped)."""
-        if self.current not in self._uncapped:
+        """What the blocks the cost cap holds above target would need: the cap under which
+        every block runs the iterations its target needs (the plans' uncapped cost: the measure
+        the cap is applied to), the blocks even those leave above it, and, at a feedback-only
+        step with averaging, the steps after which the capped blocks' averages meet the target
+        at this cap (at a training step W moves: the average's window is capped)."""
+        plans = [self._plans.get(t.name) for t in trained]
+        if None in plans or self.current not in self._made_with:
             return []
-        target, needed = self._uncapped[self.current]
-        capped = [self._plans[t.name] for t in trained if self._plans[t.name].capped]
-        capped = [p for p in capped if p.floor.angle > target]
+        target, averaged_steps = self._made_with[self.current]
+        capped = [p for p in plans if p.capped and p.floor.stable and p.floor.angle > target]
         if not capped:
             return []
+        # Rounded up: the cap printed lifts it.
+        need = math.ceil(sum(p.uncapped_cost for p in plans) / backprop * 100) / 100
         cap = "feedback_only_max_cost" if self.current else "max_cost"
         line = (
-            f"  {len(capped)} block(s) above target for the cost cap: meeting it costs "
-            f"{needed / backprop if backprop else 0:.3g}x a backprop step (raise {cap})"
+            f"  {len(capped)} block(s) above target for the cost cap: {cap}={need:.2f} (x a "
+            "backprop step) lifts it"
         )
-        if self.current:
-            steps = [p.steps_to(target) for p in capped]
-            if None not in steps:
-                line += (
-                    f"; at this cap their averages meet it after ~{max(steps)} feedback-only "
-                    "steps (docs/maths.md §7.3)"
-                )
+        short = sum(not p.uncapped_meets_target for p in capped)
+        if short:
+            line += (
+                f" ({short} would stay above target at {alignment.MAX_PLANNED_ITERATIONS} "
+                "iterations a step)"
+            )
+        if self.current and averaged_steps is not None:
+            steps = max(p.steps_to(target) for p in capped)
+            line += (
+                f"; at this cap their averages meet the target after ~{steps} feedback-only "
+                "steps (docs/maths.md §7.3)"
+            )
         return [line]
 
     def state_dict(self) -> dict:

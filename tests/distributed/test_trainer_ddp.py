@@ -133,14 +133,13 @@ def plans_worker(rank, init_file, out_dir):
 
 @pytest.mark.integration
 def test_plans_are_for_the_batch_whose_noise_the_feedback_holds(tmp_path):
-    """Ranks that sync their feedback plan for the global batch (the same plans on every rank);
-    a rank that trains its own plans for its own batch: planned for the global one, its floor's
-    load would be the ranks' count times the planned (unstable from 2 ranks on at the planned
-    load of 1/2)."""
+    """Ranks that sync their feedback gradients plan for the global batch (the same plans on
+    every rank); a rank whose iterations run on its own batch ("weights", "none") plans for it:
+    planned for the global one, its floor's load would be the ranks' count times the planned
+    (unstable from 2 ranks on at the planned load of 1/2)."""
     mp.spawn(plans_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         batches = torch.load(tmp_path / f"plans{rank}.pt")
         assert set(batches["gradients"]) == {"1", "3"}
-        for sync, batch in (("gradients", WORLD * BATCH), ("weights", WORLD * BATCH)):
+        for sync, batch in (("gradients", WORLD * BATCH), ("weights", BATCH), ("none", BATCH)):
             assert batches[sync] == {n: batch for n in batches["gradients"]}, sync
-        assert batches["none"] == {n: BATCH for n in batches["gradients"]}

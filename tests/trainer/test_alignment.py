@@ -233,23 +233,33 @@ def test_a_block_above_target_for_its_noise_copies_says_so():
         f"{single.iterations} iterations' samples: {plan.floor.angle:.2f}° > 4°)",
     )
     assert not plan.capped
+    # Just above: printed with the decimals that show it (4.00 read as a false flag).
+    shape = alignment.BlockShape(40, 512, 32, 1, True, 40 * 512 * 32)
+    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=None, allow_copies=True)
+    assert 4 < plan.floor.angle < 4.005
+    assert plan.notes[0].endswith(f": {plan.floor.angle:.3f}° > 4°)")
 
 
 def test_steps_to_an_angle_are_the_fewest_whose_averaged_floor_meets_it():
-    shape = alignment.BlockShape(512, 512, 32, 1, True, 512 * 512 * 32)
-    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=1.0, backprop_macs=shape.macs)
-    assert plan.capped and plan.floor.angle > 4
+    """On a 3x3 conv on 2x2 maps (taps used at 1/4 to all positions), capped, on noise
+    copies: the floor formula of the plain mean over n steps of what each step runs."""
+    x = torch.randn(32, 64, 2, 2)
+    shape = block_shape(dtp_ext.Conv2d(64, 64, 3, padding=1), x)
+    (plan,) = alignment.plan_feedback(
+        [("b", shape)], max_cost=8.0, backprop_macs=shape.macs, allow_copies=True
+    )
+    assert plan.capped and plan.copies > 1 and min(shape.tap_use) < 1 and plan.floor.angle > 4
 
     def averaged(steps):
-        s = plan.shape
         return noise_floor(
-            s.fan_in, s.fan_out, s.samples, plan.rate, plan.momentum,
+            shape.fan_in, shape.fan_out, shape.samples * plan.copies, plan.rate, plan.momentum,
             iterations=plan.iterations, average_decay=1.0, averaged_steps=steps,
+            tap_use=shape.tap_use,
         ).angle  # fmt: skip
 
-    for angle in (4.0, 1.0, plan.floor.angle):
+    for angle in (4.0, 1.0, plan.floor.angle, 30.0):
         n = plan.steps_to(angle)
-        assert averaged(n) <= angle < averaged(n - 1) if n > 1 else averaged(1) <= angle
+        assert averaged(n) <= angle and (n == 1 or averaged(n - 1) > angle), angle
     assert plan.steps_to(plan.floor.angle) == alignment.PLAN_AVERAGED_STEPS
     # Past V's decorrelation the averaged tan^2 falls as 1 / steps.
     ratio = (math.tan(math.radians(plan.floor.angle)) / math.tan(math.radians(4.0))) ** 2
@@ -257,38 +267,68 @@ def test_steps_to_an_angle_are_the_fewest_whose_averaged_floor_meets_it():
     assert plan.steps_to(plan.raw_floor.angle) == 1
     unstable = dataclasses.replace(plan, raw_floor=alignment.Floor(90.0, math.inf, False, 2.0))
     assert unstable.steps_to(4.0) is None
+    assert dataclasses.replace(plan, iterations=0).steps_to(4.0) is None  # V never moves
+    for bad in (0, -1, 90, float("nan"), "4"):
+        with pytest.raises(ValueError, match="steps_to: angle"):
+            plan.steps_to(bad)
 
 
-def test_explain_says_what_the_blocks_the_cap_holds_above_target_need():
-    """At a feedback-only step under a cap the target does not fit: the uncapped plan's cost
-    and the steps after which the capped blocks' averages meet the target at this cap."""
+def test_explain_says_which_cap_the_blocks_held_above_target_need():
+    """At a feedback-only step under a cap the target does not fit: the cap printed gives
+    every block the iterations its target needs (a hundredth less does not), and the steps
+    after which the capped blocks' averages meet the target at this cap; without averaging,
+    no steps; with no block capped, nothing."""
     torch.manual_seed(0)
     model = small_net()
-    trainer = dtp_ext.FeedbackTrainer(model, max_cost=0.5, feedback_only_max_cost=1.0)
     x = torch.randn(32, 1, 8, 8)
-    model(x)
-    trainer.step()
+
+    def feedback_only_explain(**options):
+        trainer = dtp_ext.FeedbackTrainer(model, max_cost=None, **options)
+        model(x)
+        trainer.step()
+        model(x)
+        text = trainer.explain()
+        assert "a feedback-only step" in text
+        return trainer, text
+
+    trainer, text = feedback_only_explain(feedback_only_max_cost=1.0)
+    capped = [p for p in trainer.plans.values() if p.capped and p.floor.angle > 4]
+    assert capped
+    line = next(s for s in text.splitlines() if "above target for the cost cap" in s)
+    cap = float(line.split("feedback_only_max_cost=")[1].split()[0])
+    steps = max(p.steps_to(4.0) for p in capped)
+    assert line == (
+        f"  {len(capped)} block(s) above target for the cost cap: feedback_only_max_cost="
+        f"{cap:.2f} (x a backprop step) lifts it; at this cap their averages meet the target "
+        f"after ~{steps} feedback-only steps (docs/maths.md §7.3)"
+    )
+    lifted, text = feedback_only_explain(feedback_only_max_cost=cap)
+    assert not any(p.capped for p in lifted.plans.values()) and "for the cost cap" not in text
+    below, _ = feedback_only_explain(feedback_only_max_cost=cap - 0.01)
+    assert any(p.capped for p in below.plans.values())
+    _, text = feedback_only_explain(feedback_only_max_cost=1.0, average_decay=None)
+    assert "for the cost cap: feedback_only_max_cost=" in text and "feedback-only steps" not in text
+    # A training step's line names max_cost, and no steps (W moves).
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=1.0)
     model(x)
     text = trainer.explain()
-    assert "a feedback-only step" in text
-    plans = trainer.plans
-    capped = [p for p in plans.values() if p.capped and p.floor.angle > 4]
-    assert capped
-    shapes = [(n, p.shape) for n, p in plans.items()]
-    uncapped = alignment.plan_feedback(shapes, max_cost=None, allow_copies=True)
-    backprop = 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
-    need = sum(p.cost for p in uncapped) / backprop
-    steps = max(p.steps_to(4.0) for p in capped)
-    assert (
-        f"  {len(capped)} block(s) above target for the cost cap: meeting it costs {need:.3g}x "
-        "a backprop step (raise feedback_only_max_cost); at this cap their averages meet it "
-        f"after ~{steps} feedback-only steps"
-    ) in text
-    # Uncapped: nothing to say.
-    trainer = dtp_ext.FeedbackTrainer(model, max_cost=None)
-    model(x)
-    assert "a training step" in trainer.explain()
-    assert "for the cost cap" not in trainer.explain()
+    assert "a training step" in text and "for the cost cap: max_cost=" in text
+    assert "feedback-only steps" not in text
+
+
+def test_a_block_that_no_cap_brings_to_target_is_counted_apart():
+    """A block whose target 200 iterations a step do not meet: raising the cap alone does not
+    bring it there, and the line says so."""
+    shape = alignment.BlockShape(4096, 4096, 32, 1, True, 4096 * 4096 * 32)
+    (plan,) = alignment.plan_feedback([("b", shape)], max_cost=1.0, backprop_macs=shape.macs)
+    assert plan.capped and not plan.uncapped_meets_target
+    (free,) = alignment.plan_feedback([("b", shape)], max_cost=None)
+    assert free.iterations == alignment.MAX_PLANNED_ITERATIONS and free.floor.angle > 4
+    assert plan.uncapped_cost == free.cost
+    model = dtp_ext.convert(nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10)))
+    model(torch.randn(32, 4096, requires_grad=True))
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=1.0, blocks=["0"])
+    assert "(1 would stay above target at 200 iterations a step)" in trainer.explain()
 
 
 def test_feedback_only_steps_plan_under_their_own_cap():
