@@ -570,10 +570,7 @@ def plan_feedback(
                 <= target_angle
             ):
                 # The copies hold at least COPIES_KEEP of the planned iterations' samples.
-                why = (
-                    f"noise copies: {k_final} x {copies} of the {single_iterations} "
-                    "iterations' samples"
-                )
+                why = f"noise copies: {k_final} x {copies} for {single_iterations} iterations"
             else:
                 why = "iteration cap"
             # Decimals that show it: a floor of 4.03 is above a target of 4 but prints as 4.0

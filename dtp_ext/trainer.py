@@ -98,8 +98,6 @@ class FeedbackTrainer:
         self.iterations = iterations
         self.noise_std = noise_std
         self.lr = lr
-        if not (0 <= momentum < 1):
-            raise ValueError(f"FeedbackTrainer: momentum must be in [0, 1), got {momentum!r}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(
                 f"FeedbackTrainer: weight_decay must be finite and >= 0, got {weight_decay!r}"
@@ -115,29 +113,11 @@ class FeedbackTrainer:
                 f"{max_growth!r}"
             )
         self.max_growth = None if max_growth is None else float(max_growth)
-        if not (finite_real(target_angle) and 0 < target_angle < 90):
-            raise ValueError(
-                f"FeedbackTrainer: target_angle must be a number of degrees in (0, 90), got "
-                f"{target_angle!r}"
-            )
-        self.target_angle = float(target_angle)
-        if max_cost is not None and not (finite_real(max_cost) and max_cost > 0):
-            raise ValueError(
-                f"FeedbackTrainer: max_cost must be None or a finite number > 0 (feedback "
-                f"multiply-adds per step over a backprop step's), got {max_cost!r}"
-            )
-        self.max_cost = None if max_cost is None else float(max_cost)
-        if feedback_only_max_cost is not None and not (
-            finite_real(feedback_only_max_cost) and feedback_only_max_cost > 0
-        ):
-            raise ValueError(
-                f"FeedbackTrainer: feedback_only_max_cost must be None or a finite number > 0 "
-                f"(feedback multiply-adds per step over a backprop step's), got "
-                f"{feedback_only_max_cost!r}"
-            )
-        self.feedback_only_max_cost = (
-            None if feedback_only_max_cost is None else float(feedback_only_max_cost)
-        )
+        self._planning = {}  # the settings plans are made with (the properties below)
+        self.momentum = momentum
+        self.target_angle = target_angle
+        self.max_cost = max_cost
+        self.feedback_only_max_cost = feedback_only_max_cost
         planning = self._selection.planning
         if average_decay == "auto":
             average_decay = alignment.DEFAULT_AVERAGE_DECAY if planning else None
@@ -173,7 +153,6 @@ class FeedbackTrainer:
         self.cuda_graphs = cuda_graphs
         self._graphs = LoopGraphs()
         self._model = model
-        self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.memory_budget_mb = float(memory_budget_mb)
         if sync not in SYNC_MODES:
@@ -208,6 +187,46 @@ class FeedbackTrainer:
         lambda self: self._selection.get("lr"),
         lambda self, v: self._set_hyperparameter("lr", v),
     )
+
+    # -- what plans are made with: set at any time, the plans are made again (§2) -----------
+    def _set_planning(self, name, value, valid, expected):
+        if not valid(value):
+            raise ValueError(f"FeedbackTrainer: {name} must be {expected}, got {value!r}")
+        value = None if value is None else float(value)
+        if self._planning.get(name, value) != value:
+            self._plans.clear()
+        self._planning[name] = value
+
+    def _cap(expected_name):
+        return property(
+            lambda self: self._planning[expected_name],
+            lambda self, v: self._set_planning(
+                expected_name,
+                v,
+                lambda v: v is None or (finite_real(v) and v > 0),
+                "None or a finite number > 0 (feedback multiply-adds per step over a backprop "
+                "step's)",
+            ),
+        )
+
+    momentum = property(
+        lambda self: self._planning["momentum"],
+        lambda self, v: self._set_planning(
+            "momentum", v, lambda v: finite_real(v) and 0 <= v < 1, "in [0, 1)"
+        ),
+    )
+    target_angle = property(
+        lambda self: self._planning["target_angle"],
+        lambda self, v: self._set_planning(
+            "target_angle",
+            v,
+            lambda v: finite_real(v) and 0 < v < 90,
+            "a number of degrees in (0, 90)",
+        ),
+    )
+    max_cost = _cap("max_cost")
+    feedback_only_max_cost = _cap("feedback_only_max_cost")
+    del _cap
 
     def _sync_mode(self, world: int) -> str:
         """How the ranks sync their feedback (docs/feedback_trainer.md §6): `sync`, or
@@ -290,7 +309,12 @@ class FeedbackTrainer:
             + ("feedback-only" if self._plans.current else "training")
             + " step:"
         )
-        lines += self._plans.describe(trained)
+        held = (
+            {}
+            if self._averages is None
+            else {t.name: self._averages.steps(t.name) for t in trained}
+        )
+        lines += self._plans.describe(trained, held)
         skipped = self._selection.skipped(trained)
         if skipped:
             lines.append("skipped:")

@@ -172,9 +172,10 @@ class BlockPlans:
                     "(dtp_ext.alignment.noise_floor, docs/maths.md §7)",
                 )
 
-    def describe(self, trained: list[TrainedBlock]) -> list[str]:
+    def describe(self, trained: list[TrainedBlock], held: dict | None = None) -> list[str]:
         """explain()'s lines for `trained` (numbered): each block's settings and, once planned,
-        its plan, then the plans' predicted cost against a backprop step's."""
+        its plan, then the plans' predicted cost against a backprop step's and what the blocks
+        above target need (`held`: the steps each block's feedback average holds)."""
         lines, total = [], 0.0
         for i, t in enumerate(trained, 1):
             kind = type(t.block).__name__
@@ -199,42 +200,52 @@ class BlockPlans:
                 f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
                 f"{total / backprop if backprop else 0:.2f}x a backprop step's"
             )
-            lines += self._describe_cap(trained, backprop)
+            lines += self._describe_cap(trained, backprop, held or {})
         return lines
 
-    def _describe_cap(self, trained, backprop) -> list[str]:
-        """What the blocks the cost cap holds above target would need: the cap under which
-        every block runs the iterations its target needs (the plans' uncapped cost: the measure
-        the cap is applied to), the blocks even those leave above it, and, at a feedback-only
-        step with averaging, the steps after which the capped blocks' averages meet the target
-        at this cap (at a training step W moves: the average's window is capped)."""
+    def _describe_cap(self, trained, backprop, held) -> list[str]:
+        """What the blocks above target would need: where a cost cap holds some there, the cap
+        under which every block runs the iterations its target needs (the plans' uncapped
+        cost: the measure the cap is applied to) and the blocks even those leave above it; at
+        a feedback-only step with averaging, the steps after which the averages of all blocks
+        above target meet it at these plans (`held`: the steps each average holds already; at
+        a training step W moves and the average's window is capped)."""
         plans = [self._plans.get(t.name) for t in trained]
         if None in plans or self.current not in self._made_with:
             return []
         target, averaged_steps = self._made_with[self.current]
-        capped = [p for p in plans if p.capped and p.floor.stable and p.floor.angle > target]
-        if not capped:
-            return []
-        # Rounded up: the cap printed lifts it.
-        need = math.ceil(sum(p.uncapped_cost for p in plans) / backprop * 100) / 100
-        cap = "feedback_only_max_cost" if self.current else "max_cost"
-        line = (
-            f"  {len(capped)} block(s) above target for the cost cap: {cap}={need:.2f} (x a "
-            "backprop step) lifts it"
-        )
-        short = sum(not p.uncapped_meets_target for p in capped)
-        if short:
-            line += (
-                f" ({short} would stay above target at {alignment.MAX_PLANNED_ITERATIONS} "
-                "iterations a step)"
+        above = [p for p in plans if p.floor.stable and p.floor.angle > target]
+        capped = [p for p in above if p.capped]
+        lines = []
+        if capped:
+            # Rounded up: the cap printed lifts it.
+            need = math.ceil(sum(p.uncapped_cost for p in plans) / backprop * 100) / 100
+            cap = "feedback_only_max_cost" if self.current else "max_cost"
+            line = (
+                f"  {len(capped)} block(s) above target for the cost cap: {cap}={need:.2f} (x a "
+                "backprop step) "
             )
-        if self.current and averaged_steps is not None:
-            steps = max(p.steps_to(target) for p in capped)
-            line += (
-                f"; at this cap their averages meet the target after ~{steps} feedback-only "
-                "steps (docs/maths.md §7.3)"
+            short = [p.name for p in capped if not p.uncapped_meets_target]
+            most = f"{alignment.MAX_PLANNED_ITERATIONS} iterations a step"
+            if len(short) == len(capped):
+                line += f"gives them the most planned, {most}, still above target"
+            else:
+                line += "lifts it"
+                if self.current and averaged_steps is not None:
+                    line += f" (its plans meet the target after {averaged_steps} steps)"
+                if short:
+                    line += f", though {_names(short)} would stay above target at {most}"
+            lines.append(line)
+        if above and self.current and averaged_steps is not None:
+            steps = {p.name: p.steps_to(target) for p in above}
+            total = max(steps.values())
+            left = max(n - held.get(name, 0) for name, n in steps.items())
+            lines.append(
+                f"  at these plans the averages of the {len(above)} block(s) above target meet "
+                f"it after ~{total} feedback-only steps in all, ~{max(0, math.ceil(left))} from "
+                "here (docs/maths.md §7.3)"
             )
-        return [line]
+        return lines
 
     def state_dict(self) -> dict:
         """The input shape each block was planned for: {name: [per-sample shape, batch]}."""
@@ -246,3 +257,13 @@ class BlockPlans:
             n: (tuple(shape), int(batch)) for n, (shape, batch) in planned_for.items()
         }
         self.clear()
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    """'a', 'a, b and c' or 'a, b, c and 4 more'."""
+    quoted = [repr(n) for n in names]
+    if len(quoted) == 1:
+        return quoted[0]
+    if len(quoted) <= shown:
+        return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    return ", ".join(quoted[:shown]) + f" and {len(quoted) - shown} more"

@@ -27,6 +27,11 @@ def check_per_block(name: str, value, *, integer: bool = False, owner: str = "Fe
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     prefix = f"{owner}: " if owner else ""
     for v in values:
+        if v is None and isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"{prefix}{name} entries must be finite numbers >= 0, got None: a list gives "
+                f"every block's {name}; {name}=None plans it for all of them"
+            )
         if not finite_real(v) or v < 0:
             raise ValueError(f"{prefix}{name} entries must be finite numbers >= 0, got {v!r}")
         if integer and int(v) != v:

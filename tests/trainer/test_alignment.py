@@ -229,8 +229,8 @@ def test_a_block_above_target_for_its_noise_copies_says_so():
     assert single.floor.angle <= 4 and not single.notes
     assert plan.iterations * plan.copies < single.iterations and plan.floor.angle > 4
     assert plan.notes == (
-        f"above target (noise copies: {plan.iterations} x {plan.copies} of the "
-        f"{single.iterations} iterations' samples: {plan.floor.angle:.2f}° > 4°)",
+        f"above target (noise copies: {plan.iterations} x {plan.copies} for "
+        f"{single.iterations} iterations: {plan.floor.angle:.2f}° > 4°)",
     )
     assert not plan.capped
     # Just above: printed with the decimals that show it (4.00 read as a false flag).
@@ -276,44 +276,90 @@ def test_steps_to_an_angle_are_the_fewest_whose_averaged_floor_meets_it():
 def test_explain_says_which_cap_the_blocks_held_above_target_need():
     """At a feedback-only step under a cap the target does not fit: the cap printed gives
     every block the iterations its target needs (a hundredth less does not), and the steps
-    after which the capped blocks' averages meet the target at this cap; without averaging,
-    no steps; with no block capped, nothing."""
+    after which the averages of the blocks above target meet it at these plans, in all and
+    from here; without averaging, no steps; with no block capped, no cap line. Setting a cap
+    on the trainer plans again."""
     torch.manual_seed(0)
     model = small_net()
     x = torch.randn(32, 1, 8, 8)
 
-    def feedback_only_explain(**options):
-        trainer = dtp_ext.FeedbackTrainer(model, max_cost=None, **options)
-        model(x)
-        trainer.step()
+    def feedback_only_explain(trainer, steps=2):
+        for _ in range(steps):
+            model(x)
+            trainer.step()
         model(x)
         text = trainer.explain()
         assert "a feedback-only step" in text
-        return trainer, text
+        return text
 
-    trainer, text = feedback_only_explain(feedback_only_max_cost=1.0)
-    capped = [p for p in trainer.plans.values() if p.capped and p.floor.angle > 4]
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=None, feedback_only_max_cost=1.0)
+    text = feedback_only_explain(trainer, steps=3)
+    above = [p for p in trainer.plans.values() if p.floor.angle > 4]
+    capped = [p for p in above if p.capped]
     assert capped
     line = next(s for s in text.splitlines() if "above target for the cost cap" in s)
     cap = float(line.split("feedback_only_max_cost=")[1].split()[0])
-    steps = max(p.steps_to(4.0) for p in capped)
     assert line == (
         f"  {len(capped)} block(s) above target for the cost cap: feedback_only_max_cost="
-        f"{cap:.2f} (x a backprop step) lifts it; at this cap their averages meet the target "
-        f"after ~{steps} feedback-only steps (docs/maths.md §7.3)"
+        f"{cap:.2f} (x a backprop step) lifts it (its plans meet the target after 100 steps)"
     )
-    lifted, text = feedback_only_explain(feedback_only_max_cost=cap)
-    assert not any(p.capped for p in lifted.plans.values()) and "for the cost cap" not in text
-    below, _ = feedback_only_explain(feedback_only_max_cost=cap - 0.01)
-    assert any(p.capped for p in below.plans.values())
-    _, text = feedback_only_explain(feedback_only_max_cost=1.0, average_decay=None)
-    assert "for the cost cap: feedback_only_max_cost=" in text and "feedback-only steps" not in text
+    steps = {p.name: p.steps_to(4.0) for p in above}
+    held = {n: trainer._averages.steps(n) for n in steps}
+    assert set(held.values()) == {3.0}  # the plain mean of the three steps so far
+    left = max(steps[n] - held[n] for n in steps)
+    assert (
+        f"  at these plans the averages of the {len(above)} block(s) above target meet it "
+        f"after ~{max(steps.values())} feedback-only steps in all, ~{math.ceil(left)} from here"
+    ) in text
+    # Set on the trainer, the printed cap lifts it at the next plan; a hundredth less does not.
+    trainer.feedback_only_max_cost = cap
+    text = feedback_only_explain(trainer, steps=0)
+    assert not any(p.capped for p in trainer.plans.values()) and "for the cost cap" not in text
+    trainer.feedback_only_max_cost = cap - 0.01
+    feedback_only_explain(trainer, steps=0)
+    assert any(p.capped for p in trainer.plans.values())
+    text = feedback_only_explain(
+        dtp_ext.FeedbackTrainer(model, feedback_only_max_cost=1.0, average_decay=None)
+    )
+    assert "for the cost cap: feedback_only_max_cost=" in text
+    assert "meet the target after" not in text and "feedback-only steps" not in text
     # A training step's line names max_cost, and no steps (W moves).
     trainer = dtp_ext.FeedbackTrainer(model, max_cost=1.0)
     model(x)
     text = trainer.explain()
     assert "a training step" in text and "for the cost cap: max_cost=" in text
-    assert "feedback-only steps" not in text
+    assert "feedback-only steps" not in text and "meet the target after" not in text
+
+
+def test_settings_plans_are_made_with_plan_again_when_set():
+    """target_angle, max_cost, feedback_only_max_cost and momentum set on a trainer take effect
+    at the next step (they were kept but the plans were not made again), and are checked."""
+    torch.manual_seed(0)
+    model = small_net()
+    x = torch.randn(32, 1, 8, 8)
+    trainer = dtp_ext.FeedbackTrainer(model)
+    model(x)
+    trainer.step()
+    model(x)
+    trainer.step()
+    first = dict(trainer.plans)  # a feedback-only step's (the forward weights stay put)
+    for name, value in (("feedback_only_max_cost", 1.0), ("target_angle", 30.0), ("momentum", 0.5)):
+        setattr(trainer, name, value)
+        model(x)
+        trainer.step()
+        assert getattr(trainer, name) == value
+        plans = dict(trainer.plans)
+        assert plans != first, name
+        first = plans
+    for name, bad in (
+        ("target_angle", 90),
+        ("max_cost", -1.0),
+        ("feedback_only_max_cost", float("nan")),
+        ("momentum", 1.0),
+        ("max_cost", True),
+    ):
+        with pytest.raises(ValueError, match=f"FeedbackTrainer: {name} must be"):
+            setattr(trainer, name, bad)
 
 
 def test_a_block_that_no_cap_brings_to_target_is_counted_apart():
@@ -325,10 +371,19 @@ def test_a_block_that_no_cap_brings_to_target_is_counted_apart():
     (free,) = alignment.plan_feedback([("b", shape)], max_cost=None)
     assert free.iterations == alignment.MAX_PLANNED_ITERATIONS and free.floor.angle > 4
     assert plan.uncapped_cost == free.cost
-    model = dtp_ext.convert(nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10)))
+    layers = [nn.Linear(4096, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)]
+    model = dtp_ext.convert(nn.Sequential(*layers))
     model(torch.randn(32, 4096, requires_grad=True))
+    trainer = dtp_ext.FeedbackTrainer(model, max_cost=1.0)
+    assert (
+        "x a backprop step) lifts it, though '0' would stay above target at 200 iterations a step"
+    ) in trainer.explain()
+    # Where none of the capped blocks gets there: no "lifts it".
     trainer = dtp_ext.FeedbackTrainer(model, max_cost=1.0, blocks=["0"])
-    assert "(1 would stay above target at 200 iterations a step)" in trainer.explain()
+    assert (
+        "x a backprop step) gives them the most planned, 200 iterations a step, still above "
+        in (trainer.explain())
+    )
 
 
 def test_feedback_only_steps_plan_under_their_own_cap():
