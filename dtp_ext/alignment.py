@@ -353,6 +353,11 @@ class BlockPlan:
         )
         return math.tan(math.radians(averaged.angle)) ** 2 * many
 
+    @property
+    def warm_start_cost(self) -> float:
+        """Multiply-adds of its warm start (on the batch itself, at its first step)."""
+        return self.warm_start_iterations * _iteration_cost(self.shape)
+
     def steps_to(self, angle: float) -> int | None:
         """The fewest steps of a fixed W after which V's plain mean is within `angle` degrees of
         W^T by the floor formula (docs/maths.md §7.3: its tan^2 falls as 1 / steps once they
@@ -659,14 +664,16 @@ def _fit_budget(rows, costs, budget, momentum, averaged_steps):
     return fitted(lo)
 
 
-def describe_plan(plan: BlockPlan) -> str:
-    """One line: what a block's settings are predicted to give (explain()'s second line)."""
+def describe_plan(plan: BlockPlan, warm_start_due: bool = True) -> str:
+    """One line: what a block's settings are predicted to give (explain()'s second line);
+    `warm_start_due`: whether its warm start is still to run (at its first step)."""
     s = plan.shape
     which = f"planned: {', '.join(plan.planned)}; " if plan.planned else ""
     if plan.copies > 1:
         which += f"each iteration on {plan.copies} noise copies of the batch; "
     warm = (
         f", warm start {plan.warm_start_iterations} it. at lr {plan.warm_start_lr:.3g}"
+        + ("" if warm_start_due else " (run at its first step)")
         if plan.warm_start_iterations
         else ""
     )

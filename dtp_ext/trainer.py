@@ -314,7 +314,13 @@ class FeedbackTrainer:
             if self._averages is None
             else {t.name: self._averages.steps(t.name) for t in trained}
         )
-        lines += self._plans.describe(trained, held)
+        warm_due = {
+            t.name
+            for t in trained
+            if self._plans.get(t.name) is not None
+            and self._history.warm_start_pending(t.name, self.warm_start, self._plans)
+        }
+        lines += self._plans.describe(trained, held, warm_due)
         skipped = self._selection.skipped(trained)
         if skipped:
             lines.append("skipped:")

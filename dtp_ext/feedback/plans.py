@@ -172,10 +172,14 @@ class BlockPlans:
                     "(dtp_ext.alignment.noise_floor, docs/maths.md §7)",
                 )
 
-    def describe(self, trained: list[TrainedBlock], held: dict | None = None) -> list[str]:
+    def describe(
+        self, trained: list[TrainedBlock], held: dict | None = None, warm_due: set | None = None
+    ) -> list[str]:
         """explain()'s lines for `trained` (numbered): each block's settings and, once planned,
-        its plan, then the plans' predicted cost against a backprop step's and what the blocks
-        above target need (`held`: the steps each block's feedback average holds)."""
+        its plan, then the plans' predicted cost against a backprop step's (and its blocks' warm
+        starts still due, `warm_due`: their names) and what the blocks above target need
+        (`held`: the steps each block's feedback average holds)."""
+        warm_due = set() if warm_due is None else warm_due
         lines, total = [], 0.0
         for i, t in enumerate(trained, 1):
             kind = type(t.block).__name__
@@ -193,13 +197,20 @@ class BlockPlans:
             lines.append(
                 f"  {i}. {t.name} ({kind}): iterations {k}, noise_std {sigma:g}, lr {lr:g}{flag}"
             )
-            lines.append("       " + alignment.describe_plan(plan))
+            lines.append("       " + alignment.describe_plan(plan, t.name in warm_due))
         if self._plans and trained:
             backprop = 3 * self.forward_macs
-            lines.append(
+            line = (
                 f"  predicted feedback cost: {total / 1e9:.3g} G mult-adds per step, "
                 f"{total / backprop if backprop else 0:.2f}x a backprop step's"
             )
+            warm = sum(self._plans[n].warm_start_cost for n in warm_due if n in self._plans)
+            if warm:
+                line += (
+                    f"; the warm starts due add {warm / 1e9:.3g} G to this step, "
+                    f"{warm / backprop if backprop else 0:.3g}x a backprop step's (once)"
+                )
+            lines.append(line)
             lines += self._describe_cap(trained, backprop, held or {})
         return lines
 

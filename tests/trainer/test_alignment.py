@@ -331,6 +331,31 @@ def test_explain_says_which_cap_the_blocks_held_above_target_need():
     assert "feedback-only steps" not in text and "meet the target after" not in text
 
 
+def test_explain_counts_the_warm_starts_due_once():
+    """The first step's warm starts cost far more than a step: explain() adds them up while
+    they are due, and says per block once they have run."""
+    torch.manual_seed(0)
+    model = small_net()
+    x = torch.randn(32, 1, 8, 8)
+    trainer = dtp_ext.FeedbackTrainer(model)
+    model(x)
+    text = trainer.explain()
+    plans = trainer.plans
+    backprop = 3 * sum(block_shape(b, b.recorded_input).macs for _, b in dtp_ext.dtp_blocks(model))
+    warm = sum(p.warm_start_iterations * 4 * p.shape.macs for p in plans.values())
+    assert warm > 0 and sum(p.warm_start_cost for p in plans.values()) == warm
+    assert (
+        f"; the warm starts due add {warm / 1e9:.3g} G to this step, "
+        f"{warm / backprop:.3g}x a backprop step's (once)"
+    ) in text
+    assert "(run at its first step)" not in text
+    trainer.step()
+    model(x)
+    text = trainer.explain()
+    assert "warm starts due" not in text
+    assert text.count("(run at its first step)") == len(trainer.plans)
+
+
 def test_settings_plans_are_made_with_plan_again_when_set():
     """target_angle, max_cost, feedback_only_max_cost and momentum set on a trainer take effect
     at the next step (they were kept but the plans were not made again), and are checked."""
