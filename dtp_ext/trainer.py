@@ -233,11 +233,13 @@ class FeedbackTrainer:
         "gradients" by default, under a process group of more than one rank."""
         return (self.sync or "gradients") if world > 1 else "none"
 
-    def _planned(self, trained: list) -> list:
+    def _planned(self, trained: list, feedback_only: bool | None = None) -> list:
         """`trained` with its planned settings: a feedback-only step's (no trained block's
         forward weight moved since its latest step: a warm-up, whose cost cap is
-        `feedback_only_max_cost`) or a training step's (`max_cost`)."""
-        feedback_only = self._history.forward_still(trained)
+        `feedback_only_max_cost`) or a training step's (`max_cost`); `feedback_only`: that
+        kind's, whatever the next step's."""
+        if feedback_only is None:
+            feedback_only = self._history.forward_still(trained)
         world = process_group_size()
         return self._plans.apply(
             trained,
@@ -265,16 +267,23 @@ class FeedbackTrainer:
         """[(name, block)] trained at the next step, in forward order."""
         return [(t.name, t.block) for t in self._selection.trained_now()]
 
-    def explain(self) -> str:
+    def explain(self, feedback_only: bool | None = None) -> str:
         """Which blocks step() trains, in which order and with which hyperparameters, each
         block's predicted noise floor and cost (flagging blocks predicted unstable or above
-        `target_angle`), and why the model's other DTP blocks are skipped."""
+        `target_angle`), and why the model's other DTP blocks are skipped. The plans shown are
+        the next step's or, `feedback_only` True / False, those of a feedback-only (warm-up) /
+        training step (e.g. a warm-up's before the first step, a training step)."""
+        if feedback_only is not None and not isinstance(feedback_only, bool):
+            raise ValueError(
+                f"FeedbackTrainer.explain: feedback_only must be None, True or False, got "
+                f"{feedback_only!r}"
+            )
         try:
             trained = self._selection.trained_now()
         except RuntimeError as exc:
             return f"FeedbackTrainer: nothing to train yet: {exc}"
         if process_group_size() == 1:  # planning may all-reduce: step() alone does it there
-            trained = self._planned(trained)
+            trained = self._planned(trained, feedback_only)
         how = (
             "as chosen by blocks="
             if self._selection.chosen is not None
@@ -304,20 +313,25 @@ class FeedbackTrainer:
             " at a feedback-only step (no forward weight moved since the previous step); "
             f"{averaging}"
         )
+        kinds = {True: "feedback-only", False: "training"}
+        shown = self._plans.current
+        following = self._history.forward_still(trained)
         lines.append(
-            "  plans for the next step, a "
-            + ("feedback-only" if self._plans.current else "training")
-            + " step:"
+            f"  plans for the next step, a {kinds[shown]} step:"
+            if shown == following
+            else f"  plans for a {kinds[shown]} step (the next step is a {kinds[following]} one):"
         )
         held = (
             {}
             if self._averages is None
             else {t.name: self._averages.steps(t.name) for t in trained}
         )
+        # The warm starts run with the next step's plans: counted where those are shown.
         warm_due = {
             t.name
             for t in trained
-            if self._plans.get(t.name) is not None
+            if shown == following
+            and self._plans.get(t.name) is not None
             and self._history.warm_start_pending(t.name, self.warm_start, self._plans)
         }
         lines += self._plans.describe(trained, held, warm_due)

@@ -356,6 +356,31 @@ def test_explain_counts_the_warm_starts_due_once():
     assert text.count("(run at its first step)") == len(trainer.plans)
 
 
+def test_explain_previews_a_warm_up_before_the_first_step():
+    """explain(feedback_only=True) before the first step shows the plans a warm-up's steps will
+    run (the first step is a training step's); the steps run what it and explain() showed."""
+    torch.manual_seed(0)
+    model = small_net()
+    x = torch.randn(32, 1, 8, 8)
+    trainer = dtp_ext.FeedbackTrainer(model)
+    model(x)
+    text = trainer.explain(feedback_only=True)
+    assert "plans for a feedback-only step (the next step is a training one):" in text
+    assert "warm starts due" not in text  # they run with the training step's plans
+    preview = dict(trainer.plans)
+    text = trainer.explain()
+    assert "plans for the next step, a training step:" in text and "warm starts due" in text
+    training = dict(trainer.plans)
+    assert training != preview
+    trainer.step()
+    assert dict(trainer.plans) == training
+    model(x)
+    trainer.step()
+    assert dict(trainer.plans) == preview
+    with pytest.raises(ValueError, match="feedback_only must be None, True or False"):
+        trainer.explain(feedback_only="yes")
+
+
 def test_settings_plans_are_made_with_plan_again_when_set():
     """target_angle, max_cost, feedback_only_max_cost and momentum set on a trainer take effect
     at the next step (they were kept but the plans were not made again), and are checked."""
