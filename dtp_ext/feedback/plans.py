@@ -230,7 +230,7 @@ class BlockPlans:
         lines = []
         if capped:
             # Rounded up: the cap printed lifts it.
-            need = math.ceil(sum(p.uncapped_cost for p in plans) / backprop * 100) / 100
+            need = math.ceil(sum(p.uncapped_cost for p in plans) / max(backprop, 1) * 100) / 100
             cap = "feedback_only_max_cost" if self.current else "max_cost"
             line = (
                 f"  {len(capped)} block(s) above target for the cost cap: {cap}={need:.2f} (x a "
@@ -247,12 +247,13 @@ class BlockPlans:
                 if short:
                     line += f", though {_names(short)} would stay above target at {most}"
             lines.append(line)
-        if above and self.current and averaged_steps is not None:
-            steps = {p.name: p.steps_to(target) for p in above}
+        # Blocks given no iterations never move: no number of steps brings them there.
+        steps = {p.name: p.steps_to(target) for p in above if p.iterations}
+        if steps and self.current and averaged_steps is not None:
             total = max(steps.values())
             left = max(n - held.get(name, 0) for name, n in steps.items())
             lines.append(
-                f"  at these plans the averages of the {len(above)} block(s) above target meet "
+                f"  at these plans the averages of the {len(steps)} block(s) above target meet "
                 f"it after ~{total} feedback-only steps in all, ~{max(0, math.ceil(left))} from "
                 "here (docs/maths.md §7.3)"
             )

@@ -381,6 +381,21 @@ def test_explain_previews_a_warm_up_before_the_first_step():
         trainer.explain(feedback_only="yes")
 
 
+def test_blocks_given_no_iterations_are_left_out_of_the_steps():
+    """A block given 0 iterations never moves: no number of warm-up steps brings it to target
+    (steps_to None), and explain() counts only the others."""
+    torch.manual_seed(0)
+    model = small_net()
+    model(torch.randn(32, 1, 8, 8))
+    trainer = dtp_ext.FeedbackTrainer(model, iterations=[0, 1, 0])
+    text = trainer.explain(feedback_only=True)
+    plans = trainer.plans
+    frozen = [p for p in plans.values() if p.iterations == 0 and p.floor.angle > 4]
+    assert frozen and all(p.steps_to(4.0) is None for p in frozen)
+    moving = [p for p in plans.values() if p.iterations and p.floor.angle > 4]
+    assert (f"the averages of the {len(moving)} block(s) above target meet it after ~") in text
+
+
 def test_settings_plans_are_made_with_plan_again_when_set():
     """target_angle, max_cost, feedback_only_max_cost and momentum set on a trainer take effect
     at the next step (they were kept but the plans were not made again), and are checked."""
