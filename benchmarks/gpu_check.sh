@@ -6,7 +6,8 @@
 #      archs: $TORCH_CUDA_ARCH_LIST, else the visible GPU's with PTX),
 #   2. runs the CUDA and build tests with DTP_EXT_CUDA=1 (missing CUDA kernels fail, and the
 #      fatbin's machine code and PTX are read with cuobjdump and checked), the bfloat16/float16
-#      op tests on the GPU included (tests/precision/test_bfloat16_ops.py's cuda cases),
+#      op tests on the GPU included (tests/precision/test_bfloat16_ops.py's cuda cases), and the
+#      feedback averages and noise copies on the GPU (tests/trainer/test_alignment.py's),
 #   3. runs the SimpleVGG GPU benchmarks (batch 128, paper iterations),
 #   4. runs `python -m dtp_ext.train --device cuda` for 200 steps, then 200 with --precision bf16,
 #   5. checks issue 3's targets (training step) and issue 10's (bfloat16 feedback phase) against
@@ -99,10 +100,15 @@ fi
 # 2. CUDA and build tests: with DTP_EXT_CUDA=1 nothing here may skip for a missing build.
 if ((BUILT)); then
   stage tests 180 15 "$PY" -m pytest tests/cuda/test_kernels_match_cpu.py tests/cuda/test_dtypes_layouts_streams.py tests/cuda/test_cuda_graphs.py tests/packaging/test_built_library.py tests/packaging/test_setup_py.py \
-    tests/precision/test_bfloat16_ops.py tests/trainer/test_alignment.py \
+    tests/precision/test_bfloat16_ops.py \
     tests/ops/test_registered_ops.py tests/ops/test_bad_and_extreme_inputs.py -q -p no:cacheprovider -rfEs
+  # The feedback averages and noise copies on the GPU: the file's cuda cases only (its CPU
+  # cases, some minutes long, run in CI).
+  stage alignment 90 15 "$PY" -m pytest tests/trainer/test_alignment.py -m cuda -q \
+    -p no:cacheprovider -rfEs
 else
   skip tests "no build"
+  skip alignment "no build"
 fi
 
 # 3. Benchmarks.
