@@ -79,7 +79,9 @@ class BlockSelection:
         caller binds again (rebind)."""
         previous = self._spec.get(name, ...)
         self._spec[name] = (
-            None if value is None else check_per_block(name, value, integer=name == "iterations")
+            None
+            if value is None
+            else check_per_block(name, value, integer=name == "iterations", planned_entries=True)
         )
         return self._spec[name] != previous
 
@@ -90,8 +92,11 @@ class BlockSelection:
 
     @property
     def planning(self) -> bool:
-        """Whether any setting is planned."""
-        return any(self._spec[h] is None for h in HYPERPARAMETERS)
+        """Whether any setting is planned (None, or a None entry of a per-block list)."""
+        return any(
+            v is None or (isinstance(v, list) and None in v)
+            for v in (self._spec[h] for h in HYPERPARAMETERS)
+        )
 
     def bind_initial(self):
         """Bind the settings now if the trained blocks are known already (blocks=, or a

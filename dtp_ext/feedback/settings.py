@@ -20,14 +20,25 @@ def finite_real(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
 
 
-def check_per_block(name: str, value, *, integer: bool = False, owner: str = "FeedbackTrainer"):
+def check_per_block(
+    name: str,
+    value,
+    *,
+    integer: bool = False,
+    owner: str = "FeedbackTrainer",
+    planned_entries: bool = False,
+):
     """A scalar or a list of per-block values: each finite, >= 0 (whole, and at most
-    MAX_ITERATIONS, for iterations). The one check of per-block feedback settings (`dtp-ext
-    train`'s config calls it too); errors start with `owner`."""
+    MAX_ITERATIONS, for iterations), or, `planned_entries`, None in a list (that block's value
+    planned). The one check of per-block feedback settings (`dtp-ext train`'s config calls it
+    too); errors start with `owner`."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     prefix = f"{owner}: " if owner else ""
+    listed = isinstance(value, (list, tuple))
     for v in values:
-        if v is None and isinstance(value, (list, tuple)):
+        if v is None and listed and planned_entries:
+            continue
+        if v is None and listed:
             raise ValueError(
                 f"{prefix}{name} entries must be finite numbers >= 0, got None: a list gives "
                 f"every block's {name}; {name}=None plans it for all of them"
@@ -39,7 +50,7 @@ def check_per_block(name: str, value, *, integer: bool = False, owner: str = "Fe
         if integer and v > MAX_ITERATIONS:
             raise ValueError(f"{prefix}{name} entries must be at most {MAX_ITERATIONS}, got {v!r}")
     cast = int if integer else float
-    return [cast(v) for v in values] if isinstance(value, (list, tuple)) else cast(value)
+    return [None if v is None else cast(v) for v in values] if listed else cast(value)
 
 
 @dataclass(frozen=True)

@@ -517,6 +517,19 @@ def test_explicit_settings_win_and_keep_the_papers_semantics():
         p.lr == 1e-3 and p.planned == ("iterations", "noise_std") for p in mixed.plans.values()
     )
     assert mixed._averages is not None and mixed.warm_start
+    # A None entry of a per-block list: that block's value planned, the others' kept.
+    per_block = dtp_ext.FeedbackTrainer(model, iterations=[None, 2, None], lr=[1e-3, None, None])
+    per_block.explain()
+    plans = list(per_block.plans.values())
+    assert [p.planned for p in plans] == [
+        ("iterations", "noise_std"),
+        ("noise_std", "lr"),
+        ("iterations", "noise_std", "lr"),
+    ]
+    assert plans[0].lr == 1e-3 and plans[1].iterations == 2
+    assert per_block._averages is not None and per_block.warm_start
+    with pytest.raises(ValueError, match="iterations entries must be finite numbers >= 0"):
+        dtp_ext.FeedbackTrainer(model, iterations=[None, float("nan"), 1])
 
 
 def test_planned_settings_are_never_unstable_where_explicit_ones_would_be():

@@ -104,7 +104,6 @@ def test_first_block_is_not_trained_and_lists_follow_trained_blocks():
         (dict(lr=-1.0), "lr entries must be finite numbers >= 0"),
         (dict(noise_std=[0.1] * 4 + [float("nan")]), "noise_std"),
         (dict(iterations=1.5), "whole numbers"),
-        (dict(lr=[0.1, None, 0.1, 0.1, 0.1]), "got None: a list gives every block's lr; lr=None"),
         (dict(momentum=1.0), "momentum"),
         (dict(weight_decay=-1.0), "weight_decay"),
     ],
