@@ -339,8 +339,14 @@ class BlockPlan:
         (docs/maths.md §7.3)."""
         if not self.raw_floor.stable:
             return float("inf")
-        s, many = self.shape, 10**6  # a mean of `many` steps: its gain is many x one step's
-        averaged = noise_floor(
+        many = 10**6  # a mean of `many` steps: its gain is many x one step's
+        return math.tan(math.radians(self.averaged_floor(many).angle)) ** 2 * many
+
+    def averaged_floor(self, steps: int) -> Floor:
+        """The floor of V's plain mean over `steps` steps of a fixed W, each running this plan
+        (its iterations, rate and noise copies; docs/maths.md §7.3)."""
+        s = self.shape
+        return noise_floor(
             s.fan_in,
             s.fan_out,
             with_copies(s, self.copies).samples,
@@ -348,10 +354,9 @@ class BlockPlan:
             self.momentum,
             iterations=self.iterations,
             average_decay=1.0,
-            averaged_steps=many,
+            averaged_steps=steps,
             tap_use=s.tap_use,
         )
-        return math.tan(math.radians(averaged.angle)) ** 2 * many
 
     @property
     def warm_start_cost(self) -> float:
@@ -367,20 +372,9 @@ class BlockPlan:
             raise ValueError(f"steps_to: angle must be in (0, 90) degrees, got {angle!r}")
         if not self.raw_floor.stable:
             return None
-        s = self.shape
 
         def floor(steps):
-            return noise_floor(
-                s.fan_in,
-                s.fan_out,
-                with_copies(s, self.copies).samples,
-                self.rate,
-                self.momentum,
-                iterations=self.iterations,
-                average_decay=1.0,
-                averaged_steps=steps,
-                tap_use=s.tap_use,
-            ).angle
+            return self.averaged_floor(steps).angle
 
         lo, hi = 0, 1
         while floor(hi) > angle:  # with iterations, the angle falls as 1 / sqrt(steps)

@@ -42,6 +42,22 @@ __all__ = [
 ]
 
 
+def _planning_setting(name: str, valid, expected: str) -> property:
+    """A FeedbackTrainer setting that plans are made with: checked (`valid`, `expected` for the
+    error) and, when it changes, the plans made again at the next step."""
+    return property(
+        lambda self: self._planning[name],
+        lambda self, v: self._set_planning(name, v, valid, expected),
+    )
+
+
+# A cost cap: multiply-adds per step over a backprop step's, or None.
+_COST_CAP = (
+    lambda v: v is None or (finite_real(v) and v > 0),
+    "None or a finite number > 0 (feedback multiply-adds per step over a backprop step's)",
+)
+
+
 class FeedbackTrainer:
     """Trains the feedback weights of a model's DTP blocks with L-DRL; docs/feedback_trainer.md
     is the guide (its sections are cited as §N below).
@@ -197,36 +213,12 @@ class FeedbackTrainer:
             self._plans.clear()
         self._planning[name] = value
 
-    def _cap(expected_name):
-        return property(
-            lambda self: self._planning[expected_name],
-            lambda self, v: self._set_planning(
-                expected_name,
-                v,
-                lambda v: v is None or (finite_real(v) and v > 0),
-                "None or a finite number > 0 (feedback multiply-adds per step over a backprop "
-                "step's)",
-            ),
-        )
-
-    momentum = property(
-        lambda self: self._planning["momentum"],
-        lambda self, v: self._set_planning(
-            "momentum", v, lambda v: finite_real(v) and 0 <= v < 1, "in [0, 1)"
-        ),
+    momentum = _planning_setting("momentum", lambda v: finite_real(v) and 0 <= v < 1, "in [0, 1)")
+    target_angle = _planning_setting(
+        "target_angle", lambda v: finite_real(v) and 0 < v < 90, "a number of degrees in (0, 90)"
     )
-    target_angle = property(
-        lambda self: self._planning["target_angle"],
-        lambda self, v: self._set_planning(
-            "target_angle",
-            v,
-            lambda v: finite_real(v) and 0 < v < 90,
-            "a number of degrees in (0, 90)",
-        ),
-    )
-    max_cost = _cap("max_cost")
-    feedback_only_max_cost = _cap("feedback_only_max_cost")
-    del _cap
+    max_cost = _planning_setting("max_cost", *_COST_CAP)
+    feedback_only_max_cost = _planning_setting("feedback_only_max_cost", *_COST_CAP)
 
     def _sync_mode(self, world: int) -> str:
         """How the ranks sync their feedback (docs/feedback_trainer.md §6): `sync`, or

@@ -211,10 +211,10 @@ class BlockPlans:
                     f"{warm / backprop if backprop else 0:.3g}x a backprop step's (once)"
                 )
             lines.append(line)
-            lines += self._describe_cap(trained, backprop, held or {})
+            lines += self._describe_above_target(trained, backprop, held or {})
         return lines
 
-    def _describe_cap(self, trained, backprop, held) -> list[str]:
+    def _describe_above_target(self, trained, backprop, held) -> list[str]:
         """What the blocks above target would need: where a cost cap holds some there, the cap
         under which every block runs the iterations its target needs (the plans' uncapped
         cost: the measure the cap is applied to) and the blocks even those leave above it; at
